@@ -1,0 +1,206 @@
+// CPU kernels for the exact per-sample MAS importance of Linear and Conv layers.
+//
+// Both ops add Σ_k |∂_k| into float32 accumulators, where ∂_k is sample k's
+// weight gradient for the given grad_output (the back-propagated gradient of
+// ‖f(x)‖² for g-MAS, the layer's own output for l-MAS). No op ever holds the
+// N per-sample gradients: each thread owns one weight-sized accumulator, so the
+// workspace is bounded by the thread count, not by the batch size.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace mas_ext {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+
+// acc[i] += |src[i]| for n floats.
+void abs_accumulate(float* acc, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    (Vec::loadu(acc + i) + Vec::loadu(src + i).abs()).store(acc + i);
+  }
+  for (; i < n; ++i) acc[i] += std::abs(src[i]);
+}
+
+// One float32 accumulator per thread, summed into `out` at the end.
+struct ThreadAccumulators {
+  ThreadAccumulators(int64_t numel, int64_t threads) : numel(numel), data(threads, std::vector<float>(numel, 0.f)) {}
+  float* get() { return data[at::get_thread_num()].data(); }
+  void reduce_into(const at::Tensor& out) {
+    float* o = out.data_ptr<float>();
+    at::parallel_for(0, numel, 4096, [&](int64_t b, int64_t e) {
+      for (const auto& d : data)
+        for (int64_t i = b; i < e; ++i) o[i] += d[i];
+    });
+  }
+  int64_t numel;
+  std::vector<std::vector<float>> data;
+};
+
+void check_accumulator(const at::Tensor& acc, const char* what, at::IntArrayRef shape) {
+  TORCH_CHECK(acc.scalar_type() == at::kFloat, what, " accumulator must be float32, got ", acc.scalar_type());
+  TORCH_CHECK(acc.is_contiguous(), what, " accumulator must be contiguous");
+  TORCH_CHECK(acc.sizes().equals(shape), what, " accumulator has shape ", acc.sizes(), ", expected ", shape);
+  TORCH_CHECK(acc.device().is_cpu(), what, " accumulator must be on the CPU");
+}
+
+void check_activation(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), what, " must be a CPU tensor");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), what, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+}
+
+// input (N, P, I), grad_out (N, P, O): omega_w (O, I) += Σ_k |Σ_p g_kp a_kpᵀ|, omega_b (O) += Σ_k |Σ_p g_kp|.
+void linear_importance_cpu(at::Tensor& omega_w, const std::optional<at::Tensor>& omega_b, const at::Tensor& input,
+                           const at::Tensor& grad_out) {
+  check_activation(input, "input");
+  check_activation(grad_out, "grad_out");
+  TORCH_CHECK(input.dim() == 3 && grad_out.dim() == 3, "linear_importance_: input and grad_out must be (N, P, features), got ",
+              input.sizes(), " and ", grad_out.sizes());
+  TORCH_CHECK(input.size(0) == grad_out.size(0) && input.size(1) == grad_out.size(1),
+              "linear_importance_: input ", input.sizes(), " and grad_out ", grad_out.sizes(), " disagree on (N, P)");
+  const int64_t N = input.size(0), P = input.size(1), I = input.size(2), O = grad_out.size(2);
+  check_accumulator(omega_w, "weight", {O, I});
+  if (omega_b) check_accumulator(*omega_b, "bias", {O});
+  if (N == 0) return;
+  auto a = input.to(at::kFloat).contiguous();
+  auto g = grad_out.to(at::kFloat).contiguous();
+
+  if (P == 1) {
+    // Σ_k |g_k a_kᵀ| = |G|ᵀ |A|: one GEMM of absolute values.
+    auto ga = g.view({N, O}).abs();
+    omega_w.addmm_(ga.t(), a.view({N, I}).abs());
+    if (omega_b) omega_b->add_(ga.sum(0));
+    return;
+  }
+
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), N);
+  ThreadAccumulators acc_w(O * I, threads), acc_b(omega_b ? O : 0, threads);
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    auto tmp = at::empty({O, I}, a.options());
+    float* wacc = acc_w.get();
+    for (int64_t k = begin; k < end; ++k) {
+      at::mm_out(tmp, g[k].t(), a[k]);  // sample k's weight gradient, never stored beyond this thread
+      abs_accumulate(wacc, tmp.data_ptr<float>(), O * I);
+      if (omega_b) {
+        auto gs = g[k].sum(0);
+        abs_accumulate(acc_b.get(), gs.data_ptr<float>(), O);
+      }
+    }
+  });
+  acc_w.reduce_into(omega_w);
+  if (omega_b) acc_b.reduce_into(*omega_b);
+}
+
+// im2col of one sample, any of 1-3 spatial dims expressed as 3-D (missing dims have size 1).
+// x: (C, D, H, W) -> cols: (C * kd * kh * kw, oD * oH * oW).
+struct ConvGeom {
+  int64_t C, in[3], out[3], k[3], s[3], p[3], d[3];
+};
+
+void im2col3d(const float* x, float* cols, const ConvGeom& g) {
+  const int64_t L = g.out[0] * g.out[1] * g.out[2];
+  int64_t row = 0;
+  for (int64_t c = 0; c < g.C; ++c)
+    for (int64_t i0 = 0; i0 < g.k[0]; ++i0)
+      for (int64_t i1 = 0; i1 < g.k[1]; ++i1)
+        for (int64_t i2 = 0; i2 < g.k[2]; ++i2, ++row) {
+          float* dst = cols + row * L;
+          const float* xc = x + c * g.in[0] * g.in[1] * g.in[2];
+          for (int64_t o0 = 0; o0 < g.out[0]; ++o0) {
+            const int64_t z = o0 * g.s[0] - g.p[0] + i0 * g.d[0];
+            for (int64_t o1 = 0; o1 < g.out[1]; ++o1) {
+              const int64_t y = o1 * g.s[1] - g.p[1] + i1 * g.d[1];
+              float* drow = dst + (o0 * g.out[1] + o1) * g.out[2];
+              if (z < 0 || z >= g.in[0] || y < 0 || y >= g.in[1]) {
+                std::fill(drow, drow + g.out[2], 0.f);
+                continue;
+              }
+              const float* xrow = xc + (z * g.in[1] + y) * g.in[2];
+              for (int64_t o2 = 0; o2 < g.out[2]; ++o2) {
+                const int64_t xx = o2 * g.s[2] - g.p[2] + i2 * g.d[2];
+                drow[o2] = (xx >= 0 && xx < g.in[2]) ? xrow[xx] : 0.f;
+              }
+            }
+          }
+        }
+}
+
+// input (N, C, *spatial), grad_out (N, O, *out_spatial), weight (O, C/groups, *kernel).
+void conv_importance_cpu(at::Tensor& omega_w, const std::optional<at::Tensor>& omega_b, const at::Tensor& input,
+                         const at::Tensor& grad_out, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_activation(input, "input");
+  check_activation(grad_out, "grad_out");
+  const int64_t nd = input.dim() - 2;
+  TORCH_CHECK(nd >= 1 && nd <= 3, "conv_importance_: input must be (N, C, *spatial) with 1-3 spatial dims, got ", input.sizes());
+  TORCH_CHECK(grad_out.dim() == input.dim() && grad_out.size(0) == input.size(0),
+              "conv_importance_: grad_out ", grad_out.sizes(), " does not match input ", input.sizes());
+  TORCH_CHECK((int64_t)kernel_size.size() == nd && (int64_t)stride.size() == nd && (int64_t)padding.size() == nd &&
+                  (int64_t)dilation.size() == nd,
+              "conv_importance_: kernel_size, stride, padding and dilation need ", nd, " entries each");
+  const int64_t N = input.size(0), C = input.size(1), O = grad_out.size(1);
+  TORCH_CHECK(groups >= 1 && C % groups == 0 && O % groups == 0, "conv_importance_: groups=", groups,
+              " must divide in_channels=", C, " and out_channels=", O);
+  ConvGeom geo{};
+  geo.C = C;
+  for (int i = 0; i < 3; ++i) geo.in[i] = geo.out[i] = geo.k[i] = geo.s[i] = geo.d[i] = 1, geo.p[i] = 0;
+  std::vector<int64_t> wshape{O, C / groups};
+  for (int64_t i = 0; i < nd; ++i) {
+    const int j = 3 - nd + i;
+    geo.in[j] = input.size(2 + i);
+    geo.out[j] = grad_out.size(2 + i);
+    geo.k[j] = kernel_size[i], geo.s[j] = stride[i], geo.p[j] = padding[i], geo.d[j] = dilation[i];
+    const int64_t expect = (geo.in[j] + 2 * geo.p[j] - geo.d[j] * (geo.k[j] - 1) - 1) / geo.s[j] + 1;
+    TORCH_CHECK(expect == geo.out[j], "conv_importance_: grad_out spatial size ", grad_out.sizes(),
+                " does not match the convolution of input ", input.sizes());
+    wshape.push_back(kernel_size[i]);
+  }
+  check_accumulator(omega_w, "weight", wshape);
+  if (omega_b) check_accumulator(*omega_b, "bias", {O});
+  if (N == 0) return;
+  auto x = input.to(at::kFloat).contiguous();
+  auto g = grad_out.to(at::kFloat).contiguous();
+  const int64_t K = geo.k[0] * geo.k[1] * geo.k[2], L = geo.out[0] * geo.out[1] * geo.out[2];
+  const int64_t Cg = C / groups, Og = O / groups, sample_in = C * geo.in[0] * geo.in[1] * geo.in[2];
+
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), N);
+  ThreadAccumulators acc_w(O * Cg * K, threads), acc_b(omega_b ? O : 0, threads);
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    auto cols = at::empty({groups, Cg * K, L}, x.options());
+    auto tmp = at::empty({groups, Og, Cg * K}, x.options());
+    float* wacc = acc_w.get();
+    for (int64_t k = begin; k < end; ++k) {
+      im2col3d(x.data_ptr<float>() + k * sample_in, cols.data_ptr<float>(), geo);
+      auto gk = g[k].view({groups, Og, L});
+      at::bmm_out(tmp, gk, cols.transpose(1, 2));  // per-group weight gradient of sample k
+      abs_accumulate(wacc, tmp.data_ptr<float>(), O * Cg * K);
+      if (omega_b) {
+        auto gs = g[k].view({O, L}).sum(1);
+        abs_accumulate(acc_b.get(), gs.data_ptr<float>(), O);
+      }
+    }
+  });
+  acc_w.reduce_into(omega_w);
+  if (omega_b) acc_b.reduce_into(*omega_b);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mas_ext, m) {
+  m.def("linear_importance_(Tensor(a!) omega_w, Tensor(b!)? omega_b, Tensor input, Tensor grad_out) -> ()");
+  m.def(
+      "conv_importance_(Tensor(a!) omega_w, Tensor(b!)? omega_b, Tensor input, Tensor grad_out, int[] kernel_size, "
+      "int[] stride, int[] padding, int[] dilation, int groups) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(mas_ext, CPU, m) {
+  m.impl("linear_importance_", &linear_importance_cpu);
+  m.impl("conv_importance_", &conv_importance_cpu);
+}
+
+}  // namespace mas_ext

@@ -1,0 +1,20 @@
+"""mas_ext: exact, fast Memory Aware Synapses (Aljundi et al., ECCV 2018) for PyTorch.
+
+- :class:`ReferenceMAS`: the whole API in pure PyTorch, the ground truth.
+- :class:`FusedMAS`: the same API on compiled kernels (per-sample importance inside the
+  backward pass, the penalty fused into the optimizer step).
+- :mod:`mas_ext.optim`: SGD, Adam and AdamW taking ``mas=`` to apply the penalty in their step.
+- :func:`backend`: which path runs here, and why.
+"""
+from ._core import FusedMAS, ReferenceMAS, backend
+
+__version__ = "0.1.0"
+__all__ = ["ReferenceMAS", "FusedMAS", "backend", "optim"]
+
+
+def __getattr__(name):
+    if name == "optim":  # imported on first use: it needs the compiled extension
+        import importlib
+
+        return importlib.import_module(".optim", __name__)
+    raise AttributeError(f"module 'mas_ext' has no attribute {name!r}")

@@ -1,0 +1,29 @@
+"""Loads the compiled ops (torch.ops.mas_ext.*) and registers their fake kernels.
+
+Importing this module never fails: where the extension is not built, `error` says why
+and every caller takes the pure-PyTorch reference path.
+"""
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers the ops)
+
+    error = None
+except ImportError as e:  # not built, or built against another torch
+    error = f"{e} (build with `pip install --no-build-isolation -e .`)"
+
+
+def available(name):
+    """True when the compiled op ``torch.ops.mas_ext.<name>`` exists."""
+    return error is None and hasattr(torch.ops.mas_ext, name)
+
+
+if error is None:
+    # The importance ops only mutate their float32 accumulators: their fake kernels do nothing.
+    @torch.library.register_fake("mas_ext::linear_importance_")
+    def _linear_importance_fake(omega_w, omega_b, input, grad_out):
+        return None
+
+    @torch.library.register_fake("mas_ext::conv_importance_")
+    def _conv_importance_fake(omega_w, omega_b, input, grad_out, kernel_size, stride, padding, dilation, groups):
+        return None

@@ -1,0 +1,280 @@
+"""Per-layer rules for the exact per-sample importance, one table for every module type.
+
+A rule sees one call of a module: its inputs, its output and the gradient ``g`` arriving at
+that output (∂‖f‖²/∂y for g-MAS, y itself for l-MAS). It offers two paths:
+
+- ``grads(module, call, start, end)``: the per-sample parameter gradients of samples
+  ``start:end`` as ``{param_name: (end - start, *shape)}`` in float32. Pure PyTorch and
+  plainly the definition; the reference path sums ``|·|`` of these over chunks of samples, so
+  at most ``CHUNK_ELEMS`` per-sample gradient elements are held at once.
+- ``fused(module, call, bufs, per_sample)`` (optional): adds the same Σ_k |∂_k| into ``bufs``
+  without materialising per-sample gradients (compiled kernels or non-materialising formulas).
+  Returns False where it does not apply, and the reference path runs instead.
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from . import _ops
+
+CHUNK_ELEMS = 1 << 24  # per-sample gradient elements (64 MiB of float32) the reference path holds at once
+
+
+@dataclass
+class Call:
+    """One call of a tracked module within a batch of ``n`` samples."""
+
+    n: int
+    args: tuple
+    kwargs: dict
+    out: object = None
+    grads: Optional[tuple] = None  # gradients at the floating outputs, in tree_flatten order
+    versions: list = field(default_factory=list)
+
+    @property
+    def g(self):
+        return self.grads[0]
+
+
+@dataclass
+class Rule:
+    grads: Callable
+    fused: Optional[Callable] = None
+    cost: Callable = lambda module, call: max(p.numel() for p in module.parameters())  # per-sample elements
+
+
+# ----------------------------------------------------------------------------- Linear
+def _linear_operands(module, call):
+    """(n, positions, features) views of input and gradient: leading dims are batch-major."""
+    a, g = call.args[0], call.g
+    return a.reshape(call.n, -1, a.shape[-1]), g.reshape(call.n, -1, g.shape[-1])
+
+
+def linear_grads(module, call, s, e):
+    a, g = _linear_operands(module, call)
+    a, g = a[s:e].float(), g[s:e].float()
+    out = {"weight": torch.bmm(g.transpose(1, 2), a)}
+    if module.bias is not None:
+        out["bias"] = g.sum(1)
+    return out
+
+
+def linear_fused(module, call, bufs, per_sample):
+    if "weight" not in bufs or not _ops.available("linear_importance_") or call.args[0].device.type != "cpu":
+        return False
+    a, g = _linear_operands(module, call)
+    if not per_sample:  # the whole batch as one sample: |Σ_k ∂_k|
+        a, g = a.reshape(1, -1, a.shape[-1]), g.reshape(1, -1, g.shape[-1])
+    torch.ops.mas_ext.linear_importance_(bufs["weight"], bufs.get("bias"), a.contiguous(), g.contiguous())
+    return True
+
+
+# ----------------------------------------------------------------------------- Conv
+def conv_input(module, x):
+    """The conv's input padded as the conv pads it, and the symmetric zero padding left to apply."""
+    nd = x.dim() - 2
+    if module.padding_mode != "zeros":
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), [0] * nd
+    if isinstance(module.padding, str):  # 'valid' or 'same' (possibly asymmetric)
+        return F.pad(x, module._reversed_padding_repeated_twice), [0] * nd
+    return x, list(module.padding)
+
+
+def unfold_nd(x, kernel, stride, padding, dilation):
+    """im2col for 1-3 spatial dims: (n, C, *spatial) -> (n, C * prod(kernel), L), weight-layout order."""
+    nd = x.dim() - 2
+    pads = [p for i in reversed(range(nd)) for p in (padding[i], padding[i])]
+    x = F.pad(x, pads)
+    for i in range(nd):
+        span = dilation[i] * (kernel[i] - 1) + 1
+        x = x.unfold(2 + i, span, stride[i])[..., :: dilation[i]]
+    # x: (n, C, L1..Lnd, k1..knd) -> (n, C, k1..knd, L1..Lnd)
+    perm = [0, 1] + list(range(2 + nd, 2 + 2 * nd)) + list(range(2, 2 + nd))
+    x = x.permute(perm)
+    return x.reshape(x.shape[0], -1, math.prod(x.shape[2 + nd:]))
+
+
+def conv_grads(module, call, s, e):
+    x, pad = conv_input(module, call.args[0][s:e].float())
+    g = call.g[s:e].float()
+    m, groups, o = g.shape[0], module.groups, g.shape[1]
+    cols = unfold_nd(x, module.kernel_size, module.stride, pad, module.dilation)
+    cols = cols.reshape(m, groups, cols.shape[1] // groups, cols.shape[2])
+    gg = g.reshape(m, groups, o // groups, -1)
+    out = {"weight": torch.einsum("bgol,bgcl->bgoc", gg, cols).reshape(m, *module.weight.shape)}
+    if module.bias is not None:
+        out["bias"] = g.flatten(2).sum(2)
+    return out
+
+
+def conv_cost(module, call):
+    x = call.args[0]
+    k = module.weight[0, 0].numel()
+    return max(module.weight.numel(), x.shape[1] * k * call.g[0, 0].numel())
+
+
+def conv_fused(module, call, bufs, per_sample):
+    x, g = call.args[0], call.g
+    if "weight" not in bufs or not _ops.available("conv_importance_") or x.device.type != "cpu":
+        return False
+    x, pad = conv_input(module, x)
+    if per_sample:
+        torch.ops.mas_ext.conv_importance_(bufs["weight"], bufs.get("bias"), x.contiguous(), g.contiguous(),
+                                           list(module.kernel_size), list(module.stride), pad,
+                                           list(module.dilation), module.groups)
+        return True
+    nd = x.dim() - 2
+    _, gw, _ = torch.ops.aten.convolution_backward(g, x, module.weight, None, list(module.stride), pad,
+                                                   list(module.dilation), False, [0] * nd, module.groups,
+                                                   [False, True, False])
+    bufs["weight"] += gw.float().abs()
+    if "bias" in bufs:
+        bufs["bias"] += g.float().flatten(2).sum((0, 2)).abs()
+    return True
+
+
+# ----------------------------------------------------------------------------- Embedding
+def _embedding_operands(module, call):
+    idx = call.args[0].reshape(call.n, -1)
+    return idx, call.g.reshape(call.n, idx.shape[1], module.embedding_dim)
+
+
+def _embedding_rows(module, idx, g, per_sample):
+    """Flat (key, row gradient) pairs of idx (n, T), g (n, T, D): key = sample * V + index, or index alone."""
+    v = module.num_embeddings
+    g = g.float().reshape(-1, module.embedding_dim)
+    sample = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) if per_sample else 0
+    key = (sample * v + idx).reshape(-1)
+    if module.padding_idx is not None:
+        g = g * (idx.reshape(-1) != module.padding_idx).unsqueeze(1)
+    if module.scale_grad_by_freq:  # frequencies within each sample (within the batch when per_sample=False)
+        _, inv, cnt = torch.unique(key, return_inverse=True, return_counts=True)
+        g = g / cnt[inv].unsqueeze(1)
+    return key, g
+
+
+def embedding_grads(module, call, s, e):
+    v = module.num_embeddings
+    idx, g = _embedding_operands(module, call)
+    key, g = _embedding_rows(module, idx[s:e], g[s:e], per_sample=True)
+    dense = torch.zeros((e - s) * v, module.embedding_dim, device=g.device).index_add_(0, key, g)
+    return {"weight": dense.view(e - s, v, module.embedding_dim)}
+
+
+def embedding_fused(module, call, bufs, per_sample):
+    if "weight" not in bufs:
+        return False
+    key, g = _embedding_rows(module, *_embedding_operands(module, call), per_sample)
+    uniq, inv = torch.unique(key, return_inverse=True)
+    per_key = torch.zeros(len(uniq), module.embedding_dim, device=g.device).index_add_(0, inv, g)
+    bufs["weight"].index_add_(0, uniq % module.num_embeddings, per_key.abs())
+    return True
+
+
+# ----------------------------------------------------------------------------- normalisation layers
+def _normalised(module, x):
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, eps=module.eps)
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(x, module.num_groups, eps=module.eps)
+    use_running = module.running_mean is not None and not module.training
+    return F.batch_norm(x, module.running_mean if use_running else None, module.running_var if use_running else None,
+                        training=not use_running, eps=module.eps)
+
+
+def norm_grads(module, call, s, e):
+    x, g = call.args[0][s:e].float(), call.g[s:e].float()
+    m = e - s
+    xhat = _normalised(module, x)
+    if isinstance(module, nn.LayerNorm):  # affine over the trailing normalized_shape, positions before it
+        shape = (m, -1, *module.normalized_shape)
+        out = {"weight": (g * xhat).reshape(shape).sum(1), "bias": g.reshape(shape).sum(1)}
+    else:  # per channel (dim 1), positions after it
+        c = x.shape[1]
+        out = {"weight": (g * xhat).reshape(m, c, -1).sum(2), "bias": g.reshape(m, c, -1).sum(2)}
+    return {k: v for k, v in out.items() if getattr(module, k, None) is not None}
+
+
+def norm_fused(module, call, bufs, per_sample):
+    """Per-sample norm-affine gradients are only N×C: computing them whole is already the fused form."""
+    pg = norm_grads(module, call, 0, call.n)
+    for name, v in pg.items():
+        if name in bufs:
+            bufs[name] += v.abs().sum(0) if per_sample else v.sum(0).abs()
+    return True
+
+
+# ----------------------------------------------------------------------------- any other module (torch.func)
+def _batch_dim(t, n, preferred):
+    if not torch.is_tensor(t):
+        return None
+    if t.dim() > preferred and t.shape[preferred] == n:
+        return preferred
+    return next((i for i, size in enumerate(t.shape) if size == n), None)
+
+
+def generic_grads(module, call, s, e, names=None):
+    """Per-sample gradients of the module's own parameters (recursively), by torch.func over that module only.
+
+    Batch dims: dim 0 of each input and output tensor (dim 1 for modules with ``batch_first=False``),
+    else the first dim whose size is the batch size; tensors without one are shared by all samples.
+    """
+    n = call.n
+    preferred = 1 if getattr(module, "batch_first", True) is False else 0
+    flat_in, spec_in = tree_flatten((call.args, call.kwargs))
+    in_dims = [_batch_dim(t, n, preferred) for t in flat_in]
+    flat_out, _ = tree_flatten(call.out)
+    out_pos = [i for i, t in enumerate(flat_out) if torch.is_tensor(t) and t.is_floating_point()]
+    out_dims = [_batch_dim(flat_out[i], n, preferred) for i in out_pos]
+    params = dict(module.named_parameters())
+    tracked = {k: v.detach() for k, v in params.items() if names is None or k in names}
+    frozen = {k: v.detach() for k, v in params.items() if k not in tracked}
+    frozen.update(dict(module.named_buffers()))
+
+    def outputs(theta, *inputs_k):
+        inputs = [x.unsqueeze(d) if d is not None else x for x, d in zip(inputs_k, in_dims)]
+        args, kwargs = tree_unflatten(inputs, spec_in)
+        out = tree_flatten(torch.func.functional_call(module, {**theta, **frozen}, tuple(args), kwargs))[0]
+        return tuple(out[i].squeeze(d) if d is not None else out[i] for i, d in zip(out_pos, out_dims))
+
+    def one_sample(inputs_k, grads_k):
+        _, vjp = torch.func.vjp(lambda theta: outputs(theta, *inputs_k), tracked)
+        return vjp(tuple(grads_k))[0]
+
+    def rows(t, d):
+        return t.narrow(d, s, e - s) if d is not None else t
+
+    inputs = tuple(rows(t, d) for t, d in zip(flat_in, in_dims))
+    grads = tuple(rows(g if g is not None else torch.zeros_like(flat_out[i]), d)
+                  for g, i, d in zip(call.grads, out_pos, out_dims))
+    per_sample = torch.func.vmap(one_sample, in_dims=(tuple(in_dims), tuple(out_dims)))(inputs, grads)
+    return {k: v.float() for k, v in per_sample.items()}
+
+
+GENERIC = Rule(generic_grads)
+
+RULES = {
+    nn.Linear: Rule(linear_grads, linear_fused),
+    nn.Conv1d: Rule(conv_grads, conv_fused, conv_cost),
+    nn.Conv2d: Rule(conv_grads, conv_fused, conv_cost),
+    nn.Conv3d: Rule(conv_grads, conv_fused, conv_cost),
+    nn.Embedding: Rule(embedding_grads, embedding_fused, lambda m, c: m.weight.numel()),
+    nn.LayerNorm: Rule(norm_grads, norm_fused),
+    nn.GroupNorm: Rule(norm_grads, norm_fused),
+    nn.BatchNorm1d: Rule(norm_grads, norm_fused),
+    nn.BatchNorm2d: Rule(norm_grads, norm_fused),
+    nn.BatchNorm3d: Rule(norm_grads, norm_fused),
+}
+
+
+def rule_for(module):
+    """The table's rule for a module whose forward is its class's own, else None."""
+    for cls, rule in RULES.items():
+        if isinstance(module, cls) and type(module).forward is cls.forward:
+            return rule
+    return None
