@@ -67,8 +67,10 @@ void linear_importance_cpu(at::Tensor& omega_w, const std::optional<at::Tensor>&
   check_accumulator(omega_w, "weight", {O, I});
   if (omega_b) check_accumulator(*omega_b, "bias", {O});
   if (N == 0) return;
-  auto a = input.to(at::kFloat).contiguous();
-  auto g = grad_out.to(at::kFloat).contiguous();
+  // Detached: the worker threads of at::parallel_for run with grad mode on (it is thread-local and not
+  // propagated), and mm_out refuses operands that require grad, as the input of a layer does in g-MAS.
+  auto a = input.detach().to(at::kFloat).contiguous();
+  auto g = grad_out.detach().to(at::kFloat).contiguous();
 
   if (P == 1) {
     // Σ_k |g_k a_kᵀ| = |G|ᵀ |A|: one GEMM of absolute values.
@@ -163,8 +165,8 @@ void conv_importance_cpu(at::Tensor& omega_w, const std::optional<at::Tensor>& o
   check_accumulator(omega_w, "weight", wshape);
   if (omega_b) check_accumulator(*omega_b, "bias", {O});
   if (N == 0) return;
-  auto x = input.to(at::kFloat).contiguous();
-  auto g = grad_out.to(at::kFloat).contiguous();
+  auto x = input.detach().to(at::kFloat).contiguous();  // detached: see linear_importance_cpu
+  auto g = grad_out.detach().to(at::kFloat).contiguous();
   const int64_t K = geo.k[0] * geo.k[1] * geo.k[2], L = geo.out[0] * geo.out[1] * geo.out[2];
   const int64_t Cg = C / groups, Og = O / groups, sample_in = C * geo.in[0] * geo.in[1] * geo.in[2];
 
