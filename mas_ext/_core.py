@@ -107,6 +107,7 @@ class _Pass:
     def __init__(self, n, bufs, anchor):
         self.n, self.bufs, self.anchor = n, bufs, anchor
         self.calls = {}  # unit -> number of calls in this forward
+        self.busy = False  # a rule is running: its own module calls (torch.func) are not recorded
 
 
 class ReferenceMAS:
@@ -256,7 +257,7 @@ class ReferenceMAS:
     def _hook_for(self, unit):
         def hook(module, args, kwargs, out):
             state = self._pass
-            if state is None:
+            if state is None or state.busy:
                 return None
             call = _rules.Call(state.n, args, kwargs, out, versions=self._versions(args))
             state.calls[unit] = state.calls.get(unit, 0) + 1
@@ -301,13 +302,17 @@ class ReferenceMAS:
                                        "the importance needs it unchanged (use inplace=False there)")
         calls = [(u, c) for u, c in calls if c.grads is not None]
         group.calls, group.pending = [], []
-        if len(calls) == 1:
-            unit, call = calls[0]
-            local = {k: bufs[g] for k, g in unit.names.items()}
-            if (self._fused and unit.rule.fused is not None and self._kernels_for(call.args)
-                    and unit.rule.fused(unit.module, call, local, self.per_sample)):
-                return
-        self._reduce_per_sample(calls, bufs)
+        self._pass.busy = True
+        try:
+            if len(calls) == 1:
+                unit, call = calls[0]
+                local = {k: bufs[g] for k, g in unit.names.items()}
+                if (self._fused and unit.rule.fused is not None and self._kernels_for(call.args)
+                        and unit.rule.fused(unit.module, call, local, self.per_sample)):
+                    return
+            self._reduce_per_sample(calls, bufs)
+        finally:
+            self._pass.busy = False
 
     def _reduce_per_sample(self, calls, bufs):
         """Σ_k |Σ_calls ∂_k| (or |Σ_k Σ_calls ∂_k|), over chunks of samples of bounded size."""
@@ -374,7 +379,7 @@ class ReferenceMAS:
                 if self.mode == "global":
                     with torch.enable_grad():
                         out = self._output(self.net(*args, **kwargs), where)
-                        loss = out.float().pow(2).sum()
+                        loss = (out.float() if out.element_size() < 4 else out).pow(2).sum()
                         if loss.requires_grad:
                             torch.autograd.grad(loss, anchor, allow_unused=True)
                 else:

@@ -129,7 +129,8 @@ def conv_fused(module, call, bufs, per_sample):
                                            list(module.dilation), module.groups)
         return True
     nd = x.dim() - 2
-    _, gw, _ = torch.ops.aten.convolution_backward(g, x, module.weight, None, list(module.stride), pad,
+    g, x = g.float(), x.float()  # float32 math for half types, as everywhere else
+    _, gw, _ = torch.ops.aten.convolution_backward(g, x, module.weight.float(), None, list(module.stride), pad,
                                                    list(module.dilation), False, [0] * nd, module.groups,
                                                    [False, True, False])
     bufs["weight"] += gw.float().abs()
@@ -182,9 +183,9 @@ def _normalised(module, x):
         return F.layer_norm(x, module.normalized_shape, eps=module.eps)
     if isinstance(module, nn.GroupNorm):
         return F.group_norm(x, module.num_groups, eps=module.eps)
-    use_running = module.running_mean is not None and not module.training
-    return F.batch_norm(x, module.running_mean if use_running else None, module.running_var if use_running else None,
-                        training=not use_running, eps=module.eps)
+    if module.running_mean is not None and not module.training:
+        return F.batch_norm(x, module.running_mean.float(), module.running_var.float(), eps=module.eps)
+    return F.batch_norm(x, None, None, training=True, eps=module.eps)  # no running stats: batch statistics
 
 
 def norm_grads(module, call, s, e):
@@ -218,11 +219,21 @@ def _batch_dim(t, n, preferred):
     return next((i for i, size in enumerate(t.shape) if size == n), None)
 
 
+def _output_batch_dim(full, one, n):
+    """The dim along which an output has the batch: size n in the batch's output, 1 in one sample's."""
+    if not torch.is_tensor(one) or full.dim() != one.dim():
+        return None
+    dims = [i for i in range(full.dim()) if full.shape[i] == n and one.shape[i] == 1
+            and full.shape[:i] + full.shape[i + 1:] == one.shape[:i] + one.shape[i + 1:]]
+    return dims[0] if dims else None
+
+
 def generic_grads(module, call, s, e, names=None):
     """Per-sample gradients of the module's own parameters (recursively), by torch.func over that module only.
 
-    Batch dims: dim 0 of each input and output tensor (dim 1 for modules with ``batch_first=False``),
-    else the first dim whose size is the batch size; tensors without one are shared by all samples.
+    Inputs carry the batch in dim 0 (dim 1 for modules with ``batch_first=False``), else in their first
+    dim of the batch's size; tensors without one are shared by all samples. Each output's batch dim is
+    found by running the module on one sample: the dim that shrinks from n to 1.
     """
     n = call.n
     preferred = 1 if getattr(module, "batch_first", True) is False else 0
@@ -230,7 +241,11 @@ def generic_grads(module, call, s, e, names=None):
     in_dims = [_batch_dim(t, n, preferred) for t in flat_in]
     flat_out, _ = tree_flatten(call.out)
     out_pos = [i for i, t in enumerate(flat_out) if torch.is_tensor(t) and t.is_floating_point()]
-    out_dims = [_batch_dim(flat_out[i], n, preferred) for i in out_pos]
+    with torch.no_grad():
+        first = [t.narrow(d, 0, 1) if d is not None else t for t, d in zip(flat_in, in_dims)]
+        args, kwargs = tree_unflatten(first, spec_in)
+        probe = tree_flatten(module(*args, **kwargs))[0]
+    out_dims = [_output_batch_dim(flat_out[i], probe[i], n) for i in out_pos]
     params = dict(module.named_parameters())
     tracked = {k: v.detach() for k, v in params.items() if names is None or k in names}
     frozen = {k: v.detach() for k, v in params.items() if k not in tracked}

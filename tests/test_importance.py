@@ -1,0 +1,342 @@
+"""Per-sample importance: ReferenceMAS against a float64 one-sample-at-a-time loop written here from the
+definition (SPEC §1), and FusedMAS against ReferenceMAS, on fresh random inputs."""
+import copy
+import zlib
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mas_ext
+
+
+def _layers(model):
+    """Modules with direct parameters that are not inside another such module: the layers of SPEC §1."""
+    out = []
+
+    def visit(prefix, m):
+        if list(m.parameters(recurse=False)):
+            out.append((prefix.rstrip("."), m))
+            return
+        for name, child in m.named_children():
+            visit(f"{prefix}{name}.", child)
+
+    visit("", model)
+    return out
+
+
+def oracle(model, x, mode="global", per_sample=True, batch=None):
+    """Ω from the definition, in float64, one sample at a time (or one batch at a time for per_sample=False).
+
+    global: |∂‖f(x_k)‖²/∂θ|.  local: |Σ_layers ∂(½‖y_k‖²)/∂θ| with each layer's input fixed, where y_k are
+    the layer's floating outputs (so the gradient arriving at y is y itself); a layer run twice, or a weight
+    shared by two layers, adds its terms before |·|, as positions of one layer do."""
+    m = copy.deepcopy(model).double().eval()
+    names = {id(p): n for n, p in m.named_parameters()}
+    omega = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
+    step = 1 if per_sample else batch
+    xd = x.double() if x.is_floating_point() else x
+    for k in range(0, len(x), step):
+        xk = xd[k:k + step]
+        if mode == "global":
+            params = list(m.parameters())
+            for p, g in zip(params, torch.autograd.grad(m(xk).pow(2).sum(), params)):
+                omega[names[id(p)]] += g.abs()
+            continue
+        calls = []
+        hooks = [layer.register_forward_hook(lambda mod, a, kw, o: calls.append((mod, a, kw)), with_kwargs=True)
+                 for _, layer in _layers(m)]
+        with torch.no_grad():
+            m(xk)
+        for h in hooks:
+            h.remove()
+        sample = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
+        for layer, args, kwargs in calls:
+            own = list(layer.parameters())
+            out = layer(*args, **kwargs)
+            outs = [o for o in (out if isinstance(out, tuple) else (out,)) if torch.is_tensor(o) and o.is_floating_point()]
+            gs = torch.autograd.grad(sum(0.5 * o.pow(2).sum() for o in outs), own, allow_unused=True)
+            for p, g in zip(own, gs):
+                if g is not None:
+                    sample[names[id(p)]] += g
+        for n, g in sample.items():
+            omega[n] += g.abs()
+    return {n: v / len(x) for n, v in omega.items()}
+
+
+def assert_close(got, want, tol):
+    assert set(got) == set(want), sorted(set(got) ^ set(want))
+    for n in want:
+        g, w = got[n].double().cpu(), want[n].double().cpu()
+        assert g.shape == w.shape, n
+        err = ((g - w).norm() / w.norm().clamp_min(1e-30)).item()
+        assert err < tol, f"{n}: relative error {err:.2e} > {tol:g}"
+        assert w.norm() > 0 or g.norm() == 0, n
+
+
+# ----------------------------------------------------------------------------- models
+class Bilinear2(nn.Module):
+    """A layer with no fused rule and two inputs: the generic torch.func path."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Linear(6, 5)
+        self.bil = nn.Bilinear(5, 6, 4)
+
+    def forward(self, x):
+        return self.bil(torch.tanh(self.pre(x)), x)
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention (generic path; its out_proj weights are used without calling out_proj)."""
+
+    def __init__(self, batch_first):
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.head = nn.Linear(8, 3)
+        self.batch_first = batch_first
+
+    def forward(self, x):  # x: (N, T, 6)
+        h = self.inp(x)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        a, _ = self.attn(h, h, h)
+        if not self.batch_first:
+            a = a.transpose(0, 1)
+        return self.head(a)
+
+
+class Tied(nn.Module):
+    """A weight shared by two modules, and a module run twice in one forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.mix = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 11, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        h = self.mix(torch.tanh(self.mix(h)))
+        return self.out(h)
+
+
+def _bn(c, dims):
+    bn = getattr(nn, f"BatchNorm{dims}d")(c)
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    nn.init.uniform_(bn.weight, 0.5, 1.5)
+    nn.init.uniform_(bn.bias, -0.5, 0.5)
+    return bn
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), torch.randn(9, 10)
+
+
+def cnn():
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=3), nn.ReLU(inplace=True),
+        nn.Conv2d(6, 4, (3, 2), stride=(1, 2), padding=1, padding_mode="reflect"), nn.Tanh(),
+        nn.Conv2d(4, 4, 3, padding="same", bias=False),
+        nn.Flatten(), nn.Linear(4 * 5 * 3, 5))
+    return model, torch.randn(7, 3, 10, 10)
+
+
+def conv1d_bn():
+    model = nn.Sequential(nn.Conv1d(3, 5, 3, padding="same"), _bn(5, 1), nn.ReLU(),
+                          nn.Conv1d(5, 4, 2, stride=2, bias=False), _bn(4, 1), nn.Flatten(), nn.Linear(16, 3))
+    return model, torch.randn(8, 3, 8)
+
+
+def conv3d():
+    model = nn.Sequential(nn.Conv3d(2, 3, (2, 3, 3), stride=(1, 2, 1), padding=(0, 1, 1)), nn.GroupNorm(1, 3),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(3 * 3 * 3 * 4, 2))
+    return model, torch.randn(5, 2, 4, 5, 4)
+
+
+def sequence():
+    model = nn.Sequential(nn.Embedding(20, 8, padding_idx=0), nn.LayerNorm(8), nn.Linear(8, 16), nn.GELU(),
+                          nn.LayerNorm(16), nn.Linear(16, 8))
+    return model, torch.randint(0, 20, (6, 5))
+
+
+def bilinear():
+    return Bilinear2(), torch.randn(7, 6)
+
+
+def attention():
+    return Attention(batch_first=True), torch.randn(5, 4, 6)
+
+
+def attention_seq_first():
+    return Attention(batch_first=False), torch.randn(5, 4, 6)
+
+
+def tied():
+    return Tied(), torch.randint(0, 11, (6, 4))
+
+
+MODELS = [mlp, cnn, conv1d_bn, conv3d, sequence, bilinear, attention, attention_seq_first, tied]
+
+
+# ----------------------------------------------------------------------------- reference vs definition
+@pytest.mark.parametrize("mode,per_sample", [("global", True), ("local", True), ("global", False), ("local", False)])
+@pytest.mark.parametrize("make", MODELS, ids=lambda f: f.__name__)
+def test_reference_equals_float64_definition(make, mode, per_sample):
+    torch.manual_seed(zlib.crc32(f"{make.__name__}{mode}{per_sample}".encode()))
+    model, x = make()
+    mas = mas_ext.ReferenceMAS(model, mode=mode, per_sample=per_sample)
+    mas.accumulate(list(x.split(3)))
+    assert mas.num_samples == len(x)
+    assert_close(mas.task_importance, oracle(model, x, mode, per_sample, batch=3), tol=1e-4)
+
+
+# ----------------------------------------------------------------------------- fused vs reference
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode,per_sample", [("global", True), ("local", True), ("global", False)])
+@pytest.mark.parametrize("make", MODELS, ids=lambda f: f.__name__)
+def test_fused_equals_reference(make, mode, per_sample, dtype):
+    torch.manual_seed(zlib.crc32(f"{make.__name__}{mode}{per_sample}{dtype}".encode()))
+    model, x = make()
+    model = model.to(dtype)
+    x = x.to(dtype) if x.is_floating_point() else x
+    batches = list(x.split(4))
+    ref = mas_ext.ReferenceMAS(model, mode=mode, per_sample=per_sample).accumulate(batches)
+    fused = mas_ext.FusedMAS(model, mode=mode, per_sample=per_sample).accumulate(batches)
+    # Both see the same activations and gradients (bf16 included); only float32 summation order differs.
+    assert_close(fused.task_importance, ref.task_importance, tol=1e-5 if dtype == torch.float32 else 1e-4)
+    assert all(v.dtype == torch.float32 for v in fused.task_importance.values())
+
+
+def test_fused_runs_the_compiled_kernels(monkeypatch):
+    calls = []
+    for op in ("linear_importance_", "conv_importance_"):
+        real = getattr(torch.ops.mas_ext, op)
+        monkeypatch.setattr(torch.ops.mas_ext, op, lambda *a, real=real, op=op: (calls.append(op), real(*a))[1])
+    model, x = cnn()
+    mas_ext.FusedMAS(model).accumulate([x])
+    assert calls.count("conv_importance_") == 4 and calls.count("linear_importance_") == 1
+
+
+def test_reference_backend_env_forces_reference_path(monkeypatch):
+    monkeypatch.setenv("MAS_EXT_BACKEND", "reference")
+    assert mas_ext.backend().startswith("reference")
+    monkeypatch.setattr(torch.ops.mas_ext, "linear_importance_", None)  # would fail if called
+    model, x = mlp()
+    got = mas_ext.FusedMAS(model).accumulate([x]).task_importance
+    assert_close(got, oracle(model, x), tol=1e-4)
+
+
+def test_backend_names_cpu_kernels():
+    assert mas_ext.backend().startswith("cpu")
+
+
+# ----------------------------------------------------------------------------- the pass leaves the model alone
+@pytest.mark.parametrize("cls", [mas_ext.ReferenceMAS, mas_ext.FusedMAS])
+def test_pass_leaves_grads_flags_and_modes(cls):
+    model, x = conv1d_bn()
+    model.train()
+    model[3].train(False)  # a mixed state must come back as it was
+    model[0].bias.requires_grad_(False)
+    model[6].weight.grad = torch.full_like(model[6].weight, 3.0)
+    stats = model[1].running_mean.clone()
+    mas = cls(model).accumulate([x])
+    assert "0.bias" not in mas.task_importance
+    assert [m.training for m in model] == [True, True, True, False, True, True, True]
+    assert not model[0].bias.requires_grad and model[0].weight.grad is None
+    assert torch.all(model[6].weight.grad == 3.0)
+    assert torch.equal(model[1].running_mean, stats), "BatchNorm statistics changed: the pass must run in eval mode"
+
+
+@pytest.mark.parametrize("cls", [mas_ext.ReferenceMAS, mas_ext.FusedMAS])
+def test_observe_learns_from_traffic(cls):
+    model, x = mlp()
+    mas = cls(model)
+    with mas.observe():
+        with torch.no_grad():
+            y1 = model(x[:4])
+        y2 = model(x[4:])
+    assert torch.allclose(y1, model(x[:4])) and torch.allclose(y2, model(x[4:]))
+    assert mas.num_samples == len(x)
+    assert_close(mas.task_importance, oracle(model, x), tol=1e-4)
+    model(x)  # outside the context nothing is observed
+    assert mas.num_samples == len(x)
+
+
+def test_accumulate_takes_labelled_tuples_and_generators():
+    model, x = mlp()
+    mas = mas_ext.FusedMAS(model)
+    mas.accumulate((xb, torch.zeros(len(xb))) for xb in x.split(2))
+    assert_close(mas.task_importance, oracle(model, x), tol=1e-4)
+
+
+def test_output_fn_picks_the_tensor():
+    model, x = mlp()
+    wrapped = nn.Sequential(model)
+    mas = mas_ext.FusedMAS(wrapped, output_fn=lambda out: out["logits"])
+    wrapped.forward = lambda inp: {"logits": model(inp), "aux": 1}
+    mas.accumulate([x])
+    want = oracle(model, x)
+    assert_close(mas.task_importance, {f"0.{k}": v for k, v in want.items()}, tol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the ops themselves
+def _linear_args(n, p, i, o, dtype, bias):
+    return (torch.zeros(o, i), torch.zeros(o) if bias else None, torch.randn(n, p, i, dtype=dtype),
+            torch.randn(n, p, o, dtype=dtype))
+
+
+def _conv_args(dtype, bias):
+    x, g = torch.randn(3, 4, 7, 8, dtype=dtype), torch.randn(3, 6, 4, 2, dtype=dtype)
+    # weight (6, 2, 2, 3): groups 2, stride (2, 2), padding (1, 0), dilation (1, 2)
+    return (torch.zeros(6, 2, 2, 3), torch.zeros(6) if bias else None, x, g, [2, 3], [2, 2], [1, 0], [1, 2], 2)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(5, 1, 7, 3), (4, 6, 5, 9), (1, 3, 2, 2)])
+def test_linear_op_against_per_sample_sum(shape, dtype, bias):
+    w, b, a, g = _linear_args(*shape, dtype, bias)
+    torch.ops.mas_ext.linear_importance_(w, b, a, g)
+    per = torch.einsum("npo,npi->noi", g.double(), a.double())
+    assert torch.allclose(w.double(), per.abs().sum(0), rtol=1e-5, atol=1e-5)
+    if bias:
+        assert torch.allclose(b.double(), g.double().sum(1).abs().sum(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_op_against_per_sample_conv_gradients(bias):
+    w, b, x, g, k, s, p, d, groups = _conv_args(torch.float32, bias)
+    torch.ops.mas_ext.conv_importance_(w, b, x, g, k, s, p, d, groups)
+    want = torch.zeros(6, 2, 2, 3, dtype=torch.float64)
+    for xk, gk in zip(x.double(), g.double()):
+        _, gw, _ = torch.ops.aten.convolution_backward(gk[None], xk[None], want, None, s, p, d, False, [0, 0], groups,
+                                                       [False, True, False])
+        want += gw.abs()
+    assert torch.allclose(w.double(), want, rtol=1e-5, atol=1e-5)
+    if bias:
+        assert torch.allclose(b.double(), g.double().sum((2, 3)).abs().sum(0), rtol=1e-5)
+
+
+def test_ops_reject_bad_shapes_with_clear_errors():
+    w, b, a, g = _linear_args(2, 3, 4, 5, torch.float32, True)
+    with pytest.raises(RuntimeError, match="disagree"):
+        torch.ops.mas_ext.linear_importance_(w, b, a, g[:, :2])
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.mas_ext.linear_importance_(w.double(), b, a, g)
+    args = list(_conv_args(torch.float32, True))
+    args[3] = args[3][:, :, :3]
+    with pytest.raises(RuntimeError, match="does not match"):
+        torch.ops.mas_ext.conv_importance_(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck(dtype, bias):
+    torch.library.opcheck(torch.ops.mas_ext.linear_importance_.default, _linear_args(3, 4, 5, 2, dtype, bias))
+    torch.library.opcheck(torch.ops.mas_ext.linear_importance_.default, _linear_args(3, 1, 5, 2, dtype, bias))
+    torch.library.opcheck(torch.ops.mas_ext.conv_importance_.default, _conv_args(dtype, bias))
