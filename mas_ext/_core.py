@@ -511,8 +511,30 @@ class ReferenceMAS:
             got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
             raise ValueError(f"not a mas_ext state_dict: expected keys {sorted(keys)}, got {got}")
         problems = []
+        cfg, cfg_keys = state_dict["config"], {"lam", "mode", "per_sample", "merge", "alpha"}
+        if not isinstance(cfg, dict) or set(cfg) != cfg_keys:
+            got = sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__
+            problems.append(f"config: expected keys {sorted(cfg_keys)}, got {got}")
+        else:  # checked here, so that a bad config never leaves the MAS half-loaded
+            if cfg["mode"] not in ("global", "local"):
+                problems.append(f"config.mode: {cfg['mode']!r} is not 'global' or 'local'")
+            if cfg["merge"] not in ("sum", "ema"):
+                problems.append(f"config.merge: {cfg['merge']!r} is not 'sum' or 'ema'")
+            if not isinstance(cfg["per_sample"], bool):
+                problems.append(f"config.per_sample: {cfg['per_sample']!r} is not a bool")
+            for k in ("lam", "alpha"):
+                v = cfg[k] if isinstance(cfg[k], (int, float)) and not isinstance(cfg[k], bool) else float("nan")
+                if not abs(v) < float("inf") or (k == "alpha" and not 0.0 <= v <= 1.0):
+                    problems.append(f"config.{k}: invalid value {cfg[k]!r}")
+        for k in ("num_samples", "num_tasks"):
+            v = state_dict[k]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                problems.append(f"{k}: expected a non-negative int, got {v!r}")
         for section in ("importance", "star", "task_sum"):
             entries = state_dict[section]
+            if not isinstance(entries, dict):
+                problems.append(f"{section}: expected a dict of tensors, got {type(entries).__name__}")
+                continue
             want = set(self.params) if section == "task_sum" or entries else set()
             missing, unexpected = sorted(want - set(entries)), sorted(set(entries) - set(self.params))
             if missing:
@@ -520,15 +542,17 @@ class ReferenceMAS:
             if unexpected:
                 problems.append(f"{section}: unexpected {unexpected}")
             for g, t in entries.items():
-                if g in self.params and tuple(t.shape) != tuple(self.params[g].shape):
+                if not torch.is_tensor(t):
+                    problems.append(f"{section}.{g}: not a tensor ({type(t).__name__})")
+                elif g in self.params and tuple(t.shape) != tuple(self.params[g].shape):
                     problems.append(f"{section}.{g}: shape {tuple(t.shape)} != {tuple(self.params[g].shape)}")
                 elif not torch.isfinite(t).all():
                     problems.append(f"{section}.{g}: non-finite values")
-        if set(state_dict["importance"]) != set(state_dict["star"]):
+        if (isinstance(state_dict["importance"], dict) and isinstance(state_dict["star"], dict)
+                and set(state_dict["importance"]) != set(state_dict["star"])):
             problems.append("importance and star name different parameters")
         if problems:
             raise ValueError("cannot load the MAS state_dict (nothing was loaded): " + "; ".join(problems))
-        cfg = state_dict["config"]
         self.lam, self.mode, self.per_sample = float(cfg["lam"]), cfg["mode"], bool(cfg["per_sample"])
         self.merge, self.alpha = cfg["merge"], float(cfg["alpha"])
 
