@@ -59,24 +59,28 @@ def _sigint_deferred():
 
 
 class _Tap(torch.autograd.Function):
-    """Identity on a unit's floating outputs; its backward hands their gradients to ``sink``."""
+    """Identity on a unit's floating outputs; its backward hands their gradients to ``sink``.
+
+    Outputs that no backward of their own saves (``in_place``: those of the table's layers) are passed
+    on in place, without a copy; others are copied, since marking them dirty would invalidate a saved
+    tensor (a module ending in sigmoid saves its output). Views are always copied."""
 
     @staticmethod
-    def forward(ctx, anchor, sink, *outs):
+    def forward(ctx, anchor, sink, in_place, *outs):
         ctx.sink = sink
         res = []
         for o in outs:
-            if o._is_view():
-                res.append(o.clone())
-            else:
+            if in_place and not o._is_view():
                 ctx.mark_dirty(o)
                 res.append(o)
+            else:
+                res.append(o.clone())
         return tuple(res)
 
     @staticmethod
     def backward(ctx, *grads):
         ctx.sink(grads)
-        return (None, None, *grads)
+        return (None, None, None, *grads)
 
 
 class _Unit:
@@ -280,7 +284,7 @@ class ReferenceMAS:
                 if len(unit.group.pending) == len(unit.group.calls):
                     self._process(unit.group)
 
-            tapped = _Tap.apply(state.anchor, sink, *(flat[i] for i in pos))
+            tapped = _Tap.apply(state.anchor, sink, unit.rule is not _rules.GENERIC, *(flat[i] for i in pos))
             for i, t in zip(pos, tapped):
                 flat[i] = t
             return torch.utils._pytree.tree_unflatten(flat, spec)

@@ -107,6 +107,18 @@ class Attention(nn.Module):
         return self.head(a)
 
 
+class GatedScale(nn.Module):
+    """A custom layer whose last op saves its output for backward (sigmoid): the generic path must not
+    disturb it."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(5, 4) / 2)
+
+    def forward(self, x):
+        return torch.sigmoid(x @ self.w)
+
+
 class Tied(nn.Module):
     """A weight shared by two modules, and a module run twice in one forward."""
 
@@ -176,11 +188,15 @@ def attention_seq_first():
     return Attention(batch_first=False), torch.randn(5, 4, 6)
 
 
+def custom_layer():
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), GatedScale(), nn.Linear(4, 3)), torch.randn(7, 6)
+
+
 def tied():
     return Tied(), torch.randint(0, 11, (6, 4))
 
 
-MODELS = [mlp, cnn, conv1d_bn, conv3d, sequence, bilinear, attention, attention_seq_first, tied]
+MODELS = [mlp, cnn, conv1d_bn, conv3d, sequence, bilinear, attention, attention_seq_first, custom_layer, tied]
 
 
 # ----------------------------------------------------------------------------- reference vs definition
