@@ -164,18 +164,17 @@ class ReferenceMAS:
         def visit(prefix, module):
             rule = _rules.rule_for(module)
             direct = list(module.named_parameters(recurse=False))
-            if rule is None and direct:
+            whole = (rule is None and direct) or (rule is not None and rule.owns_children)
+            if whole:
                 owned = module.named_parameters(remove_duplicate=False)
             elif rule is not None:
                 owned = direct
             else:
-                for child_name, child in module.named_children():
-                    visit(f"{prefix}{child_name}.", child)
-                return
+                owned = []
             names = {local: ids[id(p)] for local, p in owned if id(p) in ids}
             if names:
                 units.append(_Unit(prefix.rstrip("."), module, rule or _rules.GENERIC, names))
-            if rule is not None:
+            if not whole:
                 for child_name, child in module.named_children():
                     visit(f"{prefix}{child_name}.", child)
 
@@ -284,7 +283,7 @@ class ReferenceMAS:
                 if len(unit.group.pending) == len(unit.group.calls):
                     self._process(unit.group)
 
-            tapped = _Tap.apply(state.anchor, sink, unit.rule is not _rules.GENERIC, *(flat[i] for i in pos))
+            tapped = _Tap.apply(state.anchor, sink, unit.rule.grads is not _rules.generic_grads, *(flat[i] for i in pos))
             for i, t in zip(pos, tapped):
                 flat[i] = t
             return torch.utils._pytree.tree_unflatten(flat, spec)
@@ -331,7 +330,7 @@ class ReferenceMAS:
             per_sample = {}
             for unit, call in calls:
                 grads = (unit.rule.grads(unit.module, call, s, e, names=set(unit.names))
-                         if unit.rule is _rules.GENERIC else unit.rule.grads(unit.module, call, s, e))
+                         if unit.rule.grads is _rules.generic_grads else unit.rule.grads(unit.module, call, s, e))
                 for local, pg in grads.items():
                     g = unit.names.get(local)
                     if g is not None:

@@ -11,6 +11,7 @@ that output (∂‖f‖²/∂y for g-MAS, y itself for l-MAS). It offers two pat
   without materialising per-sample gradients (compiled kernels or non-materialising formulas).
   Returns False where it does not apply, and the reference path runs instead.
 """
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -46,6 +47,7 @@ class Rule:
     grads: Callable
     fused: Optional[Callable] = None
     cost: Callable = lambda module, call: max(p.numel() for p in module.parameters())  # per-sample elements
+    owns_children: bool = False  # the module's forward uses its submodules' parameters directly
 
 
 # ----------------------------------------------------------------------------- Linear
@@ -64,13 +66,22 @@ def linear_grads(module, call, s, e):
     return out
 
 
-def linear_fused(module, call, bufs, per_sample):
-    if "weight" not in bufs or not _ops.available("linear_importance_") or call.args[0].device.type != "cpu":
-        return False
-    a, g = _linear_operands(module, call)
+def _linear_kernel_ok(x):
+    return _ops.available("linear_importance_") and x.device.type == "cpu"
+
+
+def linear_into(buf_w, buf_b, a, g, n, per_sample):
+    """Adds Σ_k |Σ_p g_kp a_kpᵀ| (or |Σ_kp g a ᵀ|) into buf_w/buf_b with the compiled kernel."""
+    a, g = a.reshape(n, -1, a.shape[-1]), g.reshape(n, -1, g.shape[-1])
     if not per_sample:  # the whole batch as one sample: |Σ_k ∂_k|
         a, g = a.reshape(1, -1, a.shape[-1]), g.reshape(1, -1, g.shape[-1])
-    torch.ops.mas_ext.linear_importance_(bufs["weight"], bufs.get("bias"), a.contiguous(), g.contiguous())
+    torch.ops.mas_ext.linear_importance_(buf_w, buf_b, a.contiguous(), g.contiguous())
+
+
+def linear_fused(module, call, bufs, per_sample):
+    if "weight" not in bufs or not _linear_kernel_ok(call.args[0]):
+        return False
+    linear_into(bufs["weight"], bufs.get("bias"), call.args[0], call.g, call.n, per_sample)
     return True
 
 
@@ -228,6 +239,10 @@ def _output_batch_dim(full, one, n):
     return dims[0] if dims else None
 
 
+# Arguments that hold no per-sample dim even where a size happens to equal the batch size.
+_SHARED_ARGUMENTS = {nn.MultiheadAttention: ("attn_mask",)}
+
+
 def generic_grads(module, call, s, e, names=None):
     """Per-sample gradients of the module's own parameters (recursively), by torch.func over that module only.
 
@@ -237,8 +252,16 @@ def generic_grads(module, call, s, e, names=None):
     """
     n = call.n
     preferred = 1 if getattr(module, "batch_first", True) is False else 0
-    flat_in, spec_in = tree_flatten((call.args, call.kwargs))
+    args, kwargs = call.args, call.kwargs
+    shared = _SHARED_ARGUMENTS.get(type(module), ())
+    if shared:  # name every argument, so that those never indexed by sample are known
+        args, kwargs = (), dict(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
+    flat_in, spec_in = tree_flatten((args, kwargs))
     in_dims = [_batch_dim(t, n, preferred) for t in flat_in]
+    for name in shared:
+        if kwargs.get(name) is not None:
+            at = next(i for i, t in enumerate(flat_in) if t is kwargs[name])
+            in_dims[at] = None
     flat_out, _ = tree_flatten(call.out)
     out_pos = [i for i, t in enumerate(flat_out) if torch.is_tensor(t) and t.is_floating_point()]
     with torch.no_grad():
@@ -273,6 +296,74 @@ def generic_grads(module, call, s, e, names=None):
 
 GENERIC = Rule(generic_grads)
 
+
+# ----------------------------------------------------------------------------- MultiheadAttention
+_MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+
+
+def _additive_mask(mask, shape):
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, device=mask.device).masked_fill(mask, float("-inf")).view(shape)
+    return mask.float().view(shape)
+
+
+def mha_fused(module, call, bufs, per_sample):
+    """nn.MultiheadAttention through its four projections: the attention is recomputed in float32 with the
+    projection outputs as leaves, one autograd.grad gives ∂/∂q, ∂/∂k, ∂/∂v from the output gradients,
+    and the Linear kernel turns each (input, gradient) pair into the exact per-sample Ω of its slice of
+    the projection weights. Exotic configurations (bias_k/v, add_zero_attn, unbatched) return False and
+    take the generic path."""
+    bound = _MHA_SIGNATURE.bind(module, *call.args, **call.kwargs)
+    bound.apply_defaults()
+    arg = bound.arguments
+    query, key, value = arg["query"], arg["key"], arg["value"]
+    if (module.bias_k is not None or module.add_zero_attn or query.dim() != 3 or not _linear_kernel_ok(query)
+            or (arg["is_causal"] and arg["attn_mask"] is None)):
+        return False
+    e, h = module.embed_dim, module.num_heads
+    if module._qkv_same_embed_dim:
+        weights = list(module.in_proj_weight.chunk(3))
+        wbufs = list(bufs["in_proj_weight"].chunk(3)) if "in_proj_weight" in bufs else None
+    else:
+        weights = [module.q_proj_weight, module.k_proj_weight, module.v_proj_weight]
+        names = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+        wbufs = [bufs[k] for k in names] if all(k in bufs for k in names) else None
+    has_bias = module.in_proj_bias is not None
+    biases = list(module.in_proj_bias.chunk(3)) if has_bias else [None] * 3
+    bbufs = list(bufs["in_proj_bias"].chunk(3)) if "in_proj_bias" in bufs else [None] * 3
+    if wbufs is None or "out_proj.weight" not in bufs or (has_bias and bbufs[0] is None):
+        return False
+    first = (lambda t: t.transpose(0, 1)) if not module.batch_first else (lambda t: t)
+    inputs = [first(t).float() for t in (query, key, value)]
+    g_out = first(call.grads[0]).float()
+    n, length, _ = inputs[0].shape
+    with torch.enable_grad():
+        proj = [F.linear(x, w.float(), None if b is None else b.float()).detach().requires_grad_()
+                for x, w, b in zip(inputs, weights, biases)]
+        qh, kh, vh = (p.view(n, p.shape[1], h, e // h).transpose(1, 2) for p in proj)
+        scores = qh @ kh.transpose(-2, -1) / math.sqrt(e // h)
+        src = kh.shape[2]
+        for mask, shape in ((arg["attn_mask"], (-1, h, length, src) if arg["attn_mask"] is not None
+                             and arg["attn_mask"].dim() == 3 else (1, 1, length, src)),
+                            (arg["key_padding_mask"], (n, 1, 1, src))):
+            m = _additive_mask(mask, shape)
+            if m is not None:
+                scores = scores + m
+        attn = scores.softmax(-1)
+        ctx = (attn @ vh).transpose(1, 2).reshape(n, length, e)
+        outs, grads = [ctx], [g_out @ module.out_proj.weight.float()]
+        if arg["need_weights"] and len(call.grads) > 1:
+            outs.append(attn.mean(1) if arg["average_attn_weights"] else attn)
+            grads.append(call.grads[1].float())
+        dq, dk, dv = torch.autograd.grad(outs, proj, grads, allow_unused=True)
+    for x, d, wb, bb in zip(inputs, (dq, dk, dv), wbufs, bbufs):
+        if d is not None:
+            linear_into(wb, bb, x, d, n, per_sample)
+    linear_into(bufs["out_proj.weight"], bufs.get("out_proj.bias"), ctx.detach(), g_out, n, per_sample)
+    return True
+
 RULES = {
     nn.Linear: Rule(linear_grads, linear_fused),
     nn.Conv1d: Rule(conv_grads, conv_fused, conv_cost),
@@ -284,6 +375,7 @@ RULES = {
     nn.BatchNorm1d: Rule(norm_grads, norm_fused),
     nn.BatchNorm2d: Rule(norm_grads, norm_fused),
     nn.BatchNorm3d: Rule(norm_grads, norm_fused),
+    nn.MultiheadAttention: Rule(generic_grads, mha_fused, owns_children=True),
 }
 
 

@@ -107,6 +107,24 @@ class Attention(nn.Module):
         return self.head(a)
 
 
+class MaskedCrossAttention(nn.Module):
+    """Cross-attention with separate q/k/v projections (kdim, vdim), a causal float mask and a padding mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 4, kdim=5, vdim=3, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):  # x: (N, T, 16)
+        q, k, v = x[..., :8], x[..., 8:13], x[..., 13:]
+        t = x.shape[1]
+        causal = torch.triu(torch.full((t, t), float("-inf"), dtype=x.dtype), 1)
+        pad = torch.zeros(x.shape[0], t, dtype=torch.bool)
+        pad[:, -1] = x[:, 0, 0] > 0  # per sample, from its own data: samples stay independent
+        out, w = self.attn(q, k, v, key_padding_mask=pad, attn_mask=causal, average_attn_weights=False)
+        return torch.cat([self.head(out).flatten(1), w.flatten(1)], 1)
+
+
 class GatedScale(nn.Module):
     """A custom layer whose last op saves its output for backward (sigmoid): the generic path must not
     disturb it."""
@@ -188,6 +206,10 @@ def attention_seq_first():
     return Attention(batch_first=False), torch.randn(5, 4, 6)
 
 
+def attention_masked():
+    return MaskedCrossAttention(), torch.randn(6, 4, 16)
+
+
 def custom_layer():
     return nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), GatedScale(), nn.Linear(4, 3)), torch.randn(7, 6)
 
@@ -196,7 +218,8 @@ def tied():
     return Tied(), torch.randint(0, 11, (6, 4))
 
 
-MODELS = [mlp, cnn, conv1d_bn, conv3d, sequence, bilinear, attention, attention_seq_first, custom_layer, tied]
+MODELS = [mlp, cnn, conv1d_bn, conv3d, sequence, bilinear, attention, attention_seq_first, attention_masked,
+          custom_layer, tied]
 
 
 # ----------------------------------------------------------------------------- reference vs definition
@@ -224,7 +247,10 @@ def test_fused_equals_reference(make, mode, per_sample, dtype):
     ref = mas_ext.ReferenceMAS(model, mode=mode, per_sample=per_sample).accumulate(batches)
     fused = mas_ext.FusedMAS(model, mode=mode, per_sample=per_sample).accumulate(batches)
     # Both see the same activations and gradients (bf16 included); only float32 summation order differs.
-    assert_close(fused.task_importance, ref.task_importance, tol=1e-5 if dtype == torch.float32 else 1e-4)
+    # Except attention: FusedMAS recomputes it in float32 while the reference differentiates the bf16
+    # module itself, so there the two agree to bf16 rounding.
+    tol = 1e-5 if dtype == torch.float32 else 2e-2 if "attention" in make.__name__ else 1e-4
+    assert_close(fused.task_importance, ref.task_importance, tol=tol)
     assert all(v.dtype == torch.float32 for v in fused.task_importance.values())
 
 
