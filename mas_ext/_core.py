@@ -37,9 +37,16 @@ def backend():
 
 
 def _unwrap(model):
-    """The module inside a DistributedDataParallel/DataParallel wrapper (names without ``module.``)."""
+    """The module inside DistributedDataParallel/DataParallel and torch.compile wrappers, in any nesting
+    (names without ``module.`` or ``_orig_mod.``)."""
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    return model.module if isinstance(model, wrappers) else model
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 @contextlib.contextmanager
@@ -248,8 +255,12 @@ class ReferenceMAS:
         handles = [u.module.register_forward_hook(self._hook_for(u), with_kwargs=True) for u in self._units]
         self.net.eval()
         torch.backends.mha.set_fastpath_enabled(False)
+        # Compiled submodules run eagerly: a compiled graph does not run the taps' backward as eager does
+        # (g-MAS through a torch.compile'd forward gave wrong Ω).
+        eager = getattr(torch.compiler, "set_stance", None)
         try:
-            yield
+            with eager("force_eager") if eager is not None else contextlib.nullcontext():
+                yield
         finally:
             for h in handles:
                 h.remove()
