@@ -118,7 +118,7 @@ SGD_CASES = [
 ]
 ADAM_CASES = [
     dict(lr=1e-2, betas=betas, eps=eps, amsgrad=ams, weight_decay=wd, maximize=mx)
-    for (betas, eps), ams, wd, mx in itertools.product((((0.9, 0.999), 1e-8), ((0.6, 0.95), 1e-3)), (False, True),
+    for (betas, eps), ams, wd, mx in itertools.product((((0.9, 0.999), 1e-8), ((0.3, 0.95), 1e-3)), (False, True),
                                                       (0.0, 5e-2), (False, True))
 ]
 

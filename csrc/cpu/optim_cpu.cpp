@@ -23,8 +23,13 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <emmintrin.h>
+#endif
+
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -89,9 +94,9 @@ struct Access<float> {
   static constexpr bool kVectorized = true;
   static constexpr int kN = 1;
   static constexpr int64_t kStep = OVec::size();
-  static void load(const float* p, OVec* out) { out[0] = OVec::loadu(p); }
-  static void store(float* p, const OVec* in) { in[0].store(p); }
-  static void load_omega(const float* p, OVec* out) { out[0] = OVec::loadu(p); }
+  C10_ALWAYS_INLINE static void load(const float* p, OVec* out) { out[0] = OVec::loadu(p); }
+  C10_ALWAYS_INLINE static void store(float* p, const OVec* in) { in[0].store(p); }
+  C10_ALWAYS_INLINE static void load_omega(const float* p, OVec* out) { out[0] = OVec::loadu(p); }
 };
 
 template <typename reduced_t>
@@ -103,15 +108,15 @@ struct ReducedAccess {
   static constexpr int kN = 2;
   static constexpr int64_t kStep = RVec::size();
   static_assert(RVec::size() == 2 * OVec::size(), "reduced vector must widen to two float vectors");
-  static void load(const reduced_t* p, OVec* out) {
+  C10_ALWAYS_INLINE static void load(const reduced_t* p, OVec* out) {
     auto both = at::vec::convert_to_float<reduced_t>(RVec::loadu(p));
     out[0] = std::get<0>(both);
     out[1] = std::get<1>(both);
   }
-  static void store(reduced_t* p, const OVec* in) {
+  C10_ALWAYS_INLINE static void store(reduced_t* p, const OVec* in) {
     at::vec::convert_from_float<reduced_t>(in[0], in[1]).store(p);
   }
-  static void load_omega(const float* p, OVec* out) {
+  C10_ALWAYS_INLINE static void load_omega(const float* p, OVec* out) {
     out[0] = OVec::loadu(p);
     out[1] = OVec::loadu(p + OVec::size());
   }
@@ -122,18 +127,45 @@ template <>
 struct Access<Half> : ReducedAccess<Half> {};
 
 // Element-wise helpers that read the same for a vector and a scalar.
-template <typename T>
-inline Vectorized<T> vsqrt(const Vectorized<T>& x) { return x.sqrt(); }
+//
+// Without -march flags at::vec compiles its generic Vectorized<float> (plain arrays, left to the
+// auto-vectoriser), whose sqrt() calls libm's sqrtf lane by lane (errno handling keeps it scalar) and
+// whose maximum() tests lanes one by one. On x86-64, SSE2 is part of the baseline ISA, so those two
+// use SSE2 instructions on the vector's lanes: same IEEE results (sqrt is correctly rounded either
+// way), portable to every x86-64 CPU. Other builds (AVX2/AVX512/NEON Vectorized) use at::vec as is.
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__SSE2__) && !defined(CPU_CAPABILITY_AVX2) && \
+    !defined(CPU_CAPABILITY_AVX512)
+#define MAS_EXT_SSE2_GENERIC 1
+C10_ALWAYS_INLINE Vectorized<float> vsqrt(const Vectorized<float>& x) {
+  static_assert(Vectorized<float>::size() % 4 == 0, "generic vector width must be a multiple of 4 floats");
+  __at_align__ float buf[Vectorized<float>::size()];
+  x.store(buf);
+  for (int i = 0; i < Vectorized<float>::size(); i += 4) _mm_store_ps(buf + i, _mm_sqrt_ps(_mm_load_ps(buf + i)));
+  return Vectorized<float>::loadu(buf);
+}
+C10_ALWAYS_INLINE Vectorized<float> vmax(const Vectorized<float>& a, const Vectorized<float>& b) {  // NaN-propagating
+  __at_align__ float xa[Vectorized<float>::size()];
+  __at_align__ float xb[Vectorized<float>::size()];
+  a.store(xa);
+  b.store(xb);
+  for (int i = 0; i < Vectorized<float>::size(); i += 4) {
+    const __m128 va = _mm_load_ps(xa + i), vb = _mm_load_ps(xb + i);
+    const __m128 m = _mm_max_ps(vb, va);               // va where either is NaN
+    const __m128 b_nan = _mm_cmpunord_ps(vb, vb);
+    _mm_store_ps(xa + i, _mm_or_ps(_mm_and_ps(b_nan, vb), _mm_andnot_ps(b_nan, m)));
+  }
+  return Vectorized<float>::loadu(xa);
+}
+#else
+inline Vectorized<float> vsqrt(const Vectorized<float>& x) { return x.sqrt(); }
+inline Vectorized<float> vmax(const Vectorized<float>& a, const Vectorized<float>& b) { return at::vec::maximum(a, b); }
+#endif
+inline Vectorized<double> vsqrt(const Vectorized<double>& x) { return x.sqrt(); }
+inline Vectorized<double> vmax(const Vectorized<double>& a, const Vectorized<double>& b) { return at::vec::maximum(a, b); }
 inline float vsqrt(float x) { return std::sqrt(x); }
 inline double vsqrt(double x) { return std::sqrt(x); }
 
-template <typename T>
-inline Vectorized<T> vneg(const Vectorized<T>& x) { return x.neg(); }
-inline float vneg(float x) { return -x; }
-inline double vneg(double x) { return -x; }
 
-template <typename T>
-inline Vectorized<T> vmax(const Vectorized<T>& a, const Vectorized<T>& b) { return at::vec::maximum(a, b); }
 template <typename T>
 inline T vmax(T a, T b) {  // NaN-propagating, as torch.maximum
   if (std::isnan(a)) return a;
@@ -295,6 +327,22 @@ void add_penalty_grad_cpu(at::TensorList grads, at::TensorList params, at::Tenso
 }
 
 // =================================================================================
+// Shared by the two optimizer kernels.
+//
+// The per-element code must be straight-line for the compiler to keep it vectorised (a branch in
+// the loop body makes GCC scalarise the generic Vectorized), so every option is either a template
+// parameter (penalty, amsgrad, L2 weight decay, momentum mode, nesterov, lerp's formula, grad
+// unscaling) or exact branch-free arithmetic: maximize multiplies by ±1 (exactly a negation) and
+// AdamW's decay multiplies by 1 when it is off.
+// =================================================================================
+// Calls f(std::integral_constant<bool, b>) so a runtime flag becomes a template argument.
+template <typename F>
+C10_ALWAYS_INLINE void with_bool(bool b, const F& f) {
+  if (b) f(std::true_type{});
+  else f(std::false_type{});
+}
+
+// =================================================================================
 // SGD
 // =================================================================================
 struct SGDArgs {
@@ -303,36 +351,33 @@ struct SGDArgs {
   std::optional<float> grad_scale;
 };
 
-template <typename T>
+// Scalar constants: float for float/half/bfloat16 params (torch casts its double scalars to the
+// tensor's opmath type), double for double params.
+template <typename T, typename opmath_t>
 struct SGDConsts {
-  T pscale, lr_neg, momentum, one_minus_damp, wd, inv;
+  T pscale, lr_neg, momentum, one_minus_damp, wd, sign, inv;
   explicit SGDConsts(const SGDArgs& a)
-      : pscale(static_cast<float>(a.penalty_scale)),
-        lr_neg(static_cast<float>(-a.lr)),
-        momentum(static_cast<float>(a.momentum)),
-        one_minus_damp(static_cast<float>(1.0 - a.dampening)),
-        wd(static_cast<float>(a.weight_decay)),
-        inv(a.grad_scale ? *a.grad_scale : 1.0f) {}
+      : pscale(static_cast<opmath_t>(a.penalty_scale)),
+        lr_neg(static_cast<opmath_t>(-a.lr)),
+        momentum(static_cast<opmath_t>(a.momentum)),
+        one_minus_damp(static_cast<opmath_t>(1.0 - a.dampening)),
+        wd(static_cast<opmath_t>(a.weight_decay)),
+        sign(static_cast<opmath_t>(a.maximize ? -1.0 : 1.0)),
+        inv(static_cast<opmath_t>(a.grad_scale ? *a.grad_scale : 1.0f)) {}
 };
-// For double params the constants keep double precision.
-template <>
-SGDConsts<double>::SGDConsts(const SGDArgs& a)
-    : pscale(a.penalty_scale), lr_neg(-a.lr), momentum(a.momentum), one_minus_damp(1.0 - a.dampening),
-      wd(a.weight_decay), inv(a.grad_scale ? *a.grad_scale : 1.0) {}
 
-// One element (or one vector of elements) of torch.optim.SGD on grad + penalty.
-// `g` arrives unscaled (grad / grad_scale already applied).
-template <bool kPen, typename T>
-inline void sgd_elem(T& p, T g, T& buf, const T& om, const T& st, const SGDConsts<T>& k, const SGDArgs& a) {
-  if (kPen) g = g + k.pscale * om * (p - st);         // the loss-term gradient of R(θ)
-  if (a.maximize) g = vneg(g);
-  if (a.weight_decay != 0) g = g + k.wd * p;          // grad.add(param, alpha=wd)
-  if (a.momentum != 0) {
-    if (a.first_step) buf = g;                        // buf = grad.clone()
-    else buf = buf * k.momentum + k.one_minus_damp * g;  // buf.mul_(m).add_(g, alpha=1-d)
-    g = a.nesterov ? g + k.momentum * buf : buf;
-  }
-  p = p + k.lr_neg * g;                               // param.add_(g, alpha=-lr)
+enum Mom : int { kNoMomentum = 0, kMomentum = 1, kMomentumFirst = 2 };
+
+// One element (or one vector of elements) of torch.optim.SGD on grad + penalty, in torch's order.
+template <bool kPen, int kMom, bool kNest, bool kL2, typename T, typename K>
+C10_ALWAYS_INLINE void sgd_elem(T& p, T g, T& buf, const T& om, const T& st, const K& k) {
+  if constexpr (kPen) g = g + k.pscale * om * (p - st);   // the loss-term gradient of R(θ)
+  g = g * k.sign;                                          // maximize: -grad (exact)
+  if constexpr (kL2) g = g + k.wd * p;                     // grad.add(param, alpha=wd)
+  if constexpr (kMom == kMomentumFirst) buf = g;           // buf = grad.clone()
+  if constexpr (kMom == kMomentum) buf = buf * k.momentum + k.one_minus_damp * g;  // mul_(m).add_(g, alpha=1-d)
+  if constexpr (kMom != kNoMomentum) g = kNest ? g + k.momentum * buf : buf;
+  p = p + k.lr_neg * g;                                    // param.add_(g, alpha=-lr)
 }
 
 struct SGDTensor {
@@ -341,48 +386,70 @@ struct SGDTensor {
   const void* st;
 };
 
-template <typename scalar_t, bool kPen>
-void sgd_chunk(const SGDTensor& t, int64_t begin, int64_t end, const SGDArgs& a) {
+template <typename scalar_t, bool kPen, int kMom, bool kNest, bool kL2, bool kUnscale>
+void sgd_chunk(const SGDTensor& tensor, int64_t begin, int64_t end, const SGDArgs& a) {
   using A = Access<scalar_t>;
   using opmath_t = typename A::opmath_t;
   using OVec = typename A::OVec;
-  auto* p = static_cast<scalar_t*>(t.p);
-  auto* g = static_cast<scalar_t*>(t.g);
-  auto* buf = static_cast<scalar_t*>(t.buf);
-  const float* om = t.om;
-  const auto* st = static_cast<const scalar_t*>(t.st);
-  const bool has_buf = a.momentum != 0;
-  const bool unscale = a.grad_scale.has_value();
+  auto* p = static_cast<scalar_t*>(tensor.p);
+  auto* g = static_cast<scalar_t*>(tensor.g);
+  auto* buf = static_cast<scalar_t*>(tensor.buf);
+  const float* om = tensor.om;
+  const auto* st = static_cast<const scalar_t*>(tensor.st);
   int64_t d = begin;
   if constexpr (A::kVectorized) {
-    const SGDConsts<OVec> k(a);
+    const SGDConsts<OVec, opmath_t> k(a);
     for (; d + A::kStep <= end; d += A::kStep) {
       OVec P[A::kN], G[A::kN], B[A::kN], O[A::kN], S[A::kN];
       A::load(p + d, P);
       A::load(g + d, G);
-      if (has_buf && !a.first_step) A::load(buf + d, B);
-      if (kPen) { A::load_omega(om + d, O); A::load(st + d, S); }
-      if (unscale) {
-        for (int j = 0; j < A::kN; ++j) G[j] = G[j] / k.inv;
-        A::store(g + d, G);
+      if constexpr (kMom == kMomentum) A::load(buf + d, B);
+      if constexpr (kPen) {
+        A::load_omega(om + d, O);
+        A::load(st + d, S);
       }
-      for (int j = 0; j < A::kN; ++j) sgd_elem<kPen>(P[j], G[j], B[j], O[j], S[j], k, a);
+      if constexpr (kUnscale) {
+        for (int j = 0; j < A::kN; ++j) G[j] = G[j] / k.inv;
+        A::store(g + d, G);                                // grads are left unscaled, as torch's fused steps do
+      }
+      for (int j = 0; j < A::kN; ++j) sgd_elem<kPen, kMom, kNest, kL2>(P[j], G[j], B[j], O[j], S[j], k);
       A::store(p + d, P);
-      if (has_buf) A::store(buf + d, B);
+      if constexpr (kMom != kNoMomentum) A::store(buf + d, B);
     }
   }
-  const SGDConsts<opmath_t> k(a);
+  const SGDConsts<opmath_t, opmath_t> k(a);
   for (; d < end; ++d) {
-    opmath_t pv = p[d], gv = g[d], bv = (has_buf && !a.first_step) ? opmath_t(buf[d]) : opmath_t(0);
+    opmath_t pv = p[d], gv = g[d], bv = kMom == kMomentum ? opmath_t(buf[d]) : opmath_t(0);
     const opmath_t ov = kPen ? opmath_t(om[d]) : opmath_t(0), sv = kPen ? opmath_t(st[d]) : opmath_t(0);
-    if (unscale) {
+    if constexpr (kUnscale) {
       gv = gv / k.inv;
       g[d] = static_cast<scalar_t>(gv);
     }
-    sgd_elem<kPen>(pv, gv, bv, ov, sv, k, a);
+    sgd_elem<kPen, kMom, kNest, kL2>(pv, gv, bv, ov, sv, k);
     p[d] = static_cast<scalar_t>(pv);
-    if (has_buf) buf[d] = static_cast<scalar_t>(bv);
+    if constexpr (kMom != kNoMomentum) buf[d] = static_cast<scalar_t>(bv);
   }
+}
+
+template <typename scalar_t>
+void sgd_dispatch(const SGDTensor& t, int64_t b, int64_t e, const SGDArgs& a) {
+  const int mom = a.momentum == 0 ? kNoMomentum : (a.first_step ? kMomentumFirst : kMomentum);
+  with_bool(t.om != nullptr, [&](auto pen) {
+    with_bool(a.weight_decay != 0, [&](auto l2) {
+      with_bool(a.grad_scale.has_value(), [&](auto unscale) {
+        constexpr bool kPen = decltype(pen)::value, kL2 = decltype(l2)::value, kUn = decltype(unscale)::value;
+        if (mom == kNoMomentum) {
+          sgd_chunk<scalar_t, kPen, kNoMomentum, false, kL2, kUn>(t, b, e, a);
+          return;
+        }
+        with_bool(a.nesterov, [&](auto nest) {
+          constexpr bool kNest = decltype(nest)::value;
+          if (mom == kMomentum) sgd_chunk<scalar_t, kPen, kMomentum, kNest, kL2, kUn>(t, b, e, a);
+          else sgd_chunk<scalar_t, kPen, kMomentumFirst, kNest, kL2, kUn>(t, b, e, a);
+        });
+      });
+    });
+  });
 }
 
 void fused_sgd_mas_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -410,10 +477,7 @@ void fused_sgd_mas_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
     numels[i] = params[i].numel();
   }
   for_each_chunk(numels, [&](int64_t t, int64_t b, int64_t e) {
-    MAS_DISPATCH(params[t].scalar_type(), "fused_sgd_mas_", [&] {
-      if (ts[t].om) sgd_chunk<scalar_t, true>(ts[t], b, e, a);
-      else sgd_chunk<scalar_t, false>(ts[t], b, e, a);
-    });
+    MAS_DISPATCH(params[t].scalar_type(), "fused_sgd_mas_", [&] { sgd_dispatch<scalar_t>(ts[t], b, e, a); });
   });
 }
 
@@ -434,105 +498,114 @@ struct AdamTensor {
   double bc2_sqrt;   // (1 - beta2^t) ** 0.5
 };
 
-template <typename T>
+template <typename T, typename opmath_t>
 struct AdamConsts {
-  T pscale, wd, decay, w, one_minus_w, beta2, one_minus_beta2, eps, neg_step_size, bc2_sqrt, inv;
-  bool w_small;
+  T pscale, sign, wd, decay, w, one_minus_w, beta2, one_minus_beta2, eps, neg_step_size, bc2_sqrt, inv;
   AdamConsts(const AdamArgs& a, const AdamTensor& t)
-      : pscale(static_cast<float>(a.penalty_scale)),
-        wd(static_cast<float>(a.weight_decay)),
-        decay(static_cast<float>(1.0 - a.lr * a.weight_decay)),
-        w(static_cast<float>(1.0 - a.beta1)),
-        one_minus_w(1.0f - static_cast<float>(1.0 - a.beta1)),
-        beta2(static_cast<float>(a.beta2)),
-        one_minus_beta2(static_cast<float>(1.0 - a.beta2)),
-        eps(static_cast<float>(a.eps)),
-        neg_step_size(static_cast<float>(-t.step_size)),
-        bc2_sqrt(static_cast<float>(t.bc2_sqrt)),
-        inv(a.grad_scale ? *a.grad_scale : 1.0f),
-        w_small(std::abs(static_cast<float>(1.0 - a.beta1)) < 0.5f) {}
+      : pscale(static_cast<opmath_t>(a.penalty_scale)),
+        sign(static_cast<opmath_t>(a.maximize ? -1.0 : 1.0)),
+        wd(static_cast<opmath_t>(a.weight_decay)),
+        decay(static_cast<opmath_t>(a.decoupled && a.weight_decay != 0 ? 1.0 - a.lr * a.weight_decay : 1.0)),
+        w(static_cast<opmath_t>(1.0 - a.beta1)),
+        one_minus_w(opmath_t(1) - static_cast<opmath_t>(1.0 - a.beta1)),
+        beta2(static_cast<opmath_t>(a.beta2)),
+        one_minus_beta2(static_cast<opmath_t>(1.0 - a.beta2)),
+        eps(static_cast<opmath_t>(a.eps)),
+        neg_step_size(static_cast<opmath_t>(-t.step_size)),
+        bc2_sqrt(static_cast<opmath_t>(t.bc2_sqrt)),
+        inv(static_cast<opmath_t>(a.grad_scale ? *a.grad_scale : 1.0f)) {}
 };
 
-// For double params the constants keep double precision.
-template <>
-AdamConsts<double>::AdamConsts(const AdamArgs& a, const AdamTensor& t)
-    : pscale(a.penalty_scale), wd(a.weight_decay), decay(1.0 - a.lr * a.weight_decay), w(1.0 - a.beta1),
-      one_minus_w(1.0 - (1.0 - a.beta1)), beta2(a.beta2), one_minus_beta2(1.0 - a.beta2), eps(a.eps),
-      neg_step_size(-t.step_size), bc2_sqrt(t.bc2_sqrt), inv(a.grad_scale ? *a.grad_scale : 1.0),
-      w_small(std::abs(1.0 - a.beta1) < 0.5) {}
+// torch's lerp picks its formula by the weight: |w| < 0.5 -> m + w (g − m), else g − (g − m)(1 − w).
+inline bool lerp_weight_small(double beta1) { return std::abs(static_cast<float>(1.0 - beta1)) < 0.5f; }
 
 // One element (or vector) of torch.optim.Adam/AdamW (single-tensor path) on grad + penalty.
-template <bool kPen, bool kAms, typename T>
-inline void adam_elem(T& p, T g, T& m, T& v, T& vm, const T& om, const T& st, const AdamConsts<T>& k,
-                      const AdamArgs& a) {
-  if (kPen) g = g + k.pscale * om * (p - st);   // the loss-term gradient of R(θ), at θ before decay
-  if (a.maximize) g = vneg(g);
-  if (a.weight_decay != 0) {
-    if (a.decoupled) p = p * k.decay;           // param.mul_(1 - lr*wd)
-    else g = g + k.wd * p;                      // grad.add(param, alpha=wd)
-  }
-  // exp_avg.lerp_(grad, 1 - beta1), with lerp's two-sided formula
-  m = k.w_small ? m + k.w * (g - m) : g - (g - m) * k.one_minus_w;
-  v = v * k.beta2 + k.one_minus_beta2 * g * g;  // exp_avg_sq.mul_(b2).addcmul_(g, g, value=1-b2)
+template <bool kPen, bool kAms, bool kL2, bool kSmallW, typename T, typename K>
+C10_ALWAYS_INLINE void adam_elem(T& p, T g, T& m, T& v, T& vm, const T& om, const T& st, const K& k) {
+  if constexpr (kPen) g = g + k.pscale * om * (p - st);  // the loss-term gradient of R(θ), at θ before decay
+  g = g * k.sign;                                         // maximize: -grad (exact)
+  if constexpr (kL2) g = g + k.wd * p;                    // grad.add(param, alpha=wd)
+  p = p * k.decay;                                        // AdamW: param.mul_(1 - lr*wd); 1 otherwise (exact)
+  if constexpr (kSmallW) m = m + k.w * (g - m);          // exp_avg.lerp_(grad, 1 - beta1)
+  else m = g - (g - m) * k.one_minus_w;
+  v = v * k.beta2 + k.one_minus_beta2 * g * g;            // exp_avg_sq.mul_(b2).addcmul_(g, g, value=1-b2)
   T denom;
-  if (kAms) {
-    vm = vmax(vm, v);                           // torch.maximum(max_exp_avg_sq, exp_avg_sq)
+  if constexpr (kAms) {
+    vm = vmax(vm, v);                                     // torch.maximum(max_exp_avg_sq, exp_avg_sq)
     denom = vsqrt(vm) / k.bc2_sqrt + k.eps;
   } else {
-    denom = vsqrt(v) / k.bc2_sqrt + k.eps;
+    denom = vsqrt(v) / k.bc2_sqrt + k.eps;                // (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
   }
-  p = p + k.neg_step_size * m / denom;          // param.addcdiv_(exp_avg, denom, value=-step_size)
+  p = p + k.neg_step_size * m / denom;                    // param.addcdiv_(exp_avg, denom, value=-step_size)
 }
 
-template <typename scalar_t, bool kPen, bool kAms>
-void adam_chunk(const AdamTensor& t, int64_t begin, int64_t end, const AdamArgs& a) {
+template <typename scalar_t, bool kPen, bool kAms, bool kL2, bool kUnscale, bool kSmallW>
+void adam_chunk(const AdamTensor& tensor, int64_t begin, int64_t end, const AdamArgs& a) {
   using A = Access<scalar_t>;
   using opmath_t = typename A::opmath_t;
   using OVec = typename A::OVec;
-  auto* p = static_cast<scalar_t*>(t.p);
-  auto* g = static_cast<scalar_t*>(t.g);
-  auto* m = static_cast<scalar_t*>(t.m);
-  auto* v = static_cast<scalar_t*>(t.v);
-  auto* vm = static_cast<scalar_t*>(t.vmax);
-  const float* om = t.om;
-  const auto* st = static_cast<const scalar_t*>(t.st);
-  const bool unscale = a.grad_scale.has_value();
+  auto* p = static_cast<scalar_t*>(tensor.p);
+  auto* g = static_cast<scalar_t*>(tensor.g);
+  auto* m = static_cast<scalar_t*>(tensor.m);
+  auto* v = static_cast<scalar_t*>(tensor.v);
+  auto* vm = static_cast<scalar_t*>(tensor.vmax);
+  const float* om = tensor.om;
+  const auto* st = static_cast<const scalar_t*>(tensor.st);
   int64_t d = begin;
   if constexpr (A::kVectorized) {
-    const AdamConsts<OVec> k(a, t);
+    const AdamConsts<OVec, opmath_t> k(a, tensor);
     for (; d + A::kStep <= end; d += A::kStep) {
       OVec P[A::kN], G[A::kN], M[A::kN], V[A::kN], VM[A::kN], O[A::kN], S[A::kN];
       A::load(p + d, P);
       A::load(g + d, G);
       A::load(m + d, M);
       A::load(v + d, V);
-      if (kAms) A::load(vm + d, VM);
-      if (kPen) { A::load_omega(om + d, O); A::load(st + d, S); }
-      if (unscale) {
-        for (int j = 0; j < A::kN; ++j) G[j] = G[j] / k.inv;
-        A::store(g + d, G);
+      if constexpr (kAms) A::load(vm + d, VM);
+      if constexpr (kPen) {
+        A::load_omega(om + d, O);
+        A::load(st + d, S);
       }
-      for (int j = 0; j < A::kN; ++j) adam_elem<kPen, kAms>(P[j], G[j], M[j], V[j], VM[j], O[j], S[j], k, a);
+      if constexpr (kUnscale) {
+        for (int j = 0; j < A::kN; ++j) G[j] = G[j] / k.inv;
+        A::store(g + d, G);                               // grads are left unscaled, as torch's fused steps do
+      }
+      for (int j = 0; j < A::kN; ++j) adam_elem<kPen, kAms, kL2, kSmallW>(P[j], G[j], M[j], V[j], VM[j], O[j], S[j], k);
       A::store(p + d, P);
       A::store(m + d, M);
       A::store(v + d, V);
-      if (kAms) A::store(vm + d, VM);
+      if constexpr (kAms) A::store(vm + d, VM);
     }
   }
-  const AdamConsts<opmath_t> k(a, t);
+  const AdamConsts<opmath_t, opmath_t> k(a, tensor);
   for (; d < end; ++d) {
     opmath_t pv = p[d], gv = g[d], mv = m[d], vv = v[d], vmv = kAms ? opmath_t(vm[d]) : opmath_t(0);
     const opmath_t ov = kPen ? opmath_t(om[d]) : opmath_t(0), sv = kPen ? opmath_t(st[d]) : opmath_t(0);
-    if (unscale) {
+    if constexpr (kUnscale) {
       gv = gv / k.inv;
       g[d] = static_cast<scalar_t>(gv);
     }
-    adam_elem<kPen, kAms>(pv, gv, mv, vv, vmv, ov, sv, k, a);
+    adam_elem<kPen, kAms, kL2, kSmallW>(pv, gv, mv, vv, vmv, ov, sv, k);
     p[d] = static_cast<scalar_t>(pv);
     m[d] = static_cast<scalar_t>(mv);
     v[d] = static_cast<scalar_t>(vv);
-    if (kAms) vm[d] = static_cast<scalar_t>(vmv);
+    if constexpr (kAms) vm[d] = static_cast<scalar_t>(vmv);
   }
+}
+
+template <typename scalar_t>
+void adam_dispatch(const AdamTensor& t, int64_t b, int64_t e, const AdamArgs& a) {
+  with_bool(t.om != nullptr, [&](auto pen) {
+    with_bool(a.amsgrad, [&](auto ams) {
+      with_bool(a.weight_decay != 0 && !a.decoupled, [&](auto l2) {
+        with_bool(a.grad_scale.has_value(), [&](auto unscale) {
+          with_bool(lerp_weight_small(a.beta1), [&](auto small_w) {
+            adam_chunk<scalar_t, decltype(pen)::value, decltype(ams)::value, decltype(l2)::value,
+                       decltype(unscale)::value, decltype(small_w)::value>(t, b, e, a);
+          });
+        });
+      });
+    });
+  });
 }
 
 void fused_adam_mas_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -574,13 +647,7 @@ void fused_adam_mas_cpu(at::TensorList params, at::TensorList grads, at::TensorL
     numels[i] = params[i].numel();
   }
   for_each_chunk(numels, [&](int64_t t, int64_t b, int64_t e) {
-    MAS_DISPATCH(params[t].scalar_type(), "fused_adam_mas_", [&] {
-      const bool pen = ts[t].om != nullptr;
-      if (pen && amsgrad) adam_chunk<scalar_t, true, true>(ts[t], b, e, a);
-      else if (pen) adam_chunk<scalar_t, true, false>(ts[t], b, e, a);
-      else if (amsgrad) adam_chunk<scalar_t, false, true>(ts[t], b, e, a);
-      else adam_chunk<scalar_t, false, false>(ts[t], b, e, a);
-    });
+    MAS_DISPATCH(params[t].scalar_type(), "fused_adam_mas_", [&] { adam_dispatch<scalar_t>(ts[t], b, e, a); });
   });
 }
 
