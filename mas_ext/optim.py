@@ -129,6 +129,11 @@ class _MASStep:
         self.mas = mas
         self._mas_warned = set()
 
+    def __getstate__(self):  # torch.optim keeps only defaults/state/param_groups: keep the MAS link too
+        state = super().__getstate__()
+        state["mas"] = getattr(self, "mas", None)
+        return state
+
     # ------------------------------------------------------------------ helpers
     def _warn_once(self, why):
         warned = self.__dict__.setdefault("_mas_warned", set())

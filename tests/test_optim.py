@@ -438,6 +438,16 @@ def test_tracked_param_without_grad_gets_penalty_gradient():
     assert list(model.parameters())[2].grad is None  # untracked and untouched: skipped, as torch does
 
 
+def test_deepcopy_keeps_the_penalty_and_signature_lists_mas():
+    model = make_model()
+    opt = mopt.Adam(model.parameters(), mas=make_stub(model), lr=1e-2)
+    twin_model, twin = copy.deepcopy((model, opt))
+    assert twin.mas is not None and twin.mas.terms[0][0] is next(twin_model.parameters())
+    import inspect
+    sig = inspect.signature(mopt.AdamW)
+    assert sig.parameters["weight_decay"].default == 1e-2 and sig.parameters["mas"].default is None
+
+
 def test_forced_reference_backend(monkeypatch):
     monkeypatch.setenv("MAS_EXT_BACKEND", "reference")
     x = torch.randn(6, 7)
