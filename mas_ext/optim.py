@@ -110,6 +110,20 @@ def _unhooked(fn):
     return fn
 
 
+_KERNELS = {}
+
+
+def _has_kernel(op, device_type):
+    """Whether torch.ops.mas_ext.<op> has a kernel for this device type (CPU here; CUDA if a build adds one)."""
+    key = (op, device_type)
+    if key not in _KERNELS:
+        try:
+            _KERNELS[key] = torch._C._dispatch_has_kernel_for_dispatch_key(f"mas_ext::{op}", device_type.upper())
+        except RuntimeError:
+            _KERNELS[key] = False
+    return _KERNELS[key]
+
+
 def _is_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -178,12 +192,11 @@ class _MASStep:
             return "capturable=True"
         return None
 
-    @staticmethod
-    def _param_unfusable(p):
+    def _param_unfusable(self, p):
         """Why this parameter (with a .grad) cannot take the kernel, or None."""
         g = p.grad
-        if p.device.type != "cpu":
-            return f"parameters on {p.device.type} (this build has CPU kernels only)"
+        if p.device.type != "cpu" and (p.device.type == "meta" or not _has_kernel(self._op, p.device.type)):
+            return f"parameters on {p.device.type} (no {self._op} kernel for it in this build)"
         if g.is_sparse:
             return "sparse gradients"
         if torch.is_complex(p):
@@ -233,7 +246,7 @@ class _MASStep:
         if found_inf is not None and float(found_inf) != 0.0:
             return loss  # skipped: params, state and step counters unchanged
         if grad_scale is not None:
-            grad_scale = grad_scale.detach().to(device="cpu", dtype=torch.float32).reshape(1)
+            grad_scale = grad_scale.detach().to(dtype=torch.float32).reshape(1)
 
         terms, scale = self._penalty_terms()
         if not terms:  # no consolidated task: exactly torch.optim
@@ -319,6 +332,7 @@ class SGD(_MASStep, torch.optim.SGD):
     """
 
     _torch_cls = torch.optim.SGD
+    _op = "fused_sgd_mas_"
     _float_keys = ("momentum", "dampening", "weight_decay")
 
     def __init__(self, params, *args, mas=None, **kwargs):
@@ -351,7 +365,7 @@ class SGD(_MASStep, torch.optim.SGD):
                 ps, gs, bs if momentum != 0 else [], oms, stars, penalty_scale=scale, lr=float(group["lr"]),
                 momentum=momentum, dampening=float(group["dampening"]), weight_decay=float(group["weight_decay"]),
                 nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]), is_first_step=first,
-                grad_scale=grad_scale)
+                grad_scale=None if grad_scale is None else grad_scale.to(ps[0].device))
             if momentum != 0:
                 for p, buf in zip(ps, bs):
                     self.state[p]["momentum_buffer"] = buf
@@ -366,6 +380,7 @@ class Adam(_MASStep, torch.optim.Adam):
     """
 
     _torch_cls = torch.optim.Adam
+    _op = "fused_adam_mas_"
     _float_keys = ("eps", "weight_decay")
 
     def __init__(self, params, *args, mas=None, **kwargs):
@@ -397,7 +412,7 @@ class Adam(_MASStep, torch.optim.Adam):
             pick(steps), list(oms), list(stars), penalty_scale=scale, lr=float(group["lr"]), beta1=float(beta1),
             beta2=float(beta2), weight_decay=float(group["weight_decay"]), eps=float(group["eps"]), amsgrad=amsgrad,
             maximize=bool(group["maximize"]), decoupled_weight_decay=bool(group.get("decoupled_weight_decay", False)),
-            grad_scale=grad_scale)
+            grad_scale=None if grad_scale is None else grad_scale.to(params[0].device))
         return reference
 
 
@@ -410,6 +425,7 @@ class AdamW(_MASStep, torch.optim.AdamW):
     """
 
     _torch_cls = torch.optim.AdamW
+    _op = "fused_adam_mas_"
     _float_keys = ("eps", "weight_decay")
     _fused_group_step = Adam._fused_group_step
 
