@@ -6,15 +6,9 @@
 - :mod:`mas_ext.optim`: SGD, Adam and AdamW taking ``mas=`` to apply the penalty in their step.
 - :func:`backend`: which path runs here, and why.
 """
+from . import optim
 from ._core import FusedMAS, ReferenceMAS, backend
 
 __version__ = "0.1.0"
 __all__ = ["ReferenceMAS", "FusedMAS", "backend", "optim"]
 
-
-def __getattr__(name):
-    if name == "optim":  # imported on first use: it needs the compiled extension
-        import importlib
-
-        return importlib.import_module(".optim", __name__)
-    raise AttributeError(f"module 'mas_ext' has no attribute {name!r}")

@@ -19,11 +19,25 @@ def available(name):
 
 
 if error is None:
-    # The importance ops only mutate their float32 accumulators: their fake kernels do nothing.
+    # Every op only mutates its inputs (accumulators, gradients, parameters, optimizer state) and returns
+    # nothing: the fake kernels do nothing.
     @torch.library.register_fake("mas_ext::linear_importance_")
     def _linear_importance_fake(omega_w, omega_b, input, grad_out):
         return None
 
     @torch.library.register_fake("mas_ext::conv_importance_")
     def _conv_importance_fake(omega_w, omega_b, input, grad_out, kernel_size, stride, padding, dilation, groups):
+        return None
+
+    @torch.library.register_fake("mas_ext::add_penalty_grad_")
+    def _add_penalty_grad_fake(grads, params, omegas, stars, scale):
+        return None
+
+    @torch.library.register_fake("mas_ext::fused_sgd_mas_")
+    def _fused_sgd_mas_fake(params, grads, momentum_buffers, omegas, stars, **kwargs):
+        return None
+
+    @torch.library.register_fake("mas_ext::fused_adam_mas_")
+    def _fused_adam_mas_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, omegas, stars,
+                             **kwargs):
         return None

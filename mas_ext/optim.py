@@ -34,48 +34,27 @@ import warnings
 
 import torch
 
+from . import _ops
+
 __all__ = ["SGD", "Adam", "AdamW"]
 
 _BUILD_HINT = "pip install --no-build-isolation -e ."
-
-try:  # loading the library registers torch.ops.mas_ext.*
-    from . import _C  # noqa: F401
-
-    _EXT_ERROR = None
-except ImportError as e:  # not built, or built against another torch
-    _EXT_ERROR = e
 
 _OPS = ("add_penalty_grad_", "fused_sgd_mas_", "fused_adam_mas_")
 
 
 def _ext_available():
-    return _EXT_ERROR is None and all(hasattr(torch.ops.mas_ext, name) for name in _OPS)
+    return all(_ops.available(name) for name in _OPS)
 
 
 def _require_ext():
     """Raises an ImportError naming the build command when the compiled ops are missing."""
     if _ext_available():
         return
-    why = f" ({_EXT_ERROR})" if _EXT_ERROR is not None else " (the built library predates these ops)"
+    why = f" ({_ops.error})" if _ops.error is not None else " (the built library predates these ops)"
     raise ImportError(
         "mas_ext.optim needs the compiled extension mas_ext._C" + why + f"; build it with `{_BUILD_HINT}` "
         "in the repository root (or set MAS_EXT_BACKEND=reference to run the pure-PyTorch path)")
-
-
-if _ext_available():
-    # All three ops mutate their inputs in place and return nothing: the fake kernels do nothing.
-    @torch.library.register_fake("mas_ext::add_penalty_grad_")
-    def _add_penalty_grad_fake(grads, params, omegas, stars, scale):
-        return None
-
-    @torch.library.register_fake("mas_ext::fused_sgd_mas_")
-    def _fused_sgd_mas_fake(params, grads, momentum_buffers, omegas, stars, **kwargs):
-        return None
-
-    @torch.library.register_fake("mas_ext::fused_adam_mas_")
-    def _fused_adam_mas_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, omegas, stars,
-                             **kwargs):
-        return None
 
 
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
