@@ -10,6 +10,7 @@ a parameter, or run more than once in a forward, are summed per sample before ``
 Contributions go to per-batch buffers, committed only when the whole batch is finite.
 """
 import contextlib
+import functools
 import os
 import signal
 import threading
@@ -97,6 +98,7 @@ class _Unit:
         self.name, self.module, self.rule, self.names = name, module, rule, names  # names: local -> global
         self.group = None
         self.repeats = False  # seen running more than once in one forward
+        self.handled = False  # its tapped forward has handled the call now ending
 
 
 class _Group:
@@ -253,6 +255,11 @@ class ReferenceMAS:
         modes = [(m, m.training) for m in self.net.modules()]
         fastpath = torch.backends.mha.get_fastpath_enabled()
         handles = [u.module.register_forward_hook(self._hook_for(u), with_kwargs=True) for u in self._units]
+        tapped = [u for u in self._units if self._fused and self.mode == "global" and self.per_sample
+                  and u.rule.tapped_forward is not None and len(u.group.units) == 1
+                  and self._kernels_for(list(u.module.parameters()))]
+        for u in tapped:
+            u.module.forward = functools.partial(self._tapped_forward, u)
         self.net.eval()
         torch.backends.mha.set_fastpath_enabled(False)
         # Compiled submodules run eagerly: a compiled graph does not run the taps' backward as eager does
@@ -262,6 +269,8 @@ class ReferenceMAS:
             with eager("force_eager") if eager is not None else contextlib.nullcontext():
                 yield
         finally:
+            for u in tapped:
+                del u.module.forward
             for h in handles:
                 h.remove()
             torch.backends.mha.set_fastpath_enabled(fastpath)
@@ -273,8 +282,11 @@ class ReferenceMAS:
             state = self._pass
             if state is None or state.busy:
                 return None
-            call = _rules.Call(state.n, args, kwargs, out, versions=self._versions(args))
             state.calls[unit] = state.calls.get(unit, 0) + 1
+            if unit.handled:  # its tapped forward has already seen to this call
+                unit.handled = False
+                return None
+            call = _rules.Call(state.n, args, kwargs, out, versions=self._versions(args))
             unit.group.calls.append((unit, call))
             flat, spec = torch.utils._pytree.tree_flatten(out)
             pos = [i for i, t in enumerate(flat) if torch.is_tensor(t) and t.is_floating_point()]
@@ -294,12 +306,40 @@ class ReferenceMAS:
                 if len(unit.group.pending) == len(unit.group.calls):
                     self._process(unit.group)
 
-            tapped = _Tap.apply(state.anchor, sink, unit.rule.grads is not _rules.generic_grads, *(flat[i] for i in pos))
+            tapped = self._tap(state.anchor, sink, unit.rule.grads is not _rules.generic_grads, [flat[i] for i in pos])
             for i, t in zip(pos, tapped):
                 flat[i] = t
             return torch.utils._pytree.tree_unflatten(flat, spec)
 
         return hook
+
+    @staticmethod
+    def _tap(anchor, sink, in_place, outs):
+        """``outs`` through a _Tap; ``sink`` gets the gradients at them, shaped like them. With ``in_place``
+        an output that only reshapes its base (Linear on 3-D input) is tapped through that base, uncopied."""
+        def reshaped_base(t):
+            b = t._base
+            return (in_place and b is not None and not b._is_view() and t.is_contiguous() and b.is_contiguous()
+                    and t.numel() == b.numel() and t.storage_offset() == b.storage_offset())
+
+        targets = [o._base if reshaped_base(o) else o for o in outs]
+        tapped = _Tap.apply(anchor, lambda grads: sink(tuple(g.view(o.shape) for g, o in zip(grads, outs))),
+                            in_place, *targets)
+        return [t.view(o.shape) if t.shape != o.shape else t for o, t in zip(outs, tapped)]
+
+    def _tapped_forward(self, unit, *args, **kwargs):
+        """The forward installed on units whose rule taps its own internals (g-MAS per sample, FusedMAS)."""
+        state = self._pass
+        if state is not None and not state.busy and not unit.repeats:
+            def tap(outs, on_grads):
+                local = {k: state.bufs[g] for k, g in unit.names.items()}
+                return self._tap(state.anchor, lambda grads: on_grads(grads, local), True, outs)
+
+            out = unit.rule.tapped_forward(unit.module, tap, *args, **kwargs)
+            if out is not None:
+                unit.handled = True
+                return out
+        return type(unit.module).forward(unit.module, *args, **kwargs)
 
     @staticmethod
     def _versions(args):
@@ -404,13 +444,17 @@ class ReferenceMAS:
                         self._process(u.group)
             finally:
                 self._pass = None
-            # A unit that ran more than once was handled call by call in local mode: redo it per sample.
-            repeats = [u for u, k in state.calls.items() if self.mode == "local" and k > 1 and not u.repeats]
+            # A unit that ran more than once was handled call by call (local mode, or a tapped forward):
+            # redo the batch with its calls summed per sample.
+            repeats = [u for u, k in state.calls.items() if k > 1 and not u.repeats
+                       and (self.mode == "local" or "forward" in u.module.__dict__)]
             if not repeats:
                 break
             for u in repeats:
                 u.repeats = True
-        bad = [g for g, b in bufs.items() if not torch.isfinite(b).all()]
+        # Contributions are sums of |·| (≥ 0): a buffer's sum is finite exactly when all its entries are.
+        finite = torch.isfinite(torch.stack([b.sum() for b in bufs.values()])).tolist()
+        bad = [g for g, ok in zip(bufs, finite) if not ok]
         if bad:
             raise FloatingPointError(f"batch {where}: non-finite importance for {bad[:3]} (a NaN or inf gradient); "
                                      "importance and sample count left as they were before this batch")

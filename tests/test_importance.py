@@ -125,6 +125,20 @@ class MaskedCrossAttention(nn.Module):
         return torch.cat([self.head(out).flatten(1), w.flatten(1)], 1)
 
 
+class AttentionTwice(nn.Module):
+    """One attention layer run twice in a forward: its per-sample gradients add up before |·|."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y, _ = self.attn(x, x, x, need_weights=False)
+        y, _ = self.attn(y, y, y)
+        return self.head(y)
+
+
 class GatedScale(nn.Module):
     """A custom layer whose last op saves its output for backward (sigmoid): the generic path must not
     disturb it."""
@@ -210,6 +224,10 @@ def attention_masked():
     return MaskedCrossAttention(), torch.randn(6, 4, 16)
 
 
+def attention_twice():
+    return AttentionTwice(), torch.randn(5, 3, 8)
+
+
 def custom_layer():
     return nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), GatedScale(), nn.Linear(4, 3)), torch.randn(7, 6)
 
@@ -219,7 +237,7 @@ def tied():
 
 
 MODELS = [mlp, cnn, conv1d_bn, conv3d, sequence, bilinear, attention, attention_seq_first, attention_masked,
-          custom_layer, tied]
+          attention_twice, custom_layer, tied]
 
 
 # ----------------------------------------------------------------------------- reference vs definition
