@@ -400,3 +400,18 @@ def test_opcheck(dtype, bias):
     torch.library.opcheck(torch.ops.mas_ext.linear_importance_.default, _linear_args(3, 4, 5, 2, dtype, bias))
     torch.library.opcheck(torch.ops.mas_ext.linear_importance_.default, _linear_args(3, 1, 5, 2, dtype, bias))
     torch.library.opcheck(torch.ops.mas_ext.conv_importance_.default, _conv_args(dtype, bias))
+
+
+def test_conv_op_at_realistic_size_with_threads():
+    """A ResNet-sized layer over several threads (a racy kernel once passed the small cases above)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        x, g = torch.randn(6, 64, 32, 32), torch.randn(6, 64, 16, 16)
+        w = torch.zeros(64, 64, 3, 3)
+        torch.ops.mas_ext.conv_importance_(w, None, x, g, [3, 3], [2, 2], [1, 1], [1, 1], 1)
+        want = sum(torch.ops.aten.convolution_backward(g[k:k + 1], x[k:k + 1], w, None, [2, 2], [1, 1], [1, 1], False,
+                                                       [0, 0], 1, [False, True, False])[1].abs() for k in range(6))
+        assert torch.allclose(w, want, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(threads)

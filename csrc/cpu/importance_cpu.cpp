@@ -98,6 +98,47 @@ void linear_importance_cpu(at::Tensor& omega_w, const std::optional<at::Tensor>&
   if (omega_b) acc_b.reduce_into(*omega_b);
 }
 
+// im2col of one sample, any of 1-3 spatial dims expressed as 3-D (missing dims have size 1).
+// x: (C, D, H, W) -> cols: (C * kd * kh * kw, oD * oH * oW).
+struct ConvGeom {
+  int64_t C, in[3], out[3], k[3], s[3], p[3], d[3];
+};
+
+void im2col3d(const float* x, float* cols, const ConvGeom& g) {
+  const int64_t L = g.out[0] * g.out[1] * g.out[2];
+  int64_t row = 0;
+  for (int64_t c = 0; c < g.C; ++c)
+    for (int64_t i0 = 0; i0 < g.k[0]; ++i0)
+      for (int64_t i1 = 0; i1 < g.k[1]; ++i1)
+        for (int64_t i2 = 0; i2 < g.k[2]; ++i2, ++row) {
+          float* dst = cols + row * L;
+          const float* xc = x + c * g.in[0] * g.in[1] * g.in[2];
+          for (int64_t o0 = 0; o0 < g.out[0]; ++o0) {
+            const int64_t z = o0 * g.s[0] - g.p[0] + i0 * g.d[0];
+            for (int64_t o1 = 0; o1 < g.out[1]; ++o1) {
+              const int64_t y = o1 * g.s[1] - g.p[1] + i1 * g.d[1];
+              float* drow = dst + (o0 * g.out[1] + o1) * g.out[2];
+              if (z < 0 || z >= g.in[0] || y < 0 || y >= g.in[1]) {
+                std::fill(drow, drow + g.out[2], 0.f);
+                continue;
+              }
+              // Output columns [lo, hi) read inside the row: xx = o2 * s - p + i2 * d in [0, in).
+              const int64_t off = i2 * g.d[2] - g.p[2], s = g.s[2];
+              const int64_t lo = std::min(g.out[2], off >= 0 ? 0 : (-off + s - 1) / s);
+              const int64_t hi = std::max(lo, std::min(g.out[2], (g.in[2] - off + s - 1) / s));
+              const float* xrow = xc + (z * g.in[1] + y) * g.in[2] + off;
+              std::fill(drow, drow + lo, 0.f);
+              if (s == 1) {
+                std::copy(xrow + lo, xrow + hi, drow + lo);
+              } else {
+                for (int64_t o2 = lo; o2 < hi; ++o2) drow[o2] = xrow[o2 * s];
+              }
+              std::fill(drow + hi, drow + g.out[2], 0.f);
+            }
+          }
+        }
+}
+
 // input (N, C, *spatial), grad_out (N, O, *out_spatial), weight (O, C/groups, *kernel).
 void conv_importance_cpu(at::Tensor& omega_w, const std::optional<at::Tensor>& omega_b, const at::Tensor& input,
                          const at::Tensor& grad_out, at::IntArrayRef kernel_size, at::IntArrayRef stride,
@@ -114,11 +155,17 @@ void conv_importance_cpu(at::Tensor& omega_w, const std::optional<at::Tensor>& o
   const int64_t N = input.size(0), C = input.size(1), O = grad_out.size(1);
   TORCH_CHECK(groups >= 1 && C % groups == 0 && O % groups == 0, "conv_importance_: groups=", groups,
               " must divide in_channels=", C, " and out_channels=", O);
+  ConvGeom geo{};
+  geo.C = C;
+  for (int i = 0; i < 3; ++i) geo.in[i] = geo.out[i] = geo.k[i] = geo.s[i] = geo.d[i] = 1, geo.p[i] = 0;
   std::vector<int64_t> wshape{O, C / groups};
   for (int64_t i = 0; i < nd; ++i) {
-    const int64_t in = input.size(2 + i), out = grad_out.size(2 + i);
-    const int64_t expect = (in + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1) / stride[i] + 1;
-    TORCH_CHECK(expect == out, "conv_importance_: grad_out spatial size ", grad_out.sizes(),
+    const int j = 3 - nd + i;
+    geo.in[j] = input.size(2 + i);
+    geo.out[j] = grad_out.size(2 + i);
+    geo.k[j] = kernel_size[i], geo.s[j] = stride[i], geo.p[j] = padding[i], geo.d[j] = dilation[i];
+    const int64_t expect = (geo.in[j] + 2 * geo.p[j] - geo.d[j] * (geo.k[j] - 1) - 1) / geo.s[j] + 1;
+    TORCH_CHECK(expect == geo.out[j], "conv_importance_: grad_out spatial size ", grad_out.sizes(),
                 " does not match the convolution of input ", input.sizes());
     wshape.push_back(kernel_size[i]);
   }
@@ -127,23 +174,22 @@ void conv_importance_cpu(at::Tensor& omega_w, const std::optional<at::Tensor>& o
   if (N == 0) return;
   auto x = input.detach().to(at::kFloat).contiguous();  // detached: see linear_importance_cpu
   auto g = grad_out.detach().to(at::kFloat).contiguous();
-  const auto weight_like = at::empty(wshape, x.options());  // only its shape is read
-  const std::vector<int64_t> output_padding(nd, 0);
+  const int64_t K = geo.k[0] * geo.k[1] * geo.k[2], L = geo.out[0] * geo.out[1] * geo.out[2];
+  const int64_t Cg = C / groups, Og = O / groups, sample_in = C * geo.in[0] * geo.in[1] * geo.in[2];
 
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), N);
-  ThreadAccumulators acc_w(omega_w.numel(), threads), acc_b(omega_b ? O : 0, threads);
+  ThreadAccumulators acc_w(O * Cg * K, threads), acc_b(omega_b ? O : 0, threads);
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    auto cols = at::empty({groups, Cg * K, L}, x.options());
+    auto tmp = at::empty({groups, Og, Cg * K}, x.options());
     float* wacc = acc_w.get();
     for (int64_t k = begin; k < end; ++k) {
-      // Sample k's weight gradient by the backend's own weight-gradient kernel (oneDNN where built),
-      // one sample at a time, never stored beyond this thread.
-      auto xk = x.narrow(0, k, 1), gk = g.narrow(0, k, 1);
-      auto gw = std::get<1>(at::convolution_backward(gk, xk, weight_like, std::nullopt, stride, padding, dilation,
-                                                     false, output_padding, groups, {false, true, false}))
-                    .contiguous();
-      abs_accumulate(wacc, gw.data_ptr<float>(), gw.numel());
+      im2col3d(x.data_ptr<float>() + k * sample_in, cols.data_ptr<float>(), geo);
+      auto gk = g[k].view({groups, Og, L});
+      at::bmm_out(tmp, gk, cols.transpose(1, 2));  // per-group weight gradient of sample k
+      abs_accumulate(wacc, tmp.data_ptr<float>(), O * Cg * K);
       if (omega_b) {
-        auto gs = gk.view({O, -1}).sum(1);
+        auto gs = g[k].view({O, L}).sum(1);
         abs_accumulate(acc_b.get(), gs.data_ptr<float>(), O);
       }
     }
