@@ -9,7 +9,7 @@ PYTHON := .venv/bin/python
 endif
 DEPS := numpy pytest tqdm scikit-learn matplotlib ninja setuptools wheel
 
-.PHONY: setup build test bench bench-quick demo clean
+.PHONY: setup build test bench bench-quick peers demo clean
 
 .venv/bin/python:
 	python3 -m venv .venv
@@ -29,3 +29,21 @@ demo: build
 
 clean:
 	rm -rf build *.egg-info mas_ext/*.so
+
+# The peers the benchmark compares against, from PyPI, without letting pip touch torch: every package
+# goes in with --no-deps and its own requirements are listed explicitly (opacus: numpy, scipy, opt_einsum;
+# BackPACK: einops, unfoldNd; BackPACK also asks for torchvision, which would pull a CUDA torch, and
+# does not need it for BatchGrad). The last line fails if torch is no longer the pinned one.
+PEERS := opacus==1.6.0 opt_einsum==3.4.0 backpack-for-pytorch==1.7.1 einops==0.8.2 unfoldNd==0.2.3
+peers: setup
+	@$(PYTHON) -c "import opacus, opt_einsum, backpack, einops, unfoldNd" 2>/dev/null || $(PYTHON) -m pip install --no-deps $(PEERS)
+	@$(PYTHON) -c "import scipy" 2>/dev/null || $(PYTHON) -m pip install --no-deps scipy
+	@$(PYTHON) -c "import torch; v = torch.__version__.split('+')[0]; assert v == '2.13.0', 'torch was replaced: ' + torch.__version__; print('peers ready; torch', torch.__version__, 'unchanged')"
+
+# Full run: CPU, plus CUDA where present (--device auto); results in benchmarks/results/.
+bench: build peers
+	$(PYTHON) -m benchmarks.bench --device auto
+
+# Tiny sizes, 1 repeat, results in a temp folder (what tests/test_bench_smoke.py runs).
+bench-quick: build peers
+	$(PYTHON) -m benchmarks.bench --quick --device auto

@@ -161,6 +161,7 @@ class ReferenceMAS:
         self._importance, self._star = {}, {}
         self.num_tasks = 0
         self._pass = None
+        self._last_calls = {}  # unit -> calls in the last pass's forward
         self._warned = set()
 
     # ------------------------------------------------------------------ planning
@@ -323,9 +324,10 @@ class ReferenceMAS:
                     and t.numel() == b.numel() and t.storage_offset() == b.storage_offset())
 
         targets = [o._base if reshaped_base(o) else o for o in outs]
-        tapped = _Tap.apply(anchor, lambda grads: sink(tuple(g.view(o.shape) for g, o in zip(grads, outs))),
+        shapes = [o.shape for o in outs]  # not the outputs themselves: the graph would keep them alive
+        tapped = _Tap.apply(anchor, lambda grads: sink(tuple(g.view(s) for g, s in zip(grads, shapes))),
                             in_place, *targets)
-        return [t.view(o.shape) if t.shape != o.shape else t for o, t in zip(outs, tapped)]
+        return [t.view(s) if t.shape != s else t for s, t in zip(shapes, tapped)]
 
     def _tapped_forward(self, unit, *args, **kwargs):
         """The forward installed on units whose rule taps its own internals (g-MAS per sample, FusedMAS)."""
@@ -354,7 +356,7 @@ class ReferenceMAS:
                 if t._version != version:
                     raise RuntimeError(f"module '{unit.name}': its input was modified in place after its forward; "
                                        "the importance needs it unchanged (use inplace=False there)")
-        calls = [(u, c) for u, c in calls if c.grads is not None]
+        recorded, calls = calls, [(u, c) for u, c in calls if c.grads is not None]
         group.calls, group.pending = [], []
         self._pass.busy = True
         try:
@@ -367,6 +369,8 @@ class ReferenceMAS:
             self._reduce_per_sample(calls, bufs)
         finally:
             self._pass.busy = False
+            for _, call in recorded:  # the graph outlives this: let the activations go now
+                call.release()
 
     def _reduce_per_sample(self, calls, bufs):
         """Σ_k |Σ_calls ∂_k| (or |Σ_k Σ_calls ∂_k|), over chunks of samples of bounded size."""
@@ -423,45 +427,67 @@ class ReferenceMAS:
 
     def _accumulate_batch(self, args, kwargs, where):
         n = self._check_input(args, where)
-        for _attempt in range(2):
-            bufs = {g: torch.zeros_like(s) for g, s in self._sum.items()}
-            for u in self._units:
-                u.group.calls, u.group.pending = [], []
-            anchor = torch.zeros((), device=bufs[next(iter(bufs))].device, requires_grad=True)
-            state = self._pass = _Pass(n, bufs, anchor)
-            try:
-                if self.mode == "global":
-                    with torch.enable_grad():
-                        out = self._output(self.net(*args, **kwargs), where)
-                        loss = (out.float() if out.element_size() < 4 else out).pow(2).sum()
-                        if loss.requires_grad:
-                            torch.autograd.grad(loss, anchor, allow_unused=True)
+        # With no samples yet in this task, Ω_t's sums are zero: the batch accumulates into them in place
+        # (no second weight-sized buffer) and a failed batch just zeroes them again. Otherwise it fills
+        # buffers of its own, added only once the whole batch is known to be finite.
+        fresh, committed = self._count == 0, False
+        try:
+            for _attempt in range(2):
+                if fresh:
+                    bufs = self._sum
+                    for b in bufs.values():
+                        b.zero_()
                 else:
-                    with torch.no_grad():
-                        self._output(self.net(*args, **kwargs), where)
-                for u in self._units:  # calls whose gradients never arrived contribute zero
-                    if u.group.calls:
-                        self._process(u.group)
-            finally:
-                self._pass = None
-            # A unit that ran more than once was handled call by call (local mode, or a tapped forward):
-            # redo the batch with its calls summed per sample.
-            repeats = [u for u, k in state.calls.items() if k > 1 and not u.repeats
-                       and (self.mode == "local" or "forward" in u.module.__dict__)]
-            if not repeats:
-                break
-            for u in repeats:
-                u.repeats = True
-        # Contributions are sums of |·| (≥ 0): a buffer's sum is finite exactly when all its entries are.
-        finite = torch.isfinite(torch.stack([b.sum() for b in bufs.values()])).tolist()
-        bad = [g for g, ok in zip(bufs, finite) if not ok]
-        if bad:
-            raise FloatingPointError(f"batch {where}: non-finite importance for {bad[:3]} (a NaN or inf gradient); "
-                                     "importance and sample count left as they were before this batch")
-        with _sigint_deferred():
-            for g, b in bufs.items():
-                self._sum[g] += b
-            self._count += n
+                    bufs = {g: torch.zeros_like(s) for g, s in self._sum.items()}
+                self._run_pass(args, kwargs, where, _Pass(n, bufs, torch.zeros(
+                    (), device=next(iter(bufs.values())).device, requires_grad=True)))
+                # A unit that ran more than once was handled call by call (local mode, or a tapped forward):
+                # redo the batch with its calls summed per sample.
+                repeats = [u for u, k in self._last_calls.items() if k > 1 and not u.repeats
+                           and (self.mode == "local" or "forward" in u.module.__dict__)]
+                if not repeats:
+                    break
+                for u in repeats:
+                    u.repeats = True
+            with _sigint_deferred():
+                # Contributions are sums of |·| (≥ 0): a buffer's sum is finite exactly when all its entries are.
+                finite = torch.isfinite(torch.stack([b.sum() for b in bufs.values()])).tolist()
+                bad = [g for g, ok in zip(bufs, finite) if not ok]
+                if bad:
+                    raise FloatingPointError(f"batch {where}: non-finite importance for {bad[:3]} (a NaN or inf "
+                                             "gradient); importance and sample count left as they were before this batch")
+                if not fresh:
+                    for g, b in bufs.items():
+                        self._sum[g] += b
+                self._count += n
+                committed = True
+        except BaseException:
+            if fresh and not committed:
+                for b in self._sum.values():
+                    b.zero_()
+            raise
+
+    def _run_pass(self, args, kwargs, where, state):
+        """One forward (and in g-MAS one backward) of the batch, every unit's contribution into state.bufs."""
+        for u in self._units:
+            u.group.calls, u.group.pending = [], []
+        self._pass = state
+        try:
+            if self.mode == "global":
+                with torch.enable_grad():
+                    out = self._output(self.net(*args, **kwargs), where)
+                    loss = (out.float() if out.element_size() < 4 else out).pow(2).sum()
+                    if loss.requires_grad:
+                        torch.autograd.grad(loss, state.anchor, allow_unused=True)
+            else:
+                with torch.no_grad():
+                    self._output(self.net(*args, **kwargs), where)
+            for u in self._units:  # calls whose gradients never arrived contribute zero
+                if u.group.calls:
+                    self._process(u.group)
+        finally:
+            self._pass = None
+            self._last_calls = state.calls
 
     # ------------------------------------------------------------------ tasks and penalty
     @property

@@ -41,6 +41,10 @@ class Call:
     def g(self):
         return self.grads[0]
 
+    def release(self):
+        """Drops the tensors, once the call's importance is added."""
+        self.args, self.kwargs, self.out, self.grads, self.versions = None, None, None, None, []
+
 
 @dataclass
 class Rule:
@@ -410,6 +414,7 @@ def mha_tapped_forward(module, tap, *args, **kwargs):
     def on_proj(grads, bufs):
         for x, d, wb, bb in zip(inputs, grads, *_mha_bufs(module, bufs)):
             linear_into(wb, bb, x, d, n, True)
+        inputs.clear()  # the graph outlives this closure: let the activations go now
 
     qh, kh, vh = (p.view(n, p.shape[1], h, e // h).transpose(1, 2) for p in tap(proj, on_proj))
     mask = _mha_scores_mask(arg, n, h, length, kh.shape[2])
@@ -425,8 +430,12 @@ def mha_tapped_forward(module, tap, *args, **kwargs):
         ctx = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
     ctx = ctx.transpose(1, 2).reshape(n, length, e)
     out = F.linear(ctx, module.out_proj.weight, module.out_proj.bias)
-    (out,) = tap([out], lambda grads, bufs: linear_into(bufs["out_proj.weight"], bufs.get("out_proj.bias"),
-                                                         ctx.detach(), grads[0], n, True))
+    held = [ctx.detach()]
+
+    def on_out(grads, bufs):
+        linear_into(bufs["out_proj.weight"], bufs.get("out_proj.bias"), held.pop(), grads[0], n, True)
+
+    (out,) = tap([out], on_out)
     return first(out), attn_weights
 
 
