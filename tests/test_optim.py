@@ -57,6 +57,17 @@ def groups(model, lr):
     return [{"params": m[0].parameters()}, {"params": m[2].parameters(), "lr": lr * 0.5}]
 
 
+def step_both(model, fused, ref_model, ref, tbi, task_loss):
+    """One step of the fused optimizer on the task loss, and of torch.optim on task loss + R(θ)."""
+    for m, o, pen in ((model, fused, False), (ref_model, ref, True)):
+        o.zero_grad()
+        loss = task_loss(m)
+        if pen:
+            loss = loss + penalty_loss(m, tbi)
+        loss.backward()
+        o.step()
+
+
 def rel_err(a, b):
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -99,13 +110,7 @@ def run_against_torch(name, kw, steps=10, lr=None, roundtrip_at=5):
             plain.load_state_dict(copy.deepcopy(fused.state_dict()))
             fused = getattr(mopt, name)(groups(model, lr), mas=mas, **kw)
             fused.load_state_dict(copy.deepcopy(plain.state_dict()))
-        for m, o, pen in ((model, fused, False), (ref_model, ref, True)):
-            o.zero_grad()
-            loss = (m(x) - y).pow(2).mean()
-            if pen:
-                loss = loss + penalty_loss(m, tbi)
-            loss.backward()
-            o.step()
+        step_both(model, fused, ref_model, ref, tbi, lambda m: (m(x) - y).pow(2).mean())
     errs = [rel_err(a, b) for a, b in zip(model.parameters(), ref_model.parameters())]
     assert_state_close(fused, ref, 1e-6)
     return max(errs)
@@ -323,13 +328,7 @@ def _penalty_ref_run(name, kw, model_fn, loss_fn, steps=4):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(steps):
-            for m, o, pen in ((model, fused, False), (ref_model, ref, True)):
-                o.zero_grad()
-                loss = loss_fn(m)
-                if pen:
-                    loss = loss + penalty_loss(m, tbi)
-                loss.backward()
-                o.step()
+            step_both(model, fused, ref_model, ref, tbi, loss_fn)
     ours = [w for w in caught if "reference path" in str(w.message)]
     return max(rel_err(a, b) for a, b in zip(model.parameters(), ref_model.parameters())), ours
 
@@ -405,13 +404,7 @@ def test_mixed_layouts_and_dtypes_in_one_group():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no reference-path warning: everything is fused
         for _ in range(5):
-            for m, o, pen in ((model, fused, False), (ref_model, ref, True)):
-                o.zero_grad()
-                loss = m[2](m[1](m[0](x)).double()).pow(2).sum()
-                if pen:
-                    loss = loss + penalty_loss(m, tbi)
-                loss.backward()
-                o.step()
+            step_both(model, fused, ref_model, ref, tbi, lambda m: m[2](m[1](m[0](x)).double()).pow(2).sum())
     for a, b in zip(model.parameters(), ref_model.parameters()):
         assert rel_err(a, b) < 1e-6
 
@@ -426,13 +419,8 @@ def test_tracked_param_without_grad_gets_penalty_gradient():
     ref = torch.optim.Adam(ref_model.parameters(), lr=1e-2)
     x = torch.randn(4, 7)
     for _ in range(3):
-        for m, o, pen in ((model, fused, False), (ref_model, ref, True)):
-            o.zero_grad()
-            loss = m[0](x).pow(2).sum()  # the last layer (params 2, 3) is not in the task loss
-            if pen:
-                loss = loss + penalty_loss(m, tbi)
-            loss.backward()
-            o.step()
+        # the last layer (params 2, 3) is not in the task loss
+        step_both(model, fused, ref_model, ref, tbi, lambda m: m[0](x).pow(2).sum())
     for a, b in zip(model.parameters(), ref_model.parameters()):
         assert rel_err(a, b) < 1e-6
     assert list(model.parameters())[2].grad is None  # untracked and untouched: skipped, as torch does
@@ -566,12 +554,6 @@ def test_with_mas_objects(cls, name, kw):
     fused = getattr(mopt, name)(model.parameters(), mas=mas, **kw)
     ref = getattr(torch.optim, name)(ref_model.parameters(), **kw)
     for _ in range(6):
-        for m, o, pen in ((model, fused, False), (ref_model, ref, True)):
-            o.zero_grad()
-            loss = (m(x) - y).pow(2).mean()
-            if pen:
-                loss = loss + penalty_loss(m, tbi)
-            loss.backward()
-            o.step()
+        step_both(model, fused, ref_model, ref, tbi, lambda m: (m(x) - y).pow(2).mean())
     for a, b in zip(model.parameters(), ref_model.parameters()):
         assert rel_err(a, b) < 1e-6
