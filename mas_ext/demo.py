@@ -161,6 +161,15 @@ def accuracy(model, x, y) -> float:
     return float((model(x).argmax(1) == y).float().mean())
 
 
+def accuracy_row(model, tasks) -> list:
+    """Test accuracy on every task, each through its own head."""
+    row = []
+    for task in tasks:
+        model.active = task["head"]
+        row.append(accuracy(model, task["xte"], task["yte"]))
+    return row
+
+
 def _batches(x, batch_size):
     return [x[i : i + batch_size] for i in range(0, x.shape[0], batch_size)]
 
@@ -198,11 +207,7 @@ def _run_sequence(tasks, model, method, lam, seed, *, epochs, lr, batch_size):
         if mas is not None and t < T - 1:
             mas.accumulate(_batches(task["xtr"], IMPORTANCE_BATCH), show_progress=False)
             mas.consolidate()
-        row = []
-        for s in tasks:
-            model.active = s["head"]
-            row.append(accuracy(model, s["xte"], s["yte"]))
-        acc.append(row)
+        acc.append(accuracy_row(model, tasks))
     return acc
 
 
@@ -356,11 +361,7 @@ def adaptation(setting: str, source: str, seed: int, lam: float = 0.03, n_tasks:
                     xs = xs[~a_tr]
                 mas.accumulate(_batches(xs, IMPORTANCE_BATCH), show_progress=False)
             mas.consolidate()
-        row = []
-        for s in tasks:
-            model.active = s["head"]
-            row.append(accuracy(model, s["xte"], s["yte"]))
-        acc.append(row)
+        acc.append(accuracy_row(model, tasks))
         model.active = t0["head"]
         acc_a.append(accuracy(model, xa, ya))
         acc_b.append(accuracy(model, xb, yb))
