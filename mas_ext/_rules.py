@@ -9,7 +9,8 @@ that output (∂‖f‖²/∂y for g-MAS, y itself for l-MAS). It offers two pat
   at most ``CHUNK_ELEMS`` per-sample gradient elements are held at once.
 - ``fused(module, call, bufs, per_sample)`` (optional): adds the same Σ_k |∂_k| into ``bufs``
   without materialising per-sample gradients (compiled kernels or non-materialising formulas).
-  Returns False where it does not apply, and the reference path runs instead.
+  Returns False where it does not apply, and the reference path runs instead. Which devices have kernels
+  is decided once, by ``FusedMAS._kernels_for``, before any fused rule runs.
 """
 import inspect
 import math
@@ -71,10 +72,6 @@ def linear_grads(module, call, s, e):
     return out
 
 
-def _linear_kernel_ok(x):
-    return _ops.available("linear_importance_") and x.device.type == "cpu"
-
-
 def linear_into(buf_w, buf_b, a, g, n, per_sample):
     """Adds Σ_k |Σ_p g_kp a_kpᵀ| (or |Σ_kp g a ᵀ|) into buf_w/buf_b with the compiled kernel."""
     a, g = a.reshape(n, -1, a.shape[-1]), g.reshape(n, -1, g.shape[-1])
@@ -84,7 +81,7 @@ def linear_into(buf_w, buf_b, a, g, n, per_sample):
 
 
 def linear_fused(module, call, bufs, per_sample):
-    if "weight" not in bufs or not _linear_kernel_ok(call.args[0]):
+    if "weight" not in bufs or not _ops.available("linear_importance_"):
         return False
     linear_into(bufs["weight"], bufs.get("bias"), call.args[0], call.g, call.n, per_sample)
     return True
@@ -136,7 +133,7 @@ def conv_cost(module, call):
 
 def conv_fused(module, call, bufs, per_sample):
     x, g = call.args[0], call.g
-    if "weight" not in bufs or not _ops.available("conv_importance_") or x.device.type != "cpu":
+    if "weight" not in bufs or not _ops.available("conv_importance_"):
         return False
     x, pad = conv_input(module, x)
     if per_sample:
@@ -352,7 +349,7 @@ def _mha_scores_mask(arg, n, h, length, src):
 
 def _mha_supported(module, arg):
     return (module.bias_k is None and not module.add_zero_attn and arg["query"].dim() == 3
-            and _linear_kernel_ok(arg["query"]) and not (arg["is_causal"] and arg["attn_mask"] is None))
+            and _ops.available("linear_importance_") and not (arg["is_causal"] and arg["attn_mask"] is None))
 
 
 def mha_fused(module, call, bufs, per_sample):
