@@ -11,6 +11,7 @@ Contributions go to per-batch buffers, committed only when the whole batch is fi
 """
 import contextlib
 import functools
+from collections.abc import Mapping
 import os
 import signal
 import threading
@@ -48,6 +49,45 @@ def _unwrap(model):
             model = model._orig_mod
         else:
             return model
+
+
+_SAMPLE_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
+
+
+def _sample_tensor(args, kwargs):
+    """The tensor whose dim 0 is the batch: the first positional tensor, else a Hugging Face input by its
+    usual name, else the first keyword tensor."""
+    for t in (*args, *(kwargs.get(k) for k in _SAMPLE_KEYS), *kwargs.values()):
+        if torch.is_tensor(t) and t.dim() > 0:
+            return t
+    return None
+
+
+def _mask_positions(t, mask):
+    """``t`` with the positions where the (n, T) ``mask`` is 0 set to zero, where t's leading dims are (n, T);
+    else t as it is. masked_fill, not a product: a NaN at a padded position stays out."""
+    if mask is None or t.dim() < 2 or t.shape[:2] != mask.shape:
+        return t
+    return t.masked_fill(~mask.bool().view(*mask.shape, *([1] * (t.dim() - 2))), 0)
+
+
+def _expand_broadcast(module, args, kwargs, outs, n):
+    """A call whose first input has size 1 in the batch dim, where the batch has n samples (Hugging Face's
+    (1, T) ``position_ids``), is every sample's own (SPEC §1): that input and the outputs of size 1 there are
+    expanded to n, so each sample's gradient reaches the layer apart. Returns (args, kwargs, outs), outs None
+    where nothing broadcasts."""
+    dim = 1 if getattr(module, "batch_first", True) is False else 0
+    flat, spec = torch.utils._pytree.tree_flatten((args, kwargs))
+    first = next((i for i, t in enumerate(flat) if torch.is_tensor(t)), None)
+    if n == 1 or first is None or flat[first].dim() <= dim or flat[first].shape[dim] != 1:
+        return args, kwargs, None
+
+    def expand(t):
+        return t.expand(*t.shape[:dim], n, *t.shape[dim + 1:]) if t.dim() > dim and t.shape[dim] == 1 else t
+
+    flat[first] = expand(flat[first])
+    args, kwargs = torch.utils._pytree.tree_unflatten(flat, spec)
+    return args, kwargs, [expand(o) for o in outs]
 
 
 @contextlib.contextmanager
@@ -115,10 +155,10 @@ class _Group:
 
 
 class _Pass:
-    """State of the importance pass over one batch."""
+    """State of the importance pass over one batch: ``mask`` is the batch's (n, T) attention_mask, if any."""
 
-    def __init__(self, n, bufs, anchor):
-        self.n, self.bufs, self.anchor = n, bufs, anchor
+    def __init__(self, n, bufs, anchor, mask=None):
+        self.n, self.bufs, self.anchor, self.mask = n, bufs, anchor, mask
         self.calls = {}  # unit -> number of calls in this forward
         self.busy = False  # a rule is running: its own module calls (torch.func) are not recorded
 
@@ -173,7 +213,9 @@ class ReferenceMAS:
 
         def visit(prefix, module):
             rule = _rules.rule_for(module)
-            direct = list(module.named_parameters(recurse=False))
+            # Parameters that are only aliases of a child's (BERT's prediction-head bias) make no unit here.
+            children = {id(p) for c in module.children() for p in c.parameters()}
+            direct = [(k, p) for k, p in module.named_parameters(recurse=False) if id(p) not in children]
             whole = (rule is None and direct) or (rule is not None and rule.owns_children)
             if whole:
                 owned = module.named_parameters(remove_duplicate=False)
@@ -218,7 +260,7 @@ class ReferenceMAS:
         seen = 0
         with self._pass_context():
             for i, batch in enumerate(bar):
-                self._accumulate_batch(self._input(batch, i), {}, i)
+                self._accumulate_batch(*self._input(batch, i), i)
                 seen += 1
         if seen == 0:
             raise ValueError("accumulate() got no data: the iterable of batches is empty")
@@ -227,14 +269,23 @@ class ReferenceMAS:
     @contextlib.contextmanager
     def observe(self):
         """Within this context every forward of the model also adds its inputs' importance
-        (deployment: Ω learns from unlabeled traffic). The model's outputs are unchanged."""
+        (deployment: Ω learns from unlabeled traffic), positional and keyword calls alike (``labels``
+        dropped). The model's outputs are unchanged, and the user's forward never fails because of MAS:
+        a call whose importance cannot be taken is skipped with a warning saying why, Ω and the count
+        unchanged."""
         calls = [0]
 
         def hook(module, args, kwargs, output):
-            if self._pass is None:
+            if self._pass is not None:
+                return
+            where = f"observed #{calls[0]}"
+            calls[0] += 1
+            try:
                 with self._pass_context():
-                    self._accumulate_batch(args, kwargs, f"observed #{calls[0]}")
-                calls[0] += 1
+                    self._accumulate_batch(args, {k: v for k, v in kwargs.items() if k != "labels"}, where)
+            except Exception as e:  # never the user's forward: skip this call, say why
+                warnings.warn(f"{type(self).__name__}.observe(): call {where} skipped ({type(e).__name__}: {e}); "
+                              "importance and sample count unchanged", stacklevel=2)
 
         handle = self.model.register_forward_hook(hook, with_kwargs=True)
         try:
@@ -244,11 +295,16 @@ class ReferenceMAS:
 
     @staticmethod
     def _input(batch, i):
+        """(args, kwargs) of the model call for one batch: a tensor, an (x, y, ...) tuple (labels ignored),
+        or a dict of keyword arguments (``model(**batch)``, ``labels`` dropped)."""
         if torch.is_tensor(batch):
-            return (batch,)
+            return (batch,), {}
         if isinstance(batch, (tuple, list)) and batch and torch.is_tensor(batch[0]):
-            return (batch[0],)
-        raise TypeError(f"batch {i}: expected a tensor or an (x, y, ...) tuple of tensors, got {type(batch).__name__}")
+            return (batch[0],), {}
+        if isinstance(batch, Mapping) and batch:
+            return (), {k: v for k, v in batch.items() if k != "labels"}
+        raise TypeError(f"batch {i}: expected a tensor, an (x, y, ...) tuple of tensors or a dict of model keyword "
+                        f"arguments, got {type(batch).__name__}")
 
     @contextlib.contextmanager
     def _pass_context(self):
@@ -287,19 +343,25 @@ class ReferenceMAS:
             if unit.handled:  # its tapped forward has already seen to this call
                 unit.handled = False
                 return None
-            call = _rules.Call(state.n, args, kwargs, out, versions=self._versions(args))
-            unit.group.calls.append((unit, call))
+            versions = self._versions(args)
             flat, spec = torch.utils._pytree.tree_flatten(out)
             pos = [i for i, t in enumerate(flat) if torch.is_tensor(t) and t.is_floating_point()]
+            args, kwargs, expanded = _expand_broadcast(module, args, kwargs, [flat[i] for i in pos], state.n)
+            if expanded is not None:  # the call's outputs become every sample's own (SPEC §1)
+                for i, t in zip(pos, expanded):
+                    flat[i] = t
+                out = torch.utils._pytree.tree_unflatten(flat, spec)
+            call = _rules.Call(state.n, args, kwargs, out, versions=versions)
+            unit.group.calls.append((unit, call))
             if self.mode == "local":
-                call.grads = tuple(flat[i].detach() for i in pos)
+                call.grads = tuple(_mask_positions(flat[i].detach(), state.mask) for i in pos)
                 if unit.group.simple and not unit.repeats:
                     self._process(unit.group)  # now, before any in-place op changes the output
                 else:
                     call.grads = tuple(g.clone() for g in call.grads)
                 return None
             if not any(flat[i].requires_grad for i in pos):
-                return None
+                return out if expanded is not None else None
 
             def sink(grads):
                 call.grads = grads
@@ -401,21 +463,29 @@ class ReferenceMAS:
     def _kernels_for(self, tensors):
         return False
 
-    def _output(self, out, where):
+    def _output(self, out, where, mask=None):
+        """The tensor whose squared norm is taken (``output_fn``'s pick, else the output itself or its
+        ``logits``), with the positions that ``mask`` marks as padding set to zero."""
         if self.output_fn is not None:
             out = self.output_fn(out)
+        elif not torch.is_tensor(out):
+            logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+            out = logits if torch.is_tensor(logits) else out
         if not torch.is_tensor(out):
-            raise TypeError(f"batch {where}: the model returned {type(out).__name__}, not a tensor; "
-                            "pass output_fn= to pick the tensor whose norm MAS takes")
+            raise TypeError(f"batch {where}: the model returned {type(out).__name__}, not a tensor or an output "
+                            "with a `logits` field; pass output_fn= to pick the tensor whose norm MAS takes")
         if not out.is_floating_point():
             raise TypeError(f"batch {where}: the model output has dtype {out.dtype}; MAS needs a floating tensor")
+        out = _mask_positions(out, mask)
         if not torch.isfinite(out).all():
             raise FloatingPointError(f"batch {where}: the model output is not finite (NaN or inf); "
                                      "importance and sample count left as they were before this batch")
         return out
 
-    def _check_input(self, args, where):
-        x = args[0]
+    def _check_input(self, args, kwargs, where):
+        x = _sample_tensor(args, kwargs)
+        if x is None:
+            raise TypeError(f"batch {where}: no tensor input to take the batch size from")
         if x.dim() == 0 or x.shape[0] == 0:
             raise ValueError(f"batch {where}: empty input of shape {tuple(x.shape)}")
         p = next(iter(self.params.values()))
@@ -426,7 +496,9 @@ class ReferenceMAS:
         return x.shape[0]
 
     def _accumulate_batch(self, args, kwargs, where):
-        n = self._check_input(args, where)
+        n = self._check_input(args, kwargs, where)
+        mask = kwargs.get("attention_mask")
+        mask = mask if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[0] == n else None
         # With no samples yet in this task, Ω_t's sums are zero: the batch accumulates into them in place
         # (no second weight-sized buffer) and a failed batch just zeroes them again. Otherwise it fills
         # buffers of its own, added only once the whole batch is known to be finite.
@@ -440,7 +512,7 @@ class ReferenceMAS:
                 else:
                     bufs = {g: torch.zeros_like(s) for g, s in self._sum.items()}
                 self._run_pass(args, kwargs, where, _Pass(n, bufs, torch.zeros(
-                    (), device=next(iter(bufs.values())).device, requires_grad=True)))
+                    (), device=next(iter(bufs.values())).device, requires_grad=True), mask))
                 # A unit that ran more than once was handled call by call (local mode, or a tapped forward):
                 # redo the batch with its calls summed per sample.
                 repeats = [u for u, k in self._last_calls.items() if k > 1 and not u.repeats
@@ -475,13 +547,13 @@ class ReferenceMAS:
         try:
             if self.mode == "global":
                 with torch.enable_grad():
-                    out = self._output(self.net(*args, **kwargs), where)
+                    out = self._output(self.net(*args, **kwargs), where, state.mask)
                     loss = (out.float() if out.element_size() < 4 else out).pow(2).sum()
                     if loss.requires_grad:
                         torch.autograd.grad(loss, state.anchor, allow_unused=True)
             else:
                 with torch.no_grad():
-                    self._output(self.net(*args, **kwargs), where)
+                    self._output(self.net(*args, **kwargs), where, state.mask)
             for u in self._units:  # calls whose gradients never arrived contribute zero
                 if u.group.calls:
                     self._process(u.group)
