@@ -7,16 +7,16 @@ PYTHON := python
 else
 PYTHON := .venv/bin/python
 endif
-DEPS := numpy pytest tqdm scikit-learn matplotlib ninja setuptools wheel
+DEPS := numpy pytest tqdm scikit-learn matplotlib ninja setuptools wheel transformers
 
-.PHONY: setup build test bench bench-quick peers demo clean
+.PHONY: setup build test bench bench-quick peers demo clean gpu-check
 
 .venv/bin/python:
 	python3 -m venv .venv
 
 setup: $(if $(VIRTUAL_ENV),,.venv/bin/python)
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
-	@$(PYTHON) -c "import numpy, pytest, tqdm, sklearn, matplotlib, ninja" 2>/dev/null || $(PYTHON) -m pip install $(DEPS)
+	@$(PYTHON) -c "import numpy, pytest, tqdm, sklearn, matplotlib, ninja, transformers" 2>/dev/null || $(PYTHON) -m pip install $(DEPS)
 
 build: setup
 	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .
@@ -47,3 +47,10 @@ bench: build peers
 # Tiny sizes, 1 repeat, results in a temp folder (what tests/test_bench_smoke.py runs).
 bench-quick: build peers
 	$(PYTHON) -m benchmarks.bench --quick --device auto
+
+# Everything that needs a GPU, one command on a CUDA machine (python3 there, or the active venv; never the CPU
+# .venv made above): peers from .whl/ when present, the CUDA build (TORCH_CUDA_ARCH_LIST=9.0), pytest -m cuda,
+# compute-sanitizer memcheck + racecheck on `-k small`, the CUDA benchmark; the raw log and results go to
+# benchmarks/results/ and to $$OUT when set. GPU_CHECK_STEPS=build,test runs a subset (see .ci/gpu-check).
+gpu-check:
+	bash .ci/gpu-check

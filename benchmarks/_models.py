@@ -1,4 +1,5 @@
-"""The four benchmark models and their inputs (full sizes and --quick sizes).
+"""The benchmark models and their inputs (full sizes and --quick sizes): four of ours and three Hugging Face
+families (random weights from transformers configs, nothing downloaded).
 
 Every model is built from a seed, so a worker subprocess can rebuild the exact same weights;
 the parent also saves the state_dict and input to the case file, which is what workers load.
@@ -10,7 +11,8 @@ import math
 import torch
 import torch.nn as nn
 
-MODELS = ("mlp", "cnn", "resnet18", "transformer")
+MODELS = ("mlp", "cnn", "resnet18", "transformer", "llama", "gpt2", "bert")
+HF = ("llama", "gpt2", "bert")
 
 # name -> (batch, kwargs) at full size; the CPU run may shrink the batch of the two largest.
 FULL = {
@@ -18,6 +20,9 @@ FULL = {
     "cnn": dict(batch=128, cfg=dict(c1=32, c2=64, hidden=128, hw=28)),
     "resnet18": dict(batch=128, cfg=dict(width=64, hw=32)),
     "transformer": dict(batch=32, cfg=dict(vocab=1000, d_model=256, nhead=8, ff=1024, layers=4, seq=128)),
+    "llama": dict(batch=8, cfg=dict(vocab=2000, hidden=256, layers=4, heads=8, ff=688, seq=64)),
+    "gpt2": dict(batch=8, cfg=dict(vocab=2000, hidden=256, layers=4, heads=8, ff=1024, seq=64)),
+    "bert": dict(batch=8, cfg=dict(vocab=2000, hidden=256, layers=4, heads=8, ff=1024, seq=64)),
 }
 # batches for the two largest models with --shrink-cpu (a busy or slow CPU: the whole run must stay
 # < 30 min on 2 cores; at full batch it took 11 min on a 2-core EPYC)
@@ -27,12 +32,18 @@ QUICK = {
     "cnn": dict(batch=8, cfg=dict(c1=4, c2=8, hidden=16, hw=12)),
     "resnet18": dict(batch=4, cfg=dict(width=4, hw=16)),
     "transformer": dict(batch=4, cfg=dict(vocab=50, d_model=16, nhead=2, ff=32, layers=2, seq=8)),
+    **{m: dict(batch=3, cfg=dict(vocab=50, hidden=16, layers=1, heads=2, ff=32, seq=8)) for m in HF},
 }
 DESCRIPTION = {
     "mlp": "MLP {sizes}",
     "cnn": "CNN 2 conv + 2 linear, {hw}x{hw}x1 input",
     "resnet18": "ResNet-18 (CIFAR, BasicBlocks, BatchNorm), width {width}, {hw}x{hw}x3 input",
     "transformer": "{layers}-layer TransformerEncoder d_model {d_model}, {nhead} heads, ff {ff}, {seq} tokens, vocab {vocab}",
+    "llama": "HF LlamaForCausalLM, tied embeddings, hidden {hidden}, {layers} layers, {heads} heads (2 KV), ff {ff}, "
+             "{seq} tokens, vocab {vocab}",
+    "gpt2": "HF GPT2LMHeadModel (tied), hidden {hidden}, {layers} layers, {heads} heads, {seq} tokens, vocab {vocab}",
+    "bert": "HF BertForMaskedLM (tied), hidden {hidden}, {layers} layers, {heads} heads, ff {ff}, {seq} tokens, "
+            "vocab {vocab}",
 }
 
 
@@ -116,7 +127,40 @@ class TransformerNet(nn.Module):
         return self.head(self.encoder(h))
 
 
+class Logits(nn.Module):
+    """A Hugging Face model called on input_ids, returning its logits tensor (what every method here takes)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).logits
+
+
+def hf_model(name, vocab, hidden, layers, heads, ff, seq):
+    import transformers
+
+    if name == "llama":
+        config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ff,
+                                          num_hidden_layers=layers, num_attention_heads=heads,
+                                          num_key_value_heads=max(1, heads // 4), max_position_embeddings=seq,
+                                          tie_word_embeddings=True)
+        model = transformers.LlamaForCausalLM(config)
+    elif name == "gpt2":
+        config = transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_inner=ff,
+                                         n_positions=seq, bos_token_id=0, eos_token_id=0)
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                         num_attention_heads=heads, intermediate_size=ff, max_position_embeddings=seq)
+        model = transformers.BertForMaskedLM(config)
+    return Logits(model)
+
+
 def build(name, cfg):
+    if name in HF:
+        return hf_model(name, **cfg)
     if name == "mlp":
         return mlp(tuple(cfg["sizes"]))
     if name == "cnn":
@@ -136,7 +180,7 @@ def make_input(name, cfg, batch, seed=1):
         return torch.randn(batch, 1, cfg["hw"], cfg["hw"], generator=g)
     if name == "resnet18":
         return torch.randn(batch, 3, cfg["hw"], cfg["hw"], generator=g)
-    if name == "transformer":
+    if name == "transformer" or name in HF:
         return torch.randint(0, cfg["vocab"], (batch, cfg["seq"]), generator=g)
     raise ValueError(f"unknown model {name!r}")
 

@@ -5,10 +5,12 @@
   backward pass, the penalty fused into the optimizer step).
 - :mod:`mas_ext.optim`: SGD, Adam and AdamW taking ``mas=`` to apply the penalty in their step.
 - :func:`backend`: which path runs here, and why.
+- :func:`register_rule`, :class:`Rule`, :class:`Call`: give a custom layer its own fused rule.
 """
 from . import optim
 from ._core import FusedMAS, ReferenceMAS, backend
+from ._rules import Call, Rule, register_rule
 
 __version__ = "0.1.0"
-__all__ = ["ReferenceMAS", "FusedMAS", "backend", "optim"]
+__all__ = ["ReferenceMAS", "FusedMAS", "backend", "optim", "register_rule", "Rule", "Call"]
 

@@ -1,7 +1,7 @@
 """ReferenceMAS and FusedMAS: the exact per-sample MAS importance, consolidation and penalty.
 
 How the importance pass works (both classes): every module with tracked parameters is a
-*unit* with a rule from ``_rules.RULES`` (or the generic torch.func rule). A forward hook
+*unit* with a rule from the table in ``_rules`` (or the generic torch.func rule). A forward hook
 records each call's inputs. In global mode the unit's output passes through ``_Tap``, an
 identity autograd node whose backward receives ∂‖f‖²/∂y; one ``torch.autograd.grad`` towards
 a dummy anchor runs every tap's backward but no weight-gradient GEMM and no ``.grad``. In
@@ -34,8 +34,17 @@ def backend():
         return f"reference (compiled kernels unavailable: {_ops.error})"
     cpu = f"cpu (C++ kernels, OpenMP, {torch.get_num_threads()} threads)"
     if torch.cuda.is_available():
-        return f"{cpu}; CUDA tensors take the reference path: no CUDA kernels in this build"
+        if not _cuda_ops_built():
+            return f"{cpu}; CUDA tensors take the reference path: no CUDA kernels in this build"
+        if not _ops.cuda_kernels_enabled():
+            return (f"{cpu}; CUDA tensors take the reference path: the CUDA kernels are built but not yet verified "
+                    "on a GPU (MAS_EXT_CUDA_KERNELS=1 opts in, for testing)")
+        return f"cuda (CUDA kernels, opted in by MAS_EXT_CUDA_KERNELS=1); {cpu}"
     return cpu
+
+
+def _cuda_ops_built():
+    return _ops.error is None and torch._C._dispatch_has_kernel_for_dispatch_key("mas_ext::linear_importance_", "CUDA")
 
 
 def _unwrap(model):
@@ -428,6 +437,9 @@ class ReferenceMAS:
                 if (self._fused and unit.rule.fused is not None and self._kernels_for(call.args)
                         and unit.rule.fused(unit.module, call, local, self.per_sample)):
                     return
+            elif (self._fused and self._kernels_for([c.args for _, c in calls])
+                  and _rules.tied_fused(calls, bufs, self.per_sample)):
+                return
             self._reduce_per_sample(calls, bufs)
         finally:
             self._pass.busy = False
@@ -763,8 +775,10 @@ class FusedMAS(ReferenceMAS):
             why = f"compiled kernels unavailable ({_ops.error})"
         else:
             devices = {t.device.type for t in torch.utils._pytree.tree_flatten(tensors)[0] if torch.is_tensor(t)}
-            if devices - {"cpu"}:
-                why = f"no kernels for device(s) {sorted(devices - {'cpu'})} in this build"
+            # CUDA tensors reach the CUDA kernels only once they are verified on a GPU (the one switch in _ops).
+            kernels = {"cpu", "cuda"} if _cuda_ops_built() and _ops.cuda_kernels_enabled() else {"cpu"}
+            if devices - kernels:
+                why = f"no enabled kernels for device(s) {sorted(devices - kernels)} in this build"
         if why is None:
             return True
         if why not in self._warned:

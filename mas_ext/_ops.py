@@ -3,6 +3,8 @@
 Importing this module never fails: where the extension is not built, `error` says why
 and every caller takes the pure-PyTorch reference path.
 """
+import os
+
 import torch
 
 try:
@@ -18,6 +20,15 @@ def available(name):
     return error is None and hasattr(torch.ops.mas_ext, name)
 
 
+def cuda_kernels_enabled():
+    """Whether CUDA tensors may take the compiled CUDA kernels (where a build registers them).
+
+    No CUDA kernel path runs before it passed on a GPU: until the first green ``make gpu-check``
+    this is a test-only opt-in, True only with the environment variable MAS_EXT_CUDA_KERNELS=1;
+    otherwise CUDA tensors take the reference path. The one switch every caller consults."""
+    return os.environ.get("MAS_EXT_CUDA_KERNELS", "").strip() == "1"
+
+
 if error is None:
     # Every op only mutates its inputs (accumulators, gradients, parameters, optimizer state) and returns
     # nothing: the fake kernels do nothing.
@@ -27,6 +38,10 @@ if error is None:
 
     @torch.library.register_fake("mas_ext::conv_importance_")
     def _conv_importance_fake(omega_w, omega_b, input, grad_out, kernel_size, stride, padding, dilation, groups):
+        return None
+
+    @torch.library.register_fake("mas_ext::tied_embedding_importance_")
+    def _tied_embedding_importance_fake(omega, input, grad_out, indices, rows):
         return None
 
     @torch.library.register_fake("mas_ext::add_penalty_grad_")

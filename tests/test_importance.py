@@ -415,3 +415,98 @@ def test_conv_op_at_realistic_size_with_threads():
         assert torch.allclose(w, want, rtol=1e-4, atol=1e-4)
     finally:
         torch.set_num_threads(threads)
+
+
+def _tied_args(n, p, q, v, d, dtype):
+    idx = torch.randint(0, v, (n, q))
+    idx[0, 0] = -1  # skipped
+    return (torch.zeros(v, d), torch.randn(n, p, d, dtype=dtype), torch.randn(n, p, v, dtype=dtype), idx,
+            torch.randn(n, q, d, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(5, 7, 7, 11, 3), (1, 1, 4, 6, 2), (3, 2, 9, 4, 5)])
+def test_tied_op_against_per_sample_sum(shape, dtype):
+    om, a, g, idx, rows = _tied_args(*shape, dtype)
+    om += torch.rand_like(om)  # the op adds to what is there
+    before = om.clone()
+    torch.ops.mas_ext.tied_embedding_importance_(om, a, g, idx, rows)
+    want = torch.zeros_like(om, dtype=torch.float64)
+    for k in range(shape[0]):
+        per = g[k].double().t() @ a[k].double()
+        for q in range(shape[2]):
+            if idx[k, q] >= 0:
+                per[idx[k, q]] += rows[k, q].double()
+        want += per.abs()
+    assert torch.allclose((om - before).double(), want, rtol=1e-4, atol=1e-4)
+    torch.library.opcheck(torch.ops.mas_ext.tied_embedding_importance_.default, _tied_args(*shape, dtype))
+    with pytest.raises(RuntimeError, match="index is >= V"):
+        torch.ops.mas_ext.tied_embedding_importance_(om, a, g, torch.full_like(idx, shape[3]), rows)
+
+
+class _Tied(nn.Module):
+    """Token embedding shared with the output Linear (with its own bias), padding_idx, a norm between."""
+
+    def __init__(self, v=13, d=6, **emb):
+        super().__init__()
+        self.emb, self.norm, self.head = nn.Embedding(v, d, **emb), nn.RMSNorm(d), nn.Linear(d, v)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.norm(self.emb(ids))))
+
+
+@pytest.mark.parametrize("emb", [{}, {"padding_idx": 0}, {"scale_grad_by_freq": True}], ids=str)
+@pytest.mark.parametrize("mode,per_sample", [("global", True), ("local", True), ("global", False)])
+def test_tied_embedding_and_rmsnorm_fused_equal_the_definition(mode, per_sample, emb):
+    if emb.get("scale_grad_by_freq") and not per_sample:
+        pytest.skip("per_sample=False: frequencies within a sample (Σ of per-sample gradients) or within the batch "
+                    "(the batch gradient) differ; SPEC leaves it open")
+    torch.manual_seed(0)
+    model = _Tied(**emb).eval()
+    x = torch.randint(0, 13, (6, 5))
+    want = oracle(model, x, mode=mode, per_sample=per_sample, batch=4)
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        mas = cls(model, mode=mode, per_sample=per_sample, show_progress=False)
+        mas.accumulate([x[:4], x[4:]])
+        assert_close(mas.task_importance, want, tol=1e-5)
+
+
+class Scale(nn.Module):
+    """y = x * scale: a layer of the user's own."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def test_register_rule_gives_a_custom_layer_a_fused_rule(monkeypatch):
+    def scale_grads(module, call, start, end):
+        x, g = call.args[0][start:end].float(), call.g[start:end].float()
+        return {"scale": (g * x).reshape(end - start, -1, x.shape[-1]).sum(1)}
+
+    fused_calls = []
+
+    def scale_fused(module, call, bufs, per_sample):
+        ps = (call.g.float() * call.args[0].float()).reshape(call.n, -1, call.g.shape[-1]).sum(1)
+        bufs["scale"] += ps.abs().sum(0) if per_sample else ps.sum(0).abs()
+        fused_calls.append(call.n)
+        return True
+
+    monkeypatch.setattr(mas_ext._rules.base, "_TABLE", list(mas_ext._rules.base._TABLE))  # undone after the test
+    mas_ext.register_rule(Scale, mas_ext.Rule(scale_grads, scale_fused))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), Scale(5), nn.Tanh(), nn.Linear(5, 3)).eval()
+    x = torch.randn(7, 3, 4)
+    mas = mas_ext.FusedMAS(model, show_progress=False)
+    assert mas._units[1].rule.fused is scale_fused
+    mas.accumulate([x[:4], x[4:]])
+    assert fused_calls == [4, 3]
+    assert_close(mas.task_importance, oracle(model, x), tol=1e-5)
+    ref = mas_ext.ReferenceMAS(model, show_progress=False).accumulate([x])
+    assert_close(ref.task_importance, oracle(model, x), tol=1e-5)
+    with pytest.raises(TypeError, match="mas_ext.Rule"):
+        mas_ext.register_rule(Scale, scale_fused)

@@ -98,6 +98,55 @@ void linear_importance_cpu(at::Tensor& omega_w, const std::optional<at::Tensor>&
   if (omega_b) acc_b.reduce_into(*omega_b);
 }
 
+// An Embedding whose weight is also the output Linear's (tied embeddings): sample k's gradient of the shared
+// (V, D) matrix is its Linear part Σ_p g_kp a_kpᵀ plus its embedding rows scattered to their indices, and
+// |·| wraps the sum. input (N, P, D), grad_out (N, P, V), indices (N, Q) int64 (negative: skipped),
+// rows (N, Q, D): omega (V, D) += Σ_k |Σ_p g_kp a_kpᵀ + Σ_q onehot(indices_kq) rows_kqᵀ|. As in
+// linear_importance_, each thread holds one (V, D) gradient and one accumulator, never N of them.
+void tied_embedding_importance_cpu(at::Tensor& omega, const at::Tensor& input, const at::Tensor& grad_out,
+                                   const at::Tensor& indices, const at::Tensor& rows) {
+  check_activation(input, "input");
+  check_activation(grad_out, "grad_out");
+  check_activation(rows, "rows");
+  TORCH_CHECK(input.dim() == 3 && grad_out.dim() == 3 && rows.dim() == 3 && indices.dim() == 2,
+              "tied_embedding_importance_: expected input (N, P, D), grad_out (N, P, V), indices (N, Q), rows (N, Q, D); got ",
+              input.sizes(), ", ", grad_out.sizes(), ", ", indices.sizes(), ", ", rows.sizes());
+  const int64_t N = input.size(0), P = input.size(1), D = input.size(2), V = grad_out.size(2), Q = indices.size(1);
+  TORCH_CHECK(grad_out.size(0) == N && grad_out.size(1) == P, "tied_embedding_importance_: input ", input.sizes(),
+              " and grad_out ", grad_out.sizes(), " disagree on (N, P)");
+  TORCH_CHECK(indices.size(0) == N && rows.size(0) == N && rows.size(1) == Q && rows.size(2) == D,
+              "tied_embedding_importance_: indices ", indices.sizes(), " and rows ", rows.sizes(),
+              " do not match N = ", N, ", D = ", D);
+  TORCH_CHECK(indices.scalar_type() == at::kLong && indices.device().is_cpu(), "indices must be a CPU int64 tensor");
+  check_accumulator(omega, "weight", {V, D});
+  if (N == 0) return;
+  auto a = input.detach().to(at::kFloat).contiguous();
+  auto g = grad_out.detach().to(at::kFloat).contiguous();
+  auto r = rows.detach().to(at::kFloat).contiguous();
+  auto idx = indices.contiguous();
+  TORCH_CHECK(Q == 0 || idx.max().item<int64_t>() < V, "tied_embedding_importance_: an index is >= V = ", V);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const float* rp = r.data_ptr<float>();
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), N);
+  ThreadAccumulators acc(V * D, threads);
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    auto tmp = at::empty({V, D}, a.options());
+    float* t = tmp.data_ptr<float>();
+    for (int64_t k = begin; k < end; ++k) {
+      at::mm_out(tmp, g[k].t(), a[k]);
+      for (int64_t q = 0; q < Q; ++q) {
+        const int64_t v = ip[k * Q + q];
+        if (v < 0) continue;
+        const float* src = rp + (k * Q + q) * D;
+        float* dst = t + v * D;
+        for (int64_t j = 0; j < D; ++j) dst[j] += src[j];
+      }
+      abs_accumulate(acc.get(), t, V * D);
+    }
+  });
+  acc.reduce_into(omega);
+}
+
 // im2col of one sample, any of 1-3 spatial dims expressed as 3-D (missing dims have size 1).
 // x: (C, D, H, W) -> cols: (C * kd * kh * kw, oD * oH * oW).
 struct ConvGeom {
@@ -205,11 +254,15 @@ TORCH_LIBRARY_FRAGMENT(mas_ext, m) {
   m.def(
       "conv_importance_(Tensor(a!) omega_w, Tensor(b!)? omega_b, Tensor input, Tensor grad_out, int[] kernel_size, "
       "int[] stride, int[] padding, int[] dilation, int groups) -> ()");
+  m.def(
+      "tied_embedding_importance_(Tensor(a!) omega, Tensor input, Tensor grad_out, Tensor indices, Tensor rows) "
+      "-> ()");
 }
 
 TORCH_LIBRARY_IMPL(mas_ext, CPU, m) {
   m.impl("linear_importance_", &linear_importance_cpu);
   m.impl("conv_importance_", &conv_importance_cpu);
+  m.impl("tied_embedding_importance_", &tied_embedding_importance_cpu);
 }
 
 }  // namespace mas_ext

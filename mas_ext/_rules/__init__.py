@@ -1,0 +1,39 @@
+"""The per-layer importance rules, one file per layer family, and the table that maps modules to them.
+
+=====================  ==============  =========================================================
+module                 file            fused path
+=====================  ==============  =========================================================
+nn.Linear, Conv1D      linear.py       linear_importance_ (abs-GEMM / per-sample GEMM + |·|)
+nn.Conv1d/2d/3d        conv.py         conv_importance_ (per-sample im2col + GEMM + |·|)
+nn.Embedding, tied     embedding.py    per-(sample, index) rows; tied_embedding_importance_
+norms (incl. RMSNorm)  norm.py         per-sample N×C gradients, whole
+MultiheadAttention     attention.py    its projections through linear_importance_
+anything else          generic.py      none: torch.func vmap(vjp) over that module
+=====================  ==============  =========================================================
+
+Every built-in rule enters the table through :func:`register_rule`, the same public call a user makes
+for a custom layer (see :mod:`.base` for the interface).
+"""
+import torch.nn as nn
+
+from .attention import mha_fused, mha_tapped_forward
+from .base import CHUNK_ELEMS, Call, Rule, register_rule, rule_for
+from .conv import conv_cost, conv_fused, conv_grads, unfold_nd
+from .embedding import embedding_fused, embedding_grads, tied_fused
+from .generic import GENERIC, generic_grads
+from .linear import conv1d_fused, conv1d_grads, is_hf_conv1d, linear_fused, linear_grads, linear_into
+from .norm import is_hf_rmsnorm, norm_fused, norm_grads
+
+__all__ = ["CHUNK_ELEMS", "Call", "Rule", "GENERIC", "register_rule", "rule_for", "generic_grads", "tied_fused",
+           "linear_into", "unfold_nd"]
+
+register_rule(nn.Linear, Rule(linear_grads, linear_fused))
+register_rule(is_hf_conv1d, Rule(conv1d_grads, conv1d_fused))
+for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_rule(_conv, Rule(conv_grads, conv_fused, conv_cost))
+register_rule(nn.Embedding, Rule(embedding_grads, embedding_fused, lambda m, c: m.weight.numel()))
+for _norm in (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.RMSNorm):
+    register_rule(_norm, Rule(norm_grads, norm_fused))
+register_rule(is_hf_rmsnorm, Rule(norm_grads, norm_fused))
+register_rule(nn.MultiheadAttention, Rule(generic_grads, mha_fused, owns_children=True,
+                                          tapped_forward=mha_tapped_forward))

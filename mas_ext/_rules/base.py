@@ -1,0 +1,104 @@
+"""The rule interface (Call, Rule), the table and its one way in, :func:`register_rule`.
+
+Per-layer rules for the exact per-sample importance, one table for every module type.
+
+A rule sees one call of a module: its inputs, its output and the gradient ``g`` arriving at
+that output (∂‖f‖²/∂y for g-MAS, y itself for l-MAS). It offers two paths:
+
+- ``grads(module, call, start, end)``: the per-sample parameter gradients of samples
+  ``start:end`` as ``{param_name: (end - start, *shape)}`` in float32. Pure PyTorch and
+  plainly the definition; the reference path sums ``|·|`` of these over chunks of samples, so
+  at most ``CHUNK_ELEMS`` per-sample gradient elements are held at once.
+- ``fused(module, call, bufs, per_sample)`` (optional): adds the same Σ_k |∂_k| into ``bufs``
+  without materialising per-sample gradients (compiled kernels or non-materialising formulas).
+  Returns False where it does not apply, and the reference path runs instead. Which devices have kernels
+  is decided once, by ``FusedMAS._kernels_for``, before any fused rule runs.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch.nn as nn
+
+
+CHUNK_ELEMS = 1 << 24  # per-sample gradient elements (64 MiB of float32) the reference path holds at once
+
+
+@dataclass
+class Call:
+    """One call of a tracked module within a batch of ``n`` samples."""
+
+    n: int
+    args: tuple
+    kwargs: dict
+    out: object = None
+    grads: Optional[tuple] = None  # gradients at the floating outputs, in tree_flatten order
+    versions: list = field(default_factory=list)
+
+    @property
+    def g(self):
+        return self.grads[0]
+
+    def release(self):
+        """Drops the tensors, once the call's importance is added."""
+        self.args, self.kwargs, self.out, self.grads, self.versions = None, None, None, None, []
+
+
+@dataclass
+class Rule:
+    """How one module type's parameters get their exact per-sample importance (see the module docstring).
+
+    ``grads`` is required (the reference path); ``fused`` is optional (FusedMAS's path, which must give the
+    same Σ_k |∂_k|). ``cost(module, call)`` bounds the per-sample gradient elements ``grads`` makes per
+    sample (the reference path sizes its chunks by it)."""
+
+    grads: Callable
+    fused: Optional[Callable] = None
+    cost: Callable = lambda module, call: max(p.numel() for p in module.parameters())  # per-sample elements
+    owns_children: bool = False  # the module's forward uses its submodules' parameters directly
+    tapped_forward: Optional[Callable] = None  # g-MAS per sample: a forward that taps its own internals
+
+
+
+_TABLE = []  # (what it was registered for, matcher, rule): the newest registration first
+
+
+def register_rule(module_type, rule):
+    """Gives every module of ``module_type`` the importance rule ``rule`` (a :class:`Rule`), for ReferenceMAS
+    and FusedMAS alike; the built-in table is registered the same way, and a later registration wins.
+
+    ``module_type`` is an ``nn.Module`` subclass (matched by isinstance, as long as the module's forward is
+    that class's own: a subclass that overrides forward computes something else) or a predicate
+    ``module -> bool`` (to recognise classes of packages that need not be installed, by name).
+
+    Example, a layer ``y = x * scale`` with a per-feature parameter::
+
+        def scale_grads(module, call, start, end):        # per-sample gradients, the reference path
+            x, g = call.args[0][start:end].float(), call.g[start:end].float()
+            return {"scale": (g * x).reshape(end - start, -1, x.shape[-1]).sum(1)}
+
+        def scale_fused(module, call, bufs, per_sample):  # Σ_k |∂_k| straight into bufs
+            ps = (call.g.float() * call.args[0].float()).reshape(call.n, -1, call.g.shape[-1]).sum(1)
+            bufs["scale"] += ps.abs().sum(0) if per_sample else ps.sum(0).abs()
+            return True
+
+        mas_ext.register_rule(Scale, mas_ext.Rule(scale_grads, scale_fused))
+    """
+    if not isinstance(rule, Rule):
+        raise TypeError(f"register_rule: rule must be a mas_ext.Rule, got {type(rule).__name__}")
+    if isinstance(module_type, type):
+        if not issubclass(module_type, nn.Module):
+            raise TypeError(f"register_rule: {module_type.__name__} is not an nn.Module subclass")
+
+        def match(module, cls=module_type):
+            return isinstance(module, cls) and type(module).forward is cls.forward
+    elif callable(module_type):
+        match = module_type
+    else:
+        raise TypeError("register_rule: module_type must be an nn.Module subclass or a predicate module -> bool, "
+                        f"got {type(module_type).__name__}")
+    _TABLE.insert(0, (module_type, match, rule))
+
+
+def rule_for(module):
+    """The rule registered for this module, or None (the generic torch.func rule then applies)."""
+    return next((rule for _, match, rule in _TABLE if match(module)), None)

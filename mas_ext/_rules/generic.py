@@ -1,0 +1,84 @@
+"""Any other module with parameters: exact per-sample gradients by torch.func over that module alone."""
+import inspect
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .base import Rule
+
+
+def _batch_dim(t, n, preferred):
+    if not torch.is_tensor(t):
+        return None
+    if t.dim() > preferred and t.shape[preferred] == n:
+        return preferred
+    return next((i for i, size in enumerate(t.shape) if size == n), None)
+
+
+def _output_batch_dim(full, one, n):
+    """The dim along which an output has the batch: size n in the batch's output, 1 in one sample's."""
+    if not torch.is_tensor(one) or full.dim() != one.dim():
+        return None
+    dims = [i for i in range(full.dim()) if full.shape[i] == n and one.shape[i] == 1
+            and full.shape[:i] + full.shape[i + 1:] == one.shape[:i] + one.shape[i + 1:]]
+    return dims[0] if dims else None
+
+
+# Arguments that hold no per-sample dim even where a size happens to equal the batch size.
+_SHARED_ARGUMENTS = {nn.MultiheadAttention: ("attn_mask",)}
+
+
+def generic_grads(module, call, s, e, names=None):
+    """Per-sample gradients of the module's own parameters (recursively), by torch.func over that module only.
+
+    Inputs carry the batch in dim 0 (dim 1 for modules with ``batch_first=False``), else in their first
+    dim of the batch's size; tensors without one are shared by all samples. Each output's batch dim is
+    found by running the module on one sample: the dim that shrinks from n to 1.
+    """
+    n = call.n
+    preferred = 1 if getattr(module, "batch_first", True) is False else 0
+    args, kwargs = call.args, call.kwargs
+    shared = _SHARED_ARGUMENTS.get(type(module), ())
+    if shared:  # name every argument, so that those never indexed by sample are known
+        bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs).arguments
+        args, kwargs = (), {k: v for k, v in bound.items() if k != "self"}
+    flat_in, spec_in = tree_flatten((args, kwargs))
+    in_dims = [_batch_dim(t, n, preferred) for t in flat_in]
+    for name in shared:
+        if kwargs.get(name) is not None:
+            at = next(i for i, t in enumerate(flat_in) if t is kwargs[name])
+            in_dims[at] = None
+    flat_out, _ = tree_flatten(call.out)
+    out_pos = [i for i, t in enumerate(flat_out) if torch.is_tensor(t) and t.is_floating_point()]
+    with torch.no_grad():
+        first = [t.narrow(d, 0, 1) if d is not None else t for t, d in zip(flat_in, in_dims)]
+        args, kwargs = tree_unflatten(first, spec_in)
+        probe = tree_flatten(module(*args, **kwargs))[0]
+    out_dims = [_output_batch_dim(flat_out[i], probe[i], n) for i in out_pos]
+    params = dict(module.named_parameters())
+    tracked = {k: v.detach() for k, v in params.items() if names is None or k in names}
+    frozen = {k: v.detach() for k, v in params.items() if k not in tracked}
+    frozen.update(dict(module.named_buffers()))
+
+    def outputs(theta, *inputs_k):
+        inputs = [x.unsqueeze(d) if d is not None else x for x, d in zip(inputs_k, in_dims)]
+        args, kwargs = tree_unflatten(inputs, spec_in)
+        out = tree_flatten(torch.func.functional_call(module, {**theta, **frozen}, tuple(args), kwargs))[0]
+        return tuple(out[i].squeeze(d) if d is not None else out[i] for i, d in zip(out_pos, out_dims))
+
+    def one_sample(inputs_k, grads_k):
+        _, vjp = torch.func.vjp(lambda theta: outputs(theta, *inputs_k), tracked)
+        return vjp(tuple(grads_k))[0]
+
+    def rows(t, d):
+        return t.narrow(d, s, e - s) if d is not None else t
+
+    inputs = tuple(rows(t, d) for t, d in zip(flat_in, in_dims))
+    grads = tuple(rows(g if g is not None else torch.zeros_like(flat_out[i]), d)
+                  for g, i, d in zip(call.grads, out_pos, out_dims))
+    per_sample = torch.func.vmap(one_sample, in_dims=(tuple(in_dims), tuple(out_dims)))(inputs, grads)
+    return {k: v.float() for k, v in per_sample.items()}
+
+
+GENERIC = Rule(generic_grads)  # any module the table has no rule for

@@ -1,0 +1,83 @@
+"""nn.Linear: Σ_k |Σ_p g_kp a_kpᵀ| by the compiled linear_importance_ op, or per-sample bmm; and GPT-2's
+``Conv1D`` (transformers.pytorch_utils), a Linear whose weight is stored transposed, (in, out)."""
+import warnings
+
+import torch
+
+from .. import _ops
+from .generic import generic_grads
+
+
+def _linear_operands(module, call):
+    """(n, positions, features) views of input and gradient: leading dims are batch-major."""
+    a, g = call.args[0], call.g
+    return a.reshape(call.n, -1, a.shape[-1]), g.reshape(call.n, -1, g.shape[-1])
+
+
+def linear_grads(module, call, s, e):
+    a, g = _linear_operands(module, call)
+    a, g = a[s:e].float(), g[s:e].float()
+    out = {"weight": torch.bmm(g.transpose(1, 2), a)}
+    if module.bias is not None:
+        out["bias"] = g.sum(1)
+    return out
+
+
+def linear_into(buf_w, buf_b, a, g, n, per_sample):
+    """Adds Σ_k |Σ_p g_kp a_kpᵀ| (or |Σ_kp g a ᵀ|) into buf_w/buf_b with the compiled kernel."""
+    a, g = a.reshape(n, -1, a.shape[-1]), g.reshape(n, -1, g.shape[-1])
+    if not per_sample:  # the whole batch as one sample: |Σ_k ∂_k|
+        a, g = a.reshape(1, -1, a.shape[-1]), g.reshape(1, -1, g.shape[-1])
+    torch.ops.mas_ext.linear_importance_(buf_w, buf_b, a.contiguous(), g.contiguous())
+
+
+def linear_fused(module, call, bufs, per_sample):
+    if "weight" not in bufs or not _ops.available("linear_importance_"):
+        return False
+    linear_into(bufs["weight"], bufs.get("bias"), call.args[0], call.g, call.n, per_sample)
+    return True
+
+
+def is_hf_conv1d(module):
+    """GPT-2's Conv1D, recognised by name without importing transformers: ``y = x @ weight + bias``,
+    weight (in, nf)."""
+    w = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(w, torch.nn.Parameter) and w.dim() == 2
+            and w.shape[1] == getattr(module, "nf", None))
+
+
+def _conv1d_matches(module, call):
+    """Whether the call's output is x @ weight + bias on its first row (a same-named class may differ)."""
+    x = call.args[0].detach().reshape(-1, module.weight.shape[0])[:1].float()
+    y = call.out.detach().reshape(-1, module.nf)[:1].float()
+    want = x @ module.weight.detach().float()
+    if module.bias is not None:
+        want = want + module.bias.detach().float()
+    if torch.allclose(want, y, rtol=2e-2, atol=2e-2 * want.abs().max().item() + 1e-6):
+        return True
+    warnings.warn(f"{type(module).__name__} does not compute x @ weight + bias: its importance takes the generic "
+                  "torch.func path", stacklevel=2)
+    return False
+
+
+def conv1d_grads(module, call, s, e):
+    if not _conv1d_matches(module, call):
+        return generic_grads(module, call, s, e)
+    a, g = _linear_operands(module, call)
+    a, g = a[s:e].float(), g[s:e].float()
+    out = {"weight": torch.bmm(a.transpose(1, 2), g)}
+    if module.bias is not None:
+        out["bias"] = g.sum(1)
+    return out
+
+
+def conv1d_fused(module, call, bufs, per_sample):
+    """The Linear kernel with the roles of input and gradient swapped gives the (in, out) weight layout."""
+    if "weight" not in bufs or not _ops.available("linear_importance_") or not _conv1d_matches(module, call):
+        return False
+    a, g = _linear_operands(module, call)
+    linear_into(bufs["weight"], None, g, a, call.n, per_sample)
+    if "bias" in bufs:
+        gs = g.float().sum(1)
+        bufs["bias"] += gs.abs().sum(0) if per_sample else gs.sum(0).abs()
+    return True

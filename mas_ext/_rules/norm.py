@@ -1,0 +1,90 @@
+"""The affine parameters of LayerNorm/GroupNorm/BatchNorm/RMSNorm: per-sample gradients are only N×C.
+
+The RMSNorm classes of the Hugging Face decoder families (LlamaRMSNorm, Qwen2RMSNorm, MistralRMSNorm, …:
+``weight * x / sqrt(mean(x²) + eps)`` over the last dim, Gemma's ``(1 + weight) * …`` alike) are
+recognised by name, without importing transformers, and each call is checked against that formula on
+one row: a class that computes something else takes the generic path."""
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .generic import generic_grads
+
+
+def is_hf_rmsnorm(module):
+    """A Hugging Face-style RMSNorm: a class named ``*RMSNorm`` with one 1-D ``weight`` and an epsilon."""
+    w = getattr(module, "weight", None)
+    return (type(module).__name__.endswith("RMSNorm") and not isinstance(module, nn.RMSNorm)
+            and isinstance(w, nn.Parameter) and w.dim() == 1 and _hf_eps(module) is not None
+            and [k for k, _ in module.named_parameters()] == ["weight"])
+
+
+def _hf_eps(module):
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    return float(eps) if isinstance(eps, (int, float)) else None
+
+
+def _rms(x, eps):
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+_mismatched = set()  # HF-style RMSNorm classes whose output was not the formula (warned once each)
+
+
+def _hf_rmsnorm_matches(module, call):
+    """Whether the call's output is weight·x̂ or (1 + weight)·x̂ on its first row (the formula the rule uses)."""
+    x = call.args[0].detach().reshape(-1, call.args[0].shape[-1])[:1]
+    y = call.out.detach().reshape(-1, call.out.shape[-1])[:1].float()
+    xhat, w = _rms(x, _hf_eps(module)), module.weight.detach().float()
+    tol = dict(rtol=2e-2, atol=2e-2 * y.abs().max().item() + 1e-6)  # bfloat16 outputs round to 3 digits
+    if torch.allclose(w * xhat, y, **tol) or torch.allclose((1 + w) * xhat, y, **tol):
+        return True
+    if type(module) not in _mismatched:
+        _mismatched.add(type(module))
+        warnings.warn(f"{type(module).__name__} does not compute weight * x / rms(x): its importance takes the "
+                      "generic torch.func path", stacklevel=2)
+    return False
+
+
+def _normalised(module, x):
+    if isinstance(module, nn.RMSNorm):
+        return F.rms_norm(x, module.normalized_shape, eps=module.eps)
+    if is_hf_rmsnorm(module):
+        return _rms(x, _hf_eps(module))
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, eps=module.eps)
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(x, module.num_groups, eps=module.eps)
+    if module.running_mean is not None and not module.training:
+        return F.batch_norm(x, module.running_mean.float(), module.running_var.float(), eps=module.eps)
+    return F.batch_norm(x, None, None, training=True, eps=module.eps)  # no running stats: batch statistics
+
+
+def norm_grads(module, call, s, e):
+    if is_hf_rmsnorm(module) and not _hf_rmsnorm_matches(module, call):
+        return generic_grads(module, call, s, e)
+    x, g = call.args[0][s:e].float(), call.g[s:e].float()
+    m = e - s
+    xhat = _normalised(module, x)
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or is_hf_rmsnorm(module):
+        # affine over the trailing normalized_shape, positions before it
+        shape = (m, -1, *(module.weight.shape if is_hf_rmsnorm(module) else module.normalized_shape))
+        out = {"weight": (g * xhat).reshape(shape).sum(1), "bias": g.reshape(shape).sum(1)}
+    else:  # per channel (dim 1), positions after it
+        c = x.shape[1]
+        out = {"weight": (g * xhat).reshape(m, c, -1).sum(2), "bias": g.reshape(m, c, -1).sum(2)}
+    return {k: v for k, v in out.items() if getattr(module, k, None) is not None}
+
+
+def norm_fused(module, call, bufs, per_sample):
+    """Per-sample norm-affine gradients are only N×C: computing them whole is already the fused form."""
+    if is_hf_rmsnorm(module) and not _hf_rmsnorm_matches(module, call):
+        return False
+    pg = norm_grads(module, call, 0, call.n)
+    for name, v in pg.items():
+        if name in bufs:
+            bufs[name] += v.abs().sum(0) if per_sample else v.sum(0).abs()
+    return True
