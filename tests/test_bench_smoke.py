@@ -20,7 +20,7 @@ def test_quick_bench_rows_all_answer(tmp_path):
     assert KEYS <= set(result), sorted(KEYS - set(result))
     assert result["device"] == "cpu" and result["torch"] == __import__("torch").__version__
     models = {r["model"] for r in result["rows"]}
-    assert models == {"mlp", "cnn", "resnet18", "transformer"}
+    assert models == {"mlp", "cnn", "resnet18", "transformer", "llama", "gpt2", "bert"}
     for model in models:
         assert {r["method"] for r in result["rows"] if r["model"] == model} == METHODS, model
     for r in result["rows"]:
