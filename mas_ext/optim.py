@@ -174,6 +174,8 @@ class _MASStep:
     def _param_unfusable(self, p):
         """Why this parameter (with a .grad) cannot take the kernel, or None."""
         g = p.grad
+        if p.device.type == "cuda" and not _ops.cuda_kernels_enabled():
+            return "parameters on cuda (CUDA kernels off until verified on a GPU; MAS_EXT_CUDA_KERNELS=1 opts in)"
         if p.device.type != "cpu" and (p.device.type == "meta" or not _has_kernel(self._op, p.device.type)):
             return f"parameters on {p.device.type} (no {self._op} kernel for it in this build)"
         if g.is_sparse:
