@@ -203,5 +203,5 @@ def test_fused_rules_cover_the_families_without_the_generic_path():
     tied embedding is one group that FusedMAS runs through the tied kernel."""
     for name in MODELS:
         mas = mas_ext.FusedMAS(make_model(name), show_progress=False)
-        generic = [u.name for u in mas._units if u.rule.grads is mas_ext._rules.generic_grads]
+        generic = [u.name for u in mas._engine.units if u.rule.grads is mas_ext._rules.generic_grads]
         assert not generic, f"{name}: generic units {generic}"

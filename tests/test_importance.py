@@ -502,7 +502,7 @@ def test_register_rule_gives_a_custom_layer_a_fused_rule(monkeypatch):
     model = nn.Sequential(nn.Linear(4, 5), Scale(5), nn.Tanh(), nn.Linear(5, 3)).eval()
     x = torch.randn(7, 3, 4)
     mas = mas_ext.FusedMAS(model, show_progress=False)
-    assert mas._units[1].rule.fused is scale_fused
+    assert mas._engine.units[1].rule.fused is scale_fused
     mas.accumulate([x[:4], x[4:]])
     assert fused_calls == [4, 3]
     assert_close(mas.task_importance, oracle(model, x), tol=1e-5)
@@ -510,3 +510,25 @@ def test_register_rule_gives_a_custom_layer_a_fused_rule(monkeypatch):
     assert_close(ref.task_importance, oracle(model, x), tol=1e-5)
     with pytest.raises(TypeError, match="mas_ext.Rule"):
         mas_ext.register_rule(Scale, scale_fused)
+
+
+class LookalikeRMSNorm(nn.Module):
+    """Named like a Hugging Face RMSNorm but centred first (a LayerNorm without bias): the rule's formula does
+    not hold, so the class must take the exact generic path."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight, self.variance_epsilon = nn.Parameter(1 + 0.1 * torch.randn(d)), 1e-6
+
+    def forward(self, x):
+        x = x - x.mean(-1, keepdim=True)
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+def test_a_lookalike_class_takes_the_generic_path_with_a_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), LookalikeRMSNorm(6), nn.Linear(6, 3)).eval()
+    x = torch.randn(5, 7, 4)
+    with pytest.warns(UserWarning, match="LookalikeRMSNorm does not compute"):
+        mas = mas_ext.FusedMAS(model, show_progress=False).accumulate([x])
+    assert_close(mas.task_importance, oracle(model, x), tol=1e-5)

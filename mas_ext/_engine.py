@@ -1,0 +1,417 @@
+"""The importance pass: one batch in, its Σ_k |∂_k| (g-MAS or l-MAS) added into per-parameter buffers.
+
+Every module with tracked parameters is a *unit* with a rule from the table in ``_rules`` (or the
+generic torch.func rule). A forward hook records each call's inputs. In global mode the unit's output
+passes through ``_Tap``, an identity autograd node whose backward receives ∂‖f‖²/∂y; one
+``torch.autograd.grad`` towards a dummy anchor runs every tap's backward but no weight-gradient GEMM
+and no ``.grad``. In local mode the output itself is the gradient, so the pass is a forward only.
+Units that share a parameter, or run more than once in a forward, are summed per sample before
+``|·|``. :class:`Engine` is the whole interface: ``session()`` around the batches, ``batch_size()``
+and ``run()`` per batch; what a batch adds is committed (or not) by its caller.
+"""
+import contextlib
+import functools
+from collections.abc import Mapping
+
+import torch
+
+from . import _rules
+
+
+_SAMPLE_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
+
+
+def _sample_tensor(args, kwargs):
+    """The tensor whose dim 0 is the batch: the first positional tensor, else a Hugging Face input by its
+    usual name, else the first keyword tensor."""
+    for t in (*args, *(kwargs.get(k) for k in _SAMPLE_KEYS), *kwargs.values()):
+        if torch.is_tensor(t) and t.dim() > 0:
+            return t
+    return None
+
+
+def _mask_positions(t, mask):
+    """``t`` with the positions where the (n, T) ``mask`` is 0 set to zero, where t's leading dims are (n, T);
+    else t as it is. masked_fill, not a product: a NaN at a padded position stays out."""
+    if mask is None or t.dim() < 2 or t.shape[:2] != mask.shape:
+        return t
+    return t.masked_fill(~mask.bool().view(*mask.shape, *([1] * (t.dim() - 2))), 0)
+
+
+def _expand_broadcast(module, args, kwargs, outs, n):
+    """A call whose first input has size 1 in the batch dim, where the batch has n samples (Hugging Face's
+    (1, T) ``position_ids``), is every sample's own (SPEC §1): that input and the outputs of size 1 there are
+    expanded to n, so each sample's gradient reaches the layer apart. Returns (args, kwargs, outs), outs None
+    where nothing broadcasts."""
+    dim = 1 if getattr(module, "batch_first", True) is False else 0
+    flat, spec = torch.utils._pytree.tree_flatten((args, kwargs))
+    first = next((i for i, t in enumerate(flat) if torch.is_tensor(t)), None)
+    if n == 1 or first is None or flat[first].dim() <= dim or flat[first].shape[dim] != 1:
+        return args, kwargs, None
+
+    def expand(t):
+        return t.expand(*t.shape[:dim], n, *t.shape[dim + 1:]) if t.dim() > dim and t.shape[dim] == 1 else t
+
+    flat[first] = expand(flat[first])
+    args, kwargs = torch.utils._pytree.tree_unflatten(flat, spec)
+    return args, kwargs, [expand(o) for o in outs]
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a unit's floating outputs; its backward hands their gradients to ``sink``.
+
+    Outputs that no backward of their own saves (``in_place``: those of the table's layers) are passed
+    on in place, without a copy; others are copied, since marking them dirty would invalidate a saved
+    tensor (a module ending in sigmoid saves its output). Views are always copied."""
+
+    @staticmethod
+    def forward(ctx, anchor, sink, in_place, *outs):
+        ctx.sink = sink
+        res = []
+        for o in outs:
+            if in_place and not o._is_view():
+                ctx.mark_dirty(o)
+                res.append(o)
+            else:
+                res.append(o.clone())
+        return tuple(res)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.sink(grads)
+        return (None, None, None, *grads)
+
+
+class _Unit:
+    """A module with tracked parameters, its rule, and the global names of those parameters."""
+
+    def __init__(self, name, module, rule, names):
+        self.name, self.module, self.rule, self.names = name, module, rule, names  # names: local -> global
+        self.group = None
+        self.repeats = False  # seen running more than once in one forward
+        self.handled = False  # its tapped forward has handled the call now ending
+
+
+class _Group:
+    """Units that must be summed per sample before |·|: they share a parameter or run repeatedly."""
+
+    def __init__(self, units):
+        self.units = units
+        self.calls = []  # (unit, Call) recorded this batch
+        self.pending = []  # calls whose gradients arrived
+
+    @property
+    def simple(self):
+        return len(self.units) == 1 and len(self.calls) == 1
+
+
+class _Pass:
+    """State of the importance pass over one batch: ``mask`` is the batch's (n, T) attention_mask, if any."""
+
+    def __init__(self, n, bufs, anchor, mask=None):
+        self.n, self.bufs, self.anchor, self.mask = n, bufs, anchor, mask
+        self.calls = {}  # unit -> number of calls in this forward
+        self.busy = False  # a rule is running: its own module calls (torch.func) are not recorded
+
+
+def plan_units(net, params):
+    """The units of ``net`` for the tracked ``params`` ({global name: parameter}), each in its group.
+
+    Table modules own their direct parameters; any other module with direct parameters owns all its
+    parameters (its forward may use submodules' weights directly, as MHA does)."""
+    ids = {id(p): n for n, p in params.items()}
+    units = []
+
+    def visit(prefix, module):
+        rule = _rules.rule_for(module)
+        # Parameters that are only aliases of a child's (BERT's prediction-head bias) make no unit here.
+        children = {id(p) for c in module.children() for p in c.parameters()}
+        direct = [(k, p) for k, p in module.named_parameters(recurse=False) if id(p) not in children]
+        whole = (rule is None and direct) or (rule is not None and rule.owns_children)
+        if whole:
+            owned = module.named_parameters(remove_duplicate=False)
+        elif rule is not None:
+            owned = direct
+        else:
+            owned = []
+        names = {local: ids[id(p)] for local, p in owned if id(p) in ids}
+        if names:
+            units.append(_Unit(prefix.rstrip("."), module, rule or _rules.GENERIC, names))
+        if not whole:
+            for child_name, child in module.named_children():
+                visit(f"{prefix}{child_name}.", child)
+
+    visit("", net)
+    # Group units that share a parameter (tied weights): their per-sample gradients add up.
+    owner = {}
+    for u in units:
+        groups = {owner[g] for g in u.names.values() if g in owner}
+        merged = _Group([u] + [v for grp in groups for v in grp.units])
+        for v in merged.units:
+            v.group = merged
+            for g in v.names.values():
+                owner[g] = merged
+    return units
+
+
+class Engine:
+    """The importance pass over a model's tracked parameters.
+
+    Args:
+        net: the unwrapped model.
+        params: {global name: tracked parameter}.
+        mode, per_sample, output_fn: as in :class:`ReferenceMAS` (read at every pass).
+        kernels: the device gate of the compiled kernels, ``tensors -> bool`` (``FusedMAS._kernels_for``),
+            or None: the reference path only.
+    """
+
+    def __init__(self, net, params, mode, per_sample, output_fn=None, kernels=None):
+        self.net, self.params, self.kernels = net, params, kernels
+        self.mode, self.per_sample, self.output_fn = mode, per_sample, output_fn
+        self.units = plan_units(net, params)
+        self._pass = None  # the _Pass of the batch now running
+
+    @property
+    def running(self):
+        """True while a batch's forward runs (a model hook can tell the pass's own forward from the user's)."""
+        return self._pass is not None
+
+    def _use_kernels(self, tensors):
+        return self.kernels is not None and self.kernels(tensors)
+
+    def batch_size(self, args, kwargs, where):
+        """The number of samples n of the model call ``(args, kwargs)``, checked against the parameters'
+        device and dtype (``where`` names the batch in errors)."""
+        x = _sample_tensor(args, kwargs)
+        if x is None:
+            raise TypeError(f"batch {where}: no tensor input to take the batch size from")
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(f"batch {where}: empty input of shape {tuple(x.shape)}")
+        p = next(iter(self.params.values()))
+        if x.device != p.device:
+            raise ValueError(f"batch {where}: input on {x.device} but the model's parameters are on {p.device}")
+        if x.is_floating_point() and x.dtype != p.dtype:
+            raise TypeError(f"batch {where}: input dtype {x.dtype} differs from the parameters' {p.dtype}")
+        return x.shape[0]
+
+    @contextlib.contextmanager
+    def session(self):
+        """Around :meth:`run`: eval mode (restored per module), the MHA fast path off (it skips submodule
+        hooks), unit hooks on, tapped forwards installed, compiled submodules run eagerly."""
+        modes = [(m, m.training) for m in self.net.modules()]
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        handles = [u.module.register_forward_hook(self._hook_for(u), with_kwargs=True) for u in self.units]
+        tapped = [u for u in self.units if self.mode == "global" and self.per_sample
+                  and u.rule.tapped_forward is not None and len(u.group.units) == 1
+                  and self._use_kernels(list(u.module.parameters()))]
+        for u in tapped:
+            u.module.forward = functools.partial(self._tapped_forward, u)
+        self.net.eval()
+        torch.backends.mha.set_fastpath_enabled(False)
+        # Compiled submodules run eagerly: a compiled graph does not run the taps' backward as eager does
+        # (g-MAS through a torch.compile'd forward gave wrong Ω).
+        eager = getattr(torch.compiler, "set_stance", None)
+        try:
+            with eager("force_eager") if eager is not None else contextlib.nullcontext():
+                yield
+        finally:
+            for u in tapped:
+                del u.module.forward
+            for h in handles:
+                h.remove()
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+            for m, training in modes:
+                m.training = training
+
+    def run(self, args, kwargs, n, bufs, where):
+        """One batch of n samples, the model called as ``net(*args, **kwargs)``, inside :meth:`session`: its
+        Σ_k |∂_k| (|Σ_k ∂_k| with ``per_sample=False``) into ``bufs`` ({global name: float32 tensor}), which
+        must be zero: a batch in which a unit turns out to run more than once is redone from zero. Padding
+        marked by an (n, T) ``attention_mask`` keyword is left out."""
+        mask = kwargs.get("attention_mask")
+        mask = mask if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[0] == n else None
+        for attempt in range(2):
+            if attempt:
+                for b in bufs.values():
+                    b.zero_()
+            calls = self._forward_backward(args, kwargs, where, _Pass(n, bufs, torch.zeros(
+                (), device=next(iter(bufs.values())).device, requires_grad=True), mask))
+            # A unit that ran more than once was handled call by call (local mode, or a tapped forward):
+            # redo the batch with its calls summed per sample.
+            repeats = [u for u, k in calls.items() if k > 1 and not u.repeats
+                       and (self.mode == "local" or "forward" in u.module.__dict__)]
+            if not repeats:
+                break
+            for u in repeats:
+                u.repeats = True
+
+    def _forward_backward(self, args, kwargs, where, state):
+        """One forward (and in g-MAS one backward) of the batch, every unit's contribution into state.bufs.
+        Returns {unit: its number of calls in the forward}."""
+        for u in self.units:
+            u.group.calls, u.group.pending = [], []
+        self._pass = state
+        try:
+            if self.mode == "global":
+                with torch.enable_grad():
+                    out = self._output(self.net(*args, **kwargs), where, state.mask)
+                    loss = (out.float() if out.element_size() < 4 else out).pow(2).sum()
+                    if loss.requires_grad:
+                        torch.autograd.grad(loss, state.anchor, allow_unused=True)
+            else:
+                with torch.no_grad():
+                    self._output(self.net(*args, **kwargs), where, state.mask)
+            for u in self.units:  # calls whose gradients never arrived contribute zero
+                if u.group.calls:
+                    self._process(u.group)
+        finally:
+            self._pass = None
+        return state.calls
+
+    def _output(self, out, where, mask=None):
+        """The tensor whose squared norm is taken (``output_fn``'s pick, else the output itself or its
+        ``logits``), with the positions that ``mask`` marks as padding set to zero."""
+        if self.output_fn is not None:
+            out = self.output_fn(out)
+        elif not torch.is_tensor(out):
+            logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+            out = logits if torch.is_tensor(logits) else out
+        if not torch.is_tensor(out):
+            raise TypeError(f"batch {where}: the model returned {type(out).__name__}, not a tensor or an output "
+                            "with a `logits` field; pass output_fn= to pick the tensor whose norm MAS takes")
+        if not out.is_floating_point():
+            raise TypeError(f"batch {where}: the model output has dtype {out.dtype}; MAS needs a floating tensor")
+        out = _mask_positions(out, mask)
+        if not torch.isfinite(out).all():
+            raise FloatingPointError(f"batch {where}: the model output is not finite (NaN or inf); "
+                                     "importance and sample count left as they were before this batch")
+        return out
+
+    def _hook_for(self, unit):
+        def hook(module, args, kwargs, out):
+            state = self._pass
+            if state is None or state.busy:
+                return None
+            state.calls[unit] = state.calls.get(unit, 0) + 1
+            if unit.handled:  # its tapped forward has already seen to this call
+                unit.handled = False
+                return None
+            versions = self._versions(args)
+            flat, spec = torch.utils._pytree.tree_flatten(out)
+            pos = [i for i, t in enumerate(flat) if torch.is_tensor(t) and t.is_floating_point()]
+            args, kwargs, expanded = _expand_broadcast(module, args, kwargs, [flat[i] for i in pos], state.n)
+            if expanded is not None:  # the call's outputs become every sample's own (SPEC §1)
+                for i, t in zip(pos, expanded):
+                    flat[i] = t
+                out = torch.utils._pytree.tree_unflatten(flat, spec)
+            call = _rules.Call(state.n, args, kwargs, out, versions=versions)
+            unit.group.calls.append((unit, call))
+            if self.mode == "local":
+                call.grads = tuple(_mask_positions(flat[i].detach(), state.mask) for i in pos)
+                if unit.group.simple and not unit.repeats:
+                    self._process(unit.group)  # now, before any in-place op changes the output
+                else:
+                    call.grads = tuple(g.clone() for g in call.grads)
+                return None
+            if not any(flat[i].requires_grad for i in pos):
+                return out if expanded is not None else None
+
+            def sink(grads):
+                call.grads = grads
+                unit.group.pending.append(call)
+                if len(unit.group.pending) == len(unit.group.calls):
+                    self._process(unit.group)
+
+            tapped = self._tap(state.anchor, sink, unit.rule.grads is not _rules.generic_grads, [flat[i] for i in pos])
+            for i, t in zip(pos, tapped):
+                flat[i] = t
+            return torch.utils._pytree.tree_unflatten(flat, spec)
+
+        return hook
+
+    @staticmethod
+    def _tap(anchor, sink, in_place, outs):
+        """``outs`` through a _Tap; ``sink`` gets the gradients at them, shaped like them. With ``in_place``
+        an output that only reshapes its base (Linear on 3-D input) is tapped through that base, uncopied."""
+        def reshaped_base(t):
+            b = t._base
+            return (in_place and b is not None and not b._is_view() and t.is_contiguous() and b.is_contiguous()
+                    and t.numel() == b.numel() and t.storage_offset() == b.storage_offset())
+
+        targets = [o._base if reshaped_base(o) else o for o in outs]
+        shapes = [o.shape for o in outs]  # not the outputs themselves: the graph would keep them alive
+        tapped = _Tap.apply(anchor, lambda grads: sink(tuple(g.view(s) for g, s in zip(grads, shapes))),
+                            in_place, *targets)
+        return [t.view(s) if t.shape != s else t for s, t in zip(shapes, tapped)]
+
+    def _tapped_forward(self, unit, *args, **kwargs):
+        """The forward installed on units whose rule taps its own internals (g-MAS per sample, FusedMAS)."""
+        state = self._pass
+        if state is not None and not state.busy and not unit.repeats:
+            def tap(outs, on_grads):
+                local = {k: state.bufs[g] for k, g in unit.names.items()}
+                return self._tap(state.anchor, lambda grads: on_grads(grads, local), True, outs)
+
+            out = unit.rule.tapped_forward(unit.module, tap, *args, **kwargs)
+            if out is not None:
+                unit.handled = True
+                return out
+        return type(unit.module).forward(unit.module, *args, **kwargs)
+
+    @staticmethod
+    def _versions(args):
+        return [(t, t._version) for t in torch.utils._pytree.tree_flatten(args)[0] if torch.is_tensor(t)]
+
+    def _process(self, group):
+        """Adds a group's calls into the batch buffers: the fused rule where one call stands alone,
+        else per-sample gradients summed over the calls before |·|."""
+        bufs, calls = self._pass.bufs, group.calls
+        for unit, call in calls:
+            for t, version in call.versions:
+                if t._version != version:
+                    raise RuntimeError(f"module '{unit.name}': its input was modified in place after its forward; "
+                                       "the importance needs it unchanged (use inplace=False there)")
+        recorded, calls = calls, [(u, c) for u, c in calls if c.grads is not None]
+        group.calls, group.pending = [], []
+        self._pass.busy = True
+        try:
+            if len(calls) == 1:
+                unit, call = calls[0]
+                local = {k: bufs[g] for k, g in unit.names.items()}
+                if (unit.rule.fused is not None and self._use_kernels(call.args)
+                        and unit.rule.fused(unit.module, call, local, self.per_sample)):
+                    return
+            elif (self._use_kernels([c.args for _, c in calls])
+                  and _rules.tied_fused(calls, bufs, self.per_sample)):
+                return
+            self._reduce_per_sample(calls, bufs)
+        finally:
+            self._pass.busy = False
+            for _, call in recorded:  # the graph outlives this: let the activations go now
+                call.release()
+
+    def _reduce_per_sample(self, calls, bufs):
+        """Σ_k |Σ_calls ∂_k| (or |Σ_k Σ_calls ∂_k|), over chunks of samples of bounded size."""
+        if not calls:
+            return
+        n = calls[0][1].n
+        cost = max(u.rule.cost(u.module, c) for u, c in calls)
+        step = max(1, _rules.CHUNK_ELEMS // max(1, cost))
+        total = {}
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            per_sample = {}
+            for unit, call in calls:
+                grads = (unit.rule.grads(unit.module, call, s, e, names=set(unit.names))
+                         if unit.rule.grads is _rules.generic_grads else unit.rule.grads(unit.module, call, s, e))
+                for local, pg in grads.items():
+                    g = unit.names.get(local)
+                    if g is not None:
+                        per_sample[g] = per_sample[g] + pg if g in per_sample else pg
+            for g, pg in per_sample.items():
+                if self.per_sample:
+                    bufs[g] += pg.abs().sum(0)
+                else:
+                    total[g] = total[g] + pg.sum(0) if g in total else pg.sum(0)
+        for g, t in total.items():
+            bufs[g] += t.abs()
