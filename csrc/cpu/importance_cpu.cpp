@@ -27,20 +27,68 @@ void abs_accumulate(float* acc, const float* src, int64_t n) {
   for (; i < n; ++i) acc[i] += std::abs(src[i]);
 }
 
-// One float32 accumulator per thread, summed into `out` at the end.
+// One float32 accumulator per thread of an at::parallel_for over `items` work items: thread 0 adds straight
+// into `out` (the caller's float32 accumulator, so one thread needs no buffer at all), the others into
+// private buffers that reduce() adds into `out` at the end.
 struct ThreadAccumulators {
-  ThreadAccumulators(int64_t numel, int64_t threads) : numel(numel), data(threads, std::vector<float>(numel, 0.f)) {}
-  float* get() { return data[at::get_thread_num()].data(); }
-  void reduce_into(const at::Tensor& out) {
-    float* o = out.data_ptr<float>();
+  ThreadAccumulators(const at::Tensor& out, int64_t items)
+      : out(out.data_ptr<float>()), numel(out.numel()),
+        data(std::max<int64_t>(0, std::min<int64_t>(at::get_num_threads(), items) - 1), std::vector<float>(numel, 0.f)) {}
+  float* get() {
+    const int t = at::get_thread_num();
+    return t == 0 ? out : data[t - 1].data();
+  }
+  void reduce() {
+    if (data.empty()) return;
     at::parallel_for(0, numel, 4096, [&](int64_t b, int64_t e) {
       for (const auto& d : data)
-        for (int64_t i = b; i < e; ++i) o[i] += d[i];
+        for (int64_t i = b; i < e; ++i) out[i] += d[i];
     });
   }
+  float* out;
   int64_t numel;
   std::vector<std::vector<float>> data;
 };
+
+// Rows of a per-sample (O, I) gradient made at once: a tile of ~128 KiB, and the accumulator's tile beside
+// it, stay in the L2 cache between the GEMM that writes it and the |·| accumulation that reads it.
+int64_t tile_rows(int64_t O, int64_t I) { return std::max<int64_t>(1, std::min<int64_t>(O, (int64_t(1) << 15) / std::max<int64_t>(I, 1))); }
+
+// out (O, I) += Σ_k |G_kᵀ A_k + extra_k| for a (N, P, I), g (N, P, O) float32 contiguous, where
+// extra(k, r0, rows, tile) may add to rows [r0, r0 + rows) of sample k's gradient before |·| (tied
+// embeddings). Tile-major: a work item is one row tile over a run of samples, so the accumulator's tile
+// stays in cache across those samples. With at least as many tiles as threads, threads own disjoint
+// tiles of `out` and need no buffers of their own; with fewer, the samples are split too, each extra
+// thread adding into an (O, I) buffer of its own. No thread ever holds more than one tile of one sample's
+// gradient.
+template <typename Extra>
+void per_sample_abs_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& g, Extra extra) {
+  const int64_t N = a.size(0), I = a.size(2), O = g.size(2);
+  const int64_t rows = tile_rows(O, I), tiles = (O + rows - 1) / rows;
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = tiles >= threads ? 1 : std::min<int64_t>(N, (threads + tiles - 1) / tiles);
+  const int64_t per_split = (N + splits - 1) / splits;
+  std::vector<at::Tensor> gt, ak;  // per-sample operands, made once: (O, P) transposed view and (P, I)
+  for (int64_t k = 0; k < N; ++k) gt.push_back(g[k].t()), ak.push_back(a[k]);
+  std::optional<ThreadAccumulators> acc;
+  if (splits > 1) acc.emplace(out, tiles * splits);
+  float* const direct = out.data_ptr<float>();
+  at::parallel_for(0, tiles * splits, 1, [&](int64_t begin, int64_t end) {
+    auto tmp = at::empty({rows, I}, a.options());
+    float* wacc = acc ? acc->get() : direct;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r0 = (item / splits) * rows, r = std::min(rows, O - r0);
+      const int64_t k0 = (item % splits) * per_split, k1 = std::min(N, k0 + per_split);
+      auto t = tmp.narrow(0, 0, r);
+      for (int64_t k = k0; k < k1; ++k) {
+        at::mm_out(t, gt[k].narrow(0, r0, r), ak[k]);  // rows [r0, r0 + r) of sample k's weight gradient
+        extra(k, r0, r, t.data_ptr<float>());
+        abs_accumulate(wacc + r0 * I, t.data_ptr<float>(), r * I);
+      }
+    }
+  });
+  if (acc) acc->reduce();
+}
 
 void check_accumulator(const at::Tensor& acc, const char* what, at::IntArrayRef shape) {
   TORCH_CHECK(acc.scalar_type() == at::kFloat, what, " accumulator must be float32, got ", acc.scalar_type());
@@ -80,29 +128,15 @@ void linear_importance_cpu(at::Tensor& omega_w, const std::optional<at::Tensor>&
     return;
   }
 
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), N);
-  ThreadAccumulators acc_w(O * I, threads), acc_b(omega_b ? O : 0, threads);
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    auto tmp = at::empty({O, I}, a.options());
-    float* wacc = acc_w.get();
-    for (int64_t k = begin; k < end; ++k) {
-      at::mm_out(tmp, g[k].t(), a[k]);  // sample k's weight gradient, never stored beyond this thread
-      abs_accumulate(wacc, tmp.data_ptr<float>(), O * I);
-      if (omega_b) {
-        auto gs = g[k].sum(0);
-        abs_accumulate(acc_b.get(), gs.data_ptr<float>(), O);
-      }
-    }
-  });
-  acc_w.reduce_into(omega_w);
-  if (omega_b) acc_b.reduce_into(*omega_b);
+  per_sample_abs_gemm(omega_w, a, g, [](int64_t, int64_t, int64_t, float*) {});
+  if (omega_b) omega_b->add_(g.sum(1).abs_().sum(0));
 }
 
 // An Embedding whose weight is also the output Linear's (tied embeddings): sample k's gradient of the shared
 // (V, D) matrix is its Linear part Σ_p g_kp a_kpᵀ plus its embedding rows scattered to their indices, and
 // |·| wraps the sum. input (N, P, D), grad_out (N, P, V), indices (N, Q) int64 (negative: skipped),
 // rows (N, Q, D): omega (V, D) += Σ_k |Σ_p g_kp a_kpᵀ + Σ_q onehot(indices_kq) rows_kqᵀ|. As in
-// linear_importance_, each thread holds one (V, D) gradient and one accumulator, never N of them.
+// linear_importance_, each thread holds one row tile of one sample's (V, D) gradient and one accumulator, never N of them.
 void tied_embedding_importance_cpu(at::Tensor& omega, const at::Tensor& input, const at::Tensor& grad_out,
                                    const at::Tensor& indices, const at::Tensor& rows) {
   check_activation(input, "input");
@@ -127,24 +161,15 @@ void tied_embedding_importance_cpu(at::Tensor& omega, const at::Tensor& input, c
   TORCH_CHECK(Q == 0 || idx.max().item<int64_t>() < V, "tied_embedding_importance_: an index is >= V = ", V);
   const int64_t* ip = idx.data_ptr<int64_t>();
   const float* rp = r.data_ptr<float>();
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), N);
-  ThreadAccumulators acc(V * D, threads);
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    auto tmp = at::empty({V, D}, a.options());
-    float* t = tmp.data_ptr<float>();
-    for (int64_t k = begin; k < end; ++k) {
-      at::mm_out(tmp, g[k].t(), a[k]);
-      for (int64_t q = 0; q < Q; ++q) {
-        const int64_t v = ip[k * Q + q];
-        if (v < 0) continue;
-        const float* src = rp + (k * Q + q) * D;
-        float* dst = t + v * D;
-        for (int64_t j = 0; j < D; ++j) dst[j] += src[j];
-      }
-      abs_accumulate(acc.get(), t, V * D);
+  per_sample_abs_gemm(omega, a, g, [&](int64_t k, int64_t r0, int64_t rows, float* tile) {
+    for (int64_t q = 0; q < Q; ++q) {  // sample k's embedding rows that fall in this tile
+      const int64_t v = ip[k * Q + q] - r0;
+      if (v < 0 || v >= rows) continue;
+      const float* src = rp + (k * Q + q) * D;
+      float* dst = tile + v * D;
+      for (int64_t j = 0; j < D; ++j) dst[j] += src[j];
     }
   });
-  acc.reduce_into(omega);
 }
 
 // im2col of one sample, any of 1-3 spatial dims expressed as 3-D (missing dims have size 1).
@@ -226,8 +251,7 @@ void conv_importance_cpu(at::Tensor& omega_w, const std::optional<at::Tensor>& o
   const int64_t K = geo.k[0] * geo.k[1] * geo.k[2], L = geo.out[0] * geo.out[1] * geo.out[2];
   const int64_t Cg = C / groups, Og = O / groups, sample_in = C * geo.in[0] * geo.in[1] * geo.in[2];
 
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), N);
-  ThreadAccumulators acc_w(O * Cg * K, threads), acc_b(omega_b ? O : 0, threads);
+  ThreadAccumulators acc_w(omega_w, N);
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     auto cols = at::empty({groups, Cg * K, L}, x.options());
     auto tmp = at::empty({groups, Og, Cg * K}, x.options());
@@ -237,14 +261,10 @@ void conv_importance_cpu(at::Tensor& omega_w, const std::optional<at::Tensor>& o
       auto gk = g[k].view({groups, Og, L});
       at::bmm_out(tmp, gk, cols.transpose(1, 2));  // per-group weight gradient of sample k
       abs_accumulate(wacc, tmp.data_ptr<float>(), O * Cg * K);
-      if (omega_b) {
-        auto gs = g[k].view({O, L}).sum(1);
-        abs_accumulate(acc_b.get(), gs.data_ptr<float>(), O);
-      }
     }
   });
-  acc_w.reduce_into(omega_w);
-  if (omega_b) acc_b.reduce_into(*omega_b);
+  acc_w.reduce();
+  if (omega_b) omega_b->add_(g.view({N, O, L}).sum(2).abs_().sum(0));
 }
 
 }  // namespace

@@ -14,9 +14,11 @@ that output (∂‖f‖²/∂y for g-MAS, y itself for l-MAS). It offers two pat
   Returns False where it does not apply, and the reference path runs instead. Which devices have kernels
   is decided once, by ``FusedMAS._kernels_for``, before any fused rule runs.
 """
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import torch
 import torch.nn as nn
 
 
@@ -102,3 +104,30 @@ def register_rule(module_type, rule):
 def rule_for(module):
     """The rule registered for this module, or None (the generic torch.func rule then applies)."""
     return next((rule for _, match, rule in _TABLE if match(module)), None)
+
+
+_VERIFIED = set()  # classes recognised by name whose output was checked to follow their rule's formula
+_WARNED = set()
+
+
+def matches_formula(module, call, holds):
+    """For rules that recognise a class by name (transformers' layers, without importing transformers):
+    whether the class computes what the rule assumes. ``holds(x, y)`` checks one input row x against its
+    output row y (float32); the row of largest norm is used, since a row of zeros (a padding token's)
+    matches anything. A class found to match is trusted from then on; one that does not takes the generic
+    path, with a warning."""
+    cls = type(module)
+    if cls in _VERIFIED:
+        return True
+    x, y = call.args[0].detach(), call.out.detach()
+    x, y = x.reshape(-1, x.shape[-1]).float(), y.reshape(-1, y.shape[-1]).float()
+    row = x.abs().sum(1).argmax()
+    if holds(x[row:row + 1], y[row:row + 1]):
+        if x[row].abs().sum() > 0:
+            _VERIFIED.add(cls)
+        return True
+    if cls not in _WARNED:
+        _WARNED.add(cls)
+        warnings.warn(f"{cls.__name__} does not compute what mas_ext's rule for it assumes: its importance takes "
+                      "the generic torch.func path", stacklevel=3)
+    return False

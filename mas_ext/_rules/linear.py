@@ -1,10 +1,9 @@
 """nn.Linear: Σ_k |Σ_p g_kp a_kpᵀ| by the compiled linear_importance_ op, or per-sample bmm; and GPT-2's
 ``Conv1D`` (transformers.pytorch_utils), a Linear whose weight is stored transposed, (in, out)."""
-import warnings
-
 import torch
 
 from .. import _ops
+from .base import matches_formula
 from .generic import generic_grads
 
 
@@ -47,17 +46,15 @@ def is_hf_conv1d(module):
 
 
 def _conv1d_matches(module, call):
-    """Whether the call's output is x @ weight + bias on its first row (a same-named class may differ)."""
-    x = call.args[0].detach().reshape(-1, module.weight.shape[0])[:1].float()
-    y = call.out.detach().reshape(-1, module.nf)[:1].float()
+    """Whether the class computes x @ weight + bias (a same-named class may differ), checked once per class."""
+    return matches_formula(module, call, lambda x, y: _conv1d_formula_holds(module, x, y))
+
+
+def _conv1d_formula_holds(module, x, y):
     want = x @ module.weight.detach().float()
     if module.bias is not None:
         want = want + module.bias.detach().float()
-    if torch.allclose(want, y, rtol=2e-2, atol=2e-2 * want.abs().max().item() + 1e-6):
-        return True
-    warnings.warn(f"{type(module).__name__} does not compute x @ weight + bias: its importance takes the generic "
-                  "torch.func path", stacklevel=2)
-    return False
+    return torch.allclose(want, y, rtol=2e-2, atol=2e-2 * want.abs().max().item() + 1e-6)
 
 
 def conv1d_grads(module, call, s, e):

@@ -2,14 +2,13 @@
 
 The RMSNorm classes of the Hugging Face decoder families (LlamaRMSNorm, Qwen2RMSNorm, MistralRMSNorm, …:
 ``weight * x / sqrt(mean(x²) + eps)`` over the last dim, Gemma's ``(1 + weight) * …`` alike) are
-recognised by name, without importing transformers, and each call is checked against that formula on
-one row: a class that computes something else takes the generic path."""
-import warnings
-
+recognised by name, without importing transformers, and each class's first call is checked against that
+formula on one row: a class that computes something else takes the generic path."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .base import matches_formula
 from .generic import generic_grads
 
 
@@ -31,22 +30,16 @@ def _rms(x, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-_mismatched = set()  # HF-style RMSNorm classes whose output was not the formula (warned once each)
-
-
 def _hf_rmsnorm_matches(module, call):
-    """Whether the call's output is weight·x̂ or (1 + weight)·x̂ on its first row (the formula the rule uses)."""
-    x = call.args[0].detach().reshape(-1, call.args[0].shape[-1])[:1]
-    y = call.out.detach().reshape(-1, call.out.shape[-1])[:1].float()
+    """Whether the class computes weight·x̂ or (1 + weight)·x̂ (the formula the rule uses), checked once per
+    class on the call's row of largest norm (a row of zeros, a padding token's, would match anything)."""
+    return matches_formula(module, call, lambda x, y: _rms_formula_holds(module, x, y))
+
+
+def _rms_formula_holds(module, x, y):
     xhat, w = _rms(x, _hf_eps(module)), module.weight.detach().float()
     tol = dict(rtol=2e-2, atol=2e-2 * y.abs().max().item() + 1e-6)  # bfloat16 outputs round to 3 digits
-    if torch.allclose(w * xhat, y, **tol) or torch.allclose((1 + w) * xhat, y, **tol):
-        return True
-    if type(module) not in _mismatched:
-        _mismatched.add(type(module))
-        warnings.warn(f"{type(module).__name__} does not compute weight * x / rms(x): its importance takes the "
-                      "generic torch.func path", stacklevel=2)
-    return False
+    return torch.allclose(w * xhat, y, **tol) or torch.allclose((1 + w) * xhat, y, **tol)
 
 
 def _normalised(module, x):
