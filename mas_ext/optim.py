@@ -148,6 +148,30 @@ class _MASStep:
             return {}, 0.0
         return {id(p): (p, om, star) for p, om, star in state}, 2.0 * lam
 
+    def _check_stability(self, terms, scale):
+        """SGD on the penalty alone is gradient descent on a quadratic of curvature 2λΩ: it overshoots when
+        lr · 2λ · max Ω ≥ 2 (≥ 2(1 + momentum) with momentum). Warns once per consolidated task, naming the
+        largest stable λ (Adam's steps are normalised by their second moment: no such bound)."""
+        if not isinstance(self, torch.optim.SGD):
+            return
+        key = (id(self.mas), getattr(self.mas, "num_tasks", 0))
+        if self.__dict__.get("_mas_checked") == key:
+            return
+        self._mas_checked = key
+        tracked = {i: float(om.max()) for i, (_, om, _) in terms.items() if om.numel()}
+        for group in self.param_groups:
+            top = max((tracked.get(id(p), 0.0) for p in group["params"]), default=0.0)
+            lr, momentum = float(group["lr"]), float(group.get("momentum") or 0.0)
+            limit = 2.0 * (1.0 + momentum)
+            if top > 0 and lr * scale * top >= limit:
+                lam = scale / 2
+                warnings.warn(
+                    f"mas_ext.optim.SGD: lr · 2λ · max Ω = {lr:g} · {scale:g} · {top:.4g} = {lr * scale * top:.3g} "
+                    f"≥ {limit:g}: a step on the MAS penalty alone overshoots and θ diverges from θ*; the largest "
+                    f"stable λ at this lr{' and momentum' if momentum else ''} is {limit / (lr * 2 * top):.4g} "
+                    f"(now {lam:g}); lower λ or lr", stacklevel=3)
+                return
+
     def _parent_step(self):
         """torch.optim's own step, with the GradScaler attributes (already handled here) hidden from it."""
         hidden = {k: self.__dict__.pop(k) for k in ("grad_scale", "found_inf") if k in self.__dict__}
@@ -230,6 +254,8 @@ class _MASStep:
             grad_scale = grad_scale.detach().to(dtype=torch.float32).reshape(1)
 
         terms, scale = self._penalty_terms()
+        if terms:
+            self._check_stability(terms, scale)
         if not terms:  # no consolidated task: exactly torch.optim
             if grad_scale is not None:
                 with torch.no_grad():

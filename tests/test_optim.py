@@ -557,3 +557,41 @@ def test_with_mas_objects(cls, name, kw):
         step_both(model, fused, ref_model, ref, tbi, lambda m: (m(x) - y).pow(2).mean())
     for a, b in zip(model.parameters(), ref_model.parameters()):
         assert rel_err(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_warns_once_per_task_when_the_penalty_step_overshoots(momentum):
+    """SPEC §2: lr · 2λ · max Ω ≥ 2 (2(1+momentum) with momentum) warns once per consolidated task, naming
+    the largest stable λ; below the bound, no warning."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    mas = mas_ext.FusedMAS(model, lam=1.0, show_progress=False)
+    mas.accumulate([torch.randn(8, 4)])
+    mas.consolidate()
+    top = max(float(om.max()) for om in mas.importance.values())
+    limit = 2 * (1 + momentum)
+    stable = limit / (0.1 * 2 * top)
+
+    def steps(opt, n=3):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(n):
+                opt.zero_grad()
+                model(torch.randn(2, 4)).pow(2).sum().backward()
+                opt.step()
+        return [str(w.message) for w in caught if "overshoots" in str(w.message)]
+
+    mas.lam = 1.01 * stable
+    found = steps(mas_ext.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, mas=mas))
+    assert len(found) == 1 and f"largest stable λ at this lr" in found[0] and f"{stable:.4g}" in found[0], found
+    mas.lam = 0.99 * stable
+    assert steps(mas_ext.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, mas=mas)) == []
+    mas.lam = 1.01 * stable
+    opt = mas_ext.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, mas=mas)
+    assert len(steps(opt)) == 1
+    mas.accumulate([torch.randn(8, 4)])
+    mas.consolidate()  # a new task: checked again
+    assert len(steps(opt, 1)) <= 1
+    assert steps(mas_ext.optim.Adam(model.parameters(), lr=10.0, mas=mas)) == []
