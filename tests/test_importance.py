@@ -358,7 +358,9 @@ def _conv_args(dtype, bias):
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [(5, 1, 7, 3), (4, 6, 5, 9), (1, 3, 2, 2)])
+# (N, P, I, O): the register kernel's 6×16 blocks, their row and column remainders, several row tiles
+@pytest.mark.parametrize("shape", [(5, 1, 7, 3), (4, 6, 5, 9), (1, 3, 2, 2), (3, 5, 37, 13), (2, 7, 32, 12),
+                                   (6, 33, 70, 129), (3, 4, 700, 61)])
 def test_linear_op_against_per_sample_sum(shape, dtype, bias):
     w, b, a, g = _linear_args(*shape, dtype, bias)
     torch.ops.mas_ext.linear_importance_(w, b, a, g)
