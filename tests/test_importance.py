@@ -427,7 +427,9 @@ def _tied_args(n, p, q, v, d, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [(5, 7, 7, 11, 3), (1, 1, 4, 6, 2), (3, 2, 9, 4, 5)])
+# (N, P, Q, V, D): repeated indices; the register kernel's row/column blocks and their remainders
+@pytest.mark.parametrize("shape", [(5, 7, 7, 11, 3), (1, 1, 4, 6, 2), (3, 2, 9, 4, 5), (3, 5, 30, 40, 37),
+                                   (2, 9, 12, 130, 48)])
 def test_tied_op_against_per_sample_sum(shape, dtype):
     om, a, g, idx, rows = _tied_args(*shape, dtype)
     om += torch.rand_like(om)  # the op adds to what is there

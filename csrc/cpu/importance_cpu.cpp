@@ -116,32 +116,57 @@ void check_activation(const at::Tensor& t, const char* what) {
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), what, " must be float32, float16 or bfloat16, got ", t.scalar_type());
 }
 
+// One sample's embedding rows for the tied kernel: rows (Q, D); for gradient row v, first[v] is the first q
+// with index v (or -1) and next[q] the following one.
+struct SampleRows {
+  const int32_t* first;
+  const int32_t* next;
+  const float* rows;
+  int64_t D;
+};
+
 #ifdef MAS_EXT_AVX2_KERNEL
-// acc[o, i] += |Σ_p g[p, o] a[p, i]| for rows o in [r0, r1) and all I columns, with a (P, I) and g (P, O)
-// row-major: one sample's gradient tile made in registers (6 rows × 16 columns, 12 AVX2 accumulators) and
-// its |·| added to the accumulator straight from them, so the per-sample gradient never reaches memory.
+// acc[o, i] += |Σ_p g[p, o] a[p, i] (+ the sample's embedding rows with index o)| for rows o in [r0, r1) and
+// all I columns, with a (P, I) and g (P, O) row-major: one sample's gradient tile made in registers (6 rows
+// × 16 columns, 12 AVX2 accumulators) and its |·| added to the accumulator straight from them, so the
+// per-sample gradient never reaches memory.
 __attribute__((target("avx2,fma"))) inline void add_abs(float* dst, __m256 v) {
   _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v)));
 }
 
+// The sample's rows start the register tile (kExtra); without them the compiler keeps the whole tile in
+// registers only if nothing indexes it with a run-time row, hence two instantiations and unrolled row loops.
+template <bool kExtra>
 __attribute__((target("avx2,fma"))) void abs_gemm_rows_avx2(float* acc, const float* a, const float* g, int64_t P,
-                                                             int64_t I, int64_t O, int64_t r0, int64_t r1) {
+                                                             int64_t I, int64_t O, int64_t r0, int64_t r1,
+                                                             const SampleRows* extra) {
   int64_t i0 = 0;
   for (; i0 + 16 <= I; i0 += 16) {
     int64_t o = r0;
     for (; o + 6 <= r1; o += 6) {
       __m256 c[6][2];
-      for (int r = 0; r < 6; ++r) c[r][0] = c[r][1] = _mm256_setzero_ps();
+#pragma GCC unroll 6
+      for (int r = 0; r < 6; ++r) {
+        c[r][0] = c[r][1] = _mm256_setzero_ps();
+        if constexpr (kExtra) {
+          for (int32_t q = extra->first[o + r]; q >= 0; q = extra->next[q]) {
+            c[r][0] = _mm256_add_ps(c[r][0], _mm256_loadu_ps(extra->rows + q * extra->D + i0));
+            c[r][1] = _mm256_add_ps(c[r][1], _mm256_loadu_ps(extra->rows + q * extra->D + i0 + 8));
+          }
+        }
+      }
       const float* ap = a + i0;
       const float* gp = g + o;
       for (int64_t p = 0; p < P; ++p, ap += I, gp += O) {
         const __m256 a0 = _mm256_loadu_ps(ap), a1 = _mm256_loadu_ps(ap + 8);
+#pragma GCC unroll 6
         for (int r = 0; r < 6; ++r) {
           const __m256 b = _mm256_broadcast_ss(gp + r);
           c[r][0] = _mm256_fmadd_ps(b, a0, c[r][0]);
           c[r][1] = _mm256_fmadd_ps(b, a1, c[r][1]);
         }
       }
+#pragma GCC unroll 6
       for (int r = 0; r < 6; ++r) {
         float* dst = acc + (o + r) * I + i0;
         add_abs(dst, c[r][0]);
@@ -155,6 +180,10 @@ __attribute__((target("avx2,fma"))) void abs_gemm_rows_avx2(float* acc, const fl
         c0 = _mm256_fmadd_ps(b, _mm256_loadu_ps(a + p * I + i0), c0);
         c1 = _mm256_fmadd_ps(b, _mm256_loadu_ps(a + p * I + i0 + 8), c1);
       }
+      for (int32_t q = kExtra ? extra->first[o] : -1; q >= 0; q = extra->next[q]) {
+        c0 = _mm256_add_ps(c0, _mm256_loadu_ps(extra->rows + q * extra->D + i0));
+        c1 = _mm256_add_ps(c1, _mm256_loadu_ps(extra->rows + q * extra->D + i0 + 8));
+      }
       add_abs(acc + o * I + i0, c0);
       add_abs(acc + o * I + i0 + 8, c1);
     }
@@ -163,6 +192,7 @@ __attribute__((target("avx2,fma"))) void abs_gemm_rows_avx2(float* acc, const fl
     for (int64_t i = i0; i < I; ++i) {
       float sum = 0.f;
       for (int64_t p = 0; p < P; ++p) sum += g[p * O + o] * a[p * I + i];
+      for (int32_t q = kExtra ? extra->first[o] : -1; q >= 0; q = extra->next[q]) sum += extra->rows[q * extra->D + i];
       acc[o * I + i] += std::abs(sum);
     }
   }
@@ -174,9 +204,10 @@ bool has_avx2() {
 }
 #endif
 
-// out (O, I) += Σ_k |G_kᵀ A_k| by the register-tile kernel above where the CPU has AVX2 and FMA; else
-// (or for any other CPU) by per_sample_abs_gemm's GEMM-then-|·| tiles. Same work split as there.
-void per_sample_abs_gemm_plain(const at::Tensor& out, const at::Tensor& a, const at::Tensor& g) {
+// out (O, I) += Σ_k |G_kᵀ A_k (+ extra[k])| by the register-tile kernel above, with per_sample_abs_gemm's
+// work split. False (nothing done) where the CPU lacks AVX2 and FMA: the caller then takes per_sample_abs_gemm.
+bool per_sample_abs_gemm_registers(const at::Tensor& out, const at::Tensor& a, const at::Tensor& g,
+                                   const std::vector<SampleRows>* extra) {
 #ifdef MAS_EXT_AVX2_KERNEL
   if (has_avx2()) {
     const int64_t N = a.size(0), P = a.size(1), I = a.size(2), O = g.size(2);
@@ -194,14 +225,20 @@ void per_sample_abs_gemm_plain(const at::Tensor& out, const at::Tensor& a, const
       for (int64_t item = begin; item < end; ++item) {
         const int64_t r0 = (item / splits) * rows, r1 = std::min(O, r0 + rows);
         const int64_t k0 = (item % splits) * per_split, k1 = std::min(N, k0 + per_split);
-        for (int64_t k = k0; k < k1; ++k) abs_gemm_rows_avx2(wacc, ap + k * P * I, gp + k * P * O, P, I, O, r0, r1);
+        for (int64_t k = k0; k < k1; ++k) {
+          if (extra) {
+            abs_gemm_rows_avx2<true>(wacc, ap + k * P * I, gp + k * P * O, P, I, O, r0, r1, &(*extra)[k]);
+          } else {
+            abs_gemm_rows_avx2<false>(wacc, ap + k * P * I, gp + k * P * O, P, I, O, r0, r1, nullptr);
+          }
+        }
       }
     });
     if (acc) acc->reduce();
-    return;
+    return true;
   }
 #endif
-  per_sample_abs_gemm(out, a, g, [](int64_t, int64_t, int64_t, float*) {});
+  return false;
 }
 
 // input (N, P, I), grad_out (N, P, O): omega_w (O, I) += Σ_k |Σ_p g_kp a_kpᵀ|, omega_b (O) += Σ_k |Σ_p g_kp|.
@@ -230,7 +267,9 @@ void linear_importance_cpu(at::Tensor& omega_w, const std::optional<at::Tensor>&
     return;
   }
 
-  per_sample_abs_gemm_plain(omega_w, a, g);
+  if (!per_sample_abs_gemm_registers(omega_w, a, g, nullptr)) {
+    per_sample_abs_gemm(omega_w, a, g, [](int64_t, int64_t, int64_t, float*) {});
+  }
   if (omega_b) omega_b->add_(g.sum(1).abs_().sum(0));
 }
 
@@ -263,6 +302,19 @@ void tied_embedding_importance_cpu(at::Tensor& omega, const at::Tensor& input, c
   TORCH_CHECK(Q == 0 || idx.max().item<int64_t>() < V, "tied_embedding_importance_: an index is >= V = ", V);
   const int64_t* ip = idx.data_ptr<int64_t>();
   const float* rp = r.data_ptr<float>();
+  // Per sample, its rows listed by index (first[v], next[q]) for the register kernel.
+  std::vector<int32_t> first(N * V, -1), next(std::max<int64_t>(N * Q, 1), -1);
+  std::vector<SampleRows> lists;
+  for (int64_t k = 0; k < N; ++k) {
+    for (int64_t q = Q - 1; q >= 0; --q) {
+      const int64_t v = ip[k * Q + q];
+      if (v < 0) continue;
+      next[k * Q + q] = first[k * V + v];
+      first[k * V + v] = static_cast<int32_t>(q);
+    }
+    lists.push_back({first.data() + k * V, next.data() + k * Q, rp + k * Q * D, D});
+  }
+  if (per_sample_abs_gemm_registers(omega, a, g, &lists)) return;
   per_sample_abs_gemm(omega, a, g, [&](int64_t k, int64_t r0, int64_t rows, float* tile) {
     for (int64_t q = 0; q < Q; ++q) {  // sample k's embedding rows that fall in this tile
       const int64_t v = ip[k * Q + q] - r0;
