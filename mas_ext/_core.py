@@ -5,11 +5,12 @@ each batch and commits what the batch added only when the whole batch is finite.
 and atomic writes are in ``_checkpoint``.
 """
 import contextlib
-from collections.abc import Mapping
+import functools
 import os
 import signal
 import threading
 import warnings
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
@@ -37,7 +38,9 @@ def backend():
     return cpu
 
 
+@functools.lru_cache(maxsize=None)
 def _cuda_ops_built():
+    """Whether this build registered CUDA kernels (fixed once the library is loaded)."""
     return _ops.error is None and torch._C._dispatch_has_kernel_for_dispatch_key("mas_ext::linear_importance_", "CUDA")
 
 

@@ -254,8 +254,10 @@ class Engine:
         try:
             if self.mode == "global":
                 with torch.enable_grad():
-                    out = self._output(self.net(*args, **kwargs), where, state.mask)
+                    out = self._output(self.net(*args, **kwargs), where, state.mask, check=False)
                     loss = (out.float() if out.element_size() < 4 else out).pow(2).sum()
+                    if not torch.isfinite(loss):  # one scalar to test; the output itself only when it fails
+                        self._check_finite(out, where)
                     if loss.requires_grad:
                         torch.autograd.grad(loss, state.anchor, allow_unused=True)
             else:
@@ -268,9 +270,10 @@ class Engine:
             self._pass = None
         return state.calls
 
-    def _output(self, out, where, mask=None):
+    def _output(self, out, where, mask=None, check=True):
         """The tensor whose squared norm is taken (``output_fn``'s pick, else the output itself or its
-        ``logits``), with the positions that ``mask`` marks as padding set to zero."""
+        ``logits``), with the positions that ``mask`` marks as padding set to zero; with ``check``, a
+        FloatingPointError where it is not finite."""
         if self.output_fn is not None:
             out = self.output_fn(out)
         elif not torch.is_tensor(out):
@@ -282,10 +285,15 @@ class Engine:
         if not out.is_floating_point():
             raise TypeError(f"batch {where}: the model output has dtype {out.dtype}; MAS needs a floating tensor")
         out = _mask_positions(out, mask)
+        if check:
+            self._check_finite(out, where)
+        return out
+
+    @staticmethod
+    def _check_finite(out, where):
         if not torch.isfinite(out).all():
             raise FloatingPointError(f"batch {where}: the model output is not finite (NaN or inf); "
                                      "importance and sample count left as they were before this batch")
-        return out
 
     def _hook_for(self, unit):
         def hook(module, args, kwargs, out):
