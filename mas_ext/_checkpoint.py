@@ -1,5 +1,6 @@
 """Checkpoints of a MAS object: the validation of a state_dict before anything is loaded, and an atomic
 file write."""
+import json
 import os
 
 import torch
@@ -67,14 +68,21 @@ def _section_problems(section, entries, params):
     return problems
 
 
+_SECTIONS = ("importance", "star", "task_sum")
+
+
 def write(state_dict, path):
-    """``torch.save`` to ``path`` atomically (a temporary file, fsync, then rename): a crash mid-save leaves
-    the previous file whole."""
+    """Saves ``state_dict`` to ``path`` atomically (a temporary file, fsync, then rename): a crash mid-save
+    leaves the previous file whole. A path ending in ``.safetensors`` gets a safetensors file (the tensors
+    as ``<section>/<name>``, config and counts as JSON metadata), anything else ``torch.save``'s format."""
     path = os.fspath(path)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(state_dict, f)
+            if path.endswith(".safetensors"):
+                f.write(_safetensors_bytes(state_dict))
+            else:
+                torch.save(state_dict, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -84,5 +92,44 @@ def write(state_dict, path):
 
 
 def read(path):
-    """A state_dict written by :func:`write`, its tensors on the CPU (weights only: no pickled code runs)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A state_dict written by :func:`write`, its tensors on the CPU (weights only: no pickled code runs).
+    A file that cannot be read whole (truncated, not a mas_ext file) raises a ValueError naming it."""
+    path = os.fspath(path)
+    if not path.endswith(".safetensors"):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        tensors = load(data)
+        meta = json.loads(_safetensors_metadata(data).get("mas_ext", "null"))
+    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); nothing was loaded") from e
+    if not isinstance(meta, dict) or set(meta) != {"config", "num_samples", "num_tasks"}:
+        raise ValueError(f"{path}: a safetensors file without mas_ext's metadata; nothing was loaded")
+    state = {section: {} for section in _SECTIONS}
+    for key, t in tensors.items():
+        section, _, name = key.partition("/")
+        if section not in state:
+            raise ValueError(f"{path}: unexpected tensor {key!r}; nothing was loaded")
+        state[section][name] = t
+    return {**state, **meta}
+
+
+def _safetensors_bytes(state_dict):
+    from safetensors.torch import save
+
+    tensors = {f"{section}/{name}": t.detach().cpu().contiguous()
+               for section in _SECTIONS for name, t in state_dict[section].items()}
+    meta = {k: state_dict[k] for k in ("config", "num_samples", "num_tasks")}
+    return save(tensors, metadata={"mas_ext": json.dumps(meta)})
+
+
+def _safetensors_metadata(data):
+    """The ``__metadata__`` of a safetensors file's header (an 8-byte little-endian length, then JSON)."""
+    if len(data) < 8:
+        raise ValueError("shorter than a safetensors header")
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + size].decode("utf-8")).get("__metadata__") or {}

@@ -335,11 +335,12 @@ class ReferenceMAS:
 
     def save(self, path):
         """Writes :meth:`state_dict` to ``path`` atomically (a temporary file, fsync, then rename): a crash
-        mid-save leaves the previous file whole."""
+        mid-save leaves the previous file whole. ``*.safetensors``: a safetensors file (Ω, θ*, the task sums;
+        config and counts in its metadata), shareable without pickle; otherwise torch.save's format."""
         _checkpoint.write(self.state_dict(), path)
 
     def load(self, path):
-        """Loads a file written by :meth:`save`."""
+        """Loads a file written by :meth:`save` (either format), whole or not at all."""
         self.load_state_dict(_checkpoint.read(path))
         return self
 

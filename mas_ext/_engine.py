@@ -44,6 +44,8 @@ def _expand_broadcast(module, args, kwargs, outs, n):
     expanded to n, so each sample's gradient reaches the layer apart. Returns (args, kwargs, outs), outs None
     where nothing broadcasts."""
     dim = 1 if getattr(module, "batch_first", True) is False else 0
+    if n == 1 or (args and torch.is_tensor(args[0]) and (args[0].dim() <= dim or args[0].shape[dim] != 1)):
+        return args, kwargs, None  # the common case, decided without flattening the arguments
     flat, spec = torch.utils._pytree.tree_flatten((args, kwargs))
     first = next((i for i, t in enumerate(flat) if torch.is_tensor(t)), None)
     if n == 1 or first is None or flat[first].dim() <= dim or flat[first].shape[dim] != 1:
@@ -305,13 +307,14 @@ class Engine:
                 unit.handled = False
                 return None
             versions = self._versions(args)
-            flat, spec = torch.utils._pytree.tree_flatten(out)
+            # A single tensor output (most layers) skips the pytree round trip.
+            flat, spec = ([out], None) if torch.is_tensor(out) else torch.utils._pytree.tree_flatten(out)
             pos = [i for i, t in enumerate(flat) if torch.is_tensor(t) and t.is_floating_point()]
             args, kwargs, expanded = _expand_broadcast(module, args, kwargs, [flat[i] for i in pos], state.n)
             if expanded is not None:  # the call's outputs become every sample's own (SPEC §1)
                 for i, t in zip(pos, expanded):
                     flat[i] = t
-                out = torch.utils._pytree.tree_unflatten(flat, spec)
+                out = flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
             call = _rules.Call(state.n, args, kwargs, out, versions=versions)
             unit.group.calls.append((unit, call))
             if self.mode == "local":
@@ -333,7 +336,7 @@ class Engine:
             tapped = self._tap(state.anchor, sink, unit.rule.grads is not _rules.generic_grads, [flat[i] for i in pos])
             for i, t in zip(pos, tapped):
                 flat[i] = t
-            return torch.utils._pytree.tree_unflatten(flat, spec)
+            return flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
 
         return hook
 
@@ -368,7 +371,8 @@ class Engine:
 
     @staticmethod
     def _versions(args):
-        return [(t, t._version) for t in torch.utils._pytree.tree_flatten(args)[0] if torch.is_tensor(t)]
+        flat = args if all(torch.is_tensor(a) for a in args) else torch.utils._pytree.tree_flatten(args)[0]
+        return [(t, t._version) for t in flat if torch.is_tensor(t)]
 
     def _process(self, group):
         """Adds a group's calls into the batch buffers: the fused rule where one call stands alone,

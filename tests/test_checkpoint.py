@@ -340,3 +340,37 @@ def test_save_sigkilled_at_random_times_leaves_a_whole_file(tmp_path):
         for f in os.listdir(tmp_path):
             if f != "big.pt":
                 os.remove(tmp_path / f)
+
+
+# ----------------------------------------------------------------------------- safetensors files
+def test_safetensors_round_trip_and_plain_contents(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    src = busy(mas_ext.FusedMAS)
+    path = tmp_path / "omega.safetensors"
+    src.save(path)
+    tensors = safetensors_torch.load_file(str(path))  # readable by any safetensors reader, no pickle
+    assert set(tensors) == {f"{s}/{n}" for s in ("importance", "star", "task_sum") for n in src.params}
+    model = make_model()
+    model.load_state_dict(src.model.state_dict())
+    dst = mas_ext.ReferenceMAS(model, show_progress=False).load(path)
+    assert_same_state(snapshot(dst), snapshot(src))
+
+
+def test_safetensors_truncated_or_foreign_file_refused_whole(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    src = busy(mas_ext.FusedMAS)
+    good = tmp_path / "omega.safetensors"
+    src.save(good)
+    dst = busy(mas_ext.FusedMAS, lam=0.3)
+    before = snapshot(dst)
+    data = good.read_bytes()
+    bad = tmp_path / "bad.safetensors"
+    for cut in (len(data) // 2, 12, 3):
+        bad.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="nothing was loaded"):
+            dst.load(bad)
+        assert_same_state(snapshot(dst), before)
+    safetensors_torch.save_file({"w": torch.zeros(2)}, str(bad))  # a safetensors file, not ours
+    with pytest.raises(ValueError, match="mas_ext's metadata"):
+        dst.load(bad)
+    assert_same_state(snapshot(dst), before)
