@@ -536,3 +536,41 @@ def test_a_lookalike_class_takes_the_generic_path_with_a_warning():
     with pytest.warns(UserWarning, match="LookalikeRMSNorm does not compute"):
         mas = mas_ext.FusedMAS(model, show_progress=False).accumulate([x])
     assert_close(mas.task_importance, oracle(model, x), tol=1e-5)
+
+
+def test_generic_cpu_path_without_the_register_kernel():
+    """The GEMM-then-|·| path that machines without AVX2/FMA take, forced by MAS_EXT_CPU_KERNEL=generic in a
+    fresh process (the choice is made once per process): the linear and tied ops against per-sample sums."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch, mas_ext
+        torch.manual_seed(0)
+        torch.set_num_threads(2)
+        for n, p, i, o in [(3, 5, 37, 13), (1, 9, 300, 200), (6, 33, 70, 129)]:
+            a, g, w = torch.randn(n, p, i), torch.randn(n, p, o), torch.rand(o, i)
+            w0 = w.clone()
+            torch.ops.mas_ext.linear_importance_(w, None, a, g)
+            want = torch.einsum("npo,npi->noi", g.double(), a.double()).abs().sum(0)
+            assert torch.allclose((w - w0).double(), want, rtol=1e-4, atol=1e-4), (n, p, i, o)
+        n, p, q, v, d = 3, 5, 30, 40, 37
+        a, g, rows = torch.randn(n, p, d), torch.randn(n, p, v), torch.randn(n, q, d)
+        idx = torch.randint(0, v, (n, q)); idx[0, 0] = -1
+        om = torch.zeros(v, d)
+        torch.ops.mas_ext.tied_embedding_importance_(om, a, g, idx, rows)
+        want = torch.zeros(v, d, dtype=torch.float64)
+        for k in range(n):
+            per = g[k].double().t() @ a[k].double()
+            for j in range(q):
+                if idx[k, j] >= 0:
+                    per[idx[k, j]] += rows[k, j].double()
+            want += per.abs()
+        assert torch.allclose(om.double(), want, rtol=1e-4, atol=1e-4)
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MAS_EXT_CPU_KERNEL": "generic"},
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]

@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -68,40 +70,50 @@ int64_t tile_rows(int64_t O, int64_t I, int64_t threads, int64_t multiple) {
   return std::min<int64_t>(std::max<int64_t>(O, 1), (rows + multiple - 1) / multiple * multiple);
 }
 
-// out (O, I) += Σ_k |G_kᵀ A_k + extra_k| for a (N, P, I), g (N, P, O) float32 contiguous, where
-// extra(k, r0, rows, tile) may add to rows [r0, r0 + rows) of sample k's gradient before |·| (tied
-// embeddings). Tile-major: a work item is one row tile over a run of samples, so the accumulator's tile
-// stays in cache across those samples. With at least as many tiles as threads, threads own disjoint
-// tiles of `out` and need no buffers of their own; with fewer, the samples are split too, each extra
-// thread adding into an (O, I) buffer of its own. No thread ever holds more than one tile of one sample's
-// gradient.
-template <typename Extra>
-void per_sample_abs_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& g, Extra extra) {
-  const int64_t N = a.size(0), I = a.size(2), O = g.size(2);
+// The work split of the per-sample importance GEMMs into out (O, I) over N samples. Tile-major: a work item
+// is one row tile [r0, r1) over a run of samples [k0, k1), so the accumulator's tile stays in cache across
+// those samples. With at least as many tiles as threads, threads own disjoint tiles of `out` and need no
+// buffers of their own; with fewer, the samples are split too, each extra thread adding into an (O, I)
+// buffer of its own. body(acc, r0, r1, k0, k1) adds its item into the (O, I) accumulator `acc`; rows are
+// a multiple of `multiple` (but the last).
+template <typename Body>
+void for_each_row_tile(const at::Tensor& out, int64_t N, int64_t multiple, Body body) {
+  const int64_t O = out.size(0), I = out.numel() / std::max<int64_t>(O, 1);
   const int64_t threads = at::get_num_threads();
-  const int64_t rows = tile_rows(O, I, threads, 1), tiles = (O + rows - 1) / rows;
+  const int64_t rows = tile_rows(O, I, threads, multiple), tiles = (O + rows - 1) / rows;
   const int64_t splits = tiles >= threads ? 1 : std::min<int64_t>(N, (threads + tiles - 1) / tiles);
   const int64_t per_split = (N + splits - 1) / splits;
-  std::vector<at::Tensor> gt, ak;  // per-sample operands, made once: (O, P) transposed view and (P, I)
-  for (int64_t k = 0; k < N; ++k) gt.push_back(g[k].t()), ak.push_back(a[k]);
   std::optional<ThreadAccumulators> acc;
   if (splits > 1) acc.emplace(out, tiles * splits);
   float* const direct = out.data_ptr<float>();
   at::parallel_for(0, tiles * splits, 1, [&](int64_t begin, int64_t end) {
-    auto tmp = at::empty({rows, I}, a.options());
     float* wacc = acc ? acc->get() : direct;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t r0 = (item / splits) * rows, r = std::min(rows, O - r0);
+      const int64_t r0 = (item / splits) * rows, r1 = std::min(O, r0 + rows);
       const int64_t k0 = (item % splits) * per_split, k1 = std::min(N, k0 + per_split);
-      auto t = tmp.narrow(0, 0, r);
-      for (int64_t k = k0; k < k1; ++k) {
-        at::mm_out(t, gt[k].narrow(0, r0, r), ak[k]);  // rows [r0, r0 + r) of sample k's weight gradient
-        extra(k, r0, r, t.data_ptr<float>());
-        abs_accumulate(wacc + r0 * I, t.data_ptr<float>(), r * I);
-      }
+      body(wacc, r0, r1, k0, k1);
     }
   });
   if (acc) acc->reduce();
+}
+
+// out (O, I) += Σ_k |G_kᵀ A_k + extra_k| for a (N, P, I), g (N, P, O) float32 contiguous, where
+// extra(k, r0, rows, tile) may add to rows [r0, r0 + rows) of sample k's gradient before |·| (tied
+// embeddings): each row tile of a sample's gradient is made by a GEMM into a cached buffer, then its |·|
+// accumulated. No thread ever holds more than one tile of one sample's gradient.
+template <typename Extra>
+void per_sample_abs_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& g, Extra extra) {
+  const int64_t N = a.size(0), I = a.size(2);
+  std::vector<at::Tensor> gt, ak;  // per-sample operands, made once: (O, P) transposed view and (P, I)
+  for (int64_t k = 0; k < N; ++k) gt.push_back(g[k].t()), ak.push_back(a[k]);
+  for_each_row_tile(out, N, 1, [&](float* acc, int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
+    auto t = at::empty({r1 - r0, I}, a.options());
+    for (int64_t k = k0; k < k1; ++k) {
+      at::mm_out(t, gt[k].narrow(0, r0, r1 - r0), ak[k]);  // rows [r0, r1) of sample k's weight gradient
+      extra(k, r0, r1 - r0, t.data_ptr<float>());
+      abs_accumulate(acc + r0 * I, t.data_ptr<float>(), (r1 - r0) * I);
+    }
+  });
 }
 
 void check_accumulator(const at::Tensor& acc, const char* what, at::IntArrayRef shape) {
@@ -198,8 +210,10 @@ __attribute__((target("avx2,fma"))) void abs_gemm_rows_avx2(float* acc, const fl
   }
 }
 
+// MAS_EXT_CPU_KERNEL=generic forces the GEMM-then-|·| path (tests run it on machines that have AVX2).
 bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          std::string(std::getenv("MAS_EXT_CPU_KERNEL") ? std::getenv("MAS_EXT_CPU_KERNEL") : "") != "generic";
   return yes;
 }
 #endif
@@ -211,30 +225,17 @@ bool per_sample_abs_gemm_registers(const at::Tensor& out, const at::Tensor& a, c
 #ifdef MAS_EXT_AVX2_KERNEL
   if (has_avx2()) {
     const int64_t N = a.size(0), P = a.size(1), I = a.size(2), O = g.size(2);
-    const int64_t threads = at::get_num_threads();
-    const int64_t rows = tile_rows(O, I, threads, 6), tiles = (O + rows - 1) / rows;
-    const int64_t splits = tiles >= threads ? 1 : std::min<int64_t>(N, (threads + tiles - 1) / tiles);
-    const int64_t per_split = (N + splits - 1) / splits;
-    std::optional<ThreadAccumulators> acc;
-    if (splits > 1) acc.emplace(out, tiles * splits);
-    float* const direct = out.data_ptr<float>();
     const float* ap = a.data_ptr<float>();
     const float* gp = g.data_ptr<float>();
-    at::parallel_for(0, tiles * splits, 1, [&](int64_t begin, int64_t end) {
-      float* wacc = acc ? acc->get() : direct;
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t r0 = (item / splits) * rows, r1 = std::min(O, r0 + rows);
-        const int64_t k0 = (item % splits) * per_split, k1 = std::min(N, k0 + per_split);
-        for (int64_t k = k0; k < k1; ++k) {
-          if (extra) {
-            abs_gemm_rows_avx2<true>(wacc, ap + k * P * I, gp + k * P * O, P, I, O, r0, r1, &(*extra)[k]);
-          } else {
-            abs_gemm_rows_avx2<false>(wacc, ap + k * P * I, gp + k * P * O, P, I, O, r0, r1, nullptr);
-          }
+    for_each_row_tile(out, N, 6, [&](float* acc, int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        if (extra) {
+          abs_gemm_rows_avx2<true>(acc, ap + k * P * I, gp + k * P * O, P, I, O, r0, r1, &(*extra)[k]);
+        } else {
+          abs_gemm_rows_avx2<false>(acc, ap + k * P * I, gp + k * P * O, P, I, O, r0, r1, nullptr);
         }
       }
     });
-    if (acc) acc->reduce();
     return true;
   }
 #endif

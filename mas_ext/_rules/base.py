@@ -12,7 +12,7 @@ that output (∂‖f‖²/∂y for g-MAS, y itself for l-MAS). It offers two pat
 - ``fused(module, call, bufs, per_sample)`` (optional): adds the same Σ_k |∂_k| into ``bufs``
   without materialising per-sample gradients (compiled kernels or non-materialising formulas).
   Returns False where it does not apply, and the reference path runs instead. Which devices have kernels
-  is decided once, by ``FusedMAS._kernels_for``, before any fused rule runs.
+  is decided once, by FusedMAS's kernel gate (``_core._KernelGate``), before any fused rule runs.
 """
 import warnings
 from dataclasses import dataclass, field
@@ -104,6 +104,12 @@ def register_rule(module_type, rule):
 def rule_for(module):
     """The rule registered for this module, or None (the generic torch.func rule then applies)."""
     return next((rule for _, match, rule in _TABLE if match(module)), None)
+
+
+def add_abs_sum(buf, per_sample_grads, per_sample):
+    """buf += Σ_k |∂_k| over the leading (sample) dim of ``per_sample_grads``, or |Σ_k ∂_k| with
+    ``per_sample=False``: the fused form wherever per-sample gradients are small enough to hold (N × C)."""
+    buf += per_sample_grads.abs().sum(0) if per_sample else per_sample_grads.sum(0).abs()
 
 
 _VERIFIED = set()  # classes recognised by name whose output was checked to follow their rule's formula

@@ -3,6 +3,7 @@ the output Linear shares (tied input/output embeddings), through the tied kernel
 import torch
 
 from .. import _ops
+from .base import add_abs_sum
 from .linear import _linear_operands, linear_grads
 
 
@@ -66,6 +67,5 @@ def tied_fused(calls, bufs, per_sample):
         idx.reshape(n, -1).contiguous(), rows.view(n, -1, rows.shape[-1]))
     bias = lin.names.get("bias")
     if bias is not None:
-        gs = g.float().sum(1)
-        bufs[bias] += gs.abs().sum(0) if per_sample else gs.sum(0).abs()
+        add_abs_sum(bufs[bias], g.float().sum(1), per_sample)
     return True

@@ -3,7 +3,7 @@
 import torch
 
 from .. import _ops
-from .base import matches_formula
+from .base import add_abs_sum, matches_formula
 from .generic import generic_grads
 
 
@@ -60,11 +60,8 @@ def _conv1d_formula_holds(module, x, y):
 def conv1d_grads(module, call, s, e):
     if not _conv1d_matches(module, call):
         return generic_grads(module, call, s, e)
-    a, g = _linear_operands(module, call)
-    a, g = a[s:e].float(), g[s:e].float()
-    out = {"weight": torch.bmm(a.transpose(1, 2), g)}
-    if module.bias is not None:
-        out["bias"] = g.sum(1)
+    out = linear_grads(module, call, s, e)
+    out["weight"] = out["weight"].transpose(1, 2)  # (in, out), Conv1D's layout
     return out
 
 
@@ -75,6 +72,5 @@ def conv1d_fused(module, call, bufs, per_sample):
     a, g = _linear_operands(module, call)
     linear_into(bufs["weight"], None, g, a, call.n, per_sample)
     if "bias" in bufs:
-        gs = g.float().sum(1)
-        bufs["bias"] += gs.abs().sum(0) if per_sample else gs.sum(0).abs()
+        add_abs_sum(bufs["bias"], g.float().sum(1), per_sample)
     return True

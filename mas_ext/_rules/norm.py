@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import matches_formula
+from .base import add_abs_sum, matches_formula
 from .generic import generic_grads
 
 
@@ -79,5 +79,5 @@ def norm_fused(module, call, bufs, per_sample):
     pg = norm_grads(module, call, 0, call.n)
     for name, v in pg.items():
         if name in bufs:
-            bufs[name] += v.abs().sum(0) if per_sample else v.sum(0).abs()
+            add_abs_sum(bufs[name], v, per_sample)
     return True
