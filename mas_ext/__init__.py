@@ -6,6 +6,8 @@
 - :mod:`mas_ext.optim`: SGD, Adam and AdamW taking ``mas=`` to apply the penalty in their step.
 - :func:`backend`: which path runs here, and why.
 - :func:`register_rule`, :class:`Rule`, :class:`Call`: give a custom layer its own fused rule.
+- :mod:`mas_ext.integrations`: ``MASCallback`` for the Hugging Face and Lightning Trainers (not imported
+  here: ``import mas_ext.integrations.transformers`` or ``.lightning``).
 """
 from . import optim
 from ._core import FusedMAS, ReferenceMAS, backend
