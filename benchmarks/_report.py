@@ -94,7 +94,7 @@ def optim_summary(rows, bw):
 def summarise(rows, optim_rows, bw, models):
     by = {(r["model"], r["method"]): r for r in rows}
     s = {"importance_vs_plain": {}, "importance_speedup_vs_fastest_peer": {}, "importance_fastest_peer": {},
-         "importance_extra_memory_vs_plain": {}, "reference_vs_plain": {}}
+         "importance_extra_memory_vs_plain": {}, "importance_extra_rss_vs_plain": {}, "reference_vs_plain": {}}
     for m in models:
         plain, fused, ref = by.get((m, "plain")), by.get((m, "fused")), by.get((m, "reference"))
         okf = fused is not None and _ok(fused)
@@ -108,6 +108,9 @@ def summarise(rows, optim_rows, bw, models):
         pm = plain.get("peak_mem_bytes") if plain and _ok(plain) else None
         fm = fused.get("peak_mem_bytes") if okf else None
         s["importance_extra_memory_vs_plain"][m] = (fm - pm) / pm if pm and fm is not None else None
+        pr = plain.get("peak_rss_bytes") if plain and _ok(plain) else None
+        fr_ = fused.get("peak_rss_bytes") if okf else None
+        s["importance_extra_rss_vs_plain"][m] = (fr_ - pr) / pr if pr and fr_ is not None else None
     s.update(optim_summary(optim_rows, bw))
     return s
 
@@ -155,10 +158,14 @@ def markdown(res):
     for key, label in (("importance_vs_plain", "FusedMAS / plain fwd+bwd (time)"),
                        ("importance_speedup_vs_fastest_peer", "fastest per-sample peer / FusedMAS (time)"),
                        ("importance_extra_memory_vs_plain", "extra peak memory of FusedMAS over plain"),
+                       ("importance_extra_rss_vs_plain", "same, peak RSS (CPU: also non-tensor memory)"),
                        ("reference_vs_plain", "ReferenceMAS / plain fwd+bwd (time)")):
         vals = res.get(key) or {}
-        geo = _geomean(vals.get(m) for m in models) if key != "importance_extra_memory_vs_plain" else None
-        fmt = "{:+.0%}" if key == "importance_extra_memory_vs_plain" else "{:.2f}"
+        if key == "importance_extra_rss_vs_plain" and not any(v is not None for v in vals.values()):
+            continue
+        relative = key.startswith("importance_extra_")
+        geo = _geomean(vals.get(m) for m in models) if not relative else None
+        fmt = "{:+.0%}" if relative else "{:.2f}"
         cells = [_f(vals.get(m), fmt) for m in models]
         if key == "importance_speedup_vs_fastest_peer":
             fp = res.get("importance_fastest_peer") or {}

@@ -1,9 +1,11 @@
 """One benchmark row in its own process: `python -m benchmarks._worker SPEC.json`.
 
 A fresh process per row keeps rows independent (a peer that crashes or runs out of memory takes
-only its own row down; the parent enforces the per-row time budget with a timeout) and makes the
-CPU peak-memory figure honest: peak RSS (VmHWM, reset through /proc/self/clear_refs) minus the
-RSS just before the pass, with glibc's mmap threshold fixed so freed buffers return to the OS.
+only its own row down; the parent enforces the per-row time budget with a timeout) and isolates the
+memory figures. CPU peak memory is measured twice, each on a pass of its own: the peak of the bytes
+torch's CPU allocator holds (the profiler's memory events; the counterpart of CUDA's
+max_memory_allocated, and the figure the summary uses) and the peak RSS increase (VmHWM, reset through
+/proc/self/clear_refs), which also counts non-tensor memory and heap fragmentation.
 """
 from __future__ import annotations
 
@@ -48,6 +50,32 @@ class CpuPeak:
         if not self.ok:
             return None
         return max(0, _status_kb("VmHWM")["VmHWM"] - self.base) * 1024
+
+
+class CpuTensorPeak:
+    """Peak increase of the bytes held by torch's CPU allocator over one region, read from the profiler's
+    memory events (allocations made on the calling thread; mas_ext's kernels make their per-thread
+    workspaces there too)."""
+
+    def __init__(self, torch):
+        self.torch = torch
+
+    def start(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self.prof.__enter__()
+
+    def stop(self):
+        self.prof.__exit__(None, None, None)
+        events = sorted((e.start_ns(), e.nbytes()) for e in self.prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+        live = peak = 0
+        for _, nbytes in events:
+            live += nbytes
+            peak = max(peak, live)
+        del self.prof
+        return peak
 
 
 def _median(xs):
@@ -171,7 +199,7 @@ def run_spec(spec):
             result.update(status="ok", dtype=dtype, time_s=time.perf_counter() - t_start)
             return
         ref = torch.load(spec["ref"]) if spec.get("ref") and os.path.exists(spec["ref"]) else None
-        peak = CudaPeak(torch, device) if cuda else CpuPeak()
+        peak = CudaPeak(torch, device) if cuda else CpuTensorPeak(torch)
         paired = spec.get("paired", True) and spec["method"] != "plain"
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -210,16 +238,23 @@ def run_spec(spec):
             if paired:
                 preset()
                 del prun, preset, pmodel
-            # memory: one more pass, measured alone (CPU: glibc mmap threshold fixed first, so freed big
-            # buffers go back to the OS and the RSS peak is what this pass needs)
-            if not cuda:
-                _fix_malloc()
+            # memory: one more pass, measured alone; on CPU a second one for the RSS (glibc's mmap
+            # threshold fixed first, so freed big buffers go back to the OS)
             reset()
             gc.collect()
             peak.start()
             out = run()
             result["peak_mem_bytes"] = peak.stop()
             del out
+            if not cuda:
+                _fix_malloc()
+                reset()
+                gc.collect()
+                rss = CpuPeak()
+                rss.start()
+                out = run()
+                result["peak_rss_bytes"] = rss.stop()
+                del out
         if paired and plain_times:
             result["plain_times_s"] = plain_times
             result["plain_time_s"] = _median(plain_times)

@@ -269,11 +269,14 @@ def run_device(device, args, out_dir):
         avail = _mem_available()
         mem_cap = int(args.mem_cap_gb * 2**30) if args.mem_cap_gb else (int(0.6 * avail) if avail else None)
         notes.append(
-            "peak memory (CPU): per row, a fresh process; after the timed passes, one more pass measured alone: peak "
-            "RSS (VmHWM, reset through /proc/self/clear_refs) minus the RSS just before it, with glibc's mmap threshold "
-            "fixed at 128 KiB (mallopt) and malloc_trim first so freed buffers return to the OS. It counts what the pass allocates (activations, autograd graph, "
-            "per-sample tensors, the .grad or Omega it produces), not the model, the input or one-time set-up "
-            "(e.g. Opacus/BackPACK wrapping).")
+            "peak memory (CPU): per row, a fresh process; after the timed passes, one more pass measured alone: the "
+            "peak of the bytes torch's CPU allocator holds above what it held before the pass (the profiler's memory "
+            "events, as CUDA's max_memory_allocated; mas_ext's kernels make their per-thread workspaces as torch "
+            "tensors so it sees them). It counts what the pass allocates (activations, autograd graph, per-sample "
+            "tensors, workspaces, the .grad or Omega it produces), not the model, the input or one-time set-up "
+            "(e.g. Opacus/BackPACK wrapping). A further pass gives 'peak_rss_bytes': the peak RSS increase (VmHWM "
+            "reset through /proc/self/clear_refs; glibc's mmap threshold fixed at 128 KiB and malloc_trim first), "
+            "which also counts non-tensor memory and heap fragmentation and moves by a few MiB between runs.")
         if mem_cap:
             notes.append(f"CPU rows run under RLIMIT_DATA = {mem_cap / 2**30:.1f} GiB; a row that needs more fails with "
                          "'out of memory'.")
@@ -386,6 +389,7 @@ def run_device(device, args, out_dir):
                                    "adam_step_speedup_vs_reference", "adam_step_vs_torch_fused")},
         "importance_fastest_peer": summary["importance_fastest_peer"],
         "importance_extra_memory_vs_plain": summary["importance_extra_memory_vs_plain"],
+        "importance_extra_rss_vs_plain": summary["importance_extra_rss_vs_plain"],
         "reference_vs_plain": summary["reference_vs_plain"],
         "copy_bandwidth": bw,
         "spec_targets": {k: v[device] for k, v in SPEC_TARGETS.items()},

@@ -5,7 +5,7 @@ import os
 
 import torch
 
-KEYS = {"config", "importance", "star", "task_sum", "num_samples", "num_tasks"}
+KEYS = {"config", "importance", "star", "task_importance", "num_samples", "num_tasks"}
 CONFIG_KEYS = {"lam", "mode", "per_sample", "merge", "alpha"}
 
 
@@ -21,7 +21,7 @@ def validate(state_dict, params):
         v = state_dict[k]
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             problems.append(f"{k}: expected a non-negative int, got {v!r}")
-    for section in ("importance", "star", "task_sum"):
+    for section in ("importance", "star", "task_importance"):
         problems += _section_problems(section, state_dict[section], params)
     if (isinstance(state_dict["importance"], dict) and isinstance(state_dict["star"], dict)
             and set(state_dict["importance"]) != set(state_dict["star"])):
@@ -52,7 +52,7 @@ def _section_problems(section, entries, params):
     if not isinstance(entries, dict):
         return [f"{section}: expected a dict of tensors, got {type(entries).__name__}"]
     problems = []
-    want = set(params) if section == "task_sum" or entries else set()
+    want = set(params) if section == "task_importance" or entries else set()
     missing, unexpected = sorted(want - set(entries)), sorted(set(entries) - set(params))
     if missing:
         problems.append(f"{section}: missing {missing}")
@@ -68,7 +68,7 @@ def _section_problems(section, entries, params):
     return problems
 
 
-_SECTIONS = ("importance", "star", "task_sum")
+_SECTIONS = ("importance", "star", "task_importance")
 
 
 def write(state_dict, path):

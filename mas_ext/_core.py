@@ -1,4 +1,4 @@
-"""ReferenceMAS and FusedMAS: task sums and counts, consolidation, the penalty and checkpoints.
+"""ReferenceMAS and FusedMAS: Ω_t as running means and counts, consolidation, the penalty and checkpoints.
 
 The importance pass itself (units, hooks, taps, rules) is :class:`._engine.Engine`; a MAS object hands it
 each batch and commits what the batch added only when the whole batch is finite. Checkpoint validation
@@ -17,7 +17,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import _checkpoint, _ops
-from ._engine import Engine
+from ._engine import Engine, ZeroBuffers
 
 __all__ = ["ReferenceMAS", "FusedMAS", "backend"]
 
@@ -116,7 +116,8 @@ class ReferenceMAS:
         self._kernels_for = self._gate() if self._gate is not None else None
         self._engine = Engine(self.net, self.params, mode, bool(per_sample), output_fn, self._kernels_for)
         self.lam, self.merge, self.alpha, self.show_progress = float(lam), merge, float(alpha), show_progress
-        self._sum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
+        # Ω_t as running means (read without a copy) over _count samples; made on first use
+        self._mean = ZeroBuffers(self.params)
         self._count = 0
         self._importance, self._star = {}, {}
         self.num_tasks = 0
@@ -186,36 +187,41 @@ class ReferenceMAS:
                         f"arguments, got {type(batch).__name__}")
 
     def _accumulate_batch(self, args, kwargs, where):
-        """One batch through the engine, committed to Ω_t's sums and the count only when it is all finite."""
+        """One batch through the engine, committed to Ω_t's running means and the count only when it is all
+        finite."""
         n = self._engine.batch_size(args, kwargs, where)
-        # With no samples yet in this task, Ω_t's sums are zero: the batch accumulates into them in place
-        # (no second weight-sized buffer) and a failed batch just zeroes them again. Otherwise it fills
-        # buffers of its own, added only once the whole batch is known to be finite.
+        # With no samples yet in this task, Ω_t is zero: the batch accumulates into it in place and a failed
+        # batch just drops it. Otherwise it fills buffers of its own, folded in only once the whole batch is
+        # known finite. Either way a layer's buffer is made when its gradients arrive, as a plain backward
+        # makes its .grad.
         fresh, committed = self._count == 0, False
         try:
+            bufs = ZeroBuffers(self.params)
             if fresh:
-                bufs = self._sum
-                for b in bufs.values():
-                    b.zero_()
-            else:
-                bufs = {g: torch.zeros_like(s) for g, s in self._sum.items()}
+                self._mean = bufs
             self._engine.run(args, kwargs, n, bufs, where)
             with _sigint_deferred():
                 # Contributions are sums of |·| (≥ 0): a buffer's sum is finite exactly when all its entries are.
-                finite = torch.isfinite(torch.stack([b.sum() for b in bufs.values()])).tolist()
+                finite = torch.isfinite(torch.stack([b.sum() for b in bufs.values()])).tolist() if bufs else []
                 bad = [g for g, ok in zip(bufs, finite) if not ok]
                 if bad:
                     raise FloatingPointError(f"batch {where}: non-finite importance for {bad[:3]} (a NaN or inf "
                                              "gradient); importance and sample count left as they were before this batch")
-                if not fresh:
-                    for g, b in bufs.items():
-                        self._sum[g] += b
-                self._count += n
+                total = self._count + n
+                if fresh:
+                    for b in bufs.values():
+                        b.div_(n)
+                else:  # every mean made so far is rescaled, the batch's buffers added
+                    for g in self.params:
+                        if g in self._mean or g in bufs:
+                            m = self._mean[g].mul_(self._count / total)
+                            if g in bufs:
+                                m.add_(bufs[g], alpha=1.0 / total)
+                self._count = total
                 committed = True
         except BaseException:
             if fresh and not committed:
-                for b in self._sum.values():
-                    b.zero_()
+                self._mean = ZeroBuffers(self.params)
             raise
 
     # ------------------------------------------------------------------ tasks and penalty
@@ -226,8 +232,10 @@ class ReferenceMAS:
 
     @property
     def task_importance(self):
-        """Ω_t so far: the mean importance over the samples seen since the last consolidate()."""
-        return {g: s / max(self._count, 1) for g, s in self._sum.items()}
+        """Ω_t so far: the mean importance over the samples seen since the last consolidate(),
+        {name: float32 tensor}. The tensors are the live running means, read without a copy (as ``.grad``):
+        the next :meth:`accumulate` changes them; clone them to keep a snapshot, and do not write to them."""
+        return {g: self._mean[g] for g in self.params}
 
     @property
     def importance(self):
@@ -253,13 +261,12 @@ class ReferenceMAS:
         merge = self.merge if merge is None else merge
         alpha = self.alpha if alpha is None else float(alpha)
         self._check_merge(merge, alpha)
-        sums, count = self._sum, self._count
+        means, count = {g: self._mean[g] for g in self.params}, self._count
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            sums, count = self._all_reduce(sums, count)
+            means, count = self._all_reduce(means, count)
         if count == 0:
             raise ValueError("consolidate(): no samples seen since the last consolidate(); call accumulate() first")
-        for g, s in sums.items():
-            omega_t = s / count
+        for g, omega_t in means.items():
             if g not in self._importance:
                 self._importance[g] = omega_t
             elif merge == "sum":
@@ -267,21 +274,23 @@ class ReferenceMAS:
             else:
                 self._importance[g] = alpha * self._importance[g] + (1 - alpha) * omega_t
             self._star[g] = self.params[g].detach().clone()
-        self._sum = {g: torch.zeros_like(s) for g, s in self._sum.items()}
+        self._mean = ZeroBuffers(self.params)
         self._count = 0
         self.num_tasks += 1
         return self
 
     @staticmethod
-    def _all_reduce(sums, count):
-        flat = torch.cat([s.flatten() for s in sums.values()] + [torch.tensor([float(count)], device=next(
-            iter(sums.values())).device)]).double()
+    def _all_reduce(means, count):
+        """The means and count over all ranks: each rank's sums (mean × count, in float64) all-reduced."""
+        flat = torch.cat([m.flatten() for m in means.values()] + [torch.ones(1, device=next(
+            iter(means.values())).device)]).double().mul_(count)
         torch.distributed.all_reduce(flat)
+        total = int(round(flat[-1].item()))
         out, offset = {}, 0
-        for g, s in sums.items():
-            out[g] = flat[offset:offset + s.numel()].view_as(s).float()
-            offset += s.numel()
-        return out, int(round(flat[-1].item()))
+        for g, m in means.items():
+            out[g] = flat[offset:offset + m.numel()].view_as(m).div(max(total, 1)).float()
+            offset += m.numel()
+        return out, total
 
     def penalty_state(self):
         """(parameter, Ω, θ*) for every tracked parameter with a consolidated Ω."""
@@ -305,13 +314,14 @@ class ReferenceMAS:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self):
-        """Config (λ, mode, per_sample, merge, alpha), Ω, θ*, the running task sums and counts."""
+        """Config (λ, mode, per_sample, merge, alpha), Ω, θ*, the task's Ω_t so far (running means) and the
+        counts."""
         return {
             "config": {"lam": self.lam, "mode": self.mode, "per_sample": self.per_sample, "merge": self.merge,
                        "alpha": self.alpha},
             "importance": {g: t.clone() for g, t in self._importance.items()},
             "star": {g: t.clone() for g, t in self._star.items()},
-            "task_sum": {g: t.clone() for g, t in self._sum.items()},
+            "task_importance": {g: self._mean[g].clone() for g in self.params},
             "num_samples": self._count,
             "num_tasks": self.num_tasks,
         }
@@ -330,12 +340,12 @@ class ReferenceMAS:
 
         self._importance = placed("importance", torch.float32)
         self._star = placed("star")
-        self._sum = placed("task_sum", torch.float32)
+        self._mean = ZeroBuffers(self.params, placed("task_importance", torch.float32))
         self._count, self.num_tasks = int(state_dict["num_samples"]), int(state_dict["num_tasks"])
 
     def save(self, path):
         """Writes :meth:`state_dict` to ``path`` atomically (a temporary file, fsync, then rename): a crash
-        mid-save leaves the previous file whole. ``*.safetensors``: a safetensors file (Ω, θ*, the task sums;
+        mid-save leaves the previous file whole. ``*.safetensors``: a safetensors file (Ω, θ*, Ω_t so far;
         config and counts in its metadata), shareable without pickle; otherwise torch.save's format."""
         _checkpoint.write(self.state_dict(), path)
 

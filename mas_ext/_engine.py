@@ -59,6 +59,21 @@ def _expand_broadcast(module, args, kwargs, outs, n):
     return args, kwargs, [expand(o) for o in outs]
 
 
+class ZeroBuffers(dict):
+    """{global name: float32 buffer}, each made as zeros shaped like its parameter on first use: a pass
+    allocates a layer's buffer only when that layer's gradients arrive, as a plain backward does its .grad,
+    and a parameter no sample reaches costs nothing."""
+
+    def __init__(self, params, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params = params
+
+    def __missing__(self, name):
+        buf = self[name] = torch.zeros_like(self.params[name], dtype=torch.float32,
+                                            memory_format=torch.contiguous_format)
+        return buf
+
+
 class _Tap(torch.autograd.Function):
     """Identity on a unit's floating outputs; its backward hands their gradients to ``sink``.
 
@@ -227,8 +242,8 @@ class Engine:
 
     def run(self, args, kwargs, n, bufs, where):
         """One batch of n samples, the model called as ``net(*args, **kwargs)``, inside :meth:`session`: its
-        Σ_k |∂_k| (|Σ_k ∂_k| with ``per_sample=False``) into ``bufs`` ({global name: float32 tensor}), which
-        must be zero: a batch in which a unit turns out to run more than once is redone from zero. Padding
+        Σ_k |∂_k| (|Σ_k ∂_k| with ``per_sample=False``) into ``bufs`` (a :class:`ZeroBuffers`, empty or all
+        zero): a batch in which a unit turns out to run more than once is redone from zero. Padding
         marked by an (n, T) ``attention_mask`` keyword is left out."""
         mask = kwargs.get("attention_mask")
         mask = mask if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[0] == n else None
@@ -237,7 +252,7 @@ class Engine:
                 for b in bufs.values():
                     b.zero_()
             calls = self._forward_backward(args, kwargs, where, _Pass(n, bufs, torch.zeros(
-                (), device=next(iter(bufs.values())).device, requires_grad=True), mask))
+                (), device=next(iter(self.params.values())).device, requires_grad=True), mask))
             # A unit that ran more than once was handled call by call (local mode, or a tapped forward):
             # redo the batch with its calls summed per sample.
             repeats = [u for u, k in calls.items() if k > 1 and not u.repeats
@@ -315,7 +330,8 @@ class Engine:
                 for i, t in zip(pos, expanded):
                     flat[i] = t
                 out = flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
-            call = _rules.Call(state.n, args, kwargs, out, versions=versions)
+            keep = self.mode == "local" or unit.rule.needs_output(module)
+            call = _rules.Call(state.n, args, kwargs, out if keep else None, versions=versions)
             unit.group.calls.append((unit, call))
             if self.mode == "local":
                 call.grads = tuple(_mask_positions(flat[i].detach(), state.mask) for i in pos)
@@ -359,9 +375,9 @@ class Engine:
         """The forward installed on units whose rule taps its own internals (g-MAS per sample, FusedMAS)."""
         state = self._pass
         if state is not None and not state.busy and not unit.repeats:
-            def tap(outs, on_grads):
-                local = {k: state.bufs[g] for k, g in unit.names.items()}
-                return self._tap(state.anchor, lambda grads: on_grads(grads, local), True, outs)
+            def tap(outs, on_grads):  # the buffers are looked up when the gradients arrive (made then)
+                return self._tap(state.anchor, lambda grads: on_grads(
+                    grads, {k: state.bufs[g] for k, g in unit.names.items()}), True, outs)
 
             out = unit.rule.tapped_forward(unit.module, tap, *args, **kwargs)
             if out is not None:

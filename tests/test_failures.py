@@ -62,7 +62,7 @@ def data(sizes, seed=1, positions=4):
 
 def state(mas):
     sd = mas.state_dict()
-    return {"sum": {k: v.clone() for k, v in sd["task_sum"].items()}, "count": mas.num_samples,
+    return {"task": {k: v.clone() for k, v in sd["task_importance"].items()}, "count": mas.num_samples,
             "importance": {k: v.clone() for k, v in sd["importance"].items()}, "tasks": mas.num_tasks}
 
 
@@ -70,7 +70,7 @@ def assert_state(mas, want):
     got = state(mas)
     assert got["count"] == want["count"], f"num_samples {got['count']} != {want['count']}"
     assert got["tasks"] == want["tasks"]
-    for section in ("sum", "importance"):
+    for section in ("task", "importance"):
         assert set(got[section]) == set(want[section])
         for k in want[section]:
             assert torch.equal(got[section][k], want[section][k]), f"{section}.{k} changed"
@@ -126,8 +126,8 @@ def test_interrupted_batch_iterator_keeps_whole_batches(cls, mode):
     mas.accumulate(batches[2:])
     want = after(cls, mode, batches)
     assert mas.num_samples == 18
-    for k, v in want["sum"].items():
-        torch.testing.assert_close(state(mas)["sum"][k], v)
+    for k, v in want["task"].items():
+        torch.testing.assert_close(state(mas)["task"][k], v)
 
 
 @pytest.mark.parametrize("mode", ["global", "local"])
@@ -144,8 +144,8 @@ def test_interrupt_inside_forward_drops_the_partial_batch(cls, mode):
     assert_state(mas, after(cls, mode, batches[:2], middle=Trip()))
     assert_model_untouched(mas.model, grads)
     mas.accumulate(batches[2:])
-    for k, v in after(cls, mode, batches, middle=Trip())["sum"].items():
-        torch.testing.assert_close(state(mas)["sum"][k], v)
+    for k, v in after(cls, mode, batches, middle=Trip())["task"].items():
+        torch.testing.assert_close(state(mas)["task"][k], v)
 
 
 class _InterruptInBackward(torch.autograd.Function):
@@ -182,8 +182,8 @@ def test_interrupt_inside_backward_drops_the_partial_batch(cls):
     assert_model_untouched(mas.model, grads)
     stop.armed = False
     mas.accumulate(batches[1:])
-    for k, v in after(cls, "global", batches, middle=InterruptInBackward())["sum"].items():
-        torch.testing.assert_close(state(mas)["sum"][k], v)
+    for k, v in after(cls, "global", batches, middle=InterruptInBackward())["task"].items():
+        torch.testing.assert_close(state(mas)["task"][k], v)
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=IDS)
@@ -196,21 +196,21 @@ def test_sigint_during_the_commit_is_deferred_until_it_is_whole(cls):
     class SignalOnFirstAdd(dict):
         fired = False
 
-        def __setitem__(self, key, value):
+        def __getitem__(self, key):  # the commit reads each running mean to fold the batch in
             if not SignalOnFirstAdd.fired:
                 SignalOnFirstAdd.fired = True
                 signal.raise_signal(signal.SIGINT)  # Python runs the handler right here
-            super().__setitem__(key, value)
+            return super().__getitem__(key)
 
     mas.accumulate(batches[:1])
-    mas._sum = SignalOnFirstAdd(mas._sum)
+    mas._mean = SignalOnFirstAdd(mas._mean)
     with pytest.raises(KeyboardInterrupt):
         mas.accumulate(batches[1:])
     assert SignalOnFirstAdd.fired
     assert mas.num_samples == 8  # batch 1 committed whole, batch 2 never started
     want = after(cls, "global", batches[:2])
-    for k, v in want["sum"].items():
-        torch.testing.assert_close(mas._sum[k], v, rtol=0, atol=0)
+    for k, v in want["task"].items():
+        torch.testing.assert_close(mas._mean[k], v, rtol=0, atol=0)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
@@ -232,8 +232,8 @@ def test_nan_output_names_the_batch_and_loses_nothing(cls, mode):
         mas.accumulate([bad])
     assert_state(mas, after(cls, mode, batches[:2]))
     mas.accumulate(batches[2:])
-    for k, v in after(cls, mode, batches)["sum"].items():
-        torch.testing.assert_close(state(mas)["sum"][k], v)
+    for k, v in after(cls, mode, batches)["task"].items():
+        torch.testing.assert_close(state(mas)["task"][k], v)
 
 
 @pytest.mark.parametrize("positions", [4, 0], ids=["sequence", "flat"])
@@ -253,8 +253,8 @@ def test_nan_gradient_with_finite_output(cls, positions):
     assert "0.weight" in str(err.value)
     assert mas.num_samples == 5
     ref = cls(model, show_progress=False).accumulate(batches[:1])
-    for k, v in state(ref)["sum"].items():
-        assert torch.equal(state(mas)["sum"][k], v)
+    for k, v in state(ref)["task"].items():
+        assert torch.equal(state(mas)["task"][k], v)
     assert_model_untouched(model, grads)
 
 
@@ -269,7 +269,7 @@ def test_inf_gradient_in_a_generic_module(cls):
     with pytest.raises(FloatingPointError, match=r"batch 0\b.*1\.w"):
         mas.accumulate(batches)
     assert mas.num_samples == 0
-    assert all(torch.equal(s, torch.zeros_like(s)) for s in state(mas)["sum"].values())
+    assert all(torch.equal(s, torch.zeros_like(s)) for s in state(mas)["task"].values())
     assert_model_untouched(model, grads)
     # after consolidating a task, a failing batch leaves Ω and θ* alone too
     with torch.no_grad():
@@ -332,8 +332,8 @@ def test_output_that_is_not_a_floating_tensor(cls, mode):
     # with output_fn it works, and equals the plain model
     mas = cls(TupleOut(), mode=mode, output_fn=lambda out: out[0], show_progress=False).accumulate(batches)
     want = after(cls, mode, batches)
-    for k, v in want["sum"].items():
-        torch.testing.assert_close(state(mas)["sum"][f"net.{k}"], v)
+    for k, v in want["task"].items():
+        torch.testing.assert_close(state(mas)["task"][f"net.{k}"], v)
     mas = cls(IntOut(), mode=mode, show_progress=False)
     with pytest.raises(TypeError, match=r"batch 0\b.*int64.*floating"):
         mas.accumulate(batches)
@@ -365,8 +365,8 @@ def test_input_of_another_dtype_or_device_or_kind(cls):
     x = data([3], seed=9)[0]
     a = cls(make_model(), show_progress=False).accumulate([(x, torch.arange(3))])
     b = cls(make_model(), show_progress=False).accumulate([x])
-    for k, v in state(b)["sum"].items():
-        assert torch.equal(state(a)["sum"][k], v)
+    for k, v in state(b)["task"].items():
+        assert torch.equal(state(a)["task"][k], v)
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=IDS)

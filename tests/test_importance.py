@@ -313,6 +313,36 @@ def test_pass_leaves_grads_flags_and_modes(cls):
 
 
 @pytest.mark.parametrize("cls", [mas_ext.ReferenceMAS, mas_ext.FusedMAS])
+def test_task_importance_is_the_running_mean_read_without_a_copy(cls):
+    """Ω_t is kept as running means: reading it copies nothing, a later batch updates the same tensors to the
+    mean over all samples, and a parameter no sample reaches reads as zeros."""
+    net, x = mlp()
+
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.unused = net, nn.Linear(3, 3)  # tracked, never called
+
+        def forward(self, inp):
+            return self.net(inp)
+
+    mas = cls(WithUnused(), show_progress=False)
+    want = {f"net.{n}": v for n, v in oracle(net, x).items()}
+    assert all(torch.equal(t, torch.zeros_like(t)) for t in mas.task_importance.values())
+    mas.accumulate([x[:4]])
+    first = mas.task_importance
+    assert all(first[n] is t for n, t in mas.task_importance.items())  # the same tensors, no copy
+    mas.accumulate([x[4:7], x[7:]])
+    # updated in place to the mean over all 9 samples
+    assert_close({n: t for n, t in first.items() if n.startswith("net.")}, want, tol=1e-4)
+    assert torch.equal(first["unused.weight"], torch.zeros(3, 3)) and first["unused.weight"].dtype == torch.float32
+    mas.consolidate()
+    assert_close({n: t for n, t in mas.importance.items() if n.startswith("net.")}, want, tol=1e-4)
+    assert mas.num_samples == 0
+    assert all(torch.equal(t, torch.zeros_like(t)) for t in mas.task_importance.values())
+
+
+@pytest.mark.parametrize("cls", [mas_ext.ReferenceMAS, mas_ext.FusedMAS])
 def test_observe_learns_from_traffic(cls):
     model, x = mlp()
     mas = cls(model)

@@ -26,6 +26,9 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 
+// Bound on the floats of the |G|, |A| copies of the no-positions Linear path (512 KiB).
+constexpr int64_t kAbsChunkElems = int64_t{1} << 17;
+
 // acc[i] += |src[i]| for n floats.
 void abs_accumulate(float* acc, const float* src, int64_t n) {
   int64_t i = 0;
@@ -37,25 +40,41 @@ void abs_accumulate(float* acc, const float* src, int64_t n) {
 
 // One float32 accumulator per thread of an at::parallel_for over `items` work items: thread 0 adds straight
 // into `out` (the caller's float32 accumulator, so one thread needs no buffer at all), the others into
-// private buffers that reduce() adds into `out` at the end.
+// private buffers that reduce() adds into `out` at the end. The buffers are one tensor made on the calling
+// thread (every workspace here is: torch's allocator, and its profiler, see them all).
 struct ThreadAccumulators {
   ThreadAccumulators(const at::Tensor& out, int64_t items)
       : out(out.data_ptr<float>()), numel(out.numel()),
-        data(std::max<int64_t>(0, std::min<int64_t>(at::get_num_threads(), items) - 1), std::vector<float>(numel, 0.f)) {}
+        data(at::zeros({std::max<int64_t>(0, std::min<int64_t>(at::get_num_threads(), items) - 1), numel},
+                       out.options())) {}
   float* get() {
     const int t = at::get_thread_num();
-    return t == 0 ? out : data[t - 1].data();
+    return t == 0 ? out : data.data_ptr<float>() + (t - 1) * numel;
   }
   void reduce() {
-    if (data.empty()) return;
+    const int64_t extra = data.size(0);
+    if (extra == 0) return;
+    const float* d = data.data_ptr<float>();
     at::parallel_for(0, numel, 4096, [&](int64_t b, int64_t e) {
-      for (const auto& d : data)
-        for (int64_t i = b; i < e; ++i) out[i] += d[i];
+      for (int64_t t = 0; t < extra; ++t)
+        for (int64_t i = b; i < e; ++i) out[i] += d[t * numel + i];
     });
   }
   float* out;
   int64_t numel;
-  std::vector<std::vector<float>> data;
+  at::Tensor data;
+};
+
+// Per-thread scratch of `shape` for an at::parallel_for: one tensor (threads, *shape) made on the calling
+// thread; slot() is the calling thread's.
+struct ThreadScratch {
+  ThreadScratch(at::IntArrayRef shape, const at::TensorOptions& options) {
+    std::vector<int64_t> full{at::get_num_threads()};
+    full.insert(full.end(), shape.begin(), shape.end());
+    data = at::empty(full, options);
+  }
+  at::Tensor slot() const { return data[at::get_thread_num()]; }
+  at::Tensor data;
 };
 
 // Rows of a per-sample (O, I) gradient made at once: a tile of ~128 KiB, and the accumulator's tile beside
@@ -106,8 +125,10 @@ void per_sample_abs_gemm(const at::Tensor& out, const at::Tensor& a, const at::T
   const int64_t N = a.size(0), I = a.size(2);
   std::vector<at::Tensor> gt, ak;  // per-sample operands, made once: (O, P) transposed view and (P, I)
   for (int64_t k = 0; k < N; ++k) gt.push_back(g[k].t()), ak.push_back(a[k]);
+  const int64_t rows = tile_rows(out.size(0), I, at::get_num_threads(), 1);
+  ThreadScratch scratch({rows, I}, a.options());
   for_each_row_tile(out, N, 1, [&](float* acc, int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
-    auto t = at::empty({r1 - r0, I}, a.options());
+    auto t = scratch.slot().narrow(0, 0, r1 - r0);
     for (int64_t k = k0; k < k1; ++k) {
       at::mm_out(t, gt[k].narrow(0, r0, r1 - r0), ak[k]);  // rows [r0, r1) of sample k's weight gradient
       extra(k, r0, r1 - r0, t.data_ptr<float>());
@@ -261,10 +282,15 @@ void linear_importance_cpu(at::Tensor& omega_w, const std::optional<at::Tensor>&
   auto g = grad_out.detach().to(at::kFloat).contiguous();
 
   if (P == 1) {
-    // Σ_k |g_k a_kᵀ| = |G|ᵀ |A|: one GEMM of absolute values.
-    auto ga = g.view({N, O}).abs();
-    omega_w.addmm_(ga.t(), a.view({N, I}).abs());
-    if (omega_b) omega_b->add_(ga.sum(0));
+    // Σ_k |g_k a_kᵀ| = |G|ᵀ |A|: GEMMs of absolute values over chunks of samples, so the |·| copies stay
+    // within a bound (kAbsChunkElems floats) whatever the batch size.
+    const int64_t rows = std::max<int64_t>(64, kAbsChunkElems / std::max<int64_t>(1, O + I));
+    for (int64_t k0 = 0; k0 < N; k0 += rows) {
+      const int64_t k1 = std::min(N, k0 + rows);
+      auto ga = g.view({N, O}).slice(0, k0, k1).abs();
+      omega_w.addmm_(ga.t(), a.view({N, I}).slice(0, k0, k1).abs());
+      if (omega_b) omega_b->add_(ga.sum(0));
+    }
     return;
   }
 
@@ -407,9 +433,10 @@ void conv_importance_cpu(at::Tensor& omega_w, const std::optional<at::Tensor>& o
   const int64_t Cg = C / groups, Og = O / groups, sample_in = C * geo.in[0] * geo.in[1] * geo.in[2];
 
   ThreadAccumulators acc_w(omega_w, N);
+  ThreadScratch cols_ws({groups, Cg * K, L}, x.options()), tmp_ws({groups, Og, Cg * K}, x.options());
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    auto cols = at::empty({groups, Cg * K, L}, x.options());
-    auto tmp = at::empty({groups, Og, Cg * K}, x.options());
+    auto cols = cols_ws.slot();
+    auto tmp = tmp_ws.slot();
     float* wacc = acc_w.get();
     for (int64_t k = begin; k < end; ++k) {
       im2col3d(x.data_ptr<float>() + k * sample_in, cols.data_ptr<float>(), geo);

@@ -17,7 +17,7 @@ for a custom layer (see :mod:`.base` for the interface).
 import torch.nn as nn
 
 from .attention import mha_fused, mha_tapped_forward
-from .base import CHUNK_ELEMS, Call, Rule, register_rule, rule_for
+from .base import CHUNK_ELEMS, Call, Rule, register_rule, rule_for, unverified
 from .conv import conv_cost, conv_fused, conv_grads, unfold_nd
 from .embedding import embedding_fused, embedding_grads, tied_fused
 from .generic import GENERIC, generic_grads
@@ -27,13 +27,19 @@ from .norm import is_hf_rmsnorm, norm_fused, norm_grads
 __all__ = ["CHUNK_ELEMS", "Call", "Rule", "GENERIC", "register_rule", "rule_for", "generic_grads", "tied_fused",
            "linear_into", "unfold_nd"]
 
-register_rule(nn.Linear, Rule(linear_grads, linear_fused))
-register_rule(is_hf_conv1d, Rule(conv1d_grads, conv1d_fused))
+
+def _no_output(module):
+    return False
+
+
+register_rule(nn.Linear, Rule(linear_grads, linear_fused, needs_output=_no_output))
+register_rule(is_hf_conv1d, Rule(conv1d_grads, conv1d_fused, needs_output=unverified))
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    register_rule(_conv, Rule(conv_grads, conv_fused, conv_cost))
-register_rule(nn.Embedding, Rule(embedding_grads, embedding_fused, lambda m, c: m.weight.numel()))
+    register_rule(_conv, Rule(conv_grads, conv_fused, conv_cost, needs_output=_no_output))
+register_rule(nn.Embedding, Rule(embedding_grads, embedding_fused, lambda m, c: m.weight.numel(),
+                                 needs_output=_no_output))
 for _norm in (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.RMSNorm):
-    register_rule(_norm, Rule(norm_grads, norm_fused))
-register_rule(is_hf_rmsnorm, Rule(norm_grads, norm_fused))
+    register_rule(_norm, Rule(norm_grads, norm_fused, needs_output=_no_output))
+register_rule(is_hf_rmsnorm, Rule(norm_grads, norm_fused, needs_output=unverified))
 register_rule(nn.MultiheadAttention, Rule(generic_grads, mha_fused, owns_children=True,
                                           tapped_forward=mha_tapped_forward))

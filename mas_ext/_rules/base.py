@@ -32,7 +32,7 @@ class Call:
     n: int
     args: tuple
     kwargs: dict
-    out: object = None
+    out: object = None  # the module's output; in g-MAS only where the rule's ``needs_output`` says so
     grads: Optional[tuple] = None  # gradients at the floating outputs, in tree_flatten order
     versions: list = field(default_factory=list)
 
@@ -51,13 +51,16 @@ class Rule:
 
     ``grads`` is required (the reference path); ``fused`` is optional (FusedMAS's path, which must give the
     same Σ_k |∂_k|). ``cost(module, call)`` bounds the per-sample gradient elements ``grads`` makes per
-    sample (the reference path sizes its chunks by it)."""
+    sample (the reference path sizes its chunks by it). ``needs_output(module)``: whether the rule reads
+    ``call.out`` in g-MAS; where it does not, the call does not hold the output until its gradient arrives
+    (a plain backward frees most outputs early)."""
 
     grads: Callable
     fused: Optional[Callable] = None
     cost: Callable = lambda module, call: max(p.numel() for p in module.parameters())  # per-sample elements
     owns_children: bool = False  # the module's forward uses its submodules' parameters directly
     tapped_forward: Optional[Callable] = None  # g-MAS per sample: a forward that taps its own internals
+    needs_output: Callable = lambda module: True
 
 
 
@@ -114,6 +117,12 @@ def add_abs_sum(buf, per_sample_grads, per_sample):
 
 _VERIFIED = set()  # classes recognised by name whose output was checked to follow their rule's formula
 _WARNED = set()
+
+
+def unverified(module):
+    """``needs_output`` of the rules that use :func:`matches_formula`: the output is needed until the
+    module's class is found to match its rule's formula (and for good where it does not: the generic path)."""
+    return type(module) not in _VERIFIED
 
 
 def matches_formula(module, call, holds):
