@@ -375,7 +375,9 @@ class _KernelGate:
         if _ops.error is not None:
             why = f"compiled kernels unavailable ({_ops.error})"
         else:
-            devices = {t.device.type for t in torch.utils._pytree.tree_flatten(tensors)[0] if torch.is_tensor(t)}
+            flat = (tensors if isinstance(tensors, (list, tuple)) and all(torch.is_tensor(t) for t in tensors)
+                    else torch.utils._pytree.tree_flatten(tensors)[0])  # most calls: a flat tuple of tensors
+            devices = {t.device.type for t in flat if torch.is_tensor(t)}
             # CUDA tensors reach the CUDA kernels only once they are verified on a GPU (the one switch in _ops).
             kernels = {"cpu", "cuda"} if _cuda_ops_built() and _ops.cuda_kernels_enabled() else {"cpu"}
             if devices - kernels:

@@ -223,7 +223,8 @@ class Engine:
                   and self._use_kernels(list(u.module.parameters()))]
         for u in tapped:
             u.module.forward = functools.partial(self._tapped_forward, u)
-        self.net.eval()
+        if any(training for _, training in modes):
+            self.net.eval()
         torch.backends.mha.set_fastpath_enabled(False)
         # Compiled submodules run eagerly: a compiled graph does not run the taps' backward as eager does
         # (g-MAS through a torch.compile'd forward gave wrong Ω).
@@ -238,7 +239,8 @@ class Engine:
                 h.remove()
             torch.backends.mha.set_fastpath_enabled(fastpath)
             for m, training in modes:
-                m.training = training
+                if m.training != training:
+                    m.training = training
 
     def run(self, args, kwargs, n, bufs, where):
         """One batch of n samples, the model called as ``net(*args, **kwargs)``, inside :meth:`session`: its

@@ -77,12 +77,15 @@ struct ThreadScratch {
   at::Tensor data;
 };
 
-// Rows of a per-sample (O, I) gradient made at once: a tile of ~128 KiB, and the accumulator's tile beside
-// it, stay in the L2 cache between the GEMM that writes it and the |·| accumulation that reads it.
-// The tile count is rounded up to a multiple of the thread count (threads then get equal shares) and the rows
-// to a multiple of `multiple` (the register kernel's row block).
-int64_t tile_rows(int64_t O, int64_t I, int64_t threads, int64_t multiple) {
-  const int64_t cache_rows = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(I, 1));
+// Rows of the (O, I) accumulator one work item covers: about `tile_elems` floats, sized to stay in the L2
+// cache across the item's samples (the GEMM-then-|·| path: 2^15 floats, its gradient tile of the same size
+// beside them; the register kernel: 2^17, nothing beside them but its packed operands). The tile count is
+// rounded up to a multiple of the thread count (threads then get equal shares) and the rows to a multiple of
+// `multiple` (the register kernel's row block).
+constexpr int64_t kGemmTileElems = int64_t{1} << 15, kRegisterTileElems = int64_t{1} << 17;
+
+int64_t tile_rows(int64_t O, int64_t I, int64_t threads, int64_t multiple, int64_t tile_elems) {
+  const int64_t cache_rows = std::max<int64_t>(1, tile_elems / std::max<int64_t>(I, 1));
   int64_t tiles = (O + cache_rows - 1) / cache_rows;
   tiles = (tiles + threads - 1) / threads * threads;
   const int64_t rows = (O + tiles - 1) / tiles;
@@ -96,10 +99,10 @@ int64_t tile_rows(int64_t O, int64_t I, int64_t threads, int64_t multiple) {
 // buffer of its own. body(acc, r0, r1, k0, k1) adds its item into the (O, I) accumulator `acc`; rows are
 // a multiple of `multiple` (but the last).
 template <typename Body>
-void for_each_row_tile(const at::Tensor& out, int64_t N, int64_t multiple, Body body) {
+void for_each_row_tile(const at::Tensor& out, int64_t N, int64_t multiple, int64_t tile_elems, Body body) {
   const int64_t O = out.size(0), I = out.numel() / std::max<int64_t>(O, 1);
   const int64_t threads = at::get_num_threads();
-  const int64_t rows = tile_rows(O, I, threads, multiple), tiles = (O + rows - 1) / rows;
+  const int64_t rows = tile_rows(O, I, threads, multiple, tile_elems), tiles = (O + rows - 1) / rows;
   const int64_t splits = tiles >= threads ? 1 : std::min<int64_t>(N, (threads + tiles - 1) / tiles);
   const int64_t per_split = (N + splits - 1) / splits;
   std::optional<ThreadAccumulators> acc;
@@ -125,9 +128,9 @@ void per_sample_abs_gemm(const at::Tensor& out, const at::Tensor& a, const at::T
   const int64_t N = a.size(0), I = a.size(2);
   std::vector<at::Tensor> gt, ak;  // per-sample operands, made once: (O, P) transposed view and (P, I)
   for (int64_t k = 0; k < N; ++k) gt.push_back(g[k].t()), ak.push_back(a[k]);
-  const int64_t rows = tile_rows(out.size(0), I, at::get_num_threads(), 1);
+  const int64_t rows = tile_rows(out.size(0), I, at::get_num_threads(), 1, kGemmTileElems);
   ThreadScratch scratch({rows, I}, a.options());
-  for_each_row_tile(out, N, 1, [&](float* acc, int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
+  for_each_row_tile(out, N, 1, kGemmTileElems, [&](float* acc, int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
     auto t = scratch.slot().narrow(0, 0, r1 - r0);
     for (int64_t k = k0; k < k1; ++k) {
       at::mm_out(t, gt[k].narrow(0, r0, r1 - r0), ak[k]);  // rows [r0, r1) of sample k's weight gradient
@@ -169,14 +172,26 @@ __attribute__((target("avx2,fma"))) inline void add_abs(float* dst, __m256 v) {
 
 // The sample's rows start the register tile (kExtra); without them the compiler keeps the whole tile in
 // registers only if nothing indexes it with a run-time row, hence two instantiations and unrolled row loops.
+// a and g are first copied into `pack` (P * (I / 16 * 16) + P * (r1 - r0) floats): a as 16-column strips
+// and g as 6-row panels, each P rows contiguous, so the P loop streams through memory instead of striding
+// by I and O (with I or O a multiple of 1024 every row fell into one L1 set).
 template <bool kExtra>
 __attribute__((target("avx2,fma"))) void abs_gemm_rows_avx2(float* acc, const float* a, const float* g, int64_t P,
                                                              int64_t I, int64_t O, int64_t r0, int64_t r1,
-                                                             const SampleRows* extra) {
+                                                             const SampleRows* extra, float* pack) {
+  const int64_t I16 = I / 16 * 16, O6 = r0 + (r1 - r0) / 6 * 6;
+  float* const apack = pack;
+  float* const gpack = pack + P * I16;
+  for (int64_t p = 0; p < P; ++p) {
+    for (int64_t i0 = 0; i0 < I16; i0 += 16)
+      std::copy(a + p * I + i0, a + p * I + i0 + 16, apack + i0 * P + p * 16);
+    for (int64_t o = r0; o < O6; o += 6)
+      std::copy(g + p * O + o, g + p * O + o + 6, gpack + (o - r0) * P + p * 6);
+  }
   int64_t i0 = 0;
-  for (; i0 + 16 <= I; i0 += 16) {
+  for (; i0 < I16; i0 += 16) {
     int64_t o = r0;
-    for (; o + 6 <= r1; o += 6) {
+    for (; o < O6; o += 6) {
       __m256 c[6][2];
 #pragma GCC unroll 6
       for (int r = 0; r < 6; ++r) {
@@ -188,9 +203,9 @@ __attribute__((target("avx2,fma"))) void abs_gemm_rows_avx2(float* acc, const fl
           }
         }
       }
-      const float* ap = a + i0;
-      const float* gp = g + o;
-      for (int64_t p = 0; p < P; ++p, ap += I, gp += O) {
+      const float* ap = apack + i0 * P;
+      const float* gp = gpack + (o - r0) * P;
+      for (int64_t p = 0; p < P; ++p, ap += 16, gp += 6) {
         const __m256 a0 = _mm256_loadu_ps(ap), a1 = _mm256_loadu_ps(ap + 8);
 #pragma GCC unroll 6
         for (int r = 0; r < 6; ++r) {
@@ -248,12 +263,15 @@ bool per_sample_abs_gemm_registers(const at::Tensor& out, const at::Tensor& a, c
     const int64_t N = a.size(0), P = a.size(1), I = a.size(2), O = g.size(2);
     const float* ap = a.data_ptr<float>();
     const float* gp = g.data_ptr<float>();
-    for_each_row_tile(out, N, 6, [&](float* acc, int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
+    const int64_t rows = tile_rows(out.size(0), I, at::get_num_threads(), 6, kRegisterTileElems);
+    ThreadScratch pack({P * (I / 16 * 16 + rows)}, a.options());
+    for_each_row_tile(out, N, 6, kRegisterTileElems, [&](float* acc, int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
+      float* const scratch = pack.slot().data_ptr<float>();
       for (int64_t k = k0; k < k1; ++k) {
         if (extra) {
-          abs_gemm_rows_avx2<true>(acc, ap + k * P * I, gp + k * P * O, P, I, O, r0, r1, &(*extra)[k]);
+          abs_gemm_rows_avx2<true>(acc, ap + k * P * I, gp + k * P * O, P, I, O, r0, r1, &(*extra)[k], scratch);
         } else {
-          abs_gemm_rows_avx2<false>(acc, ap + k * P * I, gp + k * P * O, P, I, O, r0, r1, nullptr);
+          abs_gemm_rows_avx2<false>(acc, ap + k * P * I, gp + k * P * O, P, I, O, r0, r1, nullptr, scratch);
         }
       }
     });
