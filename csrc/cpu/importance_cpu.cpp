@@ -10,6 +10,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -79,10 +81,19 @@ struct ThreadScratch {
 
 // Rows of the (O, I) accumulator one work item covers: about `tile_elems` floats, sized to stay in the L2
 // cache across the item's samples (the GEMM-then-|·| path: 2^15 floats, its gradient tile of the same size
-// beside them; the register kernel: 2^17, nothing beside them but its packed operands). The tile count is
-// rounded up to a multiple of the thread count (threads then get equal shares) and the rows to a multiple of
-// `multiple` (the register kernel's row block).
-constexpr int64_t kGemmTileElems = int64_t{1} << 15, kRegisterTileElems = int64_t{1} << 17;
+// beside them; the register kernel: as many floats as one core's L2 holds, nothing beside them but its packed
+// operands: 2^17 on a 512 KiB L2, the best of 2^15..2^17 measured there). The tile count is rounded up to a
+// multiple of the thread count (threads then get equal shares) and the rows to a multiple of `multiple` (the
+// register kernel's row block).
+constexpr int64_t kGemmTileElems = int64_t{1} << 15;
+
+int64_t register_tile_elems() {
+  static const int64_t elems = [] {
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);  // bytes per core; 0 or -1 where unknown
+    return l2 > 0 ? std::clamp<int64_t>(l2 / 4, kGemmTileElems, int64_t{1} << 19) : int64_t{1} << 17;
+  }();
+  return elems;
+}
 
 int64_t tile_rows(int64_t O, int64_t I, int64_t threads, int64_t multiple, int64_t tile_elems) {
   const int64_t cache_rows = std::max<int64_t>(1, tile_elems / std::max<int64_t>(I, 1));
@@ -263,9 +274,9 @@ bool per_sample_abs_gemm_registers(const at::Tensor& out, const at::Tensor& a, c
     const int64_t N = a.size(0), P = a.size(1), I = a.size(2), O = g.size(2);
     const float* ap = a.data_ptr<float>();
     const float* gp = g.data_ptr<float>();
-    const int64_t rows = tile_rows(out.size(0), I, at::get_num_threads(), 6, kRegisterTileElems);
+    const int64_t rows = tile_rows(out.size(0), I, at::get_num_threads(), 6, register_tile_elems());
     ThreadScratch pack({P * (I / 16 * 16 + rows)}, a.options());
-    for_each_row_tile(out, N, 6, kRegisterTileElems, [&](float* acc, int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
+    for_each_row_tile(out, N, 6, register_tile_elems(), [&](float* acc, int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
       float* const scratch = pack.slot().data_ptr<float>();
       for (int64_t k = k0; k < k1; ++k) {
         if (extra) {
