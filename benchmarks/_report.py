@@ -105,12 +105,11 @@ def summarise(rows, optim_rows, bw, models):
         s["importance_fastest_peer"][m] = best["method"] if best else None
         fr = s["importance_vs_plain"][m]
         s["importance_speedup_vs_fastest_peer"][m] = vs_plain(best, plain) / fr if best and fr else None
-        pm = plain.get("peak_mem_bytes") if plain and _ok(plain) else None
-        fm = fused.get("peak_mem_bytes") if okf else None
-        s["importance_extra_memory_vs_plain"][m] = (fm - pm) / pm if pm and fm is not None else None
-        pr = plain.get("peak_rss_bytes") if plain and _ok(plain) else None
-        fr_ = fused.get("peak_rss_bytes") if okf else None
-        s["importance_extra_rss_vs_plain"][m] = (fr_ - pr) / pr if pr and fr_ is not None else None
+        for summary_key, row_key in (("importance_extra_memory_vs_plain", "peak_mem_bytes"),
+                                     ("importance_extra_rss_vs_plain", "peak_rss_bytes")):
+            pm = plain.get(row_key) if plain and _ok(plain) else None
+            fm = fused.get(row_key) if okf else None
+            s[summary_key][m] = (fm - pm) / pm if pm and fm is not None else None
     s.update(optim_summary(optim_rows, bw))
     return s
 

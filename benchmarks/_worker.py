@@ -61,9 +61,8 @@ class CpuTensorPeak:
         self.torch = torch
 
     def start(self):
-        from torch.profiler import ProfilerActivity, profile
-
-        self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        profiler = self.torch.profiler
+        self.prof = profiler.profile(activities=[profiler.ProfilerActivity.CPU], profile_memory=True)
         self.prof.__enter__()
 
     def stop(self):
@@ -240,21 +239,19 @@ def run_spec(spec):
                 del prun, preset, pmodel
             # memory: one more pass, measured alone; on CPU a second one for the RSS (glibc's mmap
             # threshold fixed first, so freed big buffers go back to the OS)
-            reset()
-            gc.collect()
-            peak.start()
-            out = run()
-            result["peak_mem_bytes"] = peak.stop()
-            del out
-            if not cuda:
-                _fix_malloc()
+            def measured(meter):
                 reset()
                 gc.collect()
-                rss = CpuPeak()
-                rss.start()
+                meter.start()
                 out = run()
-                result["peak_rss_bytes"] = rss.stop()
+                got = meter.stop()
                 del out
+                return got
+
+            result["peak_mem_bytes"] = measured(peak)
+            if not cuda:
+                _fix_malloc()
+                result["peak_rss_bytes"] = measured(CpuPeak())
         if paired and plain_times:
             result["plain_times_s"] = plain_times
             result["plain_time_s"] = _median(plain_times)

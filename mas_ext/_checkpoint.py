@@ -7,6 +7,7 @@ import torch
 
 KEYS = {"config", "importance", "star", "task_importance", "num_samples", "num_tasks"}
 CONFIG_KEYS = {"lam", "mode", "per_sample", "merge", "alpha"}
+_SECTIONS = ("importance", "star", "task_importance")  # the tensor sections, {name: tensor} each
 
 
 def validate(state_dict, params):
@@ -21,7 +22,7 @@ def validate(state_dict, params):
         v = state_dict[k]
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             problems.append(f"{k}: expected a non-negative int, got {v!r}")
-    for section in ("importance", "star", "task_importance"):
+    for section in _SECTIONS:
         problems += _section_problems(section, state_dict[section], params)
     if (isinstance(state_dict["importance"], dict) and isinstance(state_dict["star"], dict)
             and set(state_dict["importance"]) != set(state_dict["star"])):
@@ -67,8 +68,6 @@ def _section_problems(section, entries, params):
             problems.append(f"{section}.{g}: non-finite values")
     return problems
 
-
-_SECTIONS = ("importance", "star", "task_importance")
 
 
 def write(state_dict, path):

@@ -261,7 +261,7 @@ class ReferenceMAS:
         merge = self.merge if merge is None else merge
         alpha = self.alpha if alpha is None else float(alpha)
         self._check_merge(merge, alpha)
-        means, count = {g: self._mean[g] for g in self.params}, self._count
+        means, count = self.task_importance, self._count
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             means, count = self._all_reduce(means, count)
         if count == 0:
@@ -321,7 +321,7 @@ class ReferenceMAS:
                        "alpha": self.alpha},
             "importance": {g: t.clone() for g, t in self._importance.items()},
             "star": {g: t.clone() for g, t in self._star.items()},
-            "task_importance": {g: self._mean[g].clone() for g in self.params},
+            "task_importance": {g: t.clone() for g, t in self.task_importance.items()},
             "num_samples": self._count,
             "num_tasks": self.num_tasks,
         }

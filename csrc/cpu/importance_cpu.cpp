@@ -107,10 +107,12 @@ int64_t tile_rows(int64_t O, int64_t I, int64_t threads, int64_t multiple, int64
 // is one row tile [r0, r1) over a run of samples [k0, k1), so the accumulator's tile stays in cache across
 // those samples. With at least as many tiles as threads, threads own disjoint tiles of `out` and need no
 // buffers of their own; with fewer, the samples are split too, each extra thread adding into an (O, I)
-// buffer of its own. body(acc, r0, r1, k0, k1) adds its item into the (O, I) accumulator `acc`; rows are
-// a multiple of `multiple` (but the last).
-template <typename Body>
-void for_each_row_tile(const at::Tensor& out, int64_t N, int64_t multiple, int64_t tile_elems, Body body) {
+// buffer of its own. Each thread also gets a float32 scratch of scratch_elems(rows) floats (rows: the tile
+// height). body(acc, scratch, r0, r1, k0, k1) adds its item into the (O, I) accumulator `acc`; rows are a
+// multiple of `multiple` (but the last).
+template <typename ScratchElems, typename Body>
+void for_each_row_tile(const at::Tensor& out, int64_t N, int64_t multiple, int64_t tile_elems,
+                       ScratchElems scratch_elems, Body body) {
   const int64_t O = out.size(0), I = out.numel() / std::max<int64_t>(O, 1);
   const int64_t threads = at::get_num_threads();
   const int64_t rows = tile_rows(O, I, threads, multiple, tile_elems), tiles = (O + rows - 1) / rows;
@@ -118,13 +120,15 @@ void for_each_row_tile(const at::Tensor& out, int64_t N, int64_t multiple, int64
   const int64_t per_split = (N + splits - 1) / splits;
   std::optional<ThreadAccumulators> acc;
   if (splits > 1) acc.emplace(out, tiles * splits);
+  ThreadScratch scratch({scratch_elems(rows)}, out.options());
   float* const direct = out.data_ptr<float>();
   at::parallel_for(0, tiles * splits, 1, [&](int64_t begin, int64_t end) {
     float* wacc = acc ? acc->get() : direct;
+    const at::Tensor own = scratch.slot();
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r0 = (item / splits) * rows, r1 = std::min(O, r0 + rows);
       const int64_t k0 = (item % splits) * per_split, k1 = std::min(N, k0 + per_split);
-      body(wacc, r0, r1, k0, k1);
+      body(wacc, own, r0, r1, k0, k1);
     }
   });
   if (acc) acc->reduce();
@@ -139,10 +143,9 @@ void per_sample_abs_gemm(const at::Tensor& out, const at::Tensor& a, const at::T
   const int64_t N = a.size(0), I = a.size(2);
   std::vector<at::Tensor> gt, ak;  // per-sample operands, made once: (O, P) transposed view and (P, I)
   for (int64_t k = 0; k < N; ++k) gt.push_back(g[k].t()), ak.push_back(a[k]);
-  const int64_t rows = tile_rows(out.size(0), I, at::get_num_threads(), 1, kGemmTileElems);
-  ThreadScratch scratch({rows, I}, a.options());
-  for_each_row_tile(out, N, 1, kGemmTileElems, [&](float* acc, int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
-    auto t = scratch.slot().narrow(0, 0, r1 - r0);
+  for_each_row_tile(out, N, 1, kGemmTileElems, [&](int64_t rows) { return rows * I; },
+                    [&](float* acc, const at::Tensor& scratch, int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
+    auto t = scratch.narrow(0, 0, (r1 - r0) * I).view({r1 - r0, I});
     for (int64_t k = k0; k < k1; ++k) {
       at::mm_out(t, gt[k].narrow(0, r0, r1 - r0), ak[k]);  // rows [r0, r1) of sample k's weight gradient
       extra(k, r0, r1 - r0, t.data_ptr<float>());
@@ -274,15 +277,14 @@ bool per_sample_abs_gemm_registers(const at::Tensor& out, const at::Tensor& a, c
     const int64_t N = a.size(0), P = a.size(1), I = a.size(2), O = g.size(2);
     const float* ap = a.data_ptr<float>();
     const float* gp = g.data_ptr<float>();
-    const int64_t rows = tile_rows(out.size(0), I, at::get_num_threads(), 6, register_tile_elems());
-    ThreadScratch pack({P * (I / 16 * 16 + rows)}, a.options());
-    for_each_row_tile(out, N, 6, register_tile_elems(), [&](float* acc, int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
-      float* const scratch = pack.slot().data_ptr<float>();
+    for_each_row_tile(out, N, 6, register_tile_elems(), [&](int64_t rows) { return P * (I / 16 * 16 + rows); },
+                      [&](float* acc, const at::Tensor& scratch, int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
+      float* const pack = scratch.data_ptr<float>();
       for (int64_t k = k0; k < k1; ++k) {
         if (extra) {
-          abs_gemm_rows_avx2<true>(acc, ap + k * P * I, gp + k * P * O, P, I, O, r0, r1, &(*extra)[k], scratch);
+          abs_gemm_rows_avx2<true>(acc, ap + k * P * I, gp + k * P * O, P, I, O, r0, r1, &(*extra)[k], pack);
         } else {
-          abs_gemm_rows_avx2<false>(acc, ap + k * P * I, gp + k * P * O, P, I, O, r0, r1, nullptr, scratch);
+          abs_gemm_rows_avx2<false>(acc, ap + k * P * I, gp + k * P * O, P, I, O, r0, r1, nullptr, pack);
         }
       }
     });
@@ -314,10 +316,11 @@ void linear_importance_cpu(at::Tensor& omega_w, const std::optional<at::Tensor>&
     // Σ_k |g_k a_kᵀ| = |G|ᵀ |A|: GEMMs of absolute values over chunks of samples, so the |·| copies stay
     // within a bound (kAbsChunkElems floats) whatever the batch size.
     const int64_t rows = std::max<int64_t>(64, kAbsChunkElems / std::max<int64_t>(1, O + I));
+    const auto g2 = g.view({N, O}), a2 = a.view({N, I});
     for (int64_t k0 = 0; k0 < N; k0 += rows) {
       const int64_t k1 = std::min(N, k0 + rows);
-      auto ga = g.view({N, O}).slice(0, k0, k1).abs();
-      omega_w.addmm_(ga.t(), a.view({N, I}).slice(0, k0, k1).abs());
+      auto ga = g2.slice(0, k0, k1).abs();
+      omega_w.addmm_(ga.t(), a2.slice(0, k0, k1).abs());
       if (omega_b) omega_b->add_(ga.sum(0));
     }
     return;
