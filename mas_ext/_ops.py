@@ -44,6 +44,10 @@ if error is None:
     def _tied_embedding_importance_fake(omega, input, grad_out, indices, rows):
         return None
 
+    @torch.library.register_fake("mas_ext::norm_affine_importance_")
+    def _norm_affine_importance_fake(omega_w, omega_b, input, grad_out, eps, rms):
+        return None
+
     @torch.library.register_fake("mas_ext::add_penalty_grad_")
     def _add_penalty_grad_fake(grads, params, omegas, stars, scale):
         return None

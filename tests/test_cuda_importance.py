@@ -1,8 +1,8 @@
 """The CUDA importance kernels (csrc/cuda/importance_cuda.cu) against the CPU ops and a float64 per-sample
 loop, on fresh random inputs: shapes that are no tile multiples (1, 7, 33, 129), P = 1 (abs-GEMM) and P > 1
 (per-sample tiles), float32/float16/bfloat16, conv groups/stride/padding/dilation in 1-3 d, the tied
-embedding + linear op, accumulators poisoned with random values (the ops add), a non-default stream,
-torch.library.opcheck, and FusedMAS end to end with the device gate forced open (test-only). Skipped
+embedding + linear op, the LayerNorm/RMSNorm affine op, accumulators poisoned with random values (the ops
+add), a non-default stream, torch.library.opcheck, and FusedMAS end to end with the device gate forced open (test-only). Skipped
 without a GPU; `make gpu-check` runs them (and `-k small` under compute-sanitizer)."""
 import pytest
 import torch
@@ -218,6 +218,44 @@ def test_tied_small(dtype):
     run_tied(3, 5, 9, 70, 6, dtype)
 
 
+# ----------------------------------------------------------------------------- LayerNorm / RMSNorm affine
+def norm_oracle(x, g, eps, rms):
+    x, g = x.double(), g.double()
+    centred = x if rms else x - x.mean(-1, keepdim=True)
+    xhat = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+    return (g * xhat).sum(1).abs().sum(0), g.sum(1).abs().sum(0)
+
+
+def run_norm(n, p, c, dtype, rms, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x, g = (rand(n, p, c, gen=gen) * 3 + 1).to(dtype), rand(n, p, c, dtype=dtype, gen=gen)
+    w0, b0 = poisoned(c, gen=gen), poisoned(c, gen=gen)
+    w, b = w0.to(DEV, copy=True), b0.to(DEV, copy=True) if bias else None
+    torch.ops.mas_ext.norm_affine_importance_(w, b, x.to(DEV), g.to(DEV), 1e-5, rms)
+    rw, rb = norm_oracle(x, g, 1e-5, rms)
+    torch.testing.assert_close((w.cpu() - w0).double(), rw, **tol(dtype, rw))
+    if bias:
+        torch.testing.assert_close((b.cpu() - b0).double(), rb, **tol(dtype, rb))
+    cw = w0.clone()
+    torch.ops.mas_ext.norm_affine_importance_(cw, None, x, g, 1e-5, rms)  # the CPU op on the same inputs
+    torch.testing.assert_close(w.cpu(), cw, **tol(dtype, cw))
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("n,p,c", [(1, 1, 1), (3, 7, 33), (2, 129, 7), (7, 1, 129), (2, 33, 2048)])
+def test_norm_affine(n, p, c, dtype, rms):
+    if not has_cuda_kernel("norm_affine_importance_"):
+        pytest.skip("no CUDA kernel for norm_affine_importance_ in this build")
+    run_norm(n, p, c, dtype, rms, bias=not rms, seed=n + p + c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_norm_affine_small(dtype):
+    run_norm(3, 5, 40, dtype, rms=False)
+    run_norm(2, 4, 9, dtype, rms=True, bias=False)
+
+
 # ----------------------------------------------------------------------------- opcheck
 def test_opcheck_small():
     gen = torch.Generator().manual_seed(5)
@@ -230,6 +268,9 @@ def test_opcheck_small():
         torch.library.opcheck(torch.ops.mas_ext.conv_importance_,
                               (torch.zeros(6, 2, 2, 3, device=DEV), torch.zeros(6, device=DEV), x, gy,
                                [2, 3], [2, 1], [0, 1], [1, 1], 2))
+        if has_cuda_kernel("norm_affine_importance_"):
+            torch.library.opcheck(torch.ops.mas_ext.norm_affine_importance_,
+                                  (torch.zeros(7, device=DEV), torch.zeros(7, device=DEV), a, a * 2, 1e-5, False))
         if has_cuda_kernel("tied_embedding_importance_"):
             idx = torch.randint(-1, 9, (3, 2), generator=gen).to(DEV)
             torch.library.opcheck(torch.ops.mas_ext.tied_embedding_importance_,
@@ -257,11 +298,12 @@ class TiedLM(nn.Module):
         super().__init__()
         self.emb = nn.Embedding(v, d)
         self.mix = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, v, bias=False)
         self.head.weight = self.emb.weight
 
     def forward(self, idx):
-        return self.head(torch.tanh(self.mix(self.emb(idx))))
+        return self.head(self.norm(torch.tanh(self.mix(self.emb(idx)))))
 
 
 @pytest.mark.parametrize("mode", ["global", "local"])

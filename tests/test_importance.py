@@ -280,6 +280,13 @@ def test_fused_runs_the_compiled_kernels(monkeypatch):
     model, x = cnn()
     mas_ext.FusedMAS(model).accumulate([x])
     assert calls.count("conv_importance_") == 4 and calls.count("linear_importance_") == 1
+    real = torch.ops.mas_ext.norm_affine_importance_
+    monkeypatch.setattr(torch.ops.mas_ext, "norm_affine_importance_", lambda *a: (calls.append(a[-1]), real(*a))[1])
+    model, x = sequence()
+    mas_ext.FusedMAS(model).accumulate([x])
+    model = nn.Sequential(nn.Linear(4, 6), nn.RMSNorm(6), nn.Linear(6, 3))
+    mas_ext.FusedMAS(model).accumulate([torch.randn(5, 4)])
+    assert [c for c in calls if isinstance(c, bool)] == [False, False, True]  # two LayerNorms, then the RMSNorm
 
 
 def test_reference_backend_env_forces_reference_path(monkeypatch):
@@ -476,6 +483,31 @@ def test_tied_op_against_per_sample_sum(shape, dtype):
     torch.library.opcheck(torch.ops.mas_ext.tied_embedding_importance_.default, _tied_args(*shape, dtype))
     with pytest.raises(RuntimeError, match="index is >= V"):
         torch.ops.mas_ext.tied_embedding_importance_(om, a, g, torch.full_like(idx, shape[3]), rows)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+# (N, P, C): C below, at and off the vector width; one position; one sample
+@pytest.mark.parametrize("shape", [(4, 6, 5), (3, 1, 16), (1, 9, 37), (5, 33, 256)])
+def test_norm_affine_op_against_per_sample_sum(shape, dtype, rms):
+    n, p, c = shape
+    x = (torch.randn(n, p, c) * 3 + 1).to(dtype)
+    g = torch.randn(n, p, c, dtype=dtype)
+    w, b = torch.rand(c), torch.rand(c)  # the op adds to what is there
+    w0, b0 = w.clone(), b.clone()
+    torch.ops.mas_ext.norm_affine_importance_(w, b, x, g, 1e-5, rms)
+    xd = x.double()
+    xhat = (xd if rms else xd - xd.mean(-1, keepdim=True)) * torch.rsqrt(
+        (xd.pow(2).mean(-1, keepdim=True) if rms else xd.var(-1, unbiased=False, keepdim=True)) + 1e-5)
+    assert torch.allclose((w - w0).double(), (g.double() * xhat).sum(1).abs().sum(0), rtol=1e-4, atol=1e-4)
+    assert torch.allclose((b - b0).double(), g.double().sum(1).abs().sum(0), rtol=1e-4, atol=1e-4)
+    torch.ops.mas_ext.norm_affine_importance_(w, None, x, g, 1e-5, rms)  # no bias
+    torch.library.opcheck(torch.ops.mas_ext.norm_affine_importance_.default,
+                          (torch.zeros(c), torch.zeros(c), x, g, 1e-6, rms))
+    with pytest.raises(RuntimeError, match=r"must both be \(N, P, C\)"):
+        torch.ops.mas_ext.norm_affine_importance_(w, b, x, g[..., :1], 1e-5, rms)
+    with pytest.raises(RuntimeError, match="expected"):
+        torch.ops.mas_ext.norm_affine_importance_(torch.zeros(c + 1), b, x, g, 1e-5, rms)
 
 
 class _Tied(nn.Module):

@@ -481,6 +481,80 @@ void conv_importance_cpu(at::Tensor& omega_w, const std::optional<at::Tensor>& o
   if (omega_b) omega_b->add_(g.view({N, O, L}).sum(2).abs_().sum(0));
 }
 
+
+// Σ_c x[c] - shift, or Σ_c (x[c] - shift)² with `squares`, over the C floats of one row: Vec::size() float
+// partial sums, added in double.
+double row_sum(const float* x, int64_t C, float shift, bool squares) {
+  Vec acc(0.f);
+  const Vec vs(shift);
+  int64_t c = 0;
+  for (; c + Vec::size() <= C; c += Vec::size()) {
+    const Vec d = Vec::loadu(x + c) - vs;
+    acc = acc + (squares ? d * d : d);
+  }
+  float lanes[Vec::size()];
+  acc.store(lanes);
+  double total = 0.0;
+  for (int j = 0; j < Vec::size(); ++j) total += lanes[j];
+  for (; c < C; ++c) total += squares ? double(x[c] - shift) * (x[c] - shift) : double(x[c] - shift);
+  return total;
+}
+
+// LayerNorm / RMSNorm affine parameters, normalised over the last dim: input, grad_out (N, P, C):
+//   omega_w (C) += Σ_k |Σ_p g_kp ⊙ x̂_kp|, omega_b (C) += Σ_k |Σ_p g_kp| (omega_b may be absent),
+// x̂ = (x - mean) / sqrt(var + eps) with the biased variance, or with rms: x / sqrt(mean(x²) + eps), per
+// position over its C features, in float32. One pass over x and g; each
+// thread holds two C-sized sums for its sample and one accumulator pair.
+void norm_affine_importance_cpu(at::Tensor& omega_w, const std::optional<at::Tensor>& omega_b, const at::Tensor& input,
+                                const at::Tensor& grad_out, double eps, bool rms) {
+  check_activation(input, "input");
+  check_activation(grad_out, "grad_out");
+  TORCH_CHECK(input.dim() == 3 && input.sizes().equals(grad_out.sizes()),
+              "norm_affine_importance_: input and grad_out must both be (N, P, C), got ", input.sizes(), " and ",
+              grad_out.sizes());
+  TORCH_CHECK(eps >= 0, "norm_affine_importance_: eps must be >= 0, got ", eps);
+  const int64_t N = input.size(0), P = input.size(1), C = input.size(2);
+  check_accumulator(omega_w, "weight", {C});
+  if (omega_b) check_accumulator(*omega_b, "bias", {C});
+  if (N == 0 || C == 0) return;
+  const auto x = input.detach().to(at::kFloat).contiguous();
+  const auto g = grad_out.detach().to(at::kFloat).contiguous();
+  const float* xp = x.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  ThreadAccumulators acc_w(omega_w, N);
+  std::optional<ThreadAccumulators> acc_b;
+  if (omega_b) acc_b.emplace(*omega_b, N);
+  ThreadScratch sums({2 * C}, x.options());
+  const int64_t CV = C / Vec::size() * Vec::size();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    float* const sw = sums.slot().data_ptr<float>();
+    float* const sb = sw + C;
+    float* const ow = acc_w.get();
+    float* const ob = acc_b ? acc_b->get() : nullptr;
+    for (int64_t k = begin; k < end; ++k) {
+      std::fill(sw, sw + 2 * C, 0.f);
+      for (int64_t p = 0; p < P; ++p) {
+        const float* xr = xp + (k * P + p) * C;
+        const float* gr = gp + (k * P + p) * C;
+        const float shift = rms ? 0.f : static_cast<float>(row_sum(xr, C, 0.f, false) / C);
+        const float rstd = static_cast<float>(1.0 / std::sqrt(row_sum(xr, C, shift, true) / C + eps));
+        const Vec vr(rstd), vs(shift);
+        int64_t c = 0;
+        for (; c < CV; c += Vec::size()) {
+          const Vec gv = Vec::loadu(gr + c);
+          (Vec::loadu(sw + c) + gv * ((Vec::loadu(xr + c) - vs) * vr)).store(sw + c);
+          (Vec::loadu(sb + c) + gv).store(sb + c);
+        }
+        for (; c < C; ++c) sw[c] += gr[c] * ((xr[c] - shift) * rstd), sb[c] += gr[c];
+      }
+      abs_accumulate(ow, sw, C);
+      if (ob) abs_accumulate(ob, sb, C);
+    }
+  });
+  acc_w.reduce();
+  if (acc_b) acc_b->reduce();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mas_ext, m) {
@@ -491,12 +565,16 @@ TORCH_LIBRARY_FRAGMENT(mas_ext, m) {
   m.def(
       "tied_embedding_importance_(Tensor(a!) omega, Tensor input, Tensor grad_out, Tensor indices, Tensor rows) "
       "-> ()");
+  m.def(
+      "norm_affine_importance_(Tensor(a!) omega_w, Tensor(b!)? omega_b, Tensor input, Tensor grad_out, float eps, "
+      "bool rms) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(mas_ext, CPU, m) {
   m.impl("linear_importance_", &linear_importance_cpu);
   m.impl("conv_importance_", &conv_importance_cpu);
   m.impl("tied_embedding_importance_", &tied_embedding_importance_cpu);
+  m.impl("norm_affine_importance_", &norm_affine_importance_cpu);
 }
 
 }  // namespace mas_ext

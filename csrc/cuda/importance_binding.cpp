@@ -171,12 +171,36 @@ void tied_embedding_importance_cuda(at::Tensor& omega, const at::Tensor& input, 
                "tied_embedding_importance_");
 }
 
+void norm_affine_importance_cuda(at::Tensor& omega_w, const std::optional<at::Tensor>& omega_b, const at::Tensor& input,
+                                 const at::Tensor& grad_out, double eps, bool rms) {
+  check_activation(input, "input");
+  check_activation(grad_out, "grad_out");
+  TORCH_CHECK(input.dim() == 3 && input.sizes().equals(grad_out.sizes()),
+              "norm_affine_importance_: input and grad_out must both be (N, P, C), got ", input.sizes(), " and ",
+              grad_out.sizes());
+  TORCH_CHECK(eps >= 0, "norm_affine_importance_: eps must be >= 0, got ", eps);
+  const int64_t N = input.size(0), P = input.size(1), C = input.size(2);
+  check_accumulator(omega_w, "weight", {C}, input);
+  if (omega_b) check_accumulator(*omega_b, "bias", {C}, input);
+  if (N == 0 || P == 0 || C == 0) return;
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto t = common({input, grad_out});
+  at::Tensor stats = at::empty({N * P * 2}, input.options().dtype(at::kFloat));  // stream-ordered by the allocator
+  check_launch(mc::norm_affine_importance(dtype_of(t[0].scalar_type()), omega_w.data_ptr<float>(),
+                                          omega_b ? omega_b->data_ptr<float>() : nullptr, t[0].data_ptr(),
+                                          t[1].data_ptr(), N, P, C, static_cast<float>(eps), rms,
+                                          stats.data_ptr<float>(), sm_count(input.get_device()),
+                                          c10::cuda::getCurrentCUDAStream().stream()),
+               "norm_affine_importance_");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mas_ext, CUDA, m) {
   m.impl("linear_importance_", &linear_importance_cuda);
   m.impl("conv_importance_", &conv_importance_cuda);
   m.impl("tied_embedding_importance_", &tied_embedding_importance_cuda);
+  m.impl("norm_affine_importance_", &norm_affine_importance_cuda);
 }
 
 }  // namespace mas_ext

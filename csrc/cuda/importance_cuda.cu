@@ -1,6 +1,6 @@
 // CUDA kernels for the exact per-sample MAS importance: Linear (with and without positions), Conv (1-3-d,
 // stride/padding/dilation/groups, im2col of a bounded chunk of samples into a caller's workspace) and a
-// tied Embedding + Linear weight. The layout of the work is in index_math.cuh (tested on the CPU).
+// tied Embedding + Linear weight; and the affine weight and bias of LayerNorm/RMSNorm. The layout of the work is in index_math.cuh (tested on the CPU).
 //
 // One kernel does every weight: block (x, y, z) owns a BM x BN tile of omega (of group z / nsplit) and
 // the samples of split z % nsplit. Per sample it reduces the positions on tensor cores (wmma m16n16k16,
@@ -35,6 +35,8 @@
 //   importance_gemm_kernel<half, true, false, false> sm_80 100 regs  sm_90  99 regs  smem 17408 B  spill 0/0
 //   importance_gemm_kernel<half, true, false, true> sm_80  94 regs  sm_90  96 regs  smem 18048 B  spill 0/0
 //   importance_gemm_kernel<half, true, true, false> sm_80 124 regs  sm_90 124 regs  smem 17408 B  spill 0/0
+//   norm_affine_kernel<bf16 | half | float>        sm_80 39-40 regs sm_90 32 regs smem  2048 B  spill 0/0
+//   norm_stats_kernel<bf16 | half | float>         sm_80  32 regs  sm_90  32 regs  smem     0 B  spill 0/0
 // PTX (`nvcc -ptx`, compute_80 and compute_90): wmma.mma.sync.aligned.col.row.m16n16k16.f32.bf16.bf16.f32 and
 // .f32.f32 (f16) in the 16-bit gemm kernels, 8 per kernel per BK stage; fp32 kernels: FFMA only.
 #include "cuda/importance_cuda.cuh"
@@ -395,6 +397,73 @@ __global__ void __launch_bounds__(256) im2col_kernel(T* __restrict__ cols, const
   }
 }
 
+
+// ----------------------------------------------------------------------------- norm affine (LayerNorm, RMSNorm)
+// Row statistics, a warp per row of C features: stats[2r] = the shift (the mean; 0 for rms), stats[2r + 1] =
+// 1 / sqrt(mean((x - shift)²) + eps). Two passes over the row (the second from L1/L2).
+template <typename T>
+__global__ void __launch_bounds__(256) norm_stats_kernel(float* __restrict__ stats, const T* __restrict__ x, int64_t rows,
+                                                         int64_t C, float eps, bool rms) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
+  for (int64_t r = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
+    const T* xr = x + r * C;
+    float shift = 0.f;
+    if (!rms) {
+      float sum = 0.f;
+      for (int64_t c = lane; c < C; c += 32) sum += to_float(xr[c]);
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      shift = sum / float(C);
+    }
+    float sq = 0.f;
+    for (int64_t c = lane; c < C; c += 32) {
+      const float d = to_float(xr[c]) - shift;
+      sq += d * d;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+    if (lane == 0) {
+      stats[2 * r] = shift;
+      stats[2 * r + 1] = rsqrtf(sq / float(C) + eps);
+    }
+  }
+}
+
+// Per sample k (grid y, strided) and 32 features c (grid x, one per lane): NORM_LANES rows of threads split
+// the P positions, their sums meet in shared memory, and |Σ_p g x̂| and |Σ_p g| go to omega by one atomicAdd
+// per feature and sample.
+constexpr int NORM_LANES = 8;
+
+template <typename T>
+__global__ void __launch_bounds__(32 * NORM_LANES) norm_affine_kernel(float* __restrict__ omega_w, float* __restrict__ omega_b,
+                                                                      const T* __restrict__ x, const T* __restrict__ g,
+                                                                      const float* __restrict__ stats, int64_t N,
+                                                                      int64_t P, int64_t C) {
+  __shared__ float sw[NORM_LANES][32], sb[NORM_LANES][32];
+  const int64_t c = int64_t(blockIdx.x) * 32 + threadIdx.x;
+  for (int64_t k = blockIdx.y; k < N; k += gridDim.y) {
+    float acc_w = 0.f, acc_b = 0.f;
+    if (c < C) {
+      for (int64_t p = threadIdx.y; p < P; p += NORM_LANES) {
+        const int64_t row = k * P + p;
+        const float gv = to_float(g[row * C + c]);
+        acc_w += gv * ((to_float(x[row * C + c]) - stats[2 * row]) * stats[2 * row + 1]);
+        acc_b += gv;
+      }
+    }
+    sw[threadIdx.y][threadIdx.x] = acc_w;
+    sb[threadIdx.y][threadIdx.x] = acc_b;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+      for (int j = 1; j < NORM_LANES; ++j) acc_w += sw[j][threadIdx.x], acc_b += sb[j][threadIdx.x];
+      atomicAdd(omega_w + c, fabsf(acc_w));
+      if (omega_b != nullptr) atomicAdd(omega_b + c, fabsf(acc_b));
+    }
+    __syncthreads();  // the shared sums are rewritten for the next sample
+  }
+}
+
 // ----------------------------------------------------------------------------- launchers
 template <typename T>
 struct Tag {
@@ -501,6 +570,28 @@ cudaError_t tied_embedding_importance(DType dtype, float* omega, const void* inp
     using T = typename decltype(tag)::type;
     GemmArgs args{geo, grad_out, input, omega, indices, rows, Q};
     return launch_gemm<T, true, false, true>(args, stream);
+  });
+}
+
+cudaError_t norm_affine_importance(DType dtype, float* omega_w, float* omega_b, const void* input, const void* grad_out,
+                                   int64_t N, int64_t P, int64_t C, float eps, bool rms, float* stats, int num_sms,
+                                   cudaStream_t stream) {
+  if (N <= 0 || P <= 0 || C <= 0) return cudaSuccess;
+  if (stats == nullptr) return cudaErrorInvalidValue;
+  return dispatch(dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    const T* x = static_cast<const T*>(input);
+    const int64_t rows = N * P;
+    const int64_t stat_blocks = min64(ceil_div(rows, 8), int64_t(num_sms > 0 ? num_sms : 1) * 32);
+    norm_stats_kernel<T><<<unsigned(stat_blocks), 256, 0, stream>>>(stats, x, rows, C, eps, rms);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    const int64_t gx = ceil_div(C, 32);
+    if (gx > 0x7fffffff) return cudaErrorInvalidConfiguration;
+    const dim3 grid(unsigned(gx), unsigned(min64(N, MAX_GRID_YZ)));
+    norm_affine_kernel<T><<<grid, dim3(32, NORM_LANES), 0, stream>>>(omega_w, omega_b, x, static_cast<const T*>(grad_out),
+                                                                    stats, N, P, C);
+    return cudaGetLastError();
   });
 }
 

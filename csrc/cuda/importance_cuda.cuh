@@ -35,5 +35,13 @@ cudaError_t tied_embedding_importance(DType dtype, float* omega, const void* inp
                                       const int64_t* indices, const void* rows, int64_t N, int64_t P, int64_t D,
                                       int64_t V, int64_t Q, int num_sms, cudaStream_t stream);
 
+// LayerNorm (rms false) / RMSNorm (rms true) over the last dim: input, grad_out (N, P, C) of `dtype`:
+//   omega_w (C) += Σ_k |Σ_p g_kp ⊙ x̂_kp|, omega_b (C, may be null) += Σ_k |Σ_p g_kp|,
+// x̂ = (x - mean) / sqrt(var + eps) or x / sqrt(mean(x²) + eps) per position, in float32. `stats` is a
+// workspace of 2 * N * P floats (each position's shift and scale).
+cudaError_t norm_affine_importance(DType dtype, float* omega_w, float* omega_b, const void* input, const void* grad_out,
+                                   int64_t N, int64_t P, int64_t C, float eps, bool rms, float* stats, int num_sms,
+                                   cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace mas_ext

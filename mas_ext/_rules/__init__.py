@@ -6,7 +6,8 @@ module                 file            fused path
 nn.Linear, Conv1D      linear.py       linear_importance_ (abs-GEMM / per-sample GEMM + |·|)
 nn.Conv1d/2d/3d        conv.py         conv_importance_ (per-sample im2col + GEMM + |·|)
 nn.Embedding, tied     embedding.py    per-(sample, index) rows; tied_embedding_importance_
-norms (incl. RMSNorm)  norm.py         per-sample N×C gradients, whole
+LayerNorm, RMSNorm     norm.py         norm_affine_importance_ (one pass over x and g)
+GroupNorm, BatchNorm   norm.py         per-sample N×C gradients, whole
 MultiheadAttention     attention.py    its projections through linear_importance_
 anything else          generic.py      none: torch.func vmap(vjp) over that module
 =====================  ==============  =========================================================

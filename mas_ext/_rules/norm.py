@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import _ops
 from .base import add_abs_sum, matches_formula
 from .generic import generic_grads
 
@@ -72,10 +73,32 @@ def norm_grads(module, call, s, e):
     return {k: v for k, v in out.items() if getattr(module, k, None) is not None}
 
 
+def _last_dim_norm(module, x):
+    """(eps, rms) of a norm over the trailing dims with an affine weight there (LayerNorm, RMSNorm, the Hugging
+    Face RMSNorm classes): what the compiled op needs; None for the others (GroupNorm, BatchNorm)."""
+    if isinstance(module, nn.LayerNorm):
+        return module.eps, False
+    if isinstance(module, nn.RMSNorm):
+        return (torch.finfo(x.dtype).eps if module.eps is None else module.eps), True
+    if is_hf_rmsnorm(module):
+        return _hf_eps(module), True
+    return None
+
+
 def norm_fused(module, call, bufs, per_sample):
-    """Per-sample norm-affine gradients are only N×C: computing them whole is already the fused form."""
+    """Per-sample norm-affine gradients are only N×C: the compiled op sums them in one pass over x and g (for
+    norms over the trailing dims); otherwise they are computed whole, which is already the fused form."""
     if is_hf_rmsnorm(module) and not _hf_rmsnorm_matches(module, call):
         return False
+    x = call.args[0]
+    last = _last_dim_norm(module, x)
+    if last is not None and "weight" in bufs and _ops.available("norm_affine_importance_"):
+        c = module.weight.numel()
+        n = call.n if per_sample else 1  # per_sample=False: the whole batch as one sample
+        bias = bufs["bias"].view(-1) if "bias" in bufs else None
+        torch.ops.mas_ext.norm_affine_importance_(bufs["weight"].view(-1), bias, x.reshape(n, -1, c),
+                                                  call.g.reshape(n, -1, c), float(last[0]), last[1])
+        return True
     pg = norm_grads(module, call, 0, call.n)
     for name, v in pg.items():
         if name in bufs:
