@@ -43,7 +43,9 @@ def _expand_broadcast(module, args, kwargs, outs, n):
     (1, T) ``position_ids``), is every sample's own (SPEC §1): that input and the outputs of size 1 there are
     expanded to n, so each sample's gradient reaches the layer apart. Returns (args, kwargs, outs), outs None
     where nothing broadcasts."""
-    dim = 1 if getattr(module, "batch_first", True) is False else 0
+    # batch_first read without getattr: on a module lacking it, nn.Module.__getattr__ raises and catches an
+    # AttributeError, which cost more than the rest of the hook.
+    dim = 1 if module.__dict__.get("batch_first", getattr(type(module), "batch_first", True)) is False else 0
     if n == 1 or (args and torch.is_tensor(args[0]) and (args[0].dim() <= dim or args[0].shape[dim] != 1)):
         return args, kwargs, None  # the common case, decided without flattening the arguments
     flat, spec = torch.utils._pytree.tree_flatten((args, kwargs))
