@@ -186,39 +186,46 @@ __attribute__((target("avx2,fma"))) inline void add_abs(float* dst, __m256 v) {
 
 // The sample's rows start the register tile (kExtra); without them the compiler keeps the whole tile in
 // registers only if nothing indexes it with a run-time row, hence two instantiations and unrolled row loops.
-// a and g are first copied into `pack` (P * (I / 16 * 16) + P * (r1 - r0) floats): a as 16-column strips
-// and g as 6-row panels, each P rows contiguous, so the P loop streams through memory instead of striding
-// by I and O (with I or O a multiple of 1024 every row fell into one L1 set).
+// a and g are first copied into `pack` (P * (I / 16 * 16) + P * round_up(r1 - r0, 6) floats): a as 16-column
+// strips and g as 6-row panels, each P rows contiguous and each written in sequence, so the P loop streams
+// through memory instead of striding by I and O (with I or O a multiple of 1024 every row fell into one L1
+// set). The last panel is padded with zero rows, so the rows left over take the same register tile (their
+// sums are computed and not stored).
 template <bool kExtra>
 __attribute__((target("avx2,fma"))) void abs_gemm_rows_avx2(float* acc, const float* a, const float* g, int64_t P,
                                                              int64_t I, int64_t O, int64_t r0, int64_t r1,
                                                              const SampleRows* extra, float* pack) {
-  const int64_t I16 = I / 16 * 16, O6 = r0 + (r1 - r0) / 6 * 6;
+  const int64_t I16 = I / 16 * 16, panels = (r1 - r0 + 5) / 6;
   float* const apack = pack;
   float* const gpack = pack + P * I16;
-  for (int64_t p = 0; p < P; ++p) {
-    for (int64_t i0 = 0; i0 < I16; i0 += 16)
-      std::copy(a + p * I + i0, a + p * I + i0 + 16, apack + i0 * P + p * 16);
-    for (int64_t o = r0; o < O6; o += 6)
-      std::copy(g + p * O + o, g + p * O + o + 6, gpack + (o - r0) * P + p * 6);
+  for (int64_t i0 = 0; i0 < I16; i0 += 16) {
+    for (int64_t p = 0; p < P; ++p) std::copy(a + p * I + i0, a + p * I + i0 + 16, apack + i0 * P + p * 16);
+  }
+  for (int64_t j = 0; j < panels; ++j) {
+    const int64_t o = r0 + 6 * j, valid = std::min<int64_t>(6, r1 - o);
+    float* dst = gpack + j * 6 * P;
+    for (int64_t p = 0; p < P; ++p, dst += 6) {
+      std::copy(g + p * O + o, g + p * O + o + valid, dst);
+      std::fill(dst + valid, dst + 6, 0.f);
+    }
   }
   int64_t i0 = 0;
   for (; i0 < I16; i0 += 16) {
-    int64_t o = r0;
-    for (; o < O6; o += 6) {
+    for (int64_t j = 0; j < panels; ++j) {
+      const int64_t o = r0 + 6 * j, valid = std::min<int64_t>(6, r1 - o);
       __m256 c[6][2];
 #pragma GCC unroll 6
       for (int r = 0; r < 6; ++r) {
         c[r][0] = c[r][1] = _mm256_setzero_ps();
         if constexpr (kExtra) {
-          for (int32_t q = extra->first[o + r]; q >= 0; q = extra->next[q]) {
+          for (int32_t q = r < valid ? extra->first[o + r] : -1; q >= 0; q = extra->next[q]) {
             c[r][0] = _mm256_add_ps(c[r][0], _mm256_loadu_ps(extra->rows + q * extra->D + i0));
             c[r][1] = _mm256_add_ps(c[r][1], _mm256_loadu_ps(extra->rows + q * extra->D + i0 + 8));
           }
         }
       }
       const float* ap = apack + i0 * P;
-      const float* gp = gpack + (o - r0) * P;
+      const float* gp = gpack + j * 6 * P;
       for (int64_t p = 0; p < P; ++p, ap += 16, gp += 6) {
         const __m256 a0 = _mm256_loadu_ps(ap), a1 = _mm256_loadu_ps(ap + 8);
 #pragma GCC unroll 6
@@ -230,24 +237,12 @@ __attribute__((target("avx2,fma"))) void abs_gemm_rows_avx2(float* acc, const fl
       }
 #pragma GCC unroll 6
       for (int r = 0; r < 6; ++r) {
-        float* dst = acc + (o + r) * I + i0;
-        add_abs(dst, c[r][0]);
-        add_abs(dst + 8, c[r][1]);
+        if (r < valid) {
+          float* dst = acc + (o + r) * I + i0;
+          add_abs(dst, c[r][0]);
+          add_abs(dst + 8, c[r][1]);
+        }
       }
-    }
-    for (; o < r1; ++o) {  // rows left over: one at a time
-      __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
-      for (int64_t p = 0; p < P; ++p) {
-        const __m256 b = _mm256_broadcast_ss(g + p * O + o);
-        c0 = _mm256_fmadd_ps(b, _mm256_loadu_ps(a + p * I + i0), c0);
-        c1 = _mm256_fmadd_ps(b, _mm256_loadu_ps(a + p * I + i0 + 8), c1);
-      }
-      for (int32_t q = kExtra ? extra->first[o] : -1; q >= 0; q = extra->next[q]) {
-        c0 = _mm256_add_ps(c0, _mm256_loadu_ps(extra->rows + q * extra->D + i0));
-        c1 = _mm256_add_ps(c1, _mm256_loadu_ps(extra->rows + q * extra->D + i0 + 8));
-      }
-      add_abs(acc + o * I + i0, c0);
-      add_abs(acc + o * I + i0 + 8, c1);
     }
   }
   for (int64_t o = r0; o < r1 && i0 < I; ++o) {  // columns left over (< 16): scalar
@@ -277,7 +272,7 @@ bool per_sample_abs_gemm_registers(const at::Tensor& out, const at::Tensor& a, c
     const int64_t N = a.size(0), P = a.size(1), I = a.size(2), O = g.size(2);
     const float* ap = a.data_ptr<float>();
     const float* gp = g.data_ptr<float>();
-    for_each_row_tile(out, N, 6, register_tile_elems(), [&](int64_t rows) { return P * (I / 16 * 16 + rows); },
+    for_each_row_tile(out, N, 6, register_tile_elems(), [&](int64_t rows) { return P * (I / 16 * 16 + (rows + 5) / 6 * 6); },
                       [&](float* acc, const at::Tensor& scratch, int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
       float* const pack = scratch.data_ptr<float>();
       for (int64_t k = k0; k < k1; ++k) {
