@@ -510,6 +510,23 @@ def test_norm_affine_op_against_per_sample_sum(shape, dtype, rms):
         torch.ops.mas_ext.norm_affine_importance_(torch.zeros(c + 1), b, x, g, 1e-5, rms)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cls", [mas_ext.ReferenceMAS, mas_ext.FusedMAS])
+def test_rmsnorm_default_eps_is_the_one_the_module_uses(cls, dtype):
+    """nn.RMSNorm(eps=None) adds the float32 machine epsilon for float32 and bfloat16 inputs (F.rms_norm computes
+    in float32): with inputs small enough for it to matter, Ω follows the module as it computes."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.RMSNorm(8), nn.Linear(8, 3)).eval()
+    x = 3e-4 * torch.randn(5, 8)  # mean(x²) about 1e-7, the size of the epsilon
+    twin = copy.deepcopy(model)
+    twin[0].eps = torch.finfo(torch.float32).eps  # spelled out: the float64 oracle would take float64's
+    want, tiny_eps = oracle(twin, x), oracle(model, x)
+    w, t = want["0.weight"], tiny_eps["0.weight"]
+    assert ((w - t).norm() / w.norm()).item() > 0.05  # the inputs make the epsilon matter
+    got = cls(copy.deepcopy(model).to(dtype), show_progress=False).accumulate([x.to(dtype)])
+    assert_close(got.task_importance, want, tol=1e-5 if dtype == torch.float32 else 3e-2)
+
+
 class _Tied(nn.Module):
     """Token embedding shared with the output Linear (with its own bias), padding_idx, a norm between."""
 

@@ -43,9 +43,16 @@ def _rms_formula_holds(module, x, y):
     return torch.allclose(w * xhat, y, **tol) or torch.allclose((1 + w) * xhat, y, **tol)
 
 
-def _normalised(module, x):
+def _rmsnorm_eps(module, dtype):
+    """nn.RMSNorm's epsilon. eps=None is the machine epsilon of the dtype F.rms_norm computes in: float32 for
+    float16/bfloat16/float32 inputs, float64 for float64."""
+    return torch.finfo(torch.promote_types(dtype, torch.float32)).eps if module.eps is None else module.eps
+
+
+def _normalised(module, x, dtype):
+    """x̂ of the float32 ``x`` (the call's input, of ``dtype``)."""
     if isinstance(module, nn.RMSNorm):
-        return F.rms_norm(x, module.normalized_shape, eps=module.eps)
+        return F.rms_norm(x, module.normalized_shape, eps=_rmsnorm_eps(module, dtype))
     if is_hf_rmsnorm(module):
         return _rms(x, _hf_eps(module))
     if isinstance(module, nn.LayerNorm):
@@ -62,7 +69,7 @@ def norm_grads(module, call, s, e):
         return generic_grads(module, call, s, e)
     x, g = call.args[0][s:e].float(), call.g[s:e].float()
     m = e - s
-    xhat = _normalised(module, x)
+    xhat = _normalised(module, x, call.args[0].dtype)
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or is_hf_rmsnorm(module):
         # affine over the trailing normalized_shape, positions before it
         shape = (m, -1, *(module.weight.shape if is_hf_rmsnorm(module) else module.normalized_shape))
@@ -79,7 +86,7 @@ def _last_dim_norm(module, x):
     if isinstance(module, nn.LayerNorm):
         return module.eps, False
     if isinstance(module, nn.RMSNorm):
-        return (torch.finfo(x.dtype).eps if module.eps is None else module.eps), True
+        return _rmsnorm_eps(module, x.dtype), True
     if is_hf_rmsnorm(module):
         return _hf_eps(module), True
     return None
