@@ -43,9 +43,14 @@ def _expand_broadcast(module, args, kwargs, outs, n):
     (1, T) ``position_ids``), is every sample's own (SPEC §1): that input and the outputs of size 1 there are
     expanded to n, so each sample's gradient reaches the layer apart. Returns (args, kwargs, outs), outs None
     where nothing broadcasts."""
-    # batch_first read without getattr: on a module lacking it, nn.Module.__getattr__ raises and catches an
-    # AttributeError, which cost more than the rest of the hook.
-    dim = 1 if module.__dict__.get("batch_first", getattr(type(module), "batch_first", True)) is False else 0
+    # batch_first looked up where it can be (the instance, or its class: a plain value or a property) before
+    # getattr: on a module lacking it, nn.Module.__getattr__ raises and catches an AttributeError, which cost
+    # more than the rest of the hook.
+    if "batch_first" in module.__dict__:
+        batch_first = module.__dict__["batch_first"]
+    else:
+        batch_first = getattr(module, "batch_first") if hasattr(type(module), "batch_first") else True
+    dim = 1 if batch_first is False else 0
     if n == 1 or (args and torch.is_tensor(args[0]) and (args[0].dim() <= dim or args[0].shape[dim] != 1)):
         return args, kwargs, None  # the common case, decided without flattening the arguments
     flat, spec = torch.utils._pytree.tree_flatten((args, kwargs))

@@ -203,8 +203,10 @@ def conv3d():
 
 
 def sequence():
+    """Tokens through LayerNorms: over the last dim, over the last two (normalized_shape (4, 4)), without bias."""
     model = nn.Sequential(nn.Embedding(20, 8, padding_idx=0), nn.LayerNorm(8), nn.Linear(8, 16), nn.GELU(),
-                          nn.LayerNorm(16), nn.Linear(16, 8))
+                          nn.Unflatten(-1, (4, 4)), nn.LayerNorm((4, 4)), nn.Flatten(-2), nn.LayerNorm(16, bias=False),
+                          nn.Linear(16, 8))
     return model, torch.randint(0, 20, (6, 5))
 
 
@@ -286,7 +288,7 @@ def test_fused_runs_the_compiled_kernels(monkeypatch):
     mas_ext.FusedMAS(model).accumulate([x])
     model = nn.Sequential(nn.Linear(4, 6), nn.RMSNorm(6), nn.Linear(6, 3))
     mas_ext.FusedMAS(model).accumulate([torch.randn(5, 4)])
-    assert [c for c in calls if isinstance(c, bool)] == [False, False, True]  # two LayerNorms, then the RMSNorm
+    assert [c for c in calls if isinstance(c, bool)] == [False] * 3 + [True]  # three LayerNorms, then the RMSNorm
 
 
 def test_reference_backend_env_forces_reference_path(monkeypatch):
@@ -487,8 +489,10 @@ def test_tied_op_against_per_sample_sum(shape, dtype):
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-# (N, P, C): C below, at and off the vector width; one position; one sample
-@pytest.mark.parametrize("shape", [(4, 6, 5), (3, 1, 16), (1, 9, 37), (5, 33, 256)])
+# (N, P, C): C below, at and off the vector width; one position; one sample (its positions split over the
+# threads); more positions than one block of the two-level sums
+@pytest.mark.parametrize("shape", [(4, 6, 5), (3, 1, 16), (1, 9, 37), (5, 33, 256), (1, 300, 24), (1, 1, 3),
+                                   (3, 150, 9)])
 def test_norm_affine_op_against_per_sample_sum(shape, dtype, rms):
     n, p, c = shape
     x = (torch.randn(n, p, c) * 3 + 1).to(dtype)

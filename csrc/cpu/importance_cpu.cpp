@@ -495,11 +495,44 @@ double row_sum(const float* x, int64_t C, float shift, bool squares) {
   return total;
 }
 
+// Positions summed apart before their sum joins the sample's: two-level sums keep float32 accuracy over long
+// sequences (and over per_sample=False's N·T positions).
+constexpr int64_t kNormBlock = 64;
+
+// sw[c] += Σ_p g[p, c] x̂[p, c], sb[c] += Σ_p g[p, c] over positions [p0, p1) of x, g (P, C) row-major, x̂ by
+// the row's shift (mean, or 0 with rms) and 1 / sqrt(mean((x - shift)²) + eps). blk: 2C floats of scratch.
+void norm_partial_sums(const float* x, const float* g, int64_t p0, int64_t p1, int64_t C, double eps, bool rms,
+                       float* sw, float* sb, float* blk) {
+  const int64_t CV = C / Vec::size() * Vec::size();
+  float* const bw = blk;
+  float* const bb = blk + C;
+  for (int64_t q0 = p0; q0 < p1; q0 += kNormBlock) {
+    std::fill(blk, blk + 2 * C, 0.f);
+    for (int64_t p = q0; p < std::min(p1, q0 + kNormBlock); ++p) {
+      const float* xr = x + p * C;
+      const float* gr = g + p * C;
+      const float shift = rms ? 0.f : static_cast<float>(row_sum(xr, C, 0.f, false) / C);
+      const float rstd = static_cast<float>(1.0 / std::sqrt(row_sum(xr, C, shift, true) / C + eps));
+      const Vec vr(rstd), vs(shift);
+      int64_t c = 0;
+      for (; c < CV; c += Vec::size()) {
+        const Vec gv = Vec::loadu(gr + c);
+        (Vec::loadu(bw + c) + gv * ((Vec::loadu(xr + c) - vs) * vr)).store(bw + c);
+        (Vec::loadu(bb + c) + gv).store(bb + c);
+      }
+      for (; c < C; ++c) bw[c] += gr[c] * ((xr[c] - shift) * rstd), bb[c] += gr[c];
+    }
+    for (int64_t c = 0; c < C; ++c) sw[c] += bw[c], sb[c] += bb[c];
+  }
+}
+
 // LayerNorm / RMSNorm affine parameters, normalised over the last dim: input, grad_out (N, P, C):
 //   omega_w (C) += Σ_k |Σ_p g_kp ⊙ x̂_kp|, omega_b (C) += Σ_k |Σ_p g_kp| (omega_b may be absent),
 // x̂ = (x - mean) / sqrt(var + eps) with the biased variance, or with rms: x / sqrt(mean(x²) + eps), per
-// position over its C features, in float32. One pass over x and g; each
-// thread holds two C-sized sums for its sample and one accumulator pair.
+// position over its C features, in float32. One pass over x and g. With at least as many samples as threads,
+// each thread takes whole samples (two C-sized sums and one accumulator pair); with fewer, each sample's
+// positions are split over the threads, whose partial sums (fewer than 2 × threads of them) are added per
+// sample before |·|.
 void norm_affine_importance_cpu(at::Tensor& omega_w, const std::optional<at::Tensor>& omega_b, const at::Tensor& input,
                                 const at::Tensor& grad_out, double eps, bool rms) {
   check_activation(input, "input");
@@ -511,43 +544,55 @@ void norm_affine_importance_cpu(at::Tensor& omega_w, const std::optional<at::Ten
   const int64_t N = input.size(0), P = input.size(1), C = input.size(2);
   check_accumulator(omega_w, "weight", {C});
   if (omega_b) check_accumulator(*omega_b, "bias", {C});
-  if (N == 0 || C == 0) return;
+  if (N == 0 || P == 0 || C == 0) return;
   const auto x = input.detach().to(at::kFloat).contiguous();
   const auto g = grad_out.detach().to(at::kFloat).contiguous();
   const float* xp = x.data_ptr<float>();
   const float* gp = g.data_ptr<float>();
-  ThreadAccumulators acc_w(omega_w, N);
-  std::optional<ThreadAccumulators> acc_b;
-  if (omega_b) acc_b.emplace(*omega_b, N);
-  ThreadScratch sums({2 * C}, x.options());
-  const int64_t CV = C / Vec::size() * Vec::size();
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    float* const sw = sums.slot().data_ptr<float>();
-    float* const sb = sw + C;
-    float* const ow = acc_w.get();
-    float* const ob = acc_b ? acc_b->get() : nullptr;
-    for (int64_t k = begin; k < end; ++k) {
-      std::fill(sw, sw + 2 * C, 0.f);
-      for (int64_t p = 0; p < P; ++p) {
-        const float* xr = xp + (k * P + p) * C;
-        const float* gr = gp + (k * P + p) * C;
-        const float shift = rms ? 0.f : static_cast<float>(row_sum(xr, C, 0.f, false) / C);
-        const float rstd = static_cast<float>(1.0 / std::sqrt(row_sum(xr, C, shift, true) / C + eps));
-        const Vec vr(rstd), vs(shift);
-        int64_t c = 0;
-        for (; c < CV; c += Vec::size()) {
-          const Vec gv = Vec::loadu(gr + c);
-          (Vec::loadu(sw + c) + gv * ((Vec::loadu(xr + c) - vs) * vr)).store(sw + c);
-          (Vec::loadu(sb + c) + gv).store(sb + c);
-        }
-        for (; c < C; ++c) sw[c] += gr[c] * ((xr[c] - shift) * rstd), sb[c] += gr[c];
+  float* const ow = omega_w.data_ptr<float>();
+  float* const ob = omega_b ? omega_b->data_ptr<float>() : nullptr;
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = N >= threads ? 1 : std::min<int64_t>(P, (threads + N - 1) / N);
+  ThreadScratch scratch({(parts == 1 ? 4 : 2) * C}, x.options());
+  if (parts == 1) {
+    ThreadAccumulators acc_w(omega_w, N);
+    std::optional<ThreadAccumulators> acc_b;
+    if (omega_b) acc_b.emplace(*omega_b, N);
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      float* const sw = scratch.slot().data_ptr<float>();
+      float* const sb = sw + C;
+      float* const tw = acc_w.get();
+      float* const tb = acc_b ? acc_b->get() : nullptr;
+      for (int64_t k = begin; k < end; ++k) {
+        std::fill(sw, sw + 2 * C, 0.f);
+        norm_partial_sums(xp + k * P * C, gp + k * P * C, 0, P, C, eps, rms, sw, sb, sw + 2 * C);
+        abs_accumulate(tw, sw, C);
+        if (tb) abs_accumulate(tb, sb, C);
       }
-      abs_accumulate(ow, sw, C);
-      if (ob) abs_accumulate(ob, sb, C);
+    });
+    acc_w.reduce();
+    if (acc_b) acc_b->reduce();
+    return;
+  }
+  const int64_t per_part = (P + parts - 1) / parts;
+  at::Tensor partial = at::zeros({N * parts, 2 * C}, x.options());
+  float* const pp = partial.data_ptr<float>();
+  at::parallel_for(0, N * parts, 1, [&](int64_t begin, int64_t end) {
+    float* const blk = scratch.slot().data_ptr<float>();
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t k = item / parts, p0 = (item % parts) * per_part;
+      float* const sw = pp + item * 2 * C;
+      norm_partial_sums(xp + k * P * C, gp + k * P * C, p0, std::min(P, p0 + per_part), C, eps, rms, sw, sw + C, blk);
     }
   });
-  acc_w.reduce();
-  if (acc_b) acc_b->reduce();
+  for (int64_t k = 0; k < N; ++k) {  // each sample's parts in order, then |·|
+    float* const sw = pp + k * parts * 2 * C;
+    for (int64_t j = 1; j < parts; ++j) {
+      for (int64_t c = 0; c < 2 * C; ++c) sw[c] += sw[j * 2 * C + c];
+    }
+    abs_accumulate(ow, sw, C);
+    if (ob) abs_accumulate(ob, sw + C, C);
+  }
 }
 
 }  // namespace
