@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cuda/importance_cuda.cuh"
+#include "importance_shapes.h"
 
 namespace mas_ext {
 namespace {
@@ -175,11 +176,8 @@ void norm_affine_importance_cuda(at::Tensor& omega_w, const std::optional<at::Te
                                  const at::Tensor& grad_out, double eps, bool rms) {
   check_activation(input, "input");
   check_activation(grad_out, "grad_out");
-  TORCH_CHECK(input.dim() == 3 && input.sizes().equals(grad_out.sizes()),
-              "norm_affine_importance_: input and grad_out must both be (N, P, C), got ", input.sizes(), " and ",
-              grad_out.sizes());
-  TORCH_CHECK(eps >= 0, "norm_affine_importance_: eps must be >= 0, got ", eps);
-  const int64_t N = input.size(0), P = input.size(1), C = input.size(2);
+  const auto shape = norm_affine_shape(input, grad_out, eps);
+  const int64_t N = shape[0], P = shape[1], C = shape[2];
   check_accumulator(omega_w, "weight", {C}, input);
   if (omega_b) check_accumulator(*omega_b, "bias", {C}, input);
   if (N == 0 || P == 0 || C == 0) return;
