@@ -49,14 +49,24 @@ def _rmsnorm_eps(module, dtype):
     return torch.finfo(torch.promote_types(dtype, torch.float32)).eps if module.eps is None else module.eps
 
 
-def _normalised(module, x, dtype):
-    """x̂ of the float32 ``x`` (the call's input, of ``dtype``)."""
-    if isinstance(module, nn.RMSNorm):
-        return F.rms_norm(x, module.normalized_shape, eps=_rmsnorm_eps(module, dtype))
-    if is_hf_rmsnorm(module):
-        return _rms(x, _hf_eps(module))
+def _last_dim_norm(module, dtype):
+    """(normalized_shape, eps, rms) of a norm over the trailing dims with an affine weight there (LayerNorm,
+    RMSNorm, the Hugging Face RMSNorm classes), for an input of ``dtype``; None for the others (GroupNorm,
+    BatchNorm: per channel, dim 1)."""
     if isinstance(module, nn.LayerNorm):
-        return F.layer_norm(x, module.normalized_shape, eps=module.eps)
+        return tuple(module.normalized_shape), module.eps, False
+    if isinstance(module, nn.RMSNorm):
+        return tuple(module.normalized_shape), _rmsnorm_eps(module, dtype), True
+    if is_hf_rmsnorm(module):
+        return tuple(module.weight.shape), _hf_eps(module), True
+    return None
+
+
+def _normalised(module, x, last):
+    """x̂ of the float32 ``x``; ``last``: the module's :func:`_last_dim_norm`."""
+    if last is not None:
+        shape, eps, rms = last
+        return (F.rms_norm if rms else F.layer_norm)(x, shape, eps=eps)
     if isinstance(module, nn.GroupNorm):
         return F.group_norm(x, module.num_groups, eps=module.eps)
     if module.running_mean is not None and not module.training:
@@ -69,27 +79,15 @@ def norm_grads(module, call, s, e):
         return generic_grads(module, call, s, e)
     x, g = call.args[0][s:e].float(), call.g[s:e].float()
     m = e - s
-    xhat = _normalised(module, x, call.args[0].dtype)
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or is_hf_rmsnorm(module):
-        # affine over the trailing normalized_shape, positions before it
-        shape = (m, -1, *(module.weight.shape if is_hf_rmsnorm(module) else module.normalized_shape))
+    last = _last_dim_norm(module, call.args[0].dtype)
+    xhat = _normalised(module, x, last)
+    if last is not None:  # affine over the trailing normalized_shape, positions before it
+        shape = (m, -1, *last[0])
         out = {"weight": (g * xhat).reshape(shape).sum(1), "bias": g.reshape(shape).sum(1)}
     else:  # per channel (dim 1), positions after it
         c = x.shape[1]
         out = {"weight": (g * xhat).reshape(m, c, -1).sum(2), "bias": g.reshape(m, c, -1).sum(2)}
     return {k: v for k, v in out.items() if getattr(module, k, None) is not None}
-
-
-def _last_dim_norm(module, x):
-    """(eps, rms) of a norm over the trailing dims with an affine weight there (LayerNorm, RMSNorm, the Hugging
-    Face RMSNorm classes): what the compiled op needs; None for the others (GroupNorm, BatchNorm)."""
-    if isinstance(module, nn.LayerNorm):
-        return module.eps, False
-    if isinstance(module, nn.RMSNorm):
-        return _rmsnorm_eps(module, x.dtype), True
-    if is_hf_rmsnorm(module):
-        return _hf_eps(module), True
-    return None
 
 
 def norm_fused(module, call, bufs, per_sample):
@@ -98,13 +96,14 @@ def norm_fused(module, call, bufs, per_sample):
     if is_hf_rmsnorm(module) and not _hf_rmsnorm_matches(module, call):
         return False
     x = call.args[0]
-    last = _last_dim_norm(module, x)
+    last = _last_dim_norm(module, x.dtype)
     if last is not None and "weight" in bufs and _ops.available("norm_affine_importance_"):
+        _, eps, rms = last
         c = module.weight.numel()
         n = call.n if per_sample else 1  # per_sample=False: the whole batch as one sample
         bias = bufs["bias"].view(-1) if "bias" in bufs else None
         torch.ops.mas_ext.norm_affine_importance_(bufs["weight"].view(-1), bias, x.reshape(n, -1, c),
-                                                  call.g.reshape(n, -1, c), float(last[0]), last[1])
+                                                  call.g.reshape(n, -1, c), float(eps), rms)
         return True
     pg = norm_grads(module, call, 0, call.n)
     for name, v in pg.items():
