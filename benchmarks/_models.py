@@ -27,6 +27,19 @@ FULL = {
 # batches for the two largest models with --shrink-cpu (a busy or slow CPU: the whole run must stay
 # < 30 min on 2 cores; at full batch it took 11 min on a 2-core EPYC)
 CPU_BATCH = {"resnet18": 64, "transformer": 16}
+# On a GPU the CPU sizes leave an H100 idle (a pass of the HF rows at 8 x 64 tokens is a few ms of kernel
+# launches): `--device cuda` runs the same models at batches, and for the HF families widths and sequence
+# lengths, where the GPU does the work. Every per-sample peer still fits (vmap's N x P per-sample gradients
+# are at most ~12 GB here, ResNet-18 at 256).
+CUDA = {
+    "mlp": dict(batch=1024, cfg=FULL["mlp"]["cfg"]),
+    "cnn": dict(batch=512, cfg=FULL["cnn"]["cfg"]),
+    "resnet18": dict(batch=256, cfg=FULL["resnet18"]["cfg"]),
+    "transformer": dict(batch=64, cfg=FULL["transformer"]["cfg"]),
+    "llama": dict(batch=16, cfg=dict(vocab=8000, hidden=512, layers=4, heads=8, ff=1376, seq=256)),
+    "gpt2": dict(batch=16, cfg=dict(vocab=8000, hidden=512, layers=4, heads=8, ff=2048, seq=256)),
+    "bert": dict(batch=16, cfg=dict(vocab=8000, hidden=512, layers=4, heads=8, ff=2048, seq=256)),
+}
 QUICK = {
     "mlp": dict(batch=16, cfg=dict(sizes=(64, 32, 32, 10))),
     "cnn": dict(batch=8, cfg=dict(c1=4, c2=8, hidden=16, hw=12)),

@@ -148,8 +148,12 @@ _BENIGN = ("Full backward hook is firing when gradients are computed with respec
 def main(spec_path):
     with open(spec_path) as f:
         spec = json.load(f)
-    for s in spec if isinstance(spec, list) else [spec]:  # --quick: all rows in one process
+    for s in spec if isinstance(spec, list) else [spec]:  # --quick, and CUDA: several rows in one process
         run_spec(s)
+        gc.collect()  # the row's model, wrappers and outputs go before the next row starts
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
 
 
 def run_spec(spec):
