@@ -21,8 +21,9 @@ cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")) + glob.gl
 openmp = ["-fopenmp"]  # compile *and* link, or at::parallel_for runs on one thread
 cxx_flags = ["-O3", "-std=c++17"] + openmp
 # sm_80 (A100) and sm_90 (H100/H200): the bf16 tensor-core tiles need sm_80+; -lineinfo for the profilers and
-# compute-sanitizer (no cost at run time).
-nvcc_flags = ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo",
+# compute-sanitizer (no cost at run time). -ftz=false after --use_fast_math: float32 subnormals are kept, as
+# torch.optim's Adam keeps them (flushed, a 1e-19 gradient with eps=0 divides by zero).
+nvcc_flags = ["-O3", "--use_fast_math", "-ftz=false", "-std=c++17", "-lineinfo",
               "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 ext_kwargs = dict(extra_link_args=openmp, include_dirs=[os.path.join(here, "csrc")])
 

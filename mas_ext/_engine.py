@@ -11,6 +11,7 @@ and ``run()`` per batch; what a batch adds is committed (or not) by its caller.
 """
 import contextlib
 import functools
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -38,11 +39,8 @@ def _mask_positions(t, mask):
     return t.masked_fill(~mask.bool().view(*mask.shape, *([1] * (t.dim() - 2))), 0)
 
 
-def _expand_broadcast(module, args, kwargs, outs, n):
-    """A call whose first input has size 1 in the batch dim, where the batch has n samples (Hugging Face's
-    (1, T) ``position_ids``), is every sample's own (SPEC §1): that input and the outputs of size 1 there are
-    expanded to n, so each sample's gradient reaches the layer apart. Returns (args, kwargs, outs), outs None
-    where nothing broadcasts."""
+def _batch_dim(module):
+    """Where a module's inputs hold the batch: dim 1 for ``batch_first=False`` modules, else dim 0."""
     # batch_first looked up where it can be (the instance, or its class: a plain value or a property) before
     # getattr: on a module lacking it, nn.Module.__getattr__ raises and catches an AttributeError, which cost
     # more than the rest of the hook.
@@ -50,7 +48,39 @@ def _expand_broadcast(module, args, kwargs, outs, n):
         batch_first = module.__dict__["batch_first"]
     else:
         batch_first = getattr(module, "batch_first") if hasattr(type(module), "batch_first") else True
-    dim = 1 if batch_first is False else 0
+    return 1 if batch_first is False else 0
+
+
+def _first_tensor(args, kwargs):
+    if args and torch.is_tensor(args[0]):
+        return args[0]
+    return next((t for t in torch.utils._pytree.tree_flatten((args, kwargs))[0] if torch.is_tensor(t)), None)
+
+
+def _mixed_shape(module, args, kwargs, n):
+    """None where the call's first tensor input holds the batch's n samples in its batch dim (or the call has no
+    tensor input); else that input's shape: the call mixes the samples (MoE experts on (n·T, D) tokens) or is
+    shared by them (T5's relative-position bias on (T, T) buckets), and its rows are no sample's own."""
+    t = _first_tensor(args, kwargs)
+    dim = _batch_dim(module)
+    return None if t is None or (t.dim() > dim and t.shape[dim] == n) else tuple(t.shape)
+
+
+def _one_sample(args, kwargs, n, k):
+    """The call ``(args, kwargs)`` of a batch of n samples cut to sample k: every tensor of n rows in dim 0
+    (the batch's inputs, its attention_mask) to row k; anything else (broadcast inputs, options) as it is."""
+    def cut(t):
+        return t[k : k + 1] if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == n else t
+
+    return torch.utils._pytree.tree_map(cut, (args, kwargs))
+
+
+def _expand_broadcast(module, args, kwargs, outs, n):
+    """A call whose first input has size 1 in the batch dim, where the batch has n samples (Hugging Face's
+    (1, T) ``position_ids``), is every sample's own (SPEC §1): that input and the outputs of size 1 there are
+    expanded to n, so each sample's gradient reaches the layer apart. Returns (args, kwargs, outs), outs None
+    where nothing broadcasts."""
+    dim = _batch_dim(module)
     if n == 1 or (args and torch.is_tensor(args[0]) and (args[0].dim() <= dim or args[0].shape[dim] != 1)):
         return args, kwargs, None  # the common case, decided without flattening the arguments
     flat, spec = torch.utils._pytree.tree_flatten((args, kwargs))
@@ -114,6 +144,7 @@ class _Unit:
         self.group = None
         self.repeats = False  # seen running more than once in one forward
         self.handled = False  # its tapped forward has handled the call now ending
+        self.mixed = False  # seen called on an input whose rows are no sample's own: batches run sample by sample
 
 
 class _Group:
@@ -136,6 +167,7 @@ class _Pass:
         self.n, self.bufs, self.anchor, self.mask = n, bufs, anchor, mask
         self.calls = {}  # unit -> number of calls in this forward
         self.busy = False  # a rule is running: its own module calls (torch.func) are not recorded
+        self.mixed = []  # (unit, input shape) of calls whose input rows are no sample's own (per_sample, n > 1)
 
 
 def plan_units(net, params):
@@ -252,16 +284,31 @@ class Engine:
     def run(self, args, kwargs, n, bufs, where):
         """One batch of n samples, the model called as ``net(*args, **kwargs)``, inside :meth:`session`: its
         Σ_k |∂_k| (|Σ_k ∂_k| with ``per_sample=False``) into ``bufs`` (a :class:`ZeroBuffers`, empty or all
-        zero): a batch in which a unit turns out to run more than once is redone from zero. Padding
+        zero): a batch in which a unit turns out to run more than once is redone from zero, and one in
+        which a unit's input rows are no sample's own (per_sample) is run one sample at a time. Padding
         marked by an (n, T) ``attention_mask`` keyword is left out."""
+        if n > 1 and self.per_sample and any(u.mixed for u in self.units):
+            return self._run_sample_by_sample(args, kwargs, n, bufs, where)
         mask = kwargs.get("attention_mask")
         mask = mask if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[0] == n else None
         for attempt in range(2):
             if attempt:
                 for b in bufs.values():
                     b.zero_()
-            calls = self._forward_backward(args, kwargs, where, _Pass(n, bufs, torch.zeros(
-                (), device=next(iter(self.params.values())).device, requires_grad=True), mask))
+            state = _Pass(n, bufs, torch.zeros((), device=next(iter(self.params.values())).device,
+                                               requires_grad=True), mask)
+            calls = self._forward_backward(args, kwargs, where, state)
+            if state.mixed:
+                unit, shape = state.mixed[0]
+                warnings.warn(
+                    f"module '{unit.name}' ({type(unit.module).__name__}) is called on an input of shape {shape}, "
+                    f"whose rows are not the batch's {n} samples (it mixes them, or all samples share it): each "
+                    "batch is run one sample at a time from now on, which is exact and slower", stacklevel=4)
+                for u, _ in state.mixed:
+                    u.mixed = True
+                for b in bufs.values():
+                    b.zero_()
+                return self._run_sample_by_sample(args, kwargs, n, bufs, where)
             # A unit that ran more than once was handled call by call (local mode, or a tapped forward):
             # redo the batch with its calls summed per sample.
             repeats = [u for u, k in calls.items() if k > 1 and not u.repeats
@@ -270,6 +317,15 @@ class Engine:
                 break
             for u in repeats:
                 u.repeats = True
+
+    def _run_sample_by_sample(self, args, kwargs, n, bufs, where):
+        """Σ_k |∂_k| of a batch as n passes of one sample each (every call of a one-sample pass is that
+        sample's own, whatever its shape), each into buffers of its own, then added into ``bufs``."""
+        for k in range(n):
+            one = ZeroBuffers(self.params)
+            self.run(*_one_sample(args, kwargs, n, k), 1, one, f"{where}, sample {k}")
+            for g, b in one.items():
+                bufs[g] += b
 
     def _forward_backward(self, args, kwargs, where, state):
         """One forward (and in g-MAS one backward) of the batch, every unit's contribution into state.bufs.
@@ -339,8 +395,16 @@ class Engine:
                 for i, t in zip(pos, expanded):
                     flat[i] = t
                 out = flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
-            keep = self.mode == "local" or unit.rule.needs_output(module)
-            call = _rules.Call(state.n, args, kwargs, out if keep else None, versions=versions)
+            mixed = _mixed_shape(module, args, kwargs, state.n)
+            if mixed is not None and self.per_sample and state.n > 1:
+                state.mixed.append((unit, mixed))  # no use recording: the batch is run again sample by sample
+                return None
+            # The whole call is one sample's (a one-sample pass) or the batch's (per_sample=False): its rule is
+            # the module's own gradient, through the generic rule, which keeps its output.
+            whole = mixed is not None
+            keep = self.mode == "local" or whole or unit.rule.needs_output(module)
+            call = _rules.Call(1 if whole else state.n, args, kwargs, out if keep else None, versions=versions,
+                               whole=whole)
             unit.group.calls.append((unit, call))
             if self.mode == "local":
                 call.grads = tuple(_mask_positions(flat[i].detach(), state.mask) for i in pos)
@@ -415,10 +479,10 @@ class Engine:
             if len(calls) == 1:
                 unit, call = calls[0]
                 local = {k: bufs[g] for k, g in unit.names.items()}
-                if (unit.rule.fused is not None and self._use_kernels(call.args)
+                if (unit.rule.fused is not None and not call.whole and self._use_kernels(call.args)
                         and unit.rule.fused(unit.module, call, local, self.per_sample)):
                     return
-            elif (self._use_kernels([c.args for _, c in calls])
+            elif (not any(c.whole for _, c in calls) and self._use_kernels([c.args for _, c in calls])
                   and _rules.tied_fused(calls, bufs, self.per_sample)):
                 return
             self._reduce_per_sample(calls, bufs)
@@ -431,7 +495,7 @@ class Engine:
         """Σ_k |Σ_calls ∂_k| (or |Σ_k Σ_calls ∂_k|), over chunks of samples of bounded size."""
         if not calls:
             return
-        n = calls[0][1].n
+        n = max(c.n for _, c in calls)  # a whole call counts as one sample: n is 1 where it comes per sample
         cost = max(u.rule.cost(u.module, c) for u, c in calls)
         step = max(1, _rules.CHUNK_ELEMS // max(1, cost))
         total = {}
@@ -439,8 +503,20 @@ class Engine:
             e = min(n, s + step)
             per_sample = {}
             for unit, call in calls:
-                grads = (unit.rule.grads(unit.module, call, s, e, names=set(unit.names))
-                         if unit.rule.grads is _rules.generic_grads else unit.rule.grads(unit.module, call, s, e))
+                if call.whole and s > 0:
+                    continue
+                if call.whole and not self.per_sample:  # the batch's gradient: straight into the sum
+                    for local, pg in _rules.generic_grads(unit.module, call, 0, 1, names=set(unit.names)).items():
+                        g = unit.names.get(local)
+                        if g is not None:
+                            total[g] = total[g] + pg.sum(0) if g in total else pg.sum(0)
+                    continue
+                if call.whole:  # per_sample and n == 1: the whole call is the one sample's
+                    grads = _rules.generic_grads(unit.module, call, 0, 1, names=set(unit.names))
+                elif unit.rule.grads is _rules.generic_grads:
+                    grads = unit.rule.grads(unit.module, call, s, e, names=set(unit.names))
+                else:
+                    grads = unit.rule.grads(unit.module, call, s, e)
                 for local, pg in grads.items():
                     g = unit.names.get(local)
                     if g is not None:

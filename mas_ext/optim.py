@@ -286,8 +286,11 @@ class _MASStep:
                         if not force:
                             self._warn_once(pwhy)
                         reference.add(p)
-                if fusable:
-                    reference.update(self._fused_group_step(group, fusable, terms, scale, grad_scale))
+                by_device = {}  # one op call per device: a group may hold parameters on several
+                for p in fusable:
+                    by_device.setdefault(p.device, []).append(p)
+                for ps in by_device.values():
+                    reference.update(self._fused_group_step(group, ps, terms, scale, grad_scale))
         if reference:
             self._reference_step(reference, terms, scale, grad_scale)
         return loss

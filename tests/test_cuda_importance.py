@@ -115,6 +115,7 @@ def test_linear_mixed_dtypes_noncontiguous_and_stream():
     g = rand(6, 5, 30, gen=gen).to(DEV).transpose(0, 1)  # float32, not contiguous
     w = torch.zeros(30, 40, device=DEV)
     s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())  # a, g and w are made on the default stream
     with torch.cuda.stream(s):
         torch.ops.mas_ext.linear_importance_(w, None, a, g)
     torch.cuda.current_stream().wait_stream(s)

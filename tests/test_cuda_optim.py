@@ -305,6 +305,56 @@ def test_found_inf_on_device_skips_adam_with_device_steps():
                                           **_adam_op_kw(), found_inf=torch.tensor([0.0], device=DEV))
 
 
+def test_empty_tensor_device_step_counters_step_too():
+    """The kernels skip empty tensors; their device counters still step (and stay put on found_inf), as torch's."""
+    params = [torch.empty(0, device=DEV), torch.randn(5, device=DEV)]
+    grads = [torch.empty(0, device=DEV), torch.randn(5, device=DEV)]
+    oms, stars = [torch.empty(0, device=DEV), torch.rand(5, device=DEV)], [torch.empty(0, device=DEV), params[1].clone()]
+    state = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+    steps = [torch.zeros((), device=DEV) for _ in params]
+    torch.ops.mas_ext.fused_adam_mas_(params, grads, *state, steps, oms, stars, **_adam_op_kw())
+    assert [s.item() for s in steps] == [1.0, 1.0]
+    torch.ops.mas_ext.fused_adam_mas_(params, grads, *state, steps, oms, stars, **_adam_op_kw(),
+                                      found_inf=torch.tensor([1.0], device=DEV))
+    assert [s.item() for s in steps] == [1.0, 1.0]
+    torch.ops.mas_ext.fused_adam_mas_(params[:1], grads[:1], *[x[:1] for x in state], steps[:1], oms[:1], stars[:1],
+                                      **_adam_op_kw(), found_inf=torch.tensor([0.0], device=DEV))
+    assert steps[0].item() == 2.0
+
+
+def test_adam_keeps_float32_subnormals():
+    """A 1e-19 gradient squares to a float32 subnormal: flushed to zero (nvcc's fast math), eps=0 would divide by
+    zero; torch.optim.Adam keeps it."""
+    p = nn.Parameter(torch.ones(4, device=DEV))
+    q = nn.Parameter(torch.ones(4, device=DEV))
+    for x in (p, q):
+        x.grad = torch.full((4,), 1e-19, device=DEV)
+    mopt.Adam([p], lr=1e-3, eps=0.0, mas=StubMAS(LAM, [(p, torch.zeros(4, device=DEV), p.detach().clone())])).step()
+    torch.optim.Adam([q], lr=1e-3, eps=0.0).step()
+    assert torch.isfinite(p).all()
+    torch.testing.assert_close(p.detach(), q.detach())
+
+
+def test_param_group_over_two_devices_steps_each_on_its_own():
+    """A group holding CPU and CUDA parameters: one op call per device, equal to torch.optim."""
+    torch.manual_seed(4)
+    ps = [nn.Parameter(torch.randn(6)), nn.Parameter(torch.randn(6, device=DEV))]
+    qs = [nn.Parameter(p.detach().clone()) for p in ps]
+    terms = [(p, torch.rand(6, device=p.device), p.detach() + 0.1) for p in ps]
+    opt = mopt.SGD(ps, lr=0.1, momentum=0.9, mas=StubMAS(LAM, terms))
+    ref = torch.optim.SGD(qs, lr=0.1, momentum=0.9)
+    for _ in range(3):
+        for p, q in zip(ps, qs):
+            g = torch.randn(6).to(p.device)
+            p.grad, q.grad = g.clone(), g.clone()
+        for q, (_, om, star) in zip(qs, terms):
+            q.grad += 2 * LAM * om * (q.detach() - star)
+        opt.step()
+        ref.step()
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p.detach(), q.detach())
+
+
 # ---------------------------------------------------------------------------------- capturable
 def test_device_steps_equal_host_steps():
     params, grads, oms, stars = [_to(x, DEV) for x in _inputs([torch.float32, torch.float16], ODD_SHAPES)]

@@ -205,3 +205,47 @@ def test_fused_rules_cover_the_families_without_the_generic_path():
         mas = mas_ext.FusedMAS(make_model(name), show_progress=False)
         generic = [u.name for u in mas._engine.units if u.rule.grads is mas_ext._rules.generic_grads]
         assert not generic, f"{name}: generic units {generic}"
+
+
+def _mixing_models():
+    """Families whose layers take inputs that are no sample's own rows: T5's relative-position bias Embedding on
+    (T, T) buckets shared by all samples, and the MoE routers and experts on the batch's tokens flattened to
+    (n·T, D). Each: (model, output_fn, oracle dtype: float32 where grouped_mm has no float64)."""
+    moe = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64)
+    return {
+        "t5-encoder": (lambda: transformers.T5EncoderModel(transformers.T5Config(
+            vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)),
+            lambda o: o.last_hidden_state, torch.float64),
+        "mixtral": (lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            num_local_experts=4, num_experts_per_tok=2, **moe)), None, torch.float32),
+        "qwen2-moe": (lambda: transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+            **moe)), None, torch.float32),
+    }
+
+
+@pytest.mark.parametrize("name", ["t5-encoder", "mixtral", "qwen2-moe"])
+def test_families_whose_layers_mix_the_samples(name):
+    """T = 8 tokens in batches of 4: the (T, T) buckets or (n·T, D) tokens reshaped by sample would give a wrong Ω
+    (T5) or fail (MoE). The batch runs one sample at a time instead, with one warning, exact."""
+    make, output_fn, dtype = _mixing_models()[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randint(1, V, (6, 8))
+    pick = output_fn or (lambda o: o.logits)
+    m = copy.deepcopy(model).to(dtype)
+    params = dict(m.named_parameters())
+    want = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
+    for ids in x:
+        grads = torch.autograd.grad(pick(m(input_ids=ids[None])).pow(2).sum(), list(params.values()), allow_unused=True)
+        for k, g in zip(params, grads):
+            if g is not None:
+                want[k] += g.double().abs() / len(x)
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        with pytest.warns(UserWarning, match="one sample at a time"):
+            got = cls(model, output_fn=output_fn, show_progress=False).accumulate([x[:4], x[4:]]).task_importance
+        assert_close(got, want, tol=2e-4 if dtype == torch.float64 else 1e-4)

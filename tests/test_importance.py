@@ -1,6 +1,7 @@
 """Per-sample importance: ReferenceMAS against a float64 one-sample-at-a-time loop written here from the
 definition (SPEC §1), and FusedMAS against ReferenceMAS, on fresh random inputs."""
 import copy
+import warnings
 import zlib
 
 import pytest
@@ -556,6 +557,59 @@ def test_tied_embedding_and_rmsnorm_fused_equal_the_definition(mode, per_sample,
     for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
         mas = cls(model, mode=mode, per_sample=per_sample, show_progress=False)
         mas.accumulate([x[:4], x[4:]])
+        assert_close(mas.task_importance, want, tol=1e-5)
+
+
+def test_tied_fused_takes_int32_indices():
+    """nn.Embedding takes int32 indices; the tied kernel's indices are made int64 for it."""
+    torch.manual_seed(1)
+    model = _Tied().eval()
+    x = torch.randint(0, 13, (5, 4))
+    want = oracle(model, x)
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        got = cls(model, show_progress=False).accumulate([x.int()]).task_importance
+        assert_close(got, want, tol=1e-5)
+
+
+class MixingNet(nn.Module):
+    """Layers whose input rows are no sample's own: a relative-position bias Embedding on (T, T) buckets that all
+    samples share (T5), and a Linear on the batch's tokens flattened to (n·T, D) (MoE routers and experts)."""
+
+    def __init__(self, v=11, d=6, span=2):
+        super().__init__()
+        self.span = span
+        self.emb, self.bias = nn.Embedding(v, d), nn.Embedding(2 * span + 1, 1)
+        self.mix, self.out = nn.Linear(d, d), nn.Linear(d, 3)
+
+    def forward(self, ids):
+        n, t = ids.shape
+        h = self.emb(ids)
+        pos = torch.arange(t, device=ids.device)
+        buckets = (pos[None, :] - pos[:, None]).clamp(-self.span, self.span) + self.span  # (T, T)
+        h = torch.softmax(h @ h.transpose(1, 2) + self.bias(buckets).squeeze(-1), -1) @ h
+        h = torch.tanh(self.mix(h.reshape(n * t, -1))).view(n, t, -1)
+        return self.out(h)
+
+
+@pytest.mark.parametrize("mode,per_sample", [("global", True), ("local", True), ("global", False)])
+def test_layers_whose_inputs_mix_the_samples(mode, per_sample):
+    """T = 8 rows in a batch of 4 (and a last batch of 2): a (T, T) input reshaped to (n, -1) would look like
+    per-sample rows and give a wrong Ω without an error. The batch is run one sample at a time instead (with a
+    warning, once), and per_sample=False takes each such call's gradient whole."""
+    torch.manual_seed(2)
+    model = MixingNet().eval()
+    x = torch.randint(0, 11, (6, 8))
+    want = oracle(model, x, mode=mode, per_sample=per_sample, batch=4)
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        mas = cls(model, mode=mode, per_sample=per_sample, show_progress=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mas.accumulate([x[:4], x[4:]])
+        said = [w for w in caught if "one sample at a time" in str(w.message)]
+        assert len(said) == (1 if per_sample else 0), [str(w.message) for w in caught]
+        if per_sample:
+            assert "'bias' (Embedding)" in str(said[0].message) and "(8, 8)" in str(said[0].message)
+        assert mas.num_samples == 6
         assert_close(mas.task_importance, want, tol=1e-5)
 
 

@@ -59,7 +59,8 @@ void check_activation(const at::Tensor& t, const char* what) {
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), what, " must be float32, float16 or bfloat16, got ", t.scalar_type());
 }
 
-// The tensors in one dtype (their promotion: no precision lost), contiguous, detached.
+// The tensors in one dtype (their promotion: no precision lost), contiguous, detached; float64 in float32, as
+// the CPU ops compute it (the accumulators are float32).
 std::vector<at::Tensor> common(std::initializer_list<at::Tensor> ts) {
   at::ScalarType t = ts.begin()->scalar_type();
   for (const auto& x : ts) {
@@ -67,6 +68,7 @@ std::vector<at::Tensor> common(std::initializer_list<at::Tensor> ts) {
                 ts.begin()->device());
     t = at::promote_types(t, x.scalar_type());
   }
+  if (t == at::kDouble) t = at::kFloat;
   dtype_of(t);
   std::vector<at::Tensor> out;
   for (const auto& x : ts) out.push_back(x.detach().to(t).contiguous());

@@ -307,6 +307,16 @@ void fused_adam_mas_cuda(at::TensorList params, at::TensorList grads, at::Tensor
       extra[i] = {lr / (1 - std::pow(beta1, step)), std::pow(1 - std::pow(beta2, step), 0.5)};
     }
   }
+  if (device_steps) {  // the kernels skip empty tensors: their counters step here, as torch's do (not on found_inf)
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (params[i].numel() != 0) continue;
+      if (found_inf.has_value()) {
+        state_steps[i].add_(found_inf->reshape({}).eq(0).to(state_steps[i].scalar_type()));
+      } else {
+        state_steps[i].add_(1);
+      }
+    }
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(params[0].device().index()).stream();
   for (const auto& idx : by_dtype(params, std::vector<bool>(params.size(), true))) {
     auto l = make_lists<co::kAdamDepth>(

@@ -35,6 +35,9 @@ class Call:
     out: object = None  # the module's output; in g-MAS only where the rule's ``needs_output`` says so
     grads: Optional[tuple] = None  # gradients at the floating outputs, in tree_flatten order
     versions: list = field(default_factory=list)
+    # The call's input rows are no sample's own (MoE experts on (n·T, D) tokens, T5's (T, T) position buckets):
+    # the whole call is one sample's (in a one-sample pass, n = 1) or the batch's (per_sample=False).
+    whole: bool = False
 
     @property
     def g(self):

@@ -64,7 +64,7 @@ def tied_fused(calls, bufs, per_sample):
     n = 1 if not per_sample else lcall.n  # per_sample=False: the whole batch as one sample
     torch.ops.mas_ext.tied_embedding_importance_(
         bufs[shared], a.reshape(n, -1, a.shape[-1]).contiguous(), g.reshape(n, -1, g.shape[-1]).contiguous(),
-        idx.reshape(n, -1).contiguous(), rows.view(n, -1, rows.shape[-1]))
+        idx.reshape(n, -1).long().contiguous(), rows.view(n, -1, rows.shape[-1]))  # nn.Embedding takes int32 too
     bias = lin.names.get("bias")
     if bias is not None:
         add_abs_sum(bufs[bias], g.float().sum(1), per_sample)

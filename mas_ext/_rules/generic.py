@@ -37,6 +37,8 @@ def generic_grads(module, call, s, e, names=None):
     found by running the module on one sample: the dim that shrinks from n to 1.
     """
     n = call.n
+    if call.whole:
+        return _whole_call_grads(module, call, names)
     preferred = 1 if getattr(module, "batch_first", True) is False else 0
     args, kwargs = call.args, call.kwargs
     shared = _SHARED_ARGUMENTS.get(type(module), ())
@@ -79,6 +81,24 @@ def generic_grads(module, call, s, e, names=None):
                   for g, i, d in zip(call.grads, out_pos, out_dims))
     per_sample = torch.func.vmap(one_sample, in_dims=(tuple(in_dims), tuple(out_dims)))(inputs, grads)
     return {k: v.float() for k, v in per_sample.items()}
+
+
+def _whole_call_grads(module, call, names):
+    """The gradient of the module's own (tracked) parameters over the whole call, as one sample: (1, *shape)."""
+    params = dict(module.named_parameters())
+    tracked = {k: v.detach() for k, v in params.items() if names is None or k in names}
+    frozen = {k: v.detach() for k, v in params.items() if k not in tracked}
+    frozen.update(dict(module.named_buffers()))
+    flat_out, _ = tree_flatten(call.out)
+    out_pos = [i for i, t in enumerate(flat_out) if torch.is_tensor(t) and t.is_floating_point()]
+
+    def outputs(theta):
+        out = tree_flatten(torch.func.functional_call(module, {**theta, **frozen}, tuple(call.args), call.kwargs))[0]
+        return tuple(out[i] for i in out_pos)
+
+    _, vjp = torch.func.vjp(outputs, tracked)
+    grads = tuple(g if g is not None else torch.zeros_like(flat_out[i]) for g, i in zip(call.grads, out_pos))
+    return {k: v.unsqueeze(0).float() for k, v in vjp(grads)[0].items()}
 
 
 GENERIC = Rule(generic_grads)  # any module the table has no rule for
