@@ -167,7 +167,8 @@ class _Pass:
         self.n, self.bufs, self.anchor, self.mask = n, bufs, anchor, mask
         self.calls = {}  # unit -> number of calls in this forward
         self.busy = False  # a rule is running: its own module calls (torch.func) are not recorded
-        self.mixed = []  # (unit, input shape) of calls whose input rows are no sample's own (per_sample, n > 1)
+        self.mixed = []  # (unit, why) of calls whose rows are no sample's own (per_sample, n > 1)
+        self.expanded = []  # units whose batch-size-1 input (and outputs) were expanded to n
 
 
 def plan_units(net, params):
@@ -225,6 +226,7 @@ class Engine:
         self.net, self.params, self.kernels = net, params, kernels
         self.mode, self.per_sample, self.output_fn = mode, per_sample, output_fn
         self.units = plan_units(net, params)
+        self.no_expand = False  # set once the model failed on an expanded batch-size-1 input
         self._pass = None  # the _Pass of the batch now running
 
     @property
@@ -297,13 +299,32 @@ class Engine:
                     b.zero_()
             state = _Pass(n, bufs, torch.zeros((), device=next(iter(self.params.values())).device,
                                                requires_grad=True), mask)
-            calls = self._forward_backward(args, kwargs, where, state)
+            try:
+                calls = self._forward_backward(args, kwargs, where, state)
+            except Exception as e:  # noqa: BLE001 - re-raised unless an expanded input explains it
+                if not state.expanded or self.no_expand or isinstance(e, FloatingPointError):
+                    raise
+                # The model relied on that size-1 dim (DeBERTa repeats its (1, 2k, D) relative embeddings by
+                # it): expand nothing from now on; per sample, those calls are then no sample's own rows.
+                self.no_expand = True
+                names = ", ".join(f"'{u.name}'" for u in dict.fromkeys(state.expanded))
+                warnings.warn(f"the model failed once {names} had an input of batch size 1 expanded to the batch's "
+                              f"{n} ({type(e).__name__}: {str(e)[:200]}); nothing is expanded from now on"
+                              + (" and each batch runs one sample at a time (exact, slower)" if self.per_sample
+                                 else ""), stacklevel=4)
+                for u in state.expanded:
+                    u.mixed = self.per_sample
+                for b in bufs.values():
+                    b.zero_()
+                if self.per_sample:
+                    return self._run_sample_by_sample(args, kwargs, n, bufs, where)
+                return self.run(args, kwargs, n, bufs, where)
             if state.mixed:
-                unit, shape = state.mixed[0]
+                unit, why = state.mixed[0]
                 warnings.warn(
-                    f"module '{unit.name}' ({type(unit.module).__name__}) is called on an input of shape {shape}, "
-                    f"whose rows are not the batch's {n} samples (it mixes them, or all samples share it): each "
-                    "batch is run one sample at a time from now on, which is exact and slower", stacklevel=4)
+                    f"module '{unit.name}' ({type(unit.module).__name__}) {why} (it mixes the samples, or all samples "
+                    "share it): each batch is run one sample at a time from now on, which is exact and slower",
+                    stacklevel=4)
                 for u, _ in state.mixed:
                     u.mixed = True
                 for b in bufs.values():
@@ -341,7 +362,15 @@ class Engine:
                     if not torch.isfinite(loss):  # one scalar to test; the output itself only when it fails
                         self._check_finite(out, where)
                     if loss.requires_grad:
-                        torch.autograd.grad(loss, state.anchor, allow_unused=True)
+                        # Parameters of units never called in this forward: unused (no gradient), or used outside
+                        # their module's forward (DeBERTa reads its relative embeddings' weight directly), where
+                        # their gradient is taken here: a one-sample pass's own (or the batch's, per_sample=False).
+                        called = {g for u in state.calls for g in u.names.values()}
+                        stray = [(u, g) for u in self.units if u not in state.calls
+                                 for g in u.names.values() if g not in called]
+                        grads = torch.autograd.grad(loss, [state.anchor] + [self.params[g] for _, g in stray],
+                                                    allow_unused=True)
+                        self._stray(state, stray, grads[1:])
             else:
                 with torch.no_grad():
                     self._output(self.net(*args, **kwargs), where, state.mask)
@@ -351,6 +380,18 @@ class Engine:
         finally:
             self._pass = None
         return state.calls
+
+    def _stray(self, state, stray, grads):
+        """Adds the gradients of parameters used outside their module's forward: |∂| where the pass is one sample
+        (or per_sample=False); with n > 1 samples per sample it cannot be split, and the batch is run again
+        sample by sample."""
+        for (unit, g), grad in zip(stray, grads):
+            if grad is None:
+                continue
+            if self.per_sample and state.n > 1:
+                state.mixed.append((unit, f"has its parameter '{g}' used outside the module's own forward"))
+                return
+            state.bufs[g] += grad.float().abs()
 
     def _output(self, out, where, mask=None, check=True):
         """The tensor whose squared norm is taken (``output_fn``'s pick, else the output itself or its
@@ -390,14 +431,17 @@ class Engine:
             # A single tensor output (most layers) skips the pytree round trip.
             flat, spec = ([out], None) if torch.is_tensor(out) else torch.utils._pytree.tree_flatten(out)
             pos = [i for i, t in enumerate(flat) if torch.is_tensor(t) and t.is_floating_point()]
-            args, kwargs, expanded = _expand_broadcast(module, args, kwargs, [flat[i] for i in pos], state.n)
+            args, kwargs, expanded = (_expand_broadcast(module, args, kwargs, [flat[i] for i in pos], state.n)
+                                      if not self.no_expand else (args, kwargs, None))
             if expanded is not None:  # the call's outputs become every sample's own (SPEC §1)
+                state.expanded.append(unit)
                 for i, t in zip(pos, expanded):
                     flat[i] = t
                 out = flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
             mixed = _mixed_shape(module, args, kwargs, state.n)
             if mixed is not None and self.per_sample and state.n > 1:
-                state.mixed.append((unit, mixed))  # no use recording: the batch is run again sample by sample
+                state.mixed.append((unit, f"is called on an input of shape {mixed}, whose rows are not the "
+                                          f"batch's {state.n} samples"))  # the batch is run again sample by sample
                 return None
             # The whole call is one sample's (a one-sample pass) or the batch's (per_sample=False): its rule is
             # the module's own gradient, through the generic rule, which keeps its output.
@@ -514,7 +558,18 @@ class Engine:
                 if call.whole:  # per_sample and n == 1: the whole call is the one sample's
                     grads = _rules.generic_grads(unit.module, call, 0, 1, names=set(unit.names))
                 elif unit.rule.grads is _rules.generic_grads:
-                    grads = unit.rule.grads(unit.module, call, s, e, names=set(unit.names))
+                    try:
+                        grads = unit.rule.grads(unit.module, call, s, e, names=set(unit.names))
+                    except _rules.SharedOutput as shared:
+                        if self.per_sample:  # the batch is run again sample by sample
+                            self._pass.mixed.append((unit, f"returns {shared}"))
+                            return
+                        call.whole = True  # per_sample=False: the call's gradient whole is the batch's
+                        for local, pg in _rules.generic_grads(unit.module, call, 0, 1, names=set(unit.names)).items():
+                            g = unit.names.get(local)
+                            if g is not None:
+                                total[g] = total[g] + pg.sum(0) if g in total else pg.sum(0)
+                        continue
                 else:
                     grads = unit.rule.grads(unit.module, call, s, e)
                 for local, pg in grads.items():

@@ -219,16 +219,29 @@ def _mixing_models():
             lambda o: o.last_hidden_state, torch.float64),
         "mixtral": (lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
             num_local_experts=4, num_experts_per_tok=2, **moe)), None, torch.float32),
+        "opt": (lambda: transformers.OPTForCausalLM(transformers.OPTConfig(  # fc1/fc2 on (n·T, D) tokens
+            vocab_size=V, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, word_embed_proj_dim=32)), None, torch.float64),
+        "bart": (lambda: transformers.BartForConditionalGeneration(transformers.BartConfig(  # positions (T, D)
+            vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64)),
+            None, torch.float64),
+        # relative embeddings (1, 2k, D) repeated by their size-1 dim, their weight read outside the Embedding
+        "deberta-v2": (lambda: transformers.DebertaV2ForMaskedLM(transformers.DebertaV2Config(
+            vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+            max_position_embeddings=64, relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"])),
+            None, torch.float64),
         "qwen2-moe": (lambda: transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24,
             **moe)), None, torch.float32),
     }
 
 
-@pytest.mark.parametrize("name", ["t5-encoder", "mixtral", "qwen2-moe"])
+@pytest.mark.parametrize("name", ["t5-encoder", "mixtral", "qwen2-moe", "opt", "bart", "deberta-v2"])
 def test_families_whose_layers_mix_the_samples(name):
-    """T = 8 tokens in batches of 4: the (T, T) buckets or (n·T, D) tokens reshaped by sample would give a wrong Ω
-    (T5) or fail (MoE). The batch runs one sample at a time instead, with one warning, exact."""
+    """T = 8 tokens in batches of 4: the (T, T) buckets, BART's (T, D) positions or (n·T, D) tokens reshaped by
+    sample would give a wrong Ω (T5, BART) or fail (MoE, DeBERTa). The batch runs one sample at a time instead,
+    with one warning, exact."""
     make, output_fn, dtype = _mixing_models()[name]
     torch.manual_seed(0)
     model = make().eval()
@@ -240,6 +253,20 @@ def test_families_whose_layers_mix_the_samples(name):
     m = copy.deepcopy(model).to(dtype)
     params = dict(m.named_parameters())
     want = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
+    seq2seq = model.config.is_encoder_decoder and output_fn is None
+
+    class Call(torch.nn.Module):  # BART: the decoder reads the same tokens
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids):
+            return self.inner(input_ids=input_ids, **({"decoder_input_ids": input_ids} if seq2seq else {}))
+
+    if seq2seq:
+        model, m = Call(model), Call(m)
+        want = {f"inner.{k}": v for k, v in want.items()}
+        params = {f"inner.{k}": v for k, v in params.items()}
     for ids in x:
         grads = torch.autograd.grad(pick(m(input_ids=ids[None])).pow(2).sum(), list(params.values()), allow_unused=True)
         for k, g in zip(params, grads):

@@ -613,6 +613,36 @@ def test_layers_whose_inputs_mix_the_samples(mode, per_sample):
         assert_close(mas.task_importance, want, tol=1e-5)
 
 
+class DirectWeight(nn.Module):
+    """A parameter used outside its module's forward: positions read from ``pos.weight`` (DeBERTa reads its
+    relative embeddings so)."""
+
+    def __init__(self, v=11, d=6, t=8):
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(v, d), nn.Embedding(t, d)
+        self.out = nn.Linear(d, 3)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.emb(ids) + self.pos.weight[: ids.shape[1]]))
+
+
+@pytest.mark.parametrize("mode,per_sample", [("global", True), ("global", False)])
+def test_parameter_used_outside_its_module(mode, per_sample):
+    torch.manual_seed(3)
+    model = DirectWeight().eval()
+    x = torch.randint(0, 11, (6, 8))
+    want = oracle(model, x, mode=mode, per_sample=per_sample, batch=4)
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        mas = cls(model, mode=mode, per_sample=per_sample, show_progress=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mas.accumulate([x[:4], x[4:]])
+        said = [str(w.message) for w in caught if "one sample at a time" in str(w.message)]
+        assert len(said) == (1 if per_sample else 0), said
+        assert not per_sample or "'pos.weight' used outside" in said[0]
+        assert_close(mas.task_importance, want, tol=1e-5)
+
+
 class Scale(nn.Module):
     """y = x * scale: a layer of the user's own."""
 

@@ -29,15 +29,25 @@ def _output_batch_dim(full, one, n):
 _SHARED_ARGUMENTS = {nn.MultiheadAttention: ("attn_mask",)}
 
 
+class SharedOutput(Exception):
+    """A call whose floating output has no batch dim (BART's learned positions on (T, D)): every sample's gradient
+    arrives summed there, and no per-sample gradient can be taken from it."""
+
+    def __init__(self, shape):
+        super().__init__(f"an output of shape {shape} shared by the samples")
+        self.shape = shape
+
+
 def generic_grads(module, call, s, e, names=None):
     """Per-sample gradients of the module's own parameters (recursively), by torch.func over that module only.
 
     Inputs carry the batch in dim 0 (dim 1 for modules with ``batch_first=False``), else in their first
     dim of the batch's size; tensors without one are shared by all samples. Each output's batch dim is
-    found by running the module on one sample: the dim that shrinks from n to 1.
+    found by running the module on one sample: the dim that shrinks from n to 1; an output without one
+    raises :class:`SharedOutput` (the engine then runs the batch one sample at a time).
     """
     n = call.n
-    if call.whole:
+    if call.whole or n == 1:  # the call is one sample's (or, whole, the batch's with per_sample=False)
         return _whole_call_grads(module, call, names)
     preferred = 1 if getattr(module, "batch_first", True) is False else 0
     args, kwargs = call.args, call.kwargs
@@ -58,6 +68,9 @@ def generic_grads(module, call, s, e, names=None):
         args, kwargs = tree_unflatten(first, spec_in)
         probe = tree_flatten(module(*args, **kwargs))[0]
     out_dims = [_output_batch_dim(flat_out[i], probe[i], n) for i in out_pos]
+    shared = next((flat_out[i] for i, d in zip(out_pos, out_dims) if d is None), None)
+    if shared is not None:
+        raise SharedOutput(tuple(shared.shape))
     params = dict(module.named_parameters())
     tracked = {k: v.detach() for k, v in params.items() if names is None or k in names}
     frozen = {k: v.detach() for k, v in params.items() if k not in tracked}
