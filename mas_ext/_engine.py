@@ -145,6 +145,7 @@ class _Unit:
         self.repeats = False  # seen running more than once in one forward
         self.handled = False  # its tapped forward has handled the call now ending
         self.mixed = False  # seen called on an input whose rows are no sample's own: batches run sample by sample
+        self.blocks = None  # its n·m-row input read as n blocks of rows: None until a batch confirms (or refutes) it
 
 
 class _Group:
@@ -169,6 +170,7 @@ class _Pass:
         self.busy = False  # a rule is running: its own module calls (torch.func) are not recorded
         self.mixed = []  # (unit, why) of calls whose rows are no sample's own (per_sample, n > 1)
         self.expanded = []  # units whose batch-size-1 input (and outputs) were expanded to n
+        self.tentative = []  # units whose n·m-row input was read as n blocks of rows, not yet confirmed
 
 
 def plan_units(net, params):
@@ -338,6 +340,37 @@ class Engine:
                 break
             for u in repeats:
                 u.repeats = True
+        if state.tentative:
+            self._confirm_blocks(args, kwargs, n, bufs, where, list(dict.fromkeys(state.tentative)))
+
+    def _confirm_blocks(self, args, kwargs, n, bufs, where, units):
+        """The first batch that reads a unit's n·m-row input as n blocks of rows runs again one sample at a time:
+        where its Ω agrees (float32 rounding; bf16/fp16: their rounding) the blocks are each sample's rows and later
+        batches keep the fast path; where not, the rows are no sample's own, the one-sample Ω is the batch's, and
+        later batches run sample by sample."""
+        check = ZeroBuffers(self.params)
+        self._run_sample_by_sample(args, kwargs, n, check, where)
+        wrong = []
+        for u in units:
+            for g in u.names.values():
+                want, got = check.get(g), bufs.get(g)
+                want = want if want is not None else torch.zeros_like(self.params[g], dtype=torch.float32)
+                got = got if got is not None else torch.zeros_like(want)
+                tol = 1e-4 if self.params[g].element_size() >= 4 else 3e-2
+                if float((got - want).norm()) > tol * float(want.norm()) + 1e-30:
+                    wrong.append(u)
+                    break
+            u.blocks = u not in wrong
+        if wrong:
+            warnings.warn(f"module '{wrong[0].name}' ({type(wrong[0].module).__name__}) is called on an input whose "
+                          f"rows are not {n} blocks of one sample each: each batch is run one sample at a time from "
+                          "now on, which is exact and slower", stacklevel=4)
+            for u in wrong:
+                u.mixed = True
+            for g, b in bufs.items():
+                b.zero_()
+            for g, b in check.items():
+                bufs[g] += b
 
     def _run_sample_by_sample(self, args, kwargs, n, bufs, where):
         """Σ_k |∂_k| of a batch as n passes of one sample each (every call of a one-sample pass is that
@@ -440,9 +473,15 @@ class Engine:
                 out = flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
             mixed = _mixed_shape(module, args, kwargs, state.n)
             if mixed is not None and self.per_sample and state.n > 1:
-                state.mixed.append((unit, f"is called on an input of shape {mixed}, whose rows are not the "
-                                          f"batch's {state.n} samples"))  # the batch is run again sample by sample
-                return None
+                if (unit.blocks is not False and mixed and mixed[0] % state.n == 0 and _batch_dim(module) == 0
+                        and unit.rule.blocks(module)):
+                    mixed = None  # n blocks of rows, one per sample (OPT's (n·T, D) tokens); confirmed once
+                    if unit.blocks is None:
+                        state.tentative.append(unit)
+                else:
+                    state.mixed.append((unit, f"is called on an input of shape {mixed}, whose rows are not the "
+                                              f"batch's {state.n} samples"))  # the batch runs again sample by sample
+                    return None
             # The whole call is one sample's (a one-sample pass) or the batch's (per_sample=False): its rule is
             # the module's own gradient, through the generic rule, which keeps its output.
             whole = mixed is not None

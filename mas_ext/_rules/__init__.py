@@ -33,14 +33,22 @@ def _no_output(module):
     return False
 
 
-register_rule(nn.Linear, Rule(linear_grads, linear_fused, needs_output=_no_output))
-register_rule(is_hf_conv1d, Rule(conv1d_grads, conv1d_fused, needs_output=unverified))
+def _rows(module):
+    return True
+
+
+def _last_dim(module):
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm))
+
+
+register_rule(nn.Linear, Rule(linear_grads, linear_fused, needs_output=_no_output, blocks=_rows))
+register_rule(is_hf_conv1d, Rule(conv1d_grads, conv1d_fused, needs_output=unverified, blocks=_rows))
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_rule(_conv, Rule(conv_grads, conv_fused, conv_cost, needs_output=_no_output))
 register_rule(nn.Embedding, Rule(embedding_grads, embedding_fused, lambda m, c: m.weight.numel(),
-                                 needs_output=_no_output))
+                                 needs_output=_no_output, blocks=_rows))
 for _norm in (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.RMSNorm):
-    register_rule(_norm, Rule(norm_grads, norm_fused, needs_output=_no_output))
+    register_rule(_norm, Rule(norm_grads, norm_fused, needs_output=_no_output, blocks=_last_dim))
 register_rule(is_hf_rmsnorm, Rule(norm_grads, norm_fused, needs_output=unverified))
 register_rule(nn.MultiheadAttention, Rule(generic_grads, mha_fused, owns_children=True,
                                           tapped_forward=mha_tapped_forward))

@@ -64,6 +64,10 @@ class Rule:
     owns_children: bool = False  # the module's forward uses its submodules' parameters directly
     tapped_forward: Optional[Callable] = None  # g-MAS per sample: a forward that taps its own internals
     needs_output: Callable = lambda module: True
+    # Whether ``grads`` and ``fused`` read an input of n·m rows in dim 0 as n blocks of m rows, one per sample (a
+    # batch-major flattened input: OPT's and the MoE layers' (n·T, D) tokens), by reshaping it to (n, m, ...).
+    # Such a call is taken by sample once a run of a batch one sample at a time agreed with it.
+    blocks: Callable = lambda module: False
 
 
 

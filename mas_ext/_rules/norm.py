@@ -77,14 +77,16 @@ def _normalised(module, x, last):
 def norm_grads(module, call, s, e):
     if is_hf_rmsnorm(module) and not _hf_rmsnorm_matches(module, call):
         return generic_grads(module, call, s, e)
-    x, g = call.args[0][s:e].float(), call.g[s:e].float()
     m = e - s
     last = _last_dim_norm(module, call.args[0].dtype)
-    xhat = _normalised(module, x, last)
-    if last is not None:  # affine over the trailing normalized_shape, positions before it
-        shape = (m, -1, *last[0])
-        out = {"weight": (g * xhat).reshape(shape).sum(1), "bias": g.reshape(shape).sum(1)}
+    if last is not None:  # affine over the trailing normalized_shape, positions before it (by sample: n blocks)
+        shape = (call.n, -1, *last[0])
+        x, g = call.args[0].reshape(shape)[s:e].float(), call.g.reshape(shape)[s:e].float()
+        xhat = _normalised(module, x, last)
+        out = {"weight": (g * xhat).sum(1), "bias": g.sum(1)}
     else:  # per channel (dim 1), positions after it
+        x, g = call.args[0][s:e].float(), call.g[s:e].float()
+        xhat = _normalised(module, x, last)
         c = x.shape[1]
         out = {"weight": (g * xhat).reshape(m, c, -1).sum(2), "bias": g.reshape(m, c, -1).sum(2)}
     return {k: v for k, v in out.items() if getattr(module, k, None) is not None}
