@@ -115,7 +115,12 @@ def _fits(device, prepare, make_x, batch, limit, budget_s):
     try:
         run, reset = prepare(x)
         t0 = time.perf_counter()
-        peak = _peak(device, reset, run)
+        if device.type == "cuda" or limit is not None:
+            peak = _peak(device, reset, run)
+        else:  # no limit to hold it against (and no profiler to start: its CPU teardown can crash the process)
+            reset()
+            run()
+            peak = None
         secs = time.perf_counter() - t0
     except Exception as e:  # noqa: BLE001 - an OOM is the answer; anything else is reported
         if not M._is_oom(e):

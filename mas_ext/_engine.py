@@ -171,6 +171,7 @@ class _Pass:
         self.mixed = []  # (unit, why) of calls whose rows are no sample's own (per_sample, n > 1)
         self.expanded = []  # units whose batch-size-1 input (and outputs) were expanded to n
         self.tentative = []  # units whose n·m-row input was read as n blocks of rows, not yet confirmed
+        self.forward_failed = False  # the model's forward itself raised
 
 
 def plan_units(net, params):
@@ -304,7 +305,7 @@ class Engine:
             try:
                 calls = self._forward_backward(args, kwargs, where, state)
             except Exception as e:  # noqa: BLE001 - re-raised unless an expanded input explains it
-                if not state.expanded or self.no_expand or isinstance(e, FloatingPointError):
+                if not state.expanded or self.no_expand or not state.forward_failed:
                     raise
                 # The model relied on that size-1 dim (DeBERTa repeats its (1, 2k, D) relative embeddings by
                 # it): expand nothing from now on; per sample, those calls are then no sample's own rows.
@@ -390,7 +391,7 @@ class Engine:
         try:
             if self.mode == "global":
                 with torch.enable_grad():
-                    out = self._output(self.net(*args, **kwargs), where, state.mask, check=False)
+                    out = self._output(self._forward(state, args, kwargs), where, state.mask, check=False)
                     loss = (out.float() if out.element_size() < 4 else out).pow(2).sum()
                     if not torch.isfinite(loss):  # one scalar to test; the output itself only when it fails
                         self._check_finite(out, where)
@@ -406,13 +407,20 @@ class Engine:
                         self._stray(state, stray, grads[1:])
             else:
                 with torch.no_grad():
-                    self._output(self.net(*args, **kwargs), where, state.mask)
+                    self._output(self._forward(state, args, kwargs), where, state.mask)
             for u in self.units:  # calls whose gradients never arrived contribute zero
                 if u.group.calls:
                     self._process(u.group)
         finally:
             self._pass = None
         return state.calls
+
+    def _forward(self, state, args, kwargs):
+        try:
+            return self.net(*args, **kwargs)
+        except Exception:
+            state.forward_failed = True
+            raise
 
     def _stray(self, state, stray, grads):
         """Adds the gradients of parameters used outside their module's forward: |∂| where the pass is one sample
