@@ -45,6 +45,7 @@ import torch  # noqa: E402
 
 from benchmarks import _methods as M  # noqa: E402
 from benchmarks import _models  # noqa: E402
+from benchmarks.optim_cuda_bench import _Timer  # noqa: E402
 
 PARTS = ("llm", "batch", "kernels")
 LLM = dict(vocab=32000, hidden=2048, layers=22, heads=32, kv_heads=4, ff=5632, seq=1024, batch=8)
@@ -54,27 +55,15 @@ TARGETS = {"llm_importance_vs_plain": ("<=", 1.5), "batch_ratio_vs_best_peer": (
 
 
 # ----------------------------------------------------------------------------- timing and memory
-class Clock:
-    """Seconds of one call: CUDA events on a GPU, perf_counter elsewhere."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
+class Clock(_Timer):
+    """Seconds of one call (``time``: CUDA events on a GPU, perf_counter elsewhere) and the median of repeats."""
 
     def sync(self):
         if self.cuda:
             torch.cuda.synchronize()
 
     def time(self, fn):
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+        return self.once(fn)
 
     def median(self, fn, repeats, warmup=1):
         for _ in range(warmup):

@@ -591,27 +591,12 @@ class MixingNet(nn.Module):
         return self.out(h)
 
 
-@pytest.mark.parametrize("mode,per_sample", [("global", True), ("local", True), ("global", False)])
-def test_layers_whose_inputs_mix_the_samples(mode, per_sample):
-    """T = 8 rows in a batch of 4 (and a last batch of 2): a (T, T) input reshaped to (n, -1) would look like
-    per-sample rows and give a wrong Ω without an error. The first batch, run again one sample at a time, shows
-    it: from then on batches run one sample at a time (with a warning, once); the Linear on (n·T, D) tokens was
-    confirmed as n blocks of rows. per_sample=False takes each such call's gradient whole."""
-    torch.manual_seed(2)
-    model = MixingNet().eval()
-    x = torch.randint(0, 11, (6, 8))
-    want = oracle(model, x, mode=mode, per_sample=per_sample, batch=4)
-    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
-        mas = cls(model, mode=mode, per_sample=per_sample, show_progress=False)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            mas.accumulate([x[:4], x[4:]])
-        said = [w for w in caught if "one sample at a time" in str(w.message)]
-        assert len(said) == (1 if per_sample else 0), [str(w.message) for w in caught]
-        if per_sample:  # the (8, 8) buckets read as 4 blocks of 2 rows disagree with the one-sample run
-            assert "'bias' (Embedding)" in str(said[0].message)
-        assert mas.num_samples == 6
-        assert_close(mas.task_importance, want, tol=1e-5)
+def _sample_by_sample_warnings(mas, batches):
+    """(mas after accumulating ``batches``, the messages of the warnings saying it ran one sample at a time)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mas.accumulate(batches)
+    return mas, [str(w.message) for w in caught if "one sample at a time" in str(w.message)]
 
 
 class FlatTokens(nn.Module):
@@ -659,20 +644,28 @@ class DirectWeight(nn.Module):
         return self.out(torch.tanh(self.emb(ids) + self.pos.weight[: ids.shape[1]]))
 
 
-@pytest.mark.parametrize("mode,per_sample", [("global", True), ("global", False)])
-def test_parameter_used_outside_its_module(mode, per_sample):
-    torch.manual_seed(3)
-    model = DirectWeight().eval()
+@pytest.mark.parametrize("make,culprit", [(lambda: MixingNet(), "'bias' (Embedding)"),
+                                           (lambda: DirectWeight(), "'pos.weight' used outside")],
+                         ids=["mixing", "direct-weight"])
+@pytest.mark.parametrize("mode,per_sample", [("global", True), ("local", True), ("global", False)])
+def test_rows_that_are_no_samples_own(make, culprit, mode, per_sample):
+    """MixingNet: T = 8 rows in a batch of 4 (and a last batch of 2): a (T, T) input reshaped to (n, -1) would look
+    like per-sample rows and give a wrong Ω without an error. The first batch, run again one sample at a time,
+    shows it: from then on batches run one sample at a time (with a warning, once); the Linear on (n·T, D) tokens
+    was confirmed as n blocks of rows. DirectWeight: a weight read outside its module's forward gets its gradient
+    in the one-sample passes (in l-MAS it has no output of its own: zero, as the definition gives). With
+    per_sample=False each such call's gradient is taken whole."""
+    torch.manual_seed(2)
+    model = make().eval()
     x = torch.randint(0, 11, (6, 8))
     want = oracle(model, x, mode=mode, per_sample=per_sample, batch=4)
+    warns = per_sample and (mode == "global" or "bias" in culprit)
     for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
-        mas = cls(model, mode=mode, per_sample=per_sample, show_progress=False)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            mas.accumulate([x[:4], x[4:]])
-        said = [str(w.message) for w in caught if "one sample at a time" in str(w.message)]
-        assert len(said) == (1 if per_sample else 0), said
-        assert not per_sample or "'pos.weight' used outside" in said[0]
+        mas, said = _sample_by_sample_warnings(cls(model, mode=mode, per_sample=per_sample, show_progress=False),
+                                               [x[:4], x[4:]])
+        assert len(said) == (1 if warns else 0), said
+        assert not warns or culprit in said[0]
+        assert mas.num_samples == 6
         assert_close(mas.task_importance, want, tol=1e-5)
 
 
