@@ -96,6 +96,9 @@ def _expand_broadcast(module, args, kwargs, outs, n):
     return args, kwargs, [expand(o) for o in outs]
 
 
+_BY_SAMPLE = "each batch is run one sample at a time from now on, which is exact and slower"
+
+
 class ZeroBuffers(dict):
     """{global name: float32 buffer}, each made as zeros shaped like its parameter on first use: a pass
     allocates a layer's buffer only when that layer's gradients arrive, as a plain backward does its .grad,
@@ -144,7 +147,6 @@ class _Unit:
         self.group = None
         self.repeats = False  # seen running more than once in one forward
         self.handled = False  # its tapped forward has handled the call now ending
-        self.mixed = False  # seen called on an input whose rows are no sample's own: batches run sample by sample
         self.blocks = None  # its n·m-row input read as n blocks of rows: None until a batch confirms (or refutes) it
 
 
@@ -230,6 +232,7 @@ class Engine:
         self.mode, self.per_sample, self.output_fn = mode, per_sample, output_fn
         self.units = plan_units(net, params)
         self.no_expand = False  # set once the model failed on an expanded batch-size-1 input
+        self.by_sample = False  # set once a batch showed rows that are no sample's own: one-sample passes from then
         self._pass = None  # the _Pass of the batch now running
 
     @property
@@ -292,7 +295,7 @@ class Engine:
         zero): a batch in which a unit turns out to run more than once is redone from zero, and one in
         which a unit's input rows are no sample's own (per_sample) is run one sample at a time. Padding
         marked by an (n, T) ``attention_mask`` keyword is left out."""
-        if n > 1 and self.per_sample and any(u.mixed for u in self.units):
+        if n > 1 and self.by_sample:
             return self._run_sample_by_sample(args, kwargs, n, bufs, where)
         mask = kwargs.get("attention_mask")
         mask = mask if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[0] == n else None
@@ -311,28 +314,18 @@ class Engine:
                 # it): expand nothing from now on; per sample, those calls are then no sample's own rows.
                 self.no_expand = True
                 names = ", ".join(f"'{u.name}'" for u in dict.fromkeys(state.expanded))
-                warnings.warn(f"the model failed once {names} had an input of batch size 1 expanded to the batch's "
-                              f"{n} ({type(e).__name__}: {str(e)[:200]}); nothing is expanded from now on"
-                              + (" and each batch runs one sample at a time (exact, slower)" if self.per_sample
-                                 else ""), stacklevel=4)
-                for u in state.expanded:
-                    u.mixed = self.per_sample
+                why = (f"the model failed once {names} had an input of batch size 1 expanded to the batch's {n} "
+                       f"({type(e).__name__}: {str(e)[:200]}); nothing is expanded from now on")
+                if self.per_sample:
+                    return self._by_sample_from_now(why, args, kwargs, n, bufs, where)
+                warnings.warn(why, stacklevel=4)
                 for b in bufs.values():
                     b.zero_()
-                if self.per_sample:
-                    return self._run_sample_by_sample(args, kwargs, n, bufs, where)
                 return self.run(args, kwargs, n, bufs, where)
             if state.mixed:
                 unit, why = state.mixed[0]
-                warnings.warn(
-                    f"module '{unit.name}' ({type(unit.module).__name__}) {why} (it mixes the samples, or all samples "
-                    "share it): each batch is run one sample at a time from now on, which is exact and slower",
-                    stacklevel=4)
-                for u, _ in state.mixed:
-                    u.mixed = True
-                for b in bufs.values():
-                    b.zero_()
-                return self._run_sample_by_sample(args, kwargs, n, bufs, where)
+                return self._by_sample_from_now(f"module '{unit.name}' ({type(unit.module).__name__}) {why} (it mixes "
+                                                "the samples, or all samples share it)", args, kwargs, n, bufs, where)
             # A unit that ran more than once was handled call by call (local mode, or a tapped forward):
             # redo the batch with its calls summed per sample.
             repeats = [u for u, k in calls.items() if k > 1 and not u.repeats
@@ -343,6 +336,15 @@ class Engine:
                 u.repeats = True
         if state.tentative:
             self._confirm_blocks(args, kwargs, n, bufs, where, list(dict.fromkeys(state.tentative)))
+
+    def _by_sample_from_now(self, why, args, kwargs, n, bufs, where):
+        """Says ``why`` (once: later batches go straight to one-sample passes) and runs this batch again from zero,
+        one sample at a time."""
+        warnings.warn(f"{why}: {_BY_SAMPLE}", stacklevel=5)
+        self.by_sample = True
+        for b in bufs.values():
+            b.zero_()
+        self._run_sample_by_sample(args, kwargs, n, bufs, where)
 
     def _confirm_blocks(self, args, kwargs, n, bufs, where, units):
         """The first batch that reads a unit's n·m-row input as n blocks of rows runs again one sample at a time:
@@ -364,10 +366,8 @@ class Engine:
             u.blocks = u not in wrong
         if wrong:
             warnings.warn(f"module '{wrong[0].name}' ({type(wrong[0].module).__name__}) is called on an input whose "
-                          f"rows are not {n} blocks of one sample each: each batch is run one sample at a time from "
-                          "now on, which is exact and slower", stacklevel=4)
-            for u in wrong:
-                u.mixed = True
+                          f"rows are not {n} blocks of one sample each: {_BY_SAMPLE}", stacklevel=5)
+            self.by_sample = True
             for g, b in bufs.items():
                 b.zero_()
             for g, b in check.items():
@@ -582,6 +582,13 @@ class Engine:
             for _, call in recorded:  # the graph outlives this: let the activations go now
                 call.release()
 
+    @staticmethod
+    def _call_grads(unit, call, s, e):
+        """Per-sample gradients of samples s:e of one call (a whole call's: its own, as one sample)."""
+        if call.whole or unit.rule.grads is _rules.generic_grads:
+            return _rules.generic_grads(unit.module, call, s, e, names=set(unit.names))
+        return unit.rule.grads(unit.module, call, s, e)
+
     def _reduce_per_sample(self, calls, bufs):
         """Σ_k |Σ_calls ∂_k| (or |Σ_k Σ_calls ∂_k|), over chunks of samples of bounded size."""
         if not calls:
@@ -594,35 +601,23 @@ class Engine:
             e = min(n, s + step)
             per_sample = {}
             for unit, call in calls:
-                if call.whole and s > 0:
+                if call.whole and s > 0:  # one "sample" (1, *shape): taken with the first chunk
                     continue
-                if call.whole and not self.per_sample:  # the batch's gradient: straight into the sum
-                    for local, pg in _rules.generic_grads(unit.module, call, 0, 1, names=set(unit.names)).items():
-                        g = unit.names.get(local)
-                        if g is not None:
-                            total[g] = total[g] + pg.sum(0) if g in total else pg.sum(0)
-                    continue
-                if call.whole:  # per_sample and n == 1: the whole call is the one sample's
-                    grads = _rules.generic_grads(unit.module, call, 0, 1, names=set(unit.names))
-                elif unit.rule.grads is _rules.generic_grads:
-                    try:
-                        grads = unit.rule.grads(unit.module, call, s, e, names=set(unit.names))
-                    except _rules.SharedOutput as shared:
-                        if self.per_sample:  # the batch is run again sample by sample
-                            self._pass.mixed.append((unit, f"returns {shared}"))
-                            return
-                        call.whole = True  # per_sample=False: the call's gradient whole is the batch's
-                        for local, pg in _rules.generic_grads(unit.module, call, 0, 1, names=set(unit.names)).items():
-                            g = unit.names.get(local)
-                            if g is not None:
-                                total[g] = total[g] + pg.sum(0) if g in total else pg.sum(0)
-                        continue
-                else:
-                    grads = unit.rule.grads(unit.module, call, s, e)
+                try:
+                    grads = self._call_grads(unit, call, s, e)
+                except _rules.SharedOutput as shared:
+                    if self.per_sample:  # the batch is run again sample by sample
+                        self._pass.mixed.append((unit, f"returns {shared}"))
+                        return
+                    call.whole = True  # per_sample=False: the call's gradient whole is the batch's
+                    grads = self._call_grads(unit, call, 0, 1)
+                # per_sample=False: a whole call's gradient joins the batch's sum as it is (its n is not the chunk's)
+                into = total if call.whole and not self.per_sample else per_sample
                 for local, pg in grads.items():
                     g = unit.names.get(local)
                     if g is not None:
-                        per_sample[g] = per_sample[g] + pg if g in per_sample else pg
+                        pg = pg.sum(0) if into is total else pg
+                        into[g] = into[g] + pg if g in into else pg
             for g, pg in per_sample.items():
                 if self.per_sample:
                     bufs[g] += pg.abs().sum(0)

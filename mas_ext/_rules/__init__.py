@@ -25,8 +25,8 @@ from .generic import GENERIC, SharedOutput, generic_grads
 from .linear import conv1d_fused, conv1d_grads, is_hf_conv1d, linear_fused, linear_grads, linear_into
 from .norm import is_hf_rmsnorm, norm_fused, norm_grads
 
-__all__ = ["CHUNK_ELEMS", "Call", "Rule", "GENERIC", "SharedOutput", "register_rule", "rule_for", "generic_grads", "tied_fused",
-           "linear_into", "unfold_nd"]
+__all__ = ["CHUNK_ELEMS", "Call", "Rule", "GENERIC", "SharedOutput", "register_rule", "rule_for", "generic_grads",
+           "tied_fused", "linear_into", "unfold_nd"]
 
 
 def _no_output(module):

@@ -29,6 +29,22 @@ def _output_batch_dim(full, one, n):
 _SHARED_ARGUMENTS = {nn.MultiheadAttention: ("attn_mask",)}
 
 
+def _parameters(module, names):
+    """(tracked, frozen): the module's parameters named in ``names`` (all where None), detached; the others and its
+    buffers, which functional_call keeps as they are."""
+    params = dict(module.named_parameters())
+    tracked = {k: v.detach() for k, v in params.items() if names is None or k in names}
+    frozen = {k: v.detach() for k, v in params.items() if k not in tracked}
+    frozen.update(dict(module.named_buffers()))
+    return tracked, frozen
+
+
+def _floating_outputs(call):
+    """The call's flattened outputs and the positions of the floating ones (those ``call.grads`` belong to)."""
+    flat_out, _ = tree_flatten(call.out)
+    return flat_out, [i for i, t in enumerate(flat_out) if torch.is_tensor(t) and t.is_floating_point()]
+
+
 class SharedOutput(Exception):
     """A call whose floating output has no batch dim (BART's learned positions on (T, D)): every sample's gradient
     arrives summed there, and no per-sample gradient can be taken from it."""
@@ -61,20 +77,16 @@ def generic_grads(module, call, s, e, names=None):
         if kwargs.get(name) is not None:
             at = next(i for i, t in enumerate(flat_in) if t is kwargs[name])
             in_dims[at] = None
-    flat_out, _ = tree_flatten(call.out)
-    out_pos = [i for i, t in enumerate(flat_out) if torch.is_tensor(t) and t.is_floating_point()]
+    flat_out, out_pos = _floating_outputs(call)
     with torch.no_grad():
         first = [t.narrow(d, 0, 1) if d is not None else t for t, d in zip(flat_in, in_dims)]
         args, kwargs = tree_unflatten(first, spec_in)
         probe = tree_flatten(module(*args, **kwargs))[0]
     out_dims = [_output_batch_dim(flat_out[i], probe[i], n) for i in out_pos]
-    shared = next((flat_out[i] for i, d in zip(out_pos, out_dims) if d is None), None)
-    if shared is not None:
-        raise SharedOutput(tuple(shared.shape))
-    params = dict(module.named_parameters())
-    tracked = {k: v.detach() for k, v in params.items() if names is None or k in names}
-    frozen = {k: v.detach() for k, v in params.items() if k not in tracked}
-    frozen.update(dict(module.named_buffers()))
+    unbatched = next((flat_out[i] for i, d in zip(out_pos, out_dims) if d is None), None)
+    if unbatched is not None:
+        raise SharedOutput(tuple(unbatched.shape))
+    tracked, frozen = _parameters(module, names)
 
     def outputs(theta, *inputs_k):
         inputs = [x.unsqueeze(d) if d is not None else x for x, d in zip(inputs_k, in_dims)]
@@ -98,12 +110,8 @@ def generic_grads(module, call, s, e, names=None):
 
 def _whole_call_grads(module, call, names):
     """The gradient of the module's own (tracked) parameters over the whole call, as one sample: (1, *shape)."""
-    params = dict(module.named_parameters())
-    tracked = {k: v.detach() for k, v in params.items() if names is None or k in names}
-    frozen = {k: v.detach() for k, v in params.items() if k not in tracked}
-    frozen.update(dict(module.named_buffers()))
-    flat_out, _ = tree_flatten(call.out)
-    out_pos = [i for i, t in enumerate(flat_out) if torch.is_tensor(t) and t.is_floating_point()]
+    tracked, frozen = _parameters(module, names)
+    flat_out, out_pos = _floating_outputs(call)
 
     def outputs(theta):
         out = tree_flatten(torch.func.functional_call(module, {**theta, **frozen}, tuple(call.args), call.kwargs))[0]
