@@ -139,6 +139,30 @@ class _Tap(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
+class _ReadsOutside(torch.overrides.TorchFunctionMode):
+    """Records the tracked parameters that an op reads, on a path a gradient can take, while none of the units
+    owning them runs: a tied head written as ``h @ emb.weight.T``, DeBERTa's relative embeddings read from
+    ``rel_embeddings.weight``. The rule of the owning unit does not see that use. ``active`` counts, per unit,
+    the calls of its module now running; ``owners`` maps a parameter's id to (its global name, its units)."""
+
+    def __init__(self, owners, active):
+        super().__init__()
+        self.owners, self.active, self.found = owners, active, {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_flatten((args, kwargs))[0]:
+            owner = self.owners.get(id(t)) if isinstance(t, torch.nn.Parameter) else None
+            if owner is None or owner[0] in self.found or any(self.active.get(u) for u in owner[1]):
+                continue
+            # Reads that pass no gradient to the parameter (its dtype or shape, type_as, a no_grad op) do not count:
+            # an output's own autograd node must lead straight to the parameter's.
+            if any(o.grad_fn is not None and any(getattr(fn, "variable", None) is t for fn, _ in o.grad_fn.next_functions)
+                   for o in torch.utils._pytree.tree_flatten(out)[0] if torch.is_tensor(o)):
+                self.found[owner[0]] = func
+        return out
+
+
 class _Unit:
     """A module with tracked parameters, its rule, and the global names of those parameters."""
 
@@ -233,6 +257,7 @@ class Engine:
         self.units = plan_units(net, params)
         self.no_expand = False  # set once the model failed on an expanded batch-size-1 input
         self.by_sample = False  # set once a batch showed rows that are no sample's own: one-sample passes from then
+        self.outside = None  # global names of parameters read outside their units' forwards; found by the first g-MAS forward
         self._pass = None  # the _Pass of the batch now running
 
     @property
@@ -324,8 +349,8 @@ class Engine:
                 return self.run(args, kwargs, n, bufs, where)
             if state.mixed:
                 unit, why = state.mixed[0]
-                return self._by_sample_from_now(f"module '{unit.name}' ({type(unit.module).__name__}) {why} (it mixes "
-                                                "the samples, or all samples share it)", args, kwargs, n, bufs, where)
+                return self._by_sample_from_now(f"module '{unit.name}' ({type(unit.module).__name__}) {why}",
+                                                args, kwargs, n, bufs, where)
             # A unit that ran more than once was handled call by call (local mode, or a tapped forward):
             # redo the batch with its calls summed per sample.
             repeats = [u for u, k in calls.items() if k > 1 and not u.repeats
@@ -388,6 +413,7 @@ class Engine:
         for u in self.units:
             u.group.calls, u.group.pending = [], []
         self._pass = state
+        outside, grads = {}, ()
         try:
             if self.mode == "global":
                 with torch.enable_grad():
@@ -396,43 +422,72 @@ class Engine:
                     if not torch.isfinite(loss):  # one scalar to test; the output itself only when it fails
                         self._check_finite(out, where)
                     if loss.requires_grad:
-                        # Parameters of units never called in this forward: unused (no gradient), or used outside
-                        # their module's forward (DeBERTa reads its relative embeddings' weight directly), where
-                        # their gradient is taken here: a one-sample pass's own (or the batch's, per_sample=False).
+                        # Parameters read outside their units' forwards (a head reading emb.weight directly, DeBERTa's
+                        # relative embeddings), or whose units were not called (unused, or read so): their rules do
+                        # not see all of their gradient, which is taken whole here.
                         called = {g for u in state.calls for g in u.names.values()}
-                        stray = [(u, g) for u in self.units if u not in state.calls
-                                 for g in u.names.values() if g not in called]
-                        grads = torch.autograd.grad(loss, [state.anchor] + [self.params[g] for _, g in stray],
-                                                    allow_unused=True)
-                        self._stray(state, stray, grads[1:])
+                        outside = {g: u for u in self.units for g in u.names.values()
+                                   if g in self.outside or (u not in state.calls and g not in called)}
+                        grads = torch.autograd.grad(loss, [state.anchor] + [self.params[g] for g in outside],
+                                                    allow_unused=True)[1:]
             else:
                 with torch.no_grad():
                     self._output(self._forward(state, args, kwargs), where, state.mask)
             for u in self.units:  # calls whose gradients never arrived contribute zero
                 if u.group.calls:
                     self._process(u.group)
+            self._whole_grads(state, outside, grads)
         finally:
             self._pass = None
         return state.calls
 
     def _forward(self, state, args, kwargs):
         try:
+            if self.outside is None and self.mode == "global":
+                return self._scanned_forward(args, kwargs)
             return self.net(*args, **kwargs)
         except Exception:
             state.forward_failed = True
             raise
 
-    def _stray(self, state, stray, grads):
-        """Adds the gradients of parameters used outside their module's forward: |∂| where the pass is one sample
-        (or per_sample=False); with n > 1 samples per sample it cannot be split, and the batch is run again
-        sample by sample."""
-        for (unit, g), grad in zip(stray, grads):
+    def _scanned_forward(self, args, kwargs):
+        """The model's forward, watched by :class:`_ReadsOutside`: sets ``self.outside`` (once; a forward that
+        fails leaves it for the next)."""
+        owners, active = {}, {}
+        for u in self.units:
+            for g in u.names.values():
+                owners.setdefault(id(self.params[g]), (g, []))[1].append(u)
+
+        def count(u, by):
+            def hook(*_):
+                active[u] = active.get(u, 0) + by
+            return hook
+
+        handles = [h for u in self.units for h in (
+            u.module.register_forward_pre_hook(count(u, 1), prepend=True),
+            u.module.register_forward_hook(count(u, -1), always_call=True))]
+        watch = _ReadsOutside(owners, active)
+        try:
+            with watch:
+                out = self.net(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        self.outside = set(watch.found)
+        return out
+
+    def _whole_grads(self, state, outside, grads):
+        """Puts |∂| of ``outside``'s parameters ({global name: a unit of it}: read outside their units' forwards)
+        in place of what their rules added, where the pass is one sample (or per_sample=False: the batch's
+        gradient); with n > 1 samples per sample it cannot be split, and the batch is run again sample by sample."""
+        for (g, unit), grad in zip(outside.items(), grads):
             if grad is None:
                 continue
             if self.per_sample and state.n > 1:
-                state.mixed.append((unit, f"has its parameter '{g}' used outside the module's own forward"))
+                state.mixed.append((unit, f"has its parameter '{g}' used outside the module's own forward, "
+                                                 "where no per-sample gradient can be told apart"))
                 return
-            state.bufs[g] += grad.float().abs()
+            state.bufs[g].copy_(grad.float().abs())
 
     def _output(self, out, where, mask=None, check=True):
         """The tensor whose squared norm is taken (``output_fn``'s pick, else the output itself or its
@@ -488,7 +543,7 @@ class Engine:
                         state.tentative.append(unit)
                 else:
                     state.mixed.append((unit, f"is called on an input of shape {mixed}, whose rows are not the "
-                                              f"batch's {state.n} samples"))  # the batch runs again sample by sample
+                                              f"batch's {state.n} samples (it mixes them, or all share it)"))  # the batch runs again sample by sample
                     return None
             # The whole call is one sample's (a one-sample pass) or the batch's (per_sample=False): its rule is
             # the module's own gradient, through the generic rule, which keeps its output.

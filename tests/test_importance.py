@@ -644,9 +644,22 @@ class DirectWeight(nn.Module):
         return self.out(torch.tanh(self.emb(ids) + self.pos.weight[: ids.shape[1]]))
 
 
+class HeadReadsEmbedding(nn.Module):
+    """A parameter used both by its module and directly: the embedding's weight as an untied head written
+    ``h @ emb.weight.T``. The Embedding's rule sees only the first use; Ω was 75% off without an error."""
+
+    def __init__(self, v=11, d=6):
+        super().__init__()
+        self.emb, self.mix, self.norm = nn.Embedding(v, d), nn.Linear(d, d), nn.LayerNorm(d)
+
+    def forward(self, ids):
+        return self.norm(torch.tanh(self.mix(self.emb(ids)))) @ self.emb.weight.T
+
+
 @pytest.mark.parametrize("make,culprit", [(lambda: MixingNet(), "'bias' (Embedding)"),
-                                           (lambda: DirectWeight(), "'pos.weight' used outside")],
-                         ids=["mixing", "direct-weight"])
+                                           (lambda: DirectWeight(), "'pos.weight' used outside"),
+                                           (lambda: HeadReadsEmbedding(), "'emb.weight' used outside")],
+                         ids=["mixing", "direct-weight", "head-reads-embedding"])
 @pytest.mark.parametrize("mode,per_sample", [("global", True), ("local", True), ("global", False)])
 def test_rows_that_are_no_samples_own(make, culprit, mode, per_sample):
     """MixingNet: T = 8 rows in a batch of 4 (and a last batch of 2): a (T, T) input reshaped to (n, -1) would look
@@ -667,6 +680,35 @@ def test_rows_that_are_no_samples_own(make, culprit, mode, per_sample):
         assert not warns or culprit in said[0]
         assert mas.num_samples == 6
         assert_close(mas.task_importance, want, tol=1e-5)
+
+
+class ReadsWithoutGradient(nn.Module):
+    """Reads of parameters outside their modules that pass them no gradient: their dtype and shape, ``type_as``,
+    a detached copy, an op under no_grad."""
+
+    def __init__(self, d=5):
+        super().__init__()
+        self.lin, self.out = nn.Linear(d, d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        w = self.lin.weight
+        with torch.no_grad():
+            scale = w.abs().mean()
+        h = torch.tanh(self.lin(x.type_as(w).to(w.dtype))) * scale + w.detach().sum() * 0 + w.shape[0]
+        return self.out(h)
+
+
+def test_reads_that_pass_no_gradient_keep_the_fast_path():
+    """Only a read through which a gradient reaches the parameter sends the batch sample by sample."""
+    torch.manual_seed(3)
+    model = ReadsWithoutGradient().eval()
+    x = torch.randn(6, 4, 5)
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            mas = cls(model, show_progress=False).accumulate([x[:4], x[4:]])
+        assert mas._engine.outside == set() and not mas._engine.by_sample
+        assert_close(mas.task_importance, oracle(model, x), tol=1e-5)
 
 
 class Scale(nn.Module):
