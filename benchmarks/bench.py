@@ -312,7 +312,11 @@ def run_device(device, args, out_dir):
                  "every ratio in the summary use these paired times (ratio of peers = ratio of their paired × plain), "
                  "so load from other processes hits both sides alike. A timed pass is the method's work on the batch: "
                  "(c)/(d) time accumulate() (and reading Ω_t) on a MAS object made fresh, untimed, before each pass, "
-                 "as the peers' wrapping (Opacus' GradSampleModule, BackPACK's extend) is made untimed.")
+                 "as the peers' wrapping (Opacus' GradSampleModule, BackPACK's extend) is made untimed; before that "
+                 "pass it has accumulated two samples and been consolidated (untimed), so that what it learns once "
+                 "about a model (which layers' inputs hold the batch: a run of one sample alone; which parameters are "
+                 "read outside their layers: a scan of the first forward) is set-up as well. Its Ω_t buffers are made "
+                 "within the timed pass, as a plain pass makes its .grad.")
     notes.append("all importance rows run the model in eval mode (SPEC §1: samples independent); Opacus needs train "
                  "mode, which is used where it equals eval mode (no BatchNorm, no dropout).")
     notes.append("(b) batch_abs is hand-written: Omega = (1/N) |autograd.grad(sum_k ||f(x_k)||^2)| over the whole batch.")

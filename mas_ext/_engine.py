@@ -8,6 +8,11 @@ and no ``.grad``. In local mode the output itself is the gradient, so the pass i
 Units that share a parameter, or run more than once in a forward, are summed per sample before
 ``|·|``. :class:`Engine` is the whole interface: ``session()`` around the batches, ``batch_size()``
 and ``run()`` per batch; what a batch adds is committed (or not) by its caller.
+
+Two things are learned once per model, not read from shapes: where each call's inputs and outputs hold the
+batch (the first batch's first sample run alone, :meth:`Engine.learn_dims`), and which parameters are read
+outside their units' forwards (a scan of the first g-MAS forward, :class:`_ReadsOutside`). Calls whose rows
+are no sample's own, and such parameters, make the batch run one sample at a time: exact, and slower.
 """
 import contextlib
 import functools
@@ -96,6 +101,21 @@ def _expand_broadcast(module, args, kwargs, outs, n):
     return args, kwargs, [expand(o) for o in outs]
 
 
+def _learned_dims(flat_in, flat_out, one, n, preferred):
+    """(the batch dim of each flattened input, of each output, whether the first input has n times the rows of one
+    sample's: the samples' rows flattened into dim 0 (OPT's (n·T, D) tokens), or mixed so) of a call of a batch of
+    n, from its tensors and the shapes of the same call in a run of one sample (``one``: (inputs, outputs)). (None,
+    None, False) where there is no such call or it differs in structure."""
+    shapes = [[tuple(t.shape) if torch.is_tensor(t) else None for t in flat] for flat in (flat_in, flat_out)]
+    if one is None or any(len(f) != len(o) or any((a is None) != (b is None) for a, b in zip(f, o))
+                          for f, o in zip(shapes, one)):
+        return None, None, False
+    in_dims, out_dims = ([_rules.sample_dim(a, b, n, preferred) for a, b in zip(f, o)] for f, o in zip(shapes, one))
+    f, o = (next((x for x in sh if x is not None), None) for sh in (shapes[0], one[0]))
+    blocks = f is not None and len(f) == len(o) > 0 and f[0] == n * o[0] and f[1:] == o[1:]
+    return in_dims, out_dims, blocks
+
+
 _BY_SAMPLE = "each batch is run one sample at a time from now on, which is exact and slower"
 
 
@@ -151,7 +171,8 @@ class _ReadsOutside(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_flatten((args, kwargs))[0]:
+        # The arguments, and the items of list or tuple arguments (torch.cat's): no pytree walk on every op.
+        for t in (x for a in (*args, *(kwargs or {}).values()) for x in (a if isinstance(a, (list, tuple)) else (a,))):
             owner = self.owners.get(id(t)) if isinstance(t, torch.nn.Parameter) else None
             if owner is None or owner[0] in self.found or any(self.active.get(u) for u in owner[1]):
                 continue
@@ -198,6 +219,7 @@ class _Pass:
         self.expanded = []  # units whose batch-size-1 input (and outputs) were expanded to n
         self.tentative = []  # units whose n·m-row input was read as n blocks of rows, not yet confirmed
         self.forward_failed = False  # the model's forward itself raised
+        self.unlike_probe = False  # a call unlike any of the probe's (see Engine.learn_dims): learn again
 
 
 def plan_units(net, params):
@@ -258,12 +280,16 @@ class Engine:
         self.no_expand = False  # set once the model failed on an expanded batch-size-1 input
         self.by_sample = False  # set once a batch showed rows that are no sample's own: one-sample passes from then
         self.outside = None  # global names of parameters read outside their units' forwards; found by the first g-MAS forward
+        # learn_dims: {unit: [(input shapes, output shapes) of each call]} in a run of one sample alone (False where the
+        # model failed so: batch dims are read from shapes then), and {unit: [(in_dims, out_dims, blocks) of each call]}
+        self.one, self.dims = None, {}
         self._pass = None  # the _Pass of the batch now running
+        self._probing = False  # learn_dims is running the model
 
     @property
     def running(self):
-        """True while a batch's forward runs (a model hook can tell the pass's own forward from the user's)."""
-        return self._pass is not None
+        """True while a batch's forward runs (a model hook can tell the pass's own forwards from the user's)."""
+        return self._pass is not None or self._probing
 
     def _use_kernels(self, tensors):
         return self.kernels is not None and self.kernels(tensors)
@@ -322,9 +348,12 @@ class Engine:
         marked by an (n, T) ``attention_mask`` keyword is left out."""
         if n > 1 and self.by_sample:
             return self._run_sample_by_sample(args, kwargs, n, bufs, where)
+        if n > 1 and self.one is None:
+            self.learn_dims(args, kwargs, n, where)
         mask = kwargs.get("attention_mask")
         mask = mask if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[0] == n else None
-        for attempt in range(2):
+        learned_again = False
+        for attempt in range(3):  # a retry once the dims are learned again, one once the units that repeat are marked
             if attempt:
                 for b in bufs.values():
                     b.zero_()
@@ -347,6 +376,14 @@ class Engine:
                 for b in bufs.values():
                     b.zero_()
                 return self.run(args, kwargs, n, bufs, where)
+            unlike = self._calls_unlike_probe(calls) if n > 1 else None
+            if unlike is not None:
+                state.unlike_probe = True
+                state.mixed.append(unlike)
+            if state.mixed and state.unlike_probe and not learned_again:
+                learned_again = True  # the model called its layers otherwise than in the batch it learned from
+                self.learn_dims(args, kwargs, n, where)
+                continue
             if state.mixed:
                 unit, why = state.mixed[0]
                 return self._by_sample_from_now(f"module '{unit.name}' ({type(unit.module).__name__}) {why}",
@@ -361,6 +398,78 @@ class Engine:
                 u.repeats = True
         if state.tentative:
             self._confirm_blocks(args, kwargs, n, bufs, where, list(dict.fromkeys(state.tentative)))
+
+    def learn_dims(self, args, kwargs, n, where):
+        """Runs the batch's first sample alone (without gradients) and keeps the shapes of each unit's calls there:
+        the calls of the batch are then read against them (:meth:`_call_dims`), a tensor's batch dim being the one
+        of size n in the batch's call and 1 in the sample's (:func:`_rules.sample_dim`). A shape alone cannot
+        tell: T5's (T, T) buckets or BART's (T, D) positions look like n rows wherever T equals n, which gave a
+        wrong Ω without an error."""
+        seen = {}
+
+        def record(unit):
+            def hook(module, a, kw, out):
+                seen.setdefault(unit, []).append([[tuple(t.shape) if torch.is_tensor(t) else None
+                                                   for t in torch.utils._pytree.tree_flatten(x)[0]] for x in ((a, kw), out)])
+            return hook
+
+        handles = [u.module.register_forward_hook(record(u), with_kwargs=True) for u in self.units]
+        self._probing = True
+        try:
+            with torch.no_grad():
+                one_args, one_kwargs = _one_sample(args, kwargs, n, 0)
+                self.net(*one_args, **one_kwargs)
+            self.one, self.dims = seen, {}
+        except Exception as e:  # noqa: BLE001 - the pass itself says what is wrong with the batch
+            warnings.warn(f"batch {where}: the model did not run on one sample alone ({type(e).__name__}: "
+                          f"{str(e)[:200]}); where its layers' inputs hold the batch is read from their shapes, "
+                          "which cannot tell a dim of size n shared by the samples", stacklevel=4)
+            self.one = False
+        finally:
+            self._probing = False
+            for h in handles:
+                h.remove()
+
+    def _call_dims(self, unit, module, args, kwargs, flat_out, state, expanded):
+        """(the shape of the call's first input where its rows are not the batch's samples, else None; the batch
+        dims of its flattened inputs and outputs, or None where not learned; whether that input may be n blocks of
+        rows). The same call of the unit in the one-sample run of :meth:`learn_dims` decides, read once and kept;
+        before any batch of n > 1 (or where the model did not run on one sample), the first input's shape does. A
+        call unlike the sample's is no sample's own, and asks to learn again."""
+        if state.n == 1 or not self.one:
+            return _mixed_shape(module, args, kwargs, state.n), None, None, True
+        flat_in = (list(args) if not kwargs and all(torch.is_tensor(a) for a in args)  # most layers: no pytree walk
+                   else torch.utils._pytree.tree_flatten((args, kwargs))[0])
+        first = next((i for i, t in enumerate(flat_in) if torch.is_tensor(t)), None)
+        k, learned = state.calls[unit] - 1, self.dims.setdefault(unit, [])
+        if k == len(learned):  # this call's first batch since learn_dims
+            ones = self.one.get(unit, ())
+            learned.append(_learned_dims(flat_in, flat_out, ones[k] if k < len(ones) else None, state.n,
+                                         _batch_dim(module)))
+        in_dims, out_dims, blocks = learned[k]
+        if (in_dims is None or len(in_dims) != len(flat_in) or len(out_dims) != len(flat_out)
+                or any(d is not None and (not torch.is_tensor(t) or t.dim() <= d or t.shape[d] != state.n)
+                       for t, d in (*zip(flat_in, in_dims), *zip(flat_out, out_dims)))):
+            state.unlike_probe = True
+            return (tuple(flat_in[first].shape) if first is not None else ()), None, None, False
+        if expanded is not None:  # the broadcast input and the outputs it made are every sample's own (SPEC §1)
+            dim = _batch_dim(module)
+            in_dims = [dim if i == first else d for i, d in enumerate(in_dims)]
+            out_dims = [dim if d is None and torch.is_tensor(t) and t.dim() > dim and t.shape[dim] == state.n else d
+                        for t, d in zip(flat_out, out_dims)]
+        own = first is None or in_dims[first] == _batch_dim(module)
+        return (None if own else tuple(flat_in[first].shape)), in_dims, out_dims, blocks
+
+    def _calls_unlike_probe(self, calls):
+        """A unit called a different number of times on the batch than on its first sample alone (its calls depend
+        on the data: MoE experts), as (unit, why), or None."""
+        if not self.one:
+            return None
+        for u in self.units:
+            got, alone = calls.get(u, 0), len(self.one.get(u, ()))
+            if got != alone:
+                return u, f"is called {got} times on the batch but {alone} times on one sample alone"
+        return None
 
     def _by_sample_from_now(self, why, args, kwargs, n, bufs, where):
         """Says ``why`` (once: later batches go straight to one-sample passes) and runs this batch again from zero,
@@ -534,10 +643,10 @@ class Engine:
                 for i, t in zip(pos, expanded):
                     flat[i] = t
                 out = flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
-            mixed = _mixed_shape(module, args, kwargs, state.n)
+            mixed, in_dims, out_dims, blocks = self._call_dims(unit, module, args, kwargs, flat, state, expanded)
             if mixed is not None and self.per_sample and state.n > 1:
-                if (unit.blocks is not False and mixed and mixed[0] % state.n == 0 and _batch_dim(module) == 0
-                        and unit.rule.blocks(module)):
+                if (blocks and unit.blocks is not False and mixed and mixed[0] % state.n == 0
+                        and _batch_dim(module) == 0 and unit.rule.blocks(module)):
                     mixed = None  # n blocks of rows, one per sample (OPT's (n·T, D) tokens); confirmed once
                     if unit.blocks is None:
                         state.tentative.append(unit)
@@ -550,7 +659,7 @@ class Engine:
             whole = mixed is not None
             keep = self.mode == "local" or whole or unit.rule.needs_output(module)
             call = _rules.Call(1 if whole else state.n, args, kwargs, out if keep else None, versions=versions,
-                               whole=whole)
+                               whole=whole, in_dims=in_dims, out_dims=out_dims)
             unit.group.calls.append((unit, call))
             if self.mode == "local":
                 call.grads = tuple(_mask_positions(flat[i].detach(), state.mask) for i in pos)

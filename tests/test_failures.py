@@ -136,11 +136,13 @@ def test_interrupt_inside_forward_drops_the_partial_batch(cls, mode):
     """Ctrl-C in the middle of batch 2's forward: the first layer of that batch already ran (and in local
     mode already produced its contribution), none of it may reach Ω."""
     batches = data([5, 3, 4, 6])
-    trip = Trip(KeyboardInterrupt(), at=3)  # call 0 is prepared()'s forward, then batches 0, 1, 2
+    # call 0 is prepared()'s forward, 1 the engine's run of batch 0's first sample alone (where the layers hold the
+    # batch: Engine.learn_dims), then batches 0, 1, 2
+    trip = Trip(KeyboardInterrupt(), at=4)
     mas, grads = prepared(cls, make_model(middle=trip), mode)
     with pytest.raises(KeyboardInterrupt):
         mas.accumulate(batches)
-    assert trip.calls == 4
+    assert trip.calls == 5
     assert_state(mas, after(cls, mode, batches[:2], middle=Trip()))
     assert_model_untouched(mas.model, grads)
     mas.accumulate(batches[2:])

@@ -682,6 +682,78 @@ def test_rows_that_are_no_samples_own(make, culprit, mode, per_sample):
         assert_close(mas.task_importance, want, tol=1e-5)
 
 
+class PositionMixer(nn.Module):
+    """A layer of its own (the generic rule) reading each sample's tokens (n, T, D) beside positions all samples
+    share, (T, D), as Funnel's relative attention does."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d))
+
+    def forward(self, h, pos):
+        return h * torch.tanh(pos * self.w)
+
+
+class LearnedTable(nn.Module):
+    """Learned positions returned as they are, (T, D), shared by the samples (BART's)."""
+
+    def __init__(self, t, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(t, d))
+
+    def forward(self, length):
+        return self.weight[:length]
+
+
+class SharedPositions(nn.Module):
+    """Positions all samples share, (T, D): a fixed sinusoid table, or a learned one, read beside the tokens."""
+
+    def __init__(self, learned, v=11, d=6, t=8):
+        super().__init__()
+        self.emb, self.mixer, self.out = nn.Embedding(v, d), PositionMixer(d), nn.Linear(d, 3)
+        self.table = LearnedTable(t, d) if learned else None
+        self.register_buffer("sinusoid", torch.sin(torch.arange(t * d, dtype=torch.float32).view(t, d)))
+
+    def forward(self, ids):
+        t = ids.shape[1]
+        pos = self.table(t) if self.table is not None else self.sinusoid[:t]
+        return self.out(self.mixer(self.emb(ids), pos))
+
+
+@pytest.mark.parametrize("n", [8, 5], ids=["n-equals-T", "n-not-T"])
+@pytest.mark.parametrize("make,culprit", [(lambda: SharedPositions(learned=False), None),
+                                           (lambda: SharedPositions(learned=True), "'table' (LearnedTable)"),
+                                           (lambda: MixingNet(), "'bias' (Embedding)")],
+                         ids=["shared-input", "shared-output", "shared-buckets"])
+@pytest.mark.parametrize("mode,per_sample", [("global", True), ("local", True), ("global", False)])
+def test_a_dim_of_the_batch_size_shared_by_the_samples(make, culprit, n, mode, per_sample):
+    """A (T, T) or (T, D) tensor that all samples share looks like n per-sample rows where T equals n: T5's buckets,
+    BART's positions and Funnel's relative positions gave a wrong Ω without an error (37%, 34%, 100%) at
+    batch size = sequence length. The engine learns where each layer's inputs and outputs hold the batch by running
+    the first batch whole and one sample alone: a layer reading shared positions beside the tokens keeps the fast
+    path; a shared output or shared rows run the batch one sample at a time (one warning), exact."""
+    torch.manual_seed(4)
+    model = make().eval()
+    x = torch.randint(0, 11, (n + 3, 8))
+    batches = [x[:n], x[n:]]
+    want = oracle(model, x, mode=mode, per_sample=per_sample, batch=n)
+    warns = culprit is not None and per_sample
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        mas, said = _sample_by_sample_warnings(cls(model, mode=mode, per_sample=per_sample, show_progress=False),
+                                               batches)
+        assert len(said) == (1 if warns else 0), said
+        assert not warns or culprit in said[0]
+        assert_close(mas.task_importance, want, tol=1e-5)
+    if mode == "global" and per_sample:  # observe(): the model's runs on the whole batch and one sample are not traffic
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mas_ext.FusedMAS(model, show_progress=False).observe() as mas:
+                for b in batches:
+                    model(b)
+        assert mas.num_samples == len(x)
+        assert_close(mas.task_importance, want, tol=1e-5)
+
+
 class ReadsWithoutGradient(nn.Module):
     """Reads of parameters outside their modules that pass them no gradient: their dtype and shape, ``type_as``,
     a detached copy, an op under no_grad."""

@@ -21,12 +21,12 @@ from .attention import mha_fused, mha_tapped_forward
 from .base import CHUNK_ELEMS, Call, Rule, register_rule, rule_for, unverified
 from .conv import conv_cost, conv_fused, conv_grads, unfold_nd
 from .embedding import embedding_fused, embedding_grads, tied_fused
-from .generic import GENERIC, SharedOutput, generic_grads
+from .generic import GENERIC, SharedOutput, generic_grads, sample_dim
 from .linear import conv1d_fused, conv1d_grads, is_hf_conv1d, linear_fused, linear_grads, linear_into
 from .norm import is_hf_rmsnorm, norm_fused, norm_grads
 
 __all__ = ["CHUNK_ELEMS", "Call", "Rule", "GENERIC", "SharedOutput", "register_rule", "rule_for", "generic_grads",
-           "tied_fused", "linear_into", "unfold_nd"]
+           "sample_dim", "tied_fused", "linear_into", "unfold_nd"]
 
 
 def _no_output(module):

@@ -38,6 +38,10 @@ class Call:
     # The call's input rows are no sample's own (MoE experts on (n·T, D) tokens, T5's (T, T) position buckets):
     # the whole call is one sample's (in a one-sample pass, n = 1) or the batch's (per_sample=False).
     whole: bool = False
+    # The batch dim of each of the call's flattened inputs ``(args, kwargs)`` and outputs, None for a tensor the
+    # samples share, as learned from the model run on one sample; None where not learned (read from shapes).
+    in_dims: Optional[list] = None
+    out_dims: Optional[list] = None
 
     @property
     def g(self):

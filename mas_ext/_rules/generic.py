@@ -16,13 +16,15 @@ def _batch_dim(t, n, preferred):
     return next((i for i, size in enumerate(t.shape) if size == n), None)
 
 
-def _output_batch_dim(full, one, n):
-    """The dim along which an output has the batch: size n in the batch's output, 1 in one sample's."""
-    if not torch.is_tensor(one) or full.dim() != one.dim():
+def sample_dim(full, one, n, preferred=0):
+    """The dim of a tensor that holds the batch, from its shape in the batch's call (``full``) and in one sample's
+    (``one``): size n there, 1 here, every other dim equal (``preferred`` where several are). None where there is
+    none: the samples share the tensor (T5's (T, T) position buckets, also where T equals n)."""
+    if full is None or one is None or len(full) != len(one):
         return None
-    dims = [i for i in range(full.dim()) if full.shape[i] == n and one.shape[i] == 1
-            and full.shape[:i] + full.shape[i + 1:] == one.shape[:i] + one.shape[i + 1:]]
-    return dims[0] if dims else None
+    dims = [i for i in range(len(full)) if full[i] == n and one[i] == 1
+            and full[:i] + full[i + 1:] == one[:i] + one[i + 1:]]
+    return preferred if preferred in dims else (dims[0] if dims else None)
 
 
 # Arguments that hold no per-sample dim even where a size happens to equal the batch size.
@@ -57,32 +59,38 @@ class SharedOutput(Exception):
 def generic_grads(module, call, s, e, names=None):
     """Per-sample gradients of the module's own parameters (recursively), by torch.func over that module only.
 
-    Inputs carry the batch in dim 0 (dim 1 for modules with ``batch_first=False``), else in their first
-    dim of the batch's size; tensors without one are shared by all samples. Each output's batch dim is
-    found by running the module on one sample: the dim that shrinks from n to 1; an output without one
-    raises :class:`SharedOutput` (the engine then runs the batch one sample at a time).
+    Where the engine learned them from the model run on one sample (``call.in_dims``, ``call.out_dims``), the
+    inputs' and outputs' batch dims are those. Else inputs carry the batch in dim 0 (dim 1 for modules with
+    ``batch_first=False``), else in their first dim of the batch's size; tensors without one are shared by all
+    samples; each output's batch dim is found by running the module on one sample: the dim that shrinks from n
+    to 1. An output without one raises :class:`SharedOutput` (the engine then runs the batch one sample at a
+    time).
     """
     n = call.n
     if call.whole or n == 1:  # the call is one sample's (or, whole, the batch's with per_sample=False)
         return _whole_call_grads(module, call, names)
     preferred = 1 if getattr(module, "batch_first", True) is False else 0
     args, kwargs = call.args, call.kwargs
-    shared = _SHARED_ARGUMENTS.get(type(module), ())
+    shared = _SHARED_ARGUMENTS.get(type(module), ()) if call.in_dims is None else ()
     if shared:  # name every argument, so that those never indexed by sample are known
         bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs).arguments
         args, kwargs = (), {k: v for k, v in bound.items() if k != "self"}
     flat_in, spec_in = tree_flatten((args, kwargs))
-    in_dims = [_batch_dim(t, n, preferred) for t in flat_in]
+    in_dims = list(call.in_dims) if call.in_dims is not None else [_batch_dim(t, n, preferred) for t in flat_in]
     for name in shared:
         if kwargs.get(name) is not None:
             at = next(i for i, t in enumerate(flat_in) if t is kwargs[name])
             in_dims[at] = None
     flat_out, out_pos = _floating_outputs(call)
-    with torch.no_grad():
-        first = [t.narrow(d, 0, 1) if d is not None else t for t, d in zip(flat_in, in_dims)]
-        args, kwargs = tree_unflatten(first, spec_in)
-        probe = tree_flatten(module(*args, **kwargs))[0]
-    out_dims = [_output_batch_dim(flat_out[i], probe[i], n) for i in out_pos]
+    if call.out_dims is not None:
+        out_dims = [call.out_dims[i] for i in out_pos]
+    else:
+        with torch.no_grad():
+            first = [t.narrow(d, 0, 1) if d is not None else t for t, d in zip(flat_in, in_dims)]
+            args, kwargs = tree_unflatten(first, spec_in)
+            probe = tree_flatten(module(*args, **kwargs))[0]
+        out_dims = [sample_dim(tuple(flat_out[i].shape), tuple(probe[i].shape), n) if torch.is_tensor(probe[i])
+                    else None for i in out_pos]
     unbatched = next((flat_out[i] for i, d in zip(out_pos, out_dims) if d is None), None)
     if unbatched is not None:
         raise SharedOutput(tuple(unbatched.shape))
