@@ -178,7 +178,8 @@ class _ReadsOutside(torch.overrides.TorchFunctionMode):
                 continue
             # Reads that pass no gradient to the parameter (its dtype or shape, type_as, a no_grad op) do not count:
             # an output's own autograd node must lead straight to the parameter's.
-            if any(o.grad_fn is not None and any(getattr(fn, "variable", None) is t for fn, _ in o.grad_fn.next_functions)
+            if any(o.grad_fn is not None
+                   and any(getattr(fn, "variable", None) is t for fn, _ in o.grad_fn.next_functions)
                    for o in torch.utils._pytree.tree_flatten(out)[0] if torch.is_tensor(o)):
                 self.found[owner[0]] = func
         return out
@@ -279,7 +280,7 @@ class Engine:
         self.units = plan_units(net, params)
         self.no_expand = False  # set once the model failed on an expanded batch-size-1 input
         self.by_sample = False  # set once a batch showed rows that are no sample's own: one-sample passes from then
-        self.outside = None  # global names of parameters read outside their units' forwards; found by the first g-MAS forward
+        self.outside = None  # names of parameters read outside their units' forwards: found by the first g-MAS forward
         # learn_dims: {unit: [(input shapes, output shapes) of each call]} in a run of one sample alone (False where the
         # model failed so: batch dims are read from shapes then), and {unit: [(in_dims, out_dims, blocks) of each call]}
         self.one, self.dims = None, {}
@@ -376,7 +377,7 @@ class Engine:
                 for b in bufs.values():
                     b.zero_()
                 return self.run(args, kwargs, n, bufs, where)
-            unlike = self._calls_unlike_probe(calls) if n > 1 else None
+            unlike = self._calls_unlike_probe(calls) if n > 1 and self.per_sample else None
             if unlike is not None:
                 state.unlike_probe = True
                 state.mixed.append(unlike)
@@ -409,8 +410,9 @@ class Engine:
 
         def record(unit):
             def hook(module, a, kw, out):
-                seen.setdefault(unit, []).append([[tuple(t.shape) if torch.is_tensor(t) else None
-                                                   for t in torch.utils._pytree.tree_flatten(x)[0]] for x in ((a, kw), out)])
+                flats = (torch.utils._pytree.tree_flatten(x)[0] for x in ((a, kw), out))
+                seen.setdefault(unit, []).append([[tuple(t.shape) if torch.is_tensor(t) else None for t in flat]
+                                                  for flat in flats])
             return hook
 
         handles = [u.module.register_forward_hook(record(u), with_kwargs=True) for u in self.units]
@@ -651,8 +653,9 @@ class Engine:
                     if unit.blocks is None:
                         state.tentative.append(unit)
                 else:
+                    # the batch runs again sample by sample
                     state.mixed.append((unit, f"is called on an input of shape {mixed}, whose rows are not the "
-                                              f"batch's {state.n} samples (it mixes them, or all share it)"))  # the batch runs again sample by sample
+                                              f"batch's {state.n} samples (it mixes them, or all share it)"))
                     return None
             # The whole call is one sample's (a one-sample pass) or the batch's (per_sample=False): its rule is
             # the module's own gradient, through the generic rule, which keeps its output.
