@@ -102,18 +102,18 @@ def _expand_broadcast(module, args, kwargs, outs, n):
 
 
 def _learned_dims(flat_in, flat_out, one, n, preferred):
-    """(the batch dim of each flattened input, of each output, whether the first input has n times the rows of one
-    sample's: the samples' rows flattened into dim 0 (OPT's (n·T, D) tokens), or mixed so) of a call of a batch of
-    n, from its tensors and the shapes of the same call in a run of one sample (``one``: (inputs, outputs)). (None,
-    None, False) where there is no such call or it differs in structure."""
+    """(the batch dim of each flattened input, of each output; which inputs and which outputs have n times the rows
+    of one sample's in dim 0: the samples' rows flattened there (OPT's and the MoE layers' (n·T, D) tokens), or
+    mixed so) of a call of a batch of n, from its tensors and the shapes of the same call in a run of one sample
+    (``one``: (inputs, outputs)). (None, None, None) where there is no such call or it differs in structure."""
     shapes = [[tuple(t.shape) if torch.is_tensor(t) else None for t in flat] for flat in (flat_in, flat_out)]
     if one is None or any(len(f) != len(o) or any((a is None) != (b is None) for a, b in zip(f, o))
                           for f, o in zip(shapes, one)):
-        return None, None, False
+        return None, None, None
     in_dims, out_dims = ([_rules.sample_dim(a, b, n, preferred) for a, b in zip(f, o)] for f, o in zip(shapes, one))
-    f, o = (next((x for x in sh if x is not None), None) for sh in (shapes[0], one[0]))
-    blocks = f is not None and len(f) == len(o) > 0 and f[0] == n * o[0] and f[1:] == o[1:]
-    return in_dims, out_dims, blocks
+    rows = tuple([a is not None and len(a) > 0 and a[0] == n * b[0] and a[1:] == b[1:] for a, b in zip(f, o)]
+                 for f, o in zip(shapes, one))
+    return in_dims, out_dims, rows
 
 
 _BY_SAMPLE = "each batch is run one sample at a time from now on, which is exact and slower"
@@ -282,7 +282,7 @@ class Engine:
         self.by_sample = False  # set once a batch showed rows that are no sample's own: one-sample passes from then
         self.outside = None  # names of parameters read outside their units' forwards: found by the first g-MAS forward
         # learn_dims: {unit: [(input shapes, output shapes) of each call]} in a run of one sample alone (False where the
-        # model failed so: batch dims are read from shapes then), and {unit: [(in_dims, out_dims, blocks) of each call]}
+        # model failed so: batch dims are read from shapes then), and {unit: [(in_dims, out_dims, rows) of each call]}
         self.one, self.dims = None, {}
         self._pass = None  # the _Pass of the batch now running
         self._probing = False  # learn_dims is running the model
@@ -435,11 +435,12 @@ class Engine:
     def _call_dims(self, unit, module, args, kwargs, flat_out, state, expanded):
         """(the shape of the call's first input where its rows are not the batch's samples, else None; the batch
         dims of its flattened inputs and outputs, or None where not learned; whether that input may be n blocks of
-        rows). The same call of the unit in the one-sample run of :meth:`learn_dims` decides, read once and kept;
-        before any batch of n > 1 (or where the model did not run on one sample), the first input's shape does. A
-        call unlike the sample's is no sample's own, and asks to learn again."""
+        rows; which inputs and outputs may be, where learned). The same call of the unit in the one-sample run of
+        :meth:`learn_dims` decides, read once and kept; before any batch of n > 1 (or where the model did not run on
+        one sample), the first input's shape does. A call unlike the sample's is no sample's own, and asks to learn
+        again."""
         if state.n == 1 or not self.one:
-            return _mixed_shape(module, args, kwargs, state.n), None, None, True
+            return _mixed_shape(module, args, kwargs, state.n), None, None, True, None
         flat_in = (list(args) if not kwargs and all(torch.is_tensor(a) for a in args)  # most layers: no pytree walk
                    else torch.utils._pytree.tree_flatten((args, kwargs))[0])
         first = next((i for i, t in enumerate(flat_in) if torch.is_tensor(t)), None)
@@ -448,19 +449,20 @@ class Engine:
             ones = self.one.get(unit, ())
             learned.append(_learned_dims(flat_in, flat_out, ones[k] if k < len(ones) else None, state.n,
                                          _batch_dim(module)))
-        in_dims, out_dims, blocks = learned[k]
+        in_dims, out_dims, rows = learned[k]
         if (in_dims is None or len(in_dims) != len(flat_in) or len(out_dims) != len(flat_out)
                 or any(d is not None and (not torch.is_tensor(t) or t.dim() <= d or t.shape[d] != state.n)
                        for t, d in (*zip(flat_in, in_dims), *zip(flat_out, out_dims)))):
             state.unlike_probe = True
-            return (tuple(flat_in[first].shape) if first is not None else ()), None, None, False
+            return (tuple(flat_in[first].shape) if first is not None else ()), None, None, False, None
         if expanded is not None:  # the broadcast input and the outputs it made are every sample's own (SPEC §1)
             dim = _batch_dim(module)
             in_dims = [dim if i == first else d for i, d in enumerate(in_dims)]
             out_dims = [dim if d is None and torch.is_tensor(t) and t.dim() > dim and t.shape[dim] == state.n else d
                         for t, d in zip(flat_out, out_dims)]
         own = first is None or in_dims[first] == _batch_dim(module)
-        return (None if own else tuple(flat_in[first].shape)), in_dims, out_dims, blocks
+        blocks = first is not None and rows[0][first]
+        return (None if own else tuple(flat_in[first].shape)), in_dims, out_dims, blocks, rows
 
     def _calls_unlike_probe(self, calls):
         """A unit called a different number of times on the batch than on its first sample alone (its calls depend
@@ -645,11 +647,15 @@ class Engine:
                 for i, t in zip(pos, expanded):
                     flat[i] = t
                 out = flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
-            mixed, in_dims, out_dims, blocks = self._call_dims(unit, module, args, kwargs, flat, state, expanded)
+            mixed, in_dims, out_dims, blocks, rows = self._call_dims(unit, module, args, kwargs, flat, state, expanded)
+            block_rows = None
             if mixed is not None and self.per_sample and state.n > 1:
+                # n blocks of rows, one per sample (OPT's and the MoE layers' (n·T, D) tokens), confirmed once; the
+                # generic rule reads them where it knows which of the call's tensors hold them
                 if (blocks and unit.blocks is not False and mixed and mixed[0] % state.n == 0
-                        and _batch_dim(module) == 0 and unit.rule.blocks(module)):
-                    mixed = None  # n blocks of rows, one per sample (OPT's (n·T, D) tokens); confirmed once
+                        and _batch_dim(module) == 0 and unit.rule.blocks(module)
+                        and (rows is not None or unit.rule.grads is not _rules.generic_grads)):
+                    mixed, block_rows = None, rows
                     if unit.blocks is None:
                         state.tentative.append(unit)
                 else:
@@ -662,7 +668,7 @@ class Engine:
             whole = mixed is not None
             keep = self.mode == "local" or whole or unit.rule.needs_output(module)
             call = _rules.Call(1 if whole else state.n, args, kwargs, out if keep else None, versions=versions,
-                               whole=whole, in_dims=in_dims, out_dims=out_dims)
+                               whole=whole, in_dims=in_dims, out_dims=out_dims, rows=block_rows)
             unit.group.calls.append((unit, call))
             if self.mode == "local":
                 call.grads = tuple(_mask_positions(flat[i].detach(), state.mask) for i in pos)

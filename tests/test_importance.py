@@ -631,6 +631,58 @@ def test_flattened_tokens_are_confirmed_as_blocks_of_rows(monkeypatch):
         assert_close(mas.task_importance, want, tol=1e-5)
 
 
+class RoutedExperts(nn.Module):
+    """A layer of its own (the generic rule) on the batch's tokens flattened to (n·T, D), routing each token by its
+    values to one of its experts (the MoE layers of Mixtral, Qwen2-MoE): no vmap over that loop; ``mix`` also
+    subtracts the mean over all rows, which mixes the samples."""
+
+    def __init__(self, d, experts=3, mix=False):
+        super().__init__()
+        self.mix = mix
+        self.gate, self.w = nn.Parameter(torch.randn(experts, d)), nn.Parameter(torch.randn(experts, d, d) / d ** 0.5)
+
+    def forward(self, h):
+        h = h - h.mean(0) if self.mix else h
+        route = (h @ self.gate.T).argmax(-1)
+        out = torch.zeros_like(h)
+        for e in route.unique():
+            rows = (route == e).nonzero().squeeze(1)
+            gate = torch.sigmoid(h[rows] @ self.gate[e])[:, None]
+            out = out.index_add(0, rows, torch.tanh(h[rows] @ self.w[e]) * gate)
+        return out
+
+
+class FlatExperts(nn.Module):
+    def __init__(self, mix, v=11, d=6):
+        super().__init__()
+        self.emb, self.experts, self.out = nn.Embedding(v, d), RoutedExperts(d, mix=mix), nn.Linear(d, 3)
+
+    def forward(self, ids):
+        n, t = ids.shape
+        return self.out(self.experts(self.emb(ids).reshape(n * t, -1)).view(n, t, -1))
+
+
+@pytest.mark.parametrize("mix", [False, True], ids=["per-token", "mixing"])
+@pytest.mark.parametrize("mode,per_sample", [("global", True), ("local", True), ("global", False)])
+def test_generic_layer_on_flattened_tokens(mix, mode, per_sample, monkeypatch):
+    """A layer of its own on (n·T, D) tokens that it routes by value: read as n blocks of rows (each sample's VJP in
+    turn) once the first batch, run again one sample at a time, agreed; later batches keep that path. Where the
+    layer mixes the samples, the check disagrees: sample by sample from then on, with one warning. Exact."""
+    torch.manual_seed(6)
+    model = FlatExperts(mix).eval()
+    x = torch.randint(0, 11, (8, 5))
+    want = oracle(model, x, mode=mode, per_sample=per_sample, batch=4)
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        mas = cls(model, mode=mode, per_sample=per_sample, show_progress=False)
+        runs = []
+        real = mas._engine._run_sample_by_sample
+        monkeypatch.setattr(mas._engine, "_run_sample_by_sample", lambda *a: (runs.append(a[2]), real(*a))[1])
+        mas, said = _sample_by_sample_warnings(mas, [x[:4], x[4:]])
+        assert len(said) == (1 if mix and per_sample else 0), said
+        assert runs == (([4, 4] if mix else [4]) if per_sample else []), runs
+        assert_close(mas.task_importance, want, tol=1e-5)
+
+
 class DirectWeight(nn.Module):
     """A parameter used outside its module's forward: positions read from ``pos.weight`` (DeBERTa reads its
     relative embeddings so)."""

@@ -42,6 +42,9 @@ class Call:
     # samples share, as learned from the model run on one sample; None where not learned (read from shapes).
     in_dims: Optional[list] = None
     out_dims: Optional[list] = None
+    # Which flattened inputs and outputs hold the n samples as n blocks of rows in dim 0 ((n·T, D) tokens), where the
+    # call is read so: (inputs, outputs) of bools.
+    rows: Optional[tuple] = None
 
     @property
     def g(self):

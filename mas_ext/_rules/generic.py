@@ -69,6 +69,8 @@ def generic_grads(module, call, s, e, names=None):
     n = call.n
     if call.whole or n == 1:  # the call is one sample's (or, whole, the batch's with per_sample=False)
         return _whole_call_grads(module, call, names)
+    if call.rows is not None:
+        return _block_grads(module, call, s, e, names)
     preferred = 1 if getattr(module, "batch_first", True) is False else 0
     args, kwargs = call.args, call.kwargs
     shared = _SHARED_ARGUMENTS.get(type(module), ()) if call.in_dims is None else ()
@@ -116,6 +118,36 @@ def generic_grads(module, call, s, e, names=None):
     return {k: v.float() for k, v in per_sample.items()}
 
 
+def _block_grads(module, call, s, e, names):
+    """Per-sample gradients of samples s:e of a call that holds the n samples as n blocks of rows in dim 0 (the
+    MoE routers and experts on the batch's (n·T, D) tokens): the module's VJP on each sample's rows, in turn, as
+    its forward may route them by their values (which vmap cannot)."""
+    in_rows, out_rows = call.rows
+    flat_in, spec_in = tree_flatten((call.args, call.kwargs))
+    flat_out, out_pos = _floating_outputs(call)
+    shared = next((flat_out[i] for i, g in zip(out_pos, call.grads) if g is not None and not out_rows[i]), None)
+    if shared is not None:
+        raise SharedOutput(tuple(shared.shape))
+    tracked, frozen = _parameters(module, names)
+
+    def rows(t, k):
+        m = t.shape[0] // call.n
+        return t[k * m:(k + 1) * m]
+
+    per_sample = []
+    for k in range(s, e):
+        args, kwargs = tree_unflatten([rows(t, k) if r else t for t, r in zip(flat_in, in_rows)], spec_in)
+
+        def outputs(theta):
+            out = tree_flatten(torch.func.functional_call(module, {**theta, **frozen}, tuple(args), kwargs))[0]
+            return tuple(out[i] for i in out_pos)
+
+        outs, vjp = torch.func.vjp(outputs, tracked)
+        grads = tuple(rows(g, k) if g is not None else torch.zeros_like(o) for g, o in zip(call.grads, outs))
+        per_sample.append(vjp(grads)[0])
+    return {name: torch.stack([g[name] for g in per_sample]).float() for name in tracked}
+
+
 def _whole_call_grads(module, call, names):
     """The gradient of the module's own (tracked) parameters over the whole call, as one sample: (1, *shape)."""
     tracked, frozen = _parameters(module, names)
@@ -130,4 +162,5 @@ def _whole_call_grads(module, call, names):
     return {k: v.unsqueeze(0).float() for k, v in vjp(grads)[0].items()}
 
 
-GENERIC = Rule(generic_grads)  # any module the table has no rule for
+# any module the table has no rule for; an input of n·m rows may be n blocks of rows (confirmed once by the engine)
+GENERIC = Rule(generic_grads, blocks=lambda module: True)
