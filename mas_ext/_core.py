@@ -79,6 +79,20 @@ def _engine_setting(name, doc):
                     doc=doc)
 
 
+
+_PLAIN = (int, float, bool, str, bytes, torch.dtype, torch.device, type(None))
+
+
+def _stateful_argument(args, kwargs):
+    """A description of the first argument of a model call that is neither a tensor nor a plain value (a Hugging
+    Face ``past_key_values`` cache, any object the model may update in place), or None."""
+    flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
+    bad = next((x for x in flat if not torch.is_tensor(x) and not isinstance(x, _PLAIN)), None)
+    if bad is None:
+        return None
+    name = next((k for k, v in kwargs.items() if v is bad), None)
+    return f"{name}={type(bad).__name__}" if name else f"a {type(bad).__name__}"
+
 class ReferenceMAS:
     """Memory Aware Synapses in pure PyTorch: the ground truth that ``FusedMAS`` is tested against.
 
@@ -160,6 +174,12 @@ class ReferenceMAS:
                 return
             where = f"observed #{calls[0]}"
             calls[0] += 1
+            state = _stateful_argument(args, kwargs)
+            if state is not None:  # the pass runs the model again: it would advance the user's state (a KV cache)
+                warnings.warn(f"{type(self).__name__}.observe(): call {where} skipped (it passes {state}, which the "
+                              "model may update in place, and the importance pass runs the model again); "
+                              "importance and sample count unchanged", stacklevel=2)
+                return
             try:
                 with self._engine.session():
                     self._accumulate_batch(args, {k: v for k, v in kwargs.items() if k != "labels"}, where)

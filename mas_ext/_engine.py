@@ -9,9 +9,9 @@ Units that share a parameter, or run more than once in a forward, are summed per
 ``|·|``. :class:`Engine` is the whole interface: ``session()`` around the batches, ``batch_size()``
 and ``run()`` per batch; what a batch adds is committed (or not) by its caller.
 
-Two things are learned once per model, not read from shapes: where each call's inputs and outputs hold the
-batch (the first batch's first sample run alone, :meth:`Engine.learn_dims`), and which parameters are read
-outside their units' forwards (a scan of the first g-MAS forward, :class:`_ReadsOutside`). Calls whose rows
+Two things are learned, not read from shapes: where each call's inputs and outputs hold the batch (the first
+batch's first sample run alone, :meth:`Engine.learn_dims`), and which parameters are read outside their units'
+forwards (a scan of the first g-MAS forward of each input shape, :class:`_ReadsOutside`). Calls whose rows
 are no sample's own, and such parameters, make the batch run one sample at a time: exact, and slower.
 """
 import contextlib
@@ -25,6 +25,9 @@ from . import _rules
 
 
 _SAMPLE_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
+# Hugging Face inputs that are one row per sample whatever their shape
+_PER_SAMPLE_KEYS = (*_SAMPLE_KEYS, "attention_mask", "token_type_ids", "position_ids", "decoder_input_ids",
+                    "decoder_attention_mask", "labels")
 
 
 def _sample_tensor(args, kwargs):
@@ -36,12 +39,38 @@ def _sample_tensor(args, kwargs):
     return None
 
 
-def _mask_positions(t, mask):
-    """``t`` with the positions where the (n, T) ``mask`` is 0 set to zero, where t's leading dims are (n, T);
-    else t as it is. masked_fill, not a product: a NaN at a padded position stays out."""
-    if mask is None or t.dim() < 2 or t.shape[:2] != mask.shape:
+def _mask_positions(t, mask, dim=None, rows=False):
+    """``t`` with the positions where the (n, T) ``mask`` is 0 set to zero. ``dim``: where t holds the batch, as
+    learned (0: (n, T, ...); 1: seq-first (T, n, ...)), or None where not learned (read as (n, T, ...) where t's
+    shape is, else as it is); ``rows``: t holds the samples as n blocks of rows in dim 0, (n·T, ...). Where t has
+    the padded length T in some other dim, its padding cannot be told: None. masked_fill, not a product: a NaN at a
+    padded position stays out."""
+    if mask is None:
         return t
-    return t.masked_fill(~mask.bool().view(*mask.shape, *([1] * (t.dim() - 2))), 0)
+    n, length = mask.shape
+    if rows and t.dim() > 0 and t.shape[0] == n * length:
+        keep = mask.reshape(n * length)
+    elif dim in (0, None) and t.shape[:2] == mask.shape:
+        keep = mask
+    elif dim == 1 and t.shape[:2] == (length, n):
+        keep = mask.T
+    elif dim is None or dim >= t.dim() or length not in t.shape[:dim] + t.shape[dim + 1:]:
+        return t  # no position dim (a pooled output)
+    else:
+        return None
+    return t.masked_fill(~keep.bool().view(*keep.shape, *([1] * (t.dim() - keep.dim()))), 0)
+
+
+def _unpadded(args, kwargs, keep):
+    """A one-sample call with the positions its (T,) ``keep`` row marks as padding cut out of every tensor of shape
+    (1, T, ...): the sample as it is alone (SPEC §1), whatever the layouts of the model's layers."""
+    idx = keep.bool().nonzero().squeeze(1)
+    length = keep.shape[0]
+
+    def cut(t):
+        return t.index_select(1, idx) if torch.is_tensor(t) and t.dim() > 1 and t.shape[:2] == (1, length) else t
+
+    return torch.utils._pytree.tree_map(cut, (args, kwargs))
 
 
 def _batch_dim(module):
@@ -80,25 +109,27 @@ def _one_sample(args, kwargs, n, k):
     return torch.utils._pytree.tree_map(cut, (args, kwargs))
 
 
-def _expand_broadcast(module, args, kwargs, outs, n):
+def _expand_broadcast(module, args, kwargs, outs, n, learned):
     """A call whose first input has size 1 in the batch dim, where the batch has n samples (Hugging Face's
     (1, T) ``position_ids``), is every sample's own (SPEC §1): that input and the outputs of size 1 there are
-    expanded to n, so each sample's gradient reaches the layer apart. Returns (args, kwargs, outs), outs None
-    where nothing broadcasts."""
+    expanded to n, so each sample's gradient reaches the layer apart. ``learned``: whether the one-sample run found
+    the batch in that input (a seq-first (1, n, D) input holds it in dim 1, and is no broadcast), where known.
+    Returns (args, kwargs, outs, which): ``which`` the positions in ``outs`` expanded, None where nothing broadcasts."""
     dim = _batch_dim(module)
-    if n == 1 or (args and torch.is_tensor(args[0]) and (args[0].dim() <= dim or args[0].shape[dim] != 1)):
-        return args, kwargs, None  # the common case, decided without flattening the arguments
+    if n == 1 or learned or (args and torch.is_tensor(args[0]) and (args[0].dim() <= dim or args[0].shape[dim] != 1)):
+        return args, kwargs, outs, None  # the common case, decided without flattening the arguments
     flat, spec = torch.utils._pytree.tree_flatten((args, kwargs))
     first = next((i for i, t in enumerate(flat) if torch.is_tensor(t)), None)
-    if n == 1 or first is None or flat[first].dim() <= dim or flat[first].shape[dim] != 1:
-        return args, kwargs, None
+    if first is None or flat[first].dim() <= dim or flat[first].shape[dim] != 1:
+        return args, kwargs, outs, None
 
     def expand(t):
-        return t.expand(*t.shape[:dim], n, *t.shape[dim + 1:]) if t.dim() > dim and t.shape[dim] == 1 else t
+        return t.expand(*t.shape[:dim], n, *t.shape[dim + 1:])
 
     flat[first] = expand(flat[first])
     args, kwargs = torch.utils._pytree.tree_unflatten(flat, spec)
-    return args, kwargs, [expand(o) for o in outs]
+    which = [i for i, o in enumerate(outs) if o.dim() > dim and o.shape[dim] == 1]
+    return args, kwargs, [expand(o) if i in which else o for i, o in enumerate(outs)], which
 
 
 def _learned_dims(flat_in, flat_out, one, n, preferred):
@@ -116,6 +147,7 @@ def _learned_dims(flat_in, flat_out, one, n, preferred):
     return in_dims, out_dims, rows
 
 
+_UNKNOWN = object()  # a batch dim not learned yet
 _BY_SAMPLE = "each batch is run one sample at a time from now on, which is exact and slower"
 
 
@@ -159,6 +191,24 @@ class _Tap(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
+def _reaches(out, param, args, kwargs):
+    """Whether the autograd graph of an op's outputs ``out`` leads to ``param``'s node within the op: through the
+    nodes it made (F.linear's transpose, einsum's views and mm), not past the nodes of its other inputs."""
+    inputs = {id(t.grad_fn) for t in torch.utils._pytree.tree_flatten((args, kwargs))[0]
+              if torch.is_tensor(t) and t.grad_fn is not None}
+    todo = [o.grad_fn for o in torch.utils._pytree.tree_flatten(out)[0] if torch.is_tensor(o)]
+    seen = set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or id(fn) in seen or id(fn) in inputs:
+            continue
+        seen.add(id(fn))
+        if getattr(fn, "variable", None) is param:
+            return True
+        todo.extend(f for f, _ in fn.next_functions)
+    return False
+
+
 class _ReadsOutside(torch.overrides.TorchFunctionMode):
     """Records the tracked parameters that an op reads, on a path a gradient can take, while none of the units
     owning them runs: a tied head written as ``h @ emb.weight.T``, DeBERTa's relative embeddings read from
@@ -177,10 +227,8 @@ class _ReadsOutside(torch.overrides.TorchFunctionMode):
             if owner is None or owner[0] in self.found or any(self.active.get(u) for u in owner[1]):
                 continue
             # Reads that pass no gradient to the parameter (its dtype or shape, type_as, a no_grad op) do not count:
-            # an output's own autograd node must lead straight to the parameter's.
-            if any(o.grad_fn is not None
-                   and any(getattr(fn, "variable", None) is t for fn, _ in o.grad_fn.next_functions)
-                   for o in torch.utils._pytree.tree_flatten(out)[0] if torch.is_tensor(o)):
+            # the op's graph must lead from an output to the parameter's node.
+            if _reaches(out, t, args, kwargs):
                 self.found[owner[0]] = func
         return out
 
@@ -221,6 +269,7 @@ class _Pass:
         self.tentative = []  # units whose n·m-row input was read as n blocks of rows, not yet confirmed
         self.forward_failed = False  # the model's forward itself raised
         self.unlike_probe = False  # a call unlike any of the probe's (see Engine.learn_dims): learn again
+        self.unmasked = None  # what holds the padded positions where they cannot be told (local mode, the output)
 
 
 def plan_units(net, params):
@@ -233,6 +282,11 @@ def plan_units(net, params):
 
     def visit(prefix, module):
         rule = _rules.rule_for(module)
+        if rule is not None and not rule.owns_children and any(torch.is_tensor(v) for v in vars(module).values()):
+            # A weight recomputed from other parameters by a pre-hook (torch.nn.utils.weight_norm, spectral_norm,
+            # prune: weight_g/weight_v, weight_orig) is a plain tensor attribute, and the table's rule, which
+            # takes the gradient of `weight`, would give those parameters none: the generic rule runs the hook.
+            rule = None
         # Parameters that are only aliases of a child's (BERT's prediction-head bias) make no unit here.
         children = {id(p) for c in module.children() for p in c.parameters()}
         direct = [(k, p) for k, p in module.named_parameters(recurse=False) if id(p) not in children]
@@ -279,11 +333,17 @@ class Engine:
         self.mode, self.per_sample, self.output_fn = mode, per_sample, output_fn
         self.units = plan_units(net, params)
         self.no_expand = False  # set once the model failed on an expanded batch-size-1 input
+        self.warned_unmasked = False  # said once: padding that cannot be told makes padded batches run by sample
         self.by_sample = False  # set once a batch showed rows that are no sample's own: one-sample passes from then
-        self.outside = None  # names of parameters read outside their units' forwards: found by the first g-MAS forward
+        # names of parameters read outside their units' forwards, found by scanning the first g-MAS forward of each
+        # input shape (a model may read a weight directly only at some sequence lengths), and those shapes
+        self.outside, self.scanned = set(), set()
         # learn_dims: {unit: [(input shapes, output shapes) of each call]} in a run of one sample alone (False where the
         # model failed so: batch dims are read from shapes then), and {unit: [(in_dims, out_dims, rows) of each call]}
         self.one, self.dims = None, {}
+        # the shape of the model's output (what _output picks) in that run, and where the output holds the batch,
+        # learned from it on the first padded batch (_UNKNOWN until then)
+        self.one_out, self.out_dim = None, _UNKNOWN
         self._pass = None  # the _Pass of the batch now running
         self._probing = False  # learn_dims is running the model
 
@@ -316,9 +376,16 @@ class Engine:
         hooks), unit hooks on, tapped forwards installed, compiled submodules run eagerly."""
         modes = [(m, m.training) for m in self.net.modules()]
         fastpath = torch.backends.mha.get_fastpath_enabled()
-        handles = [u.module.register_forward_hook(self._hook_for(u), with_kwargs=True) for u in self.units]
+        # First among the module's forward hooks: a user's hook that changes the output (accelerate's, a mask)
+        # comes after the tap, so the gradient the rule gets is the one at the layer's own output.
+        handles = [u.module.register_forward_hook(self._hook_for(u), with_kwargs=True, prepend=True)
+                   for u in self.units]
+        for u in self.units:  # a forward patched on the instance computes something else than its class's rule
+            if "forward" in u.module.__dict__ and u.rule is not _rules.GENERIC:
+                u.rule = _rules.GENERIC
         tapped = [u for u in self.units if self.mode == "global" and self.per_sample
                   and u.rule.tapped_forward is not None and len(u.group.units) == 1
+                  and set(u.names) == {k for k, _ in u.module.named_parameters()}
                   and self._use_kernels(list(u.module.parameters()))]
         for u in tapped:
             u.module.forward = functools.partial(self._tapped_forward, u)
@@ -352,7 +419,10 @@ class Engine:
         if n > 1 and self.one is None:
             self.learn_dims(args, kwargs, n, where)
         mask = kwargs.get("attention_mask")
-        mask = mask if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[0] == n else None
+        mask = mask if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[0] == n and not mask.all() else None
+        if mask is not None and n == 1:  # one sample: as it is alone, without its padding
+            args, kwargs = _unpadded(args, kwargs, mask[0])
+            mask = None
         learned_again = False
         for attempt in range(3):  # a retry once the dims are learned again, one once the units that repeat are marked
             if attempt:
@@ -385,6 +455,15 @@ class Engine:
                 learned_again = True  # the model called its layers otherwise than in the batch it learned from
                 self.learn_dims(args, kwargs, n, where)
                 continue
+            if state.unmasked is not None and not state.mixed:
+                if not self.warned_unmasked:
+                    self.warned_unmasked = True
+                    warnings.warn(f"{state.unmasked} has the batch's padded length in a layout whose padding cannot be "
+                                  "told: batches with padding run one sample at a time, without it (exact, slower)",
+                                  stacklevel=4)
+                for b in bufs.values():
+                    b.zero_()
+                return self._run_sample_by_sample(args, kwargs, n, bufs, where)
             if state.mixed:
                 unit, why = state.mixed[0]
                 return self._by_sample_from_now(f"module '{unit.name}' ({type(unit.module).__name__}) {why}",
@@ -407,6 +486,12 @@ class Engine:
         tell: T5's (T, T) buckets or BART's (T, D) positions look like n rows wherever T equals n, which gave a
         wrong Ω without an error."""
         seen = {}
+        ambiguous = [k for k, t in kwargs.items() if k not in _PER_SAMPLE_KEYS and torch.is_tensor(t) and t.dim() > 1
+                     and t.shape[0] == n and n in t.shape[1:]]
+        if ambiguous:
+            warnings.warn(f"batch {where}: {', '.join(map(repr, ambiguous))} has the batch's {n} rows in dim 0 and is "
+                          "taken as one row per sample (SPEC §1); a tensor that all samples share, such as a (T, T) "
+                          "table at T = n, goes in with a leading dim of 1", stacklevel=4)
 
         def record(unit):
             def hook(module, a, kw, out):
@@ -420,8 +505,8 @@ class Engine:
         try:
             with torch.no_grad():
                 one_args, one_kwargs = _one_sample(args, kwargs, n, 0)
-                self.net(*one_args, **one_kwargs)
-            self.one, self.dims = seen, {}
+                out = self._output(self.net(*one_args, **one_kwargs), where, check=False)
+            self.one, self.dims, self.one_out, self.out_dim = seen, {}, tuple(out.shape), _UNKNOWN
         except Exception as e:  # noqa: BLE001 - the pass itself says what is wrong with the batch
             warnings.warn(f"batch {where}: the model did not run on one sample alone ({type(e).__name__}: "
                           f"{str(e)[:200]}); where its layers' inputs hold the batch is read from their shapes, "
@@ -432,15 +517,15 @@ class Engine:
             for h in handles:
                 h.remove()
 
-    def _call_dims(self, unit, module, args, kwargs, flat_out, state, expanded):
+    def _call_dims(self, unit, module, args, kwargs, flat_out, state):
         """(the shape of the call's first input where its rows are not the batch's samples, else None; the batch
         dims of its flattened inputs and outputs, or None where not learned; whether that input may be n blocks of
-        rows; which inputs and outputs may be, where learned). The same call of the unit in the one-sample run of
-        :meth:`learn_dims` decides, read once and kept; before any batch of n > 1 (or where the model did not run on
-        one sample), the first input's shape does. A call unlike the sample's is no sample's own, and asks to learn
-        again."""
+        rows; which inputs and outputs may be, where learned; the position of that input among the flattened ones,
+        where learned). The same call of the unit in the one-sample run of :meth:`learn_dims` decides, read once and
+        kept; before any batch of n > 1 (or where the model did not run on one sample), the first input's shape
+        does. A call unlike the sample's is no sample's own, and asks to learn again."""
         if state.n == 1 or not self.one:
-            return _mixed_shape(module, args, kwargs, state.n), None, None, True, None
+            return _mixed_shape(module, args, kwargs, state.n), None, None, True, None, None
         flat_in = (list(args) if not kwargs and all(torch.is_tensor(a) for a in args)  # most layers: no pytree walk
                    else torch.utils._pytree.tree_flatten((args, kwargs))[0])
         first = next((i for i, t in enumerate(flat_in) if torch.is_tensor(t)), None)
@@ -454,15 +539,10 @@ class Engine:
                 or any(d is not None and (not torch.is_tensor(t) or t.dim() <= d or t.shape[d] != state.n)
                        for t, d in (*zip(flat_in, in_dims), *zip(flat_out, out_dims)))):
             state.unlike_probe = True
-            return (tuple(flat_in[first].shape) if first is not None else ()), None, None, False, None
-        if expanded is not None:  # the broadcast input and the outputs it made are every sample's own (SPEC §1)
-            dim = _batch_dim(module)
-            in_dims = [dim if i == first else d for i, d in enumerate(in_dims)]
-            out_dims = [dim if d is None and torch.is_tensor(t) and t.dim() > dim and t.shape[dim] == state.n else d
-                        for t, d in zip(flat_out, out_dims)]
+            return (tuple(flat_in[first].shape) if first is not None else ()), None, None, False, None, None
         own = first is None or in_dims[first] == _batch_dim(module)
         blocks = first is not None and rows[0][first]
-        return (None if own else tuple(flat_in[first].shape)), in_dims, out_dims, blocks, rows
+        return (None if own else tuple(flat_in[first].shape)), in_dims, out_dims, blocks, rows, first
 
     def _calls_unlike_probe(self, calls):
         """A unit called a different number of times on the batch than on its first sample alone (its calls depend
@@ -516,7 +596,7 @@ class Engine:
         sample's own, whatever its shape), each into buffers of its own, then added into ``bufs``."""
         for k in range(n):
             one = ZeroBuffers(self.params)
-            self.run(*_one_sample(args, kwargs, n, k), 1, one, f"{where}, sample {k}")
+            self.run(*_one_sample(args, kwargs, n, k), 1, one, f"{where}, sample {k}")  # run() cuts out its padding
             for g, b in one.items():
                 bufs[g] += b
 
@@ -530,7 +610,7 @@ class Engine:
         try:
             if self.mode == "global":
                 with torch.enable_grad():
-                    out = self._output(self._forward(state, args, kwargs), where, state.mask, check=False)
+                    out = self._output(self._forward(state, args, kwargs), where, state, check=False)
                     loss = (out.float() if out.element_size() < 4 else out).pow(2).sum()
                     if not torch.isfinite(loss):  # one scalar to test; the output itself only when it fails
                         self._check_finite(out, where)
@@ -545,7 +625,7 @@ class Engine:
                                                     allow_unused=True)[1:]
             else:
                 with torch.no_grad():
-                    self._output(self._forward(state, args, kwargs), where, state.mask)
+                    self._output(self._forward(state, args, kwargs), where, state)
             for u in self.units:  # calls whose gradients never arrived contribute zero
                 if u.group.calls:
                     self._process(u.group)
@@ -556,16 +636,19 @@ class Engine:
 
     def _forward(self, state, args, kwargs):
         try:
-            if self.outside is None and self.mode == "global":
-                return self._scanned_forward(args, kwargs)
+            if self.mode == "global":
+                shapes = tuple(tuple(t.shape) for t in torch.utils._pytree.tree_flatten((args, kwargs))[0]
+                               if torch.is_tensor(t))
+                if shapes not in self.scanned:
+                    return self._scanned_forward(args, kwargs, shapes)
             return self.net(*args, **kwargs)
         except Exception:
             state.forward_failed = True
             raise
 
-    def _scanned_forward(self, args, kwargs):
-        """The model's forward, watched by :class:`_ReadsOutside`: sets ``self.outside`` (once; a forward that
-        fails leaves it for the next)."""
+    def _scanned_forward(self, args, kwargs, shapes):
+        """The model's forward, watched by :class:`_ReadsOutside`: adds to ``self.outside``, and ``shapes`` (those of
+        the call's tensors) to the shapes scanned (a forward that fails leaves them for the next)."""
         owners, active = {}, {}
         for u in self.units:
             for g in u.names.values():
@@ -586,7 +669,8 @@ class Engine:
         finally:
             for h in handles:
                 h.remove()
-        self.outside = set(watch.found)
+        self.outside |= set(watch.found)
+        self.scanned.add(shapes)
         return out
 
     def _whole_grads(self, state, outside, grads):
@@ -602,10 +686,11 @@ class Engine:
                 return
             state.bufs[g].copy_(grad.float().abs())
 
-    def _output(self, out, where, mask=None, check=True):
+    def _output(self, out, where, state=None, check=True):
         """The tensor whose squared norm is taken (``output_fn``'s pick, else the output itself or its
-        ``logits``), with the positions that ``mask`` marks as padding set to zero; with ``check``, a
-        FloatingPointError where it is not finite."""
+        ``logits``), with the positions that ``state.mask`` marks as padding set to zero (where the output holds the
+        batch learned from the one-sample run; where they cannot be told, ``state.unmasked`` says so); with
+        ``check``, a FloatingPointError where it is not finite."""
         if self.output_fn is not None:
             out = self.output_fn(out)
         elif not torch.is_tensor(out):
@@ -616,7 +701,16 @@ class Engine:
                             "with a `logits` field; pass output_fn= to pick the tensor whose norm MAS takes")
         if not out.is_floating_point():
             raise TypeError(f"batch {where}: the model output has dtype {out.dtype}; MAS needs a floating tensor")
-        out = _mask_positions(out, mask)
+        if state is not None and state.mask is not None:
+            if self.one and self.out_dim is _UNKNOWN:  # the first padded batch since learn_dims: kept for the next
+                # the dim of size n here and 1 in the sample's output (whose length may differ from this batch's)
+                dims = [i for i, (a, b) in enumerate(zip(out.shape, self.one_out))
+                        if a == state.n and b == 1 and out.dim() == len(self.one_out)]
+                self.out_dim = dims[0] if len(dims) == 1 else None
+            masked = _mask_positions(out, state.mask, None if self.out_dim is _UNKNOWN else self.out_dim)
+            if masked is None:
+                state.unmasked = "the model's output"
+            out = out if masked is None else masked
         if check:
             self._check_finite(out, where)
         return out
@@ -640,19 +734,30 @@ class Engine:
             # A single tensor output (most layers) skips the pytree round trip.
             flat, spec = ([out], None) if torch.is_tensor(out) else torch.utils._pytree.tree_flatten(out)
             pos = [i for i, t in enumerate(flat) if torch.is_tensor(t) and t.is_floating_point()]
-            args, kwargs, expanded = (_expand_broadcast(module, args, kwargs, [flat[i] for i in pos], state.n)
-                                      if not self.no_expand else (args, kwargs, None))
-            if expanded is not None:  # the call's outputs become every sample's own (SPEC §1)
-                state.expanded.append(unit)
-                for i, t in zip(pos, expanded):
-                    flat[i] = t
-                out = flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
-            mixed, in_dims, out_dims, blocks, rows = self._call_dims(unit, module, args, kwargs, flat, state, expanded)
+            mixed, in_dims, out_dims, blocks, rows, first = self._call_dims(unit, module, args, kwargs, flat, state)
+            expanded = False
+            if not self.no_expand and mixed is not None:
+                args, kwargs, outs, which = _expand_broadcast(
+                    module, args, kwargs, [flat[i] for i in pos], state.n,
+                    learned=in_dims is not None and first is not None and in_dims[first] is not None)
+                if which is not None:  # the broadcast input and the outputs it made are every sample's own (SPEC §1)
+                    state.expanded.append(unit)
+                    expanded = True
+                    for i, t in zip(pos, outs):
+                        flat[i] = t
+                    out = flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
+                    mixed, dim = None, _batch_dim(module)
+                    if in_dims is not None:
+                        in_dims = [dim if i == first else d for i, d in enumerate(in_dims)]
+                        grown = {pos[w] for w in which}
+                        out_dims = [dim if j in grown else d for j, d in enumerate(out_dims)]
             block_rows = None
             if mixed is not None and self.per_sample and state.n > 1:
                 # n blocks of rows, one per sample (OPT's and the MoE layers' (n·T, D) tokens), confirmed once; the
                 # generic rule reads them where it knows which of the call's tensors hold them
+                # (with padding, only the batch's (n, T) positions flattened: tokens packed by the mask are not)
                 if (blocks and unit.blocks is not False and mixed and mixed[0] % state.n == 0
+                        and (state.mask is None or mixed[0] == state.mask.numel())
                         and _batch_dim(module) == 0 and unit.rule.blocks(module)
                         and (rows is not None or unit.rule.grads is not _rules.generic_grads)):
                     mixed, block_rows = None, rows
@@ -667,18 +772,25 @@ class Engine:
             # the module's own gradient, through the generic rule, which keeps its output.
             whole = mixed is not None
             keep = self.mode == "local" or whole or unit.rule.needs_output(module)
+            if self.mode == "local":  # the output itself is the gradient, but at the padded positions
+                local = tuple(_mask_positions(flat[i].detach(), state.mask,
+                                              out_dims[i] if out_dims is not None else None,
+                                              block_rows is not None and block_rows[1][i]) for i in pos)
+                if any(g is None for g in local):
+                    state.unmasked = f"the output of module '{unit.name}' ({type(module).__name__})"
+                    return None
             call = _rules.Call(1 if whole else state.n, args, kwargs, out if keep else None, versions=versions,
                                whole=whole, in_dims=in_dims, out_dims=out_dims, rows=block_rows)
             unit.group.calls.append((unit, call))
             if self.mode == "local":
-                call.grads = tuple(_mask_positions(flat[i].detach(), state.mask) for i in pos)
+                call.grads = local
                 if unit.group.simple and not unit.repeats:
                     self._process(unit.group)  # now, before any in-place op changes the output
                 else:
                     call.grads = tuple(g.clone() for g in call.grads)
                 return None
             if not any(flat[i].requires_grad for i in pos):
-                return out if expanded is not None else None
+                return out if expanded else None
 
             def sink(grads):
                 call.grads = grads

@@ -56,6 +56,7 @@ class SharedOutput(Exception):
         self.shape = shape
 
 
+@torch.enable_grad()  # it runs inside the backward, where grad mode is off: LSTM's forward then keeps no workspace
 def generic_grads(module, call, s, e, names=None):
     """Per-sample gradients of the module's own parameters (recursively), by torch.func over that module only.
 
@@ -114,7 +115,15 @@ def generic_grads(module, call, s, e, names=None):
     inputs = tuple(rows(t, d) for t, d in zip(flat_in, in_dims))
     grads = tuple(rows(g if g is not None else torch.zeros_like(flat_out[i]), d)
                   for g, i, d in zip(call.grads, out_pos, out_dims))
-    per_sample = torch.func.vmap(one_sample, in_dims=(tuple(in_dims), tuple(out_dims)))(inputs, grads)
+    try:
+        per_sample = torch.func.vmap(one_sample, in_dims=(tuple(in_dims), tuple(out_dims)))(inputs, grads)
+    except RuntimeError:
+        # A forward vmap cannot batch (nn.GRU and nn.RNN write into a hidden state made inside): one VJP per sample.
+        def select(ts, dims, k):
+            return tuple(t.select(d, k) if d is not None else t for t, d in zip(ts, dims))
+
+        each = [one_sample(select(inputs, in_dims, k), select(grads, out_dims, k)) for k in range(e - s)]
+        per_sample = {name: torch.stack([g[name] for g in each]) for name in tracked}
     return {k: v.float() for k, v in per_sample.items()}
 
 

@@ -1,0 +1,692 @@
+"""Regression tests for bugs found in review: Ω from FusedMAS and ReferenceMAS against a float64 oracle written
+here from the definition (SPEC §1), one sample at a time (or one batch at a time for per_sample=False), on small
+models and fresh random inputs. The oracle takes tensors and dicts of keyword arguments, and can run each padded
+sample alone with its padding removed (SPEC §1 Padding)."""
+import copy
+import functools
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.nn.utils.prune
+
+import mas_ext
+
+CLASSES = [mas_ext.FusedMAS, mas_ext.ReferenceMAS]
+CLS_IDS = ["fused", "reference"]
+TOL = 1e-5
+MODES = [("global", True), ("local", True), ("global", False)]
+MODE_IDS = ["global", "local", "global-batch"]
+
+
+# ----------------------------------------------------------------------------- oracle
+def _layers(model):
+    """Modules with direct parameters that are not inside another such module: the layers of SPEC §1."""
+    out = []
+
+    def visit(m):
+        if list(m.parameters(recurse=False)):
+            out.append(m)
+            return
+        for child in m.children():
+            visit(child)
+
+    visit(model)
+    return out
+
+
+def _copy64(model):
+    """A float64 eval copy of ``model``. Tensors stored as plain attributes that are not graph leaves (the
+    ``weight`` that old-style weight_norm/spectral_norm/prune recompute in a pre-hook) cannot be deep-copied:
+    the copy gets them detached (the pre-hook recomputes them on every forward anyway)."""
+    memo = {}
+    for mod in model.modules():
+        for v in vars(mod).values():
+            if torch.is_tensor(v) and not isinstance(v, nn.Parameter) and not v.is_leaf:
+                memo[id(v)] = v.detach().clone()
+    return copy.deepcopy(model, memo).double().eval()
+
+
+def _batch_size(batch, shared):
+    if torch.is_tensor(batch):
+        return batch.shape[0]
+    return next(v.shape[0] for k, v in batch.items() if torch.is_tensor(v) and k not in shared and v.dim() > 0)
+
+
+def _to64(v):
+    return v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+
+
+def _select(batch, idx, n, shared, unpad):
+    """(args, kwargs) for the samples ``idx`` of a batch of ``n``: per-sample tensors (dim 0 of size n, not in
+    ``shared``) are sliced; anything else is passed whole. ``unpad`` (one sample): keep only its real positions
+    (attention_mask == 1) in every per-sample tensor with a sequence dim."""
+    if torch.is_tensor(batch):
+        return (_to64(batch[idx]),), {}
+    kw = {}
+    keep = None
+    if unpad:
+        assert len(idx) == 1
+        keep = batch["attention_mask"][idx[0]].bool()
+    for k, v in batch.items():
+        if torch.is_tensor(v) and k not in shared and v.dim() > 0 and v.shape[0] == n:
+            v = v[idx]
+            if keep is not None and v.dim() >= 2 and v.shape[1] == keep.shape[0]:
+                v = v[:, keep]
+        kw[k] = _to64(v)
+    return (), kw
+
+
+def _output(out):
+    if torch.is_tensor(out):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, dict):
+        return out["logits"]
+    raise TypeError(type(out))
+
+
+def oracle(model, batches, mode="global", per_sample=True, shared=(), unpad=False):
+    """Ω from the definition, in float64, over ``batches`` (tensors or dicts of kwargs): one sample at a time,
+    or each batch whole for per_sample=False. Only parameters with requires_grad are tracked.
+
+    global: |∂‖f(x_k)‖²/∂θ|.  local: |Σ_layers ∂(½‖y_k‖²)/∂θ| with each layer's input fixed, y_k the layer's
+    floating outputs (a layer run twice adds its terms before |·|). ``unpad``: each sample run alone with its
+    padding removed."""
+    m = _copy64(model)
+    tracked = {n: p for n, p in m.named_parameters() if p.requires_grad}
+    names = {id(p): n for n, p in tracked.items()}
+    omega = {n: torch.zeros_like(p) for n, p in tracked.items()}
+    count = 0
+    checked = False
+    for batch in batches:
+        n = _batch_size(batch, shared)
+        groups = [[k] for k in range(n)] if per_sample else [list(range(n))]
+        for idx in groups:
+            args, kwargs = _select(batch, idx, n, shared, unpad)
+            if not checked and not unpad:  # the copy computes what the model computes
+                with torch.no_grad():
+                    a32 = tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+                    k32 = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+                           for k, v in kwargs.items()}
+                    want = _output(model(*a32, **k32))
+                    got = _output(m(*args, **kwargs)).float()
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5,
+                                           msg="oracle: the float64 copy computes another function than the model")
+                checked = True
+            sample = {nm: torch.zeros_like(p) for nm, p in tracked.items()}
+            if mode == "global":
+                params = list(tracked.values())
+                out = _output(m(*args, **kwargs))
+                for p, g in zip(params, torch.autograd.grad(out.pow(2).sum(), params, allow_unused=True)):
+                    if g is not None:
+                        sample[names[id(p)]] += g
+            else:
+                calls = []
+                hooks = [layer.register_forward_hook(lambda mod, a, kw, o: calls.append((mod, a, kw)),
+                                                     with_kwargs=True) for layer in _layers(m)]
+                m(*args, **kwargs)  # with grad enabled: no inference fast path that skips the submodules
+                for h in hooks:
+                    h.remove()
+                for layer, a, kw in calls:
+                    own = [p for p in layer.parameters() if p.requires_grad]
+                    if not own:
+                        continue
+                    o = layer(*a, **kw)
+                    outs = [t for t in (o if isinstance(o, tuple) else (o,))
+                            if torch.is_tensor(t) and t.is_floating_point()]
+                    gs = torch.autograd.grad(sum(0.5 * t.pow(2).sum() for t in outs), own, allow_unused=True)
+                    for p, g in zip(own, gs):
+                        if g is not None:
+                            sample[names[id(p)]] += g
+            for nm, g in sample.items():
+                omega[nm] += g.abs()
+        count += n
+    return {nm: v / count for nm, v in omega.items()}
+
+
+def rel_errors(got, want):
+    assert set(got) == set(want), f"names differ: {sorted(set(got) ^ set(want))}"
+    errs = {}
+    for n in want:
+        g, w = got[n].double().cpu(), want[n].double().cpu()
+        assert g.shape == w.shape, f"{n}: shape {tuple(g.shape)} != {tuple(w.shape)}"
+        errs[n] = ((g - w).norm() / w.norm().clamp_min(1e-30)).item() if w.norm() > 0 else g.norm().item()
+    return errs
+
+
+def assert_close(got, want, tol=TOL):
+    errs = rel_errors(got, want)
+    worst = max(errs, key=errs.get)
+    assert errs[worst] < tol, (f"relative error {errs[worst]:.3g} > {tol:g} (worst: {worst}); all: "
+                               + ", ".join(f"{n}={e:.2g}" for n, e in errs.items()))
+
+
+def _fingerprint(model, batches):
+    def flat(x):
+        return x.detach().double().flatten() if torch.is_tensor(x) else torch.zeros(0, dtype=torch.float64)
+    parts = [flat(t) for t in model.state_dict().values()]
+    for b in batches:
+        parts += [flat(v) for v in (b.values() if isinstance(b, dict) else [b])]
+    return tuple(float(p.sum()) for p in parts) + tuple(float(p.pow(2).sum()) for p in parts)
+
+
+def run(cls, model, batches, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mas = cls(model, show_progress=False, **kw)
+        mas.accumulate(batches)
+    return mas
+
+
+_ORACLE_CACHE = {}
+
+
+def check(request, cls, model, batches, mode="global", per_sample=True, shared=(), unpad=False, tol=TOL, tag=""):
+    """Ω of ``cls`` against the oracle, which is computed once per test case and shared by its FusedMAS and
+    ReferenceMAS runs (same seed, so the same model and data: checked by a fingerprint)."""
+    params = getattr(request.node, "callspec", None)
+    params = {} if params is None else params.params
+    key = (request.node.originalname, tag, tuple(sorted((k, repr(v)) for k, v in params.items() if k != "cls")),
+           mode, per_sample, shared, unpad)
+    stamp = _fingerprint(model, batches)
+    if key not in _ORACLE_CACHE or _ORACLE_CACHE[key][0] != stamp:
+        _ORACLE_CACHE[key] = stamp, oracle(model, batches, mode=mode, per_sample=per_sample, shared=shared,
+                                           unpad=unpad)
+    want = _ORACLE_CACHE[key][1]
+    assert any(v.norm() > 0 for v in want.values())
+    mas = run(cls, model, batches, mode=mode, per_sample=per_sample)
+    assert mas.num_samples == sum(_batch_size(b, shared) for b in batches)
+    assert_close(mas.task_importance, want, tol)
+    return mas
+
+
+# ----------------------------------------------------------------------------- 0. sanity of the oracle
+def mlp():
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+
+
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_oracle_sanity_plain_mlp(request, cls, mode, per_sample):
+    """Not a bug: a plain MLP, where both classes are known to be right, matches this file's oracle to 1e-6
+    (checks the oracle itself, tensor and dict batches alike)."""
+    torch.manual_seed(0)
+    model = mlp()
+    x = torch.randn(7, 5)
+    check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample, tol=1e-6)
+
+    class Kw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, x, scale):
+            return self.net(x) * scale
+
+    torch.manual_seed(1)
+    kmodel = Kw().eval()
+    batches = [{"x": torch.randn(4, 5), "scale": torch.tensor(1.5)},
+               {"x": torch.randn(3, 5), "scale": torch.tensor(0.5)}]
+    check(request, cls, kmodel, batches, mode=mode, per_sample=per_sample, tol=1e-6, tag="kwargs")
+
+
+# ----------------------------------------------------------------------------- 1. old-style reparametrisations
+def _reparam(kind):
+    first = nn.Linear(5, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "weight_norm":
+            first = torch.nn.utils.weight_norm(first)
+        elif kind == "spectral_norm":
+            first = torch.nn.utils.spectral_norm(first)
+        else:
+            torch.nn.utils.prune.l1_unstructured(first, "weight", amount=0.3)
+    return nn.Sequential(first, nn.Tanh(), nn.Linear(8, 3)).eval()
+
+
+@pytest.mark.parametrize("mode", ["global", "local"])
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "prune"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_old_style_reparametrisation_pre_hook(request, cls, kind, mode):
+    """Bug 1: torch.nn.utils.weight_norm / spectral_norm / prune.l1_unstructured replace a Linear's ``weight`` by
+    parameters weight_g/weight_v (or weight_orig) and recompute ``weight`` in a forward pre-hook. Ω for those
+    parameters came out 0. The oracle differentiates through the pre-hook (spectral_norm in eval mode: no power
+    iteration, deterministic)."""
+    torch.manual_seed(10)
+    model = _reparam(kind)
+    x = torch.randn(6, 5)
+    mas = check(request, cls, model, [x[:4], x[4:]], mode=mode)
+    reparam = [n for n in mas.task_importance if n.startswith("0.")]
+    assert reparam and all(mas.task_importance[n].norm() > 0 for n in reparam), reparam
+
+
+# ----------------------------------------------------------------------------- 2. user forward hook
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_user_forward_hook_modifying_the_output(request, cls):
+    """Bug 2: a user forward hook on the first Linear of an MLP that multiplies its output by a fixed 0/1 mask
+    (shared by all samples). The importance pass ignored what the hook does to the output: Ω was 94-156% off."""
+    torch.manual_seed(11)
+    model = mlp()
+    mask = torch.tensor([1., 0., 1., 1., 0., 1., 0., 1.])
+    model[0].register_forward_hook(lambda m, i, o: o * mask)
+    x = torch.randn(7, 5)
+    check(request, cls, model, [x[:4], x[4:]])
+
+
+# ----------------------------------------------------------------------------- 3. parameters read outside
+class EmbeddingHead(nn.Module):
+    """The embedding's weight read again as the output head, through F.linear or einsum."""
+
+    def __init__(self, how, v=11, d=6):
+        super().__init__()
+        self.how = how
+        self.emb, self.mix = nn.Embedding(v, d), nn.Linear(d, d)
+
+    def forward(self, ids):
+        h = torch.tanh(self.mix(self.emb(ids)))
+        if self.how == "linear":
+            return F.linear(h, self.emb.weight)
+        return torch.einsum("btd,vd->btv", h, self.emb.weight)
+
+
+@pytest.mark.parametrize("mode", ["global", "local"])
+@pytest.mark.parametrize("how", ["linear", "einsum"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_parameter_read_outside_its_module(request, cls, how, mode):
+    """Bug 3a: emb.weight used by the Embedding and again directly as the head via F.linear or torch.einsum (the
+    `h @ emb.weight.T` form was caught, these were not): Ω was 50-73% off. In l-MAS the direct read has no output
+    of its own and adds nothing (the oracle's layers are modules)."""
+    torch.manual_seed(12)
+    model = EmbeddingHead(how).eval()
+    ids = torch.randint(0, 11, (8, 5))
+    check(request, cls, model, [ids[:4], ids[4:]], mode=mode)
+
+
+class LateDirectRead(nn.Module):
+    """Reads emb.weight directly only when the sequence is longer than 3."""
+
+    def __init__(self, v=11, d=6):
+        super().__init__()
+        self.emb, self.mix, self.head = nn.Embedding(v, d), nn.Linear(d, d), nn.Linear(d, 3)
+
+    def forward(self, ids):
+        h = torch.tanh(self.mix(self.emb(ids)))
+        out = self.head(h)
+        if ids.shape[1] > 3:
+            out = out + F.linear(h, self.emb.weight)[..., :3]
+        return out
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_parameter_read_outside_its_module_only_on_later_batches(request, cls):
+    """Bug 3b: a direct read of emb.weight outside the Embedding that happens only on a later batch (T=5 after a
+    first batch of T=3): the check for such reads ran on the first batch only, so Ω was 34-39% off."""
+    torch.manual_seed(13)
+    model = LateDirectRead().eval()
+    batches = [torch.randint(0, 11, (4, 3)), torch.randint(0, 11, (4, 5))]
+    check(request, cls, model, batches)
+
+
+# ----------------------------------------------------------------------------- 4. forward patched on the instance
+def _patched_partial(lin):
+    lin.forward = functools.partial(lambda self_, x: F.linear(x, self_.weight, self_.bias) * 2.0, lin)
+
+
+def _patched_accelerate(lin):
+    """accelerate's add_hook_to_module: the old bound forward kept as ``_old_forward``, a partial as forward."""
+    lin._old_forward = lin.forward
+
+    def new_forward(module, *args, **kwargs):
+        return module._old_forward(*args, **kwargs) * 2.0
+
+    lin.forward = functools.partial(new_forward, lin)
+
+
+@pytest.mark.parametrize("patch", [_patched_partial, _patched_accelerate], ids=["partial", "accelerate"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_forward_patched_on_the_instance(request, cls, patch):
+    """Bug 4: a Linear whose forward is replaced on the instance (accelerate-style) and scales the output by 2.
+    FusedMAS used the Linear's rule on the unscaled output (75% off) and deleted the instance's ``forward`` after
+    accumulate, silently changing the user's model."""
+    torch.manual_seed(14)
+    model = mlp()
+    lin = model[2]
+    patch(lin)
+    x = torch.randn(7, 5)
+    with torch.no_grad():
+        before = model(x)
+        plain = model[4](torch.tanh(F.linear(torch.tanh(model[0](x)), lin.weight, lin.bias)))
+    assert not torch.allclose(before, plain)  # the patch is in effect
+    check(request, cls, model, [x[:4], x[4:]])
+    assert "forward" in lin.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- 5. padding with flattened tokens
+class FlatPadded(nn.Module):
+    """Embeds (n, T), a Linear on the tokens flattened to (n·T, D), a head; optionally multiplies by the mask,
+    optionally returns seq-first (T, n, C)."""
+
+    def __init__(self, multiply=False, seq_first=False, v=11, d=6):
+        super().__init__()
+        self.multiply, self.seq_first = multiply, seq_first
+        self.emb, self.fc1, self.head = nn.Embedding(v, d), nn.Linear(d, d), nn.Linear(d, 3)
+
+    def forward(self, input_ids, attention_mask=None):
+        n, t = input_ids.shape
+        h = self.emb(input_ids)
+        if self.multiply and attention_mask is not None:
+            h = h * attention_mask[..., None].to(h.dtype)
+        h = torch.tanh(self.fc1(h.reshape(n * t, -1))).view(n, t, -1)
+        out = self.head(h)
+        return out.transpose(0, 1) if self.seq_first else out
+
+
+def _padded(n, t, lengths, v=11):
+    ids = torch.randint(1, v, (n, t))
+    mask = torch.zeros(n, t, dtype=torch.long)
+    for k, length in enumerate(lengths):
+        mask[k, :length] = 1
+    ids[mask == 0] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _padded_batches():
+    return [_padded(4, 6, [6, 4, 5, 2]), _padded(3, 5, [3, 5, 1])]
+
+
+@pytest.mark.parametrize("multiply", [False, True], ids=["ignores-mask", "multiplies-mask"])
+@pytest.mark.parametrize("mode", ["global", "local"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_padding_with_flattened_tokens(request, cls, mode, multiply):
+    """Bug 5: attention_mask with right padding, a Linear seeing the tokens flattened to (n·T, D). SPEC §1 Padding:
+    a padded sample gives the Ω of the unpadded sample alone; in l-MAS each layer's outputs at padded positions are
+    excluded too. The oracle runs each sample alone with its padding removed."""
+    torch.manual_seed(15)
+    model = FlatPadded(multiply=multiply).eval()
+    check(request, cls, model, _padded_batches(), mode=mode, unpad=True)
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_padding_with_seq_first_output(request, cls):
+    """Bug 5 (seq-first): a model returning (T, n, C) given an attention_mask (n, T): ‖f(x_k)‖² must sum over
+    sample k's real positions, which lie along dim 1 of the output, not dim 0."""
+    torch.manual_seed(16)
+    model = FlatPadded(seq_first=True).eval()
+    check(request, cls, model, _padded_batches(), unpad=True)
+
+
+# ----------------------------------------------------------------------------- 6. tokens packed by the mask
+class PackedTokens(nn.Module):
+    """A Linear on only the real tokens, packed as rows h[mask], scattered back to (n, T, C) zeros."""
+
+    def __init__(self, v=11, d=6):
+        super().__init__()
+        self.emb, self.fc, self.head = nn.Embedding(v, d), nn.Linear(d, d), nn.Linear(d, 3)
+
+    def forward(self, input_ids, attention_mask):
+        sel = attention_mask.bool()
+        h = self.emb(input_ids)
+        rows = torch.tanh(self.fc(h[sel]))
+        full = rows.new_zeros(*input_ids.shape, rows.shape[-1]).index_put((sel,), rows)
+        return self.head(full)
+
+
+@pytest.mark.parametrize("mode", ["global", "local"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_tokens_packed_by_the_mask(request, cls, mode):
+    """Bug 6: a Linear applied to the real tokens only, packed by the mask into (Σ lengths, D) rows that are no
+    whole blocks of T per sample, padding differing per sample over several batches (the first batch with equal
+    lengths, so its rows look like n equal blocks): Ω was 14-15% off."""
+    torch.manual_seed(17)
+    model = PackedTokens().eval()
+    # the first batch's samples all have 4 real tokens: its packed rows look like n blocks of 4 rows; the later
+    # batches' packed rows do not split into equal blocks
+    batches = [_padded(4, 5, [4, 4, 4, 4]), _padded(4, 6, [3, 5, 1, 3]), _padded(3, 5, [3, 5, 1])]
+    check(request, cls, model, batches, mode=mode, unpad=True)
+
+
+# ----------------------------------------------------------------------------- 7. seq-first with T = 1
+class SeqFirstAttention(nn.Module):
+    """A custom seq-first self-attention layer (the generic rule) on (T, n, D)."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, d, d) / d ** 0.5)
+
+    def forward(self, h):
+        q, k, v = (h @ self.w[i] for i in range(3))
+        scores = torch.einsum("tnd,snd->nts", q, k) / math.sqrt(h.shape[-1])
+        return torch.einsum("nts,snd->tnd", scores.softmax(-1), v)
+
+
+class SeqFirstT1(nn.Module):
+    """(n, D) inputs viewed as a sequence of length 1, seq-first: (1, n, D) through a batch_first=False layer."""
+
+    def __init__(self, kind, d=6):
+        super().__init__()
+        self.kind = kind
+        self.inp, self.out = nn.Linear(d, d), nn.Linear(d, 3)
+        if kind == "mha":
+            self.att = nn.MultiheadAttention(d, 2, batch_first=False)
+        elif kind == "encoder-layer":
+            self.att = nn.TransformerEncoderLayer(d, 2, dim_feedforward=12, dropout=0.0, batch_first=False)
+        else:
+            self.att = SeqFirstAttention(d)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x)).unsqueeze(0)
+        h = self.att(h, h, h, need_weights=False)[0] if self.kind == "mha" else self.att(h)
+        return self.out(h.squeeze(0))
+
+
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("kind", ["mha", "encoder-layer", "custom"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_seq_first_layer_with_sequence_length_one(request, cls, kind, mode, per_sample):
+    """Bug 7: a batch_first=False layer (nn.MultiheadAttention, nn.TransformerEncoderLayer, a custom seq-first
+    attention) on (1, n, D): the samples lie along dim 1 of its input, T = 1 along dim 0. Ω was 49% off
+    (per_sample=True) and 240% off (per_sample=False); l-MAS of the layers inside was off too."""
+    torch.manual_seed(18)
+    model = SeqFirstT1(kind).eval()
+    x = torch.randn(8, 6)
+    check(request, cls, model, [x[:5], x[5:]], mode=mode, per_sample=per_sample)
+
+
+# ----------------------------------------------------------------------------- 8. shared kwarg with dim 0 == n
+class BiasedSelfAttention(nn.Module):
+    """A custom attention layer (the generic rule) taking an additive (T, T) bias as an argument."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, d, d) / d ** 0.5)
+
+    def forward(self, x, bias):
+        q, k, v = (x @ self.w[i] for i in range(3))
+        return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(x.shape[-1]) + bias, -1) @ v
+
+
+class BiasAttention(nn.Module):
+    def __init__(self, kind, d=6):
+        super().__init__()
+        self.kind = kind
+        if kind == "custom-layer":
+            self.att = BiasedSelfAttention(d)
+        elif kind == "mha-attn-mask":
+            self.att = nn.MultiheadAttention(d, 2, batch_first=True)
+        else:
+            self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, 3)
+
+    def forward(self, x, bias_mask):
+        if self.kind == "custom-layer":
+            h = self.att(x, bias_mask)
+        elif self.kind == "mha-attn-mask":
+            h = self.att(x, x, x, attn_mask=bias_mask, need_weights=False)[0]
+        else:
+            q, k, v = self.qkv(x).chunk(3, -1)
+            h = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias_mask, -1) @ v
+        return self.out(h)
+
+
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("kind", ["custom-layer", "mha-attn-mask", "inline"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_shared_kwarg_whose_first_dim_equals_the_batch_size(request, cls, kind, mode, per_sample):
+    """Bug 8: a (T, T) attention bias passed as a kwarg and shared by all samples, with n == T, read by a layer (a
+    custom one: the generic rule; nn.MultiheadAttention's attn_mask) or inline. By SPEC §1 a tensor with n rows in
+    dim 0 is a per-sample input (row k is sample k's), so a (T, T) table at T = n is ambiguous: the shared one goes in
+    with a leading dim of 1, (1, T, T), and then every sample sees the whole bias (the oracle passes it whole).
+    nn.MultiheadAttention takes a 2-D attn_mask only, shared by definition. Before the fix, the (T, T) form gave the
+    custom layer's Ω 19-52% off without a word: it now warns, naming the argument."""
+    torch.manual_seed(19)
+    model = BiasAttention(kind).eval()
+    t = 4
+    bias = torch.randn(t, t) * 2
+    shared = bias if kind == "mha-attn-mask" else bias[None]
+    batches = [{"x": torch.randn(t, t, 6), "bias_mask": shared}, {"x": torch.randn(t, t, 6), "bias_mask": shared}]
+    check(request, cls, model, batches, mode=mode, per_sample=per_sample, shared=("bias_mask",))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        cls(model, mode=mode, per_sample=per_sample, show_progress=False).accumulate(
+            [{"x": torch.randn(t, t, 6), "bias_mask": bias}])
+    said = [str(w.message) for w in said]
+    assert any("'bias_mask' has the batch's 4 rows in dim 0" in w for w in said), said
+
+
+# ----------------------------------------------------------------------------- 9. recurrent layers
+class Recurrent(nn.Module):
+    def __init__(self, kind, d=6, h=7):
+        super().__init__()
+        self.rnn = getattr(nn, kind)(d, h, batch_first=True)
+        self.fc = nn.Linear(h, 3)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0])
+
+
+@pytest.mark.parametrize("kind", ["GRU", "RNN", "LSTM"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_recurrent_layers(request, cls, kind):
+    """Bug 9: nn.GRU / nn.RNN / nn.LSTM (batch_first=True, output[0]) followed by a Linear crashed in both
+    classes. Exact per-sample Ω expected."""
+    torch.manual_seed(20)
+    model = Recurrent(kind).eval()
+    x = torch.randn(7, 5, 6)
+    check(request, cls, model, [x[:4], x[4:]])
+
+
+# ----------------------------------------------------------------------------- 10. MHA with a frozen parameter
+class MHA(nn.Module):
+    def __init__(self, d=6):
+        super().__init__()
+        self.mha, self.fc = nn.MultiheadAttention(d, 2, batch_first=True), nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.fc(self.mha(x, x, x, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("frozen", ["mha.out_proj.bias", "mha.in_proj_bias", "mha.in_proj_weight"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_multihead_attention_with_a_frozen_parameter(request, cls, frozen):
+    """Bug 10: nn.MultiheadAttention(batch_first=True) with one parameter frozen crashed (TypeError/KeyError).
+    Ω exact over the tracked (requires_grad) parameters only."""
+    torch.manual_seed(21)
+    model = MHA().eval()
+    model.get_parameter(frozen).requires_grad_(False)
+    x = torch.randn(7, 5, 6)
+    mas = check(request, cls, model, [x[:4], x[4:]])
+    assert frozen not in mas.task_importance
+
+
+# ----------------------------------------------------------------------------- 11. broadcast position_ids
+class PosTable(nn.Module):
+    """A custom layer (the generic rule) indexing its table by position_ids (1, T)."""
+
+    def __init__(self, squeeze, p=8, d=6):
+        super().__init__()
+        self.squeeze = squeeze
+        self.table = nn.Parameter(torch.randn(p, d))
+
+    def forward(self, position_ids):
+        out = self.table[position_ids]  # (1, T, D)
+        return out[0] if self.squeeze else out
+
+
+class WithPositions(nn.Module):
+    def __init__(self, squeeze, v=11, d=6):
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(v, d), PosTable(squeeze, d=d)
+        self.mix, self.head = nn.Linear(d, d), nn.Linear(d, 3)
+
+    def forward(self, input_ids, position_ids):
+        return self.head(torch.tanh(self.mix(self.emb(input_ids) + self.pos(position_ids))))
+
+
+@pytest.mark.parametrize("n", [5, 3], ids=["n-equals-T", "n-not-T"])
+@pytest.mark.parametrize("squeeze", [False, True], ids=["1TD", "TD"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_broadcast_position_ids_into_a_custom_layer(request, cls, squeeze, n):
+    """Bug 11: position_ids of shape (1, T) (Hugging Face style, broadcast over the batch) fed into a custom layer
+    with a Parameter, its (1, T, D) or (T, D) output added to the token embeddings: crashed at n == T. Each sample
+    sees the positions expanded to its row (SPEC §1)."""
+    torch.manual_seed(22)
+    model = WithPositions(squeeze).eval()
+    t = 5
+    pos = torch.arange(t)[None]
+    batches = [{"input_ids": torch.randint(0, 11, (n, t)), "position_ids": pos},
+               {"input_ids": torch.randint(0, 11, (n, t)), "position_ids": pos}]
+    check(request, cls, model, batches)
+
+
+# ----------------------------------------------------------------------------- 12. observe() with a KV cache
+@pytest.mark.parametrize("kwarg", ["past_key_values", "cache"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_observe_with_a_kv_cache_leaves_the_users_outputs_and_cache(cls, kwarg):
+    """Bug 12: observe() on a call passing a KV cache ran the model again on the same cache, advancing it an extra
+    time and changing what the user gets. The call's outputs and the cache must be exactly those of the same call
+    made without observe (mas may skip the call with a warning, or handle it)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(23)
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids, next_ids, third = torch.randint(0, 32, (2, 4)), torch.randint(0, 32, (2, 1)), torch.randint(0, 32, (2, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            cache = model(ids, use_cache=True).past_key_values
+        ref_model, ref_cache = copy.deepcopy(model), copy.deepcopy(cache)
+        mas = cls(model, show_progress=False)
+        with mas.observe():
+            out2 = model(next_ids, **{kwarg: cache}, use_cache=True)
+        ref2 = ref_model(next_ids, **{kwarg: ref_cache}, use_cache=True)
+    assert mas.num_samples in (0, 2)
+    torch.testing.assert_close(out2.logits, ref2.logits, rtol=0, atol=0)
+    assert cache.get_seq_length() == ref_cache.get_seq_length() == 5
+    for a, b in zip(cache.layers, ref_cache.layers):
+        torch.testing.assert_close(a.keys, b.keys, rtol=0, atol=0)
+        torch.testing.assert_close(a.values, b.values, rtol=0, atol=0)
+    with warnings.catch_warnings():  # the cache goes on working as the user's
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            out3 = model(third, **{kwarg: cache}, use_cache=True)
+            ref3 = ref_model(third, **{kwarg: ref_cache}, use_cache=True)
+    torch.testing.assert_close(out3.logits, ref3.logits, rtol=0, atol=0)
+    assert cache.get_seq_length() == 6
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_padding_with_seq_first_output_first_padded_batch_later(request, cls):
+    """The output's batch dim is learned on the first padded batch, against the one-sample run of the first batch,
+    whose length differs: an unpadded (4, 5) batch first, then padded ones of other lengths."""
+    torch.manual_seed(17)
+    model = FlatPadded(seq_first=True).eval()
+    first = _padded(4, 5, [5, 5, 5, 5])
+    check(request, cls, model, [first] + _padded_batches(), unpad=True)
