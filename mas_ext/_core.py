@@ -167,7 +167,7 @@ class ReferenceMAS:
         dropped). The model's outputs are unchanged, and the user's forward never fails because of MAS:
         a call whose importance cannot be taken is skipped with a warning saying why, Ω and the count
         unchanged."""
-        calls = [0]
+        calls, stateful = [0], []
 
         def hook(module, args, kwargs, output):
             if self._engine.running:
@@ -176,9 +176,12 @@ class ReferenceMAS:
             calls[0] += 1
             state = _stateful_argument(args, kwargs)
             if state is not None:  # the pass runs the model again: it would advance the user's state (a KV cache)
-                warnings.warn(f"{type(self).__name__}.observe(): call {where} skipped (it passes {state}, which the "
-                              "model may update in place, and the importance pass runs the model again); "
-                              "importance and sample count unchanged", stacklevel=2)
+                if not stateful:  # once per context: generate() makes such a call per token
+                    warnings.warn(f"{type(self).__name__}.observe(): call {where} skipped, and every later call that "
+                                  f"passes such a state (it passes {state}, which the model may update in place, and "
+                                  "the importance pass runs the model again); importance and sample count unchanged",
+                                  stacklevel=2)
+                stateful.append(where)
                 return
             try:
                 with self._engine.session():
