@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Mapping
 
 import torch
+import torch.nn.utils.parametrize
 
 from . import _rules
 
@@ -282,15 +283,19 @@ def plan_units(net, params):
 
     def visit(prefix, module):
         rule = _rules.rule_for(module)
-        if rule is not None and not rule.owns_children and any(torch.is_tensor(v) for v in vars(module).values()):
-            # A weight recomputed from other parameters by a pre-hook (torch.nn.utils.weight_norm, spectral_norm,
-            # prune: weight_g/weight_v, weight_orig) is a plain tensor attribute, and the table's rule, which
-            # takes the gradient of `weight`, would give those parameters none: the generic rule runs the hook.
+        parametrized = torch.nn.utils.parametrize.is_parametrized(module)
+        if rule is not None and not rule.owns_children and (
+                parametrized or any(torch.is_tensor(v) for v in vars(module).values())):
+            # A weight computed from other parameters, by a parametrization (torch.nn.utils.parametrizations:
+            # parametrizations.weight.original0/1) or by an old-style pre-hook (torch.nn.utils.weight_norm,
+            # spectral_norm, prune: weight_g/weight_v, weight_orig, a plain tensor attribute): the table's rule, which
+            # takes the gradient of `weight`, would give those parameters none. The generic rule over the whole layer
+            # runs the parametrization or the hook; in l-MAS the layer's output, not the weight, is the gradient.
             rule = None
         # Parameters that are only aliases of a child's (BERT's prediction-head bias) make no unit here.
         children = {id(p) for c in module.children() for p in c.parameters()}
         direct = [(k, p) for k, p in module.named_parameters(recurse=False) if id(p) not in children]
-        whole = (rule is None and direct) or (rule is not None and rule.owns_children)
+        whole = (rule is None and (direct or parametrized)) or (rule is not None and rule.owns_children)
         if whole:
             owned = module.named_parameters(remove_duplicate=False)
         elif rule is not None:

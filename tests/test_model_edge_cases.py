@@ -692,3 +692,31 @@ def test_padding_with_seq_first_output_first_padded_batch_later(request, cls):
     model = FlatPadded(seq_first=True).eval()
     first = _padded(4, 5, [5, 5, 5, 5])
     check(request, cls, model, [first] + _padded_batches(), unpad=True)
+
+
+class _SeqFirstToLast(nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2)
+
+
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("kind", ["weight_norm-conv", "orthogonal-linear"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_new_style_parametrization_is_one_layer(request, cls, kind, mode, per_sample):
+    """A layer whose weight comes from torch.nn.utils.parametrizations (wav2vec2's weight-normed positional conv):
+    its originals (parametrizations.weight.original0/1, .original) belong to the layer, whose output is its l-MAS
+    gradient. The parametrization had a unit of its own, whose output is the weight: l-MAS gave Ω = |W|-like values
+    that no input changes (100% off), and g-MAS ran sample by sample (exact, with a warning)."""
+    torch.manual_seed(29)
+    conv, lin = nn.Conv1d(3, 4, 3, padding=1), nn.Linear(4, 4)
+    if kind == "weight_norm-conv":
+        conv = torch.nn.utils.parametrizations.weight_norm(conv)
+    else:
+        lin = torch.nn.utils.parametrizations.orthogonal(lin)
+    model = nn.Sequential(conv, nn.Tanh(), _SeqFirstToLast(), lin).eval()
+    x = torch.randn(6, 3, 5)
+    check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        cls(model, mode=mode, per_sample=per_sample, show_progress=False).accumulate([x[:4], x[4:]])
+    assert not [w for w in said if "one sample at a time" in str(w.message)]
