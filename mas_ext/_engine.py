@@ -276,8 +276,11 @@ class _Pass:
 def plan_units(net, params):
     """The units of ``net`` for the tracked ``params`` ({global name: parameter}), each in its group.
 
-    Table modules own their direct parameters; any other module with direct parameters owns all its
-    parameters (its forward may use submodules' weights directly, as MHA does)."""
+    Every module owns its direct parameters, its submodules being units of their own (l-MAS takes each layer's own
+    output: ConvNeXt's layer scale, ViT's class token, Swin's relative position table beside their Linear and conv
+    children), except a table rule that reads its submodules' weights itself (MHA) and a parametrized layer, which
+    own all their parameters. A submodule's weight that a forward reads directly is found by the scan of
+    :class:`_ReadsOutside`."""
     ids = {id(p): n for n, p in params.items()}
     units = []
 
@@ -295,13 +298,8 @@ def plan_units(net, params):
         # Parameters that are only aliases of a child's (BERT's prediction-head bias) make no unit here.
         children = {id(p) for c in module.children() for p in c.parameters()}
         direct = [(k, p) for k, p in module.named_parameters(recurse=False) if id(p) not in children]
-        whole = (rule is None and (direct or parametrized)) or (rule is not None and rule.owns_children)
-        if whole:
-            owned = module.named_parameters(remove_duplicate=False)
-        elif rule is not None:
-            owned = direct
-        else:
-            owned = []
+        whole = (rule is None and parametrized) or (rule is not None and rule.owns_children)
+        owned = module.named_parameters(remove_duplicate=False) if whole else direct
         names = {local: ids[id(p)] for local, p in owned if id(p) in ids}
         if names:
             units.append(_Unit(prefix.rstrip("."), module, rule or _rules.GENERIC, names))

@@ -24,13 +24,19 @@ MODE_IDS = ["global", "local", "global-batch"]
 
 # ----------------------------------------------------------------------------- oracle
 def _layers(model):
-    """Modules with direct parameters that are not inside another such module: the layers of SPEC §1."""
-    out = []
+    """{module: its parameters} of the layers of SPEC §1: every module with parameters of its own (not aliases of a
+    child's), each with those; nn.MultiheadAttention (which reads its out_proj's weight itself) and a parametrized
+    layer with all theirs."""
+    out = {}
 
     def visit(m):
-        if list(m.parameters(recurse=False)):
-            out.append(m)
+        if isinstance(m, nn.MultiheadAttention) or torch.nn.utils.parametrize.is_parametrized(m):
+            out[m] = list(m.parameters())
             return
+        children = {id(p) for c in m.children() for p in c.parameters()}
+        own = [p for p in m.parameters(recurse=False) if id(p) not in children]
+        if own:
+            out[m] = own
         for child in m.children():
             visit(child)
 
@@ -94,7 +100,8 @@ def oracle(model, batches, mode="global", per_sample=True, shared=(), unpad=Fals
     """Ω from the definition, in float64, over ``batches`` (tensors or dicts of kwargs): one sample at a time,
     or each batch whole for per_sample=False. Only parameters with requires_grad are tracked.
 
-    global: |∂‖f(x_k)‖²/∂θ|.  local: |Σ_layers ∂(½‖y_k‖²)/∂θ| with each layer's input fixed, y_k the layer's
+    global: |∂‖f(x_k)‖²/∂θ|.  local: |Σ_layers ∂(½‖y_k‖²)/∂θ| over each layer's own parameters (see _layers) with its
+    input fixed, y_k the layer's
     floating outputs (a layer run twice adds its terms before |·|). ``unpad``: each sample run alone with its
     padding removed."""
     m = _copy64(model)
@@ -126,14 +133,14 @@ def oracle(model, batches, mode="global", per_sample=True, shared=(), unpad=Fals
                     if g is not None:
                         sample[names[id(p)]] += g
             else:
-                calls = []
+                calls, layers = [], _layers(m)
                 hooks = [layer.register_forward_hook(lambda mod, a, kw, o: calls.append((mod, a, kw)),
-                                                     with_kwargs=True) for layer in _layers(m)]
+                                                     with_kwargs=True) for layer in layers]
                 m(*args, **kwargs)  # with grad enabled: no inference fast path that skips the submodules
                 for h in hooks:
                     h.remove()
                 for layer, a, kw in calls:
-                    own = [p for p in layer.parameters() if p.requires_grad]
+                    own = [p for p in layers[layer] if p.requires_grad]
                     if not own:
                         continue
                     o = layer(*a, **kw)
@@ -720,3 +727,50 @@ def test_new_style_parametrization_is_one_layer(request, cls, kind, mode, per_sa
         warnings.simplefilter("always")
         cls(model, mode=mode, per_sample=per_sample, show_progress=False).accumulate([x[:4], x[4:]])
     assert not [w for w in said if "one sample at a time" in str(w.message)]
+
+
+class Embeddings(nn.Module):
+    """ViT's embeddings: a class token of their own beside the patch conv child."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.patch = nn.Conv1d(3, d, 2, stride=2)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d))
+
+    def forward(self, x):
+        h = self.patch(x).transpose(1, 2)
+        return torch.cat([self.cls_token.expand(len(h), -1, -1), h], 1)
+
+
+class Scaled(nn.Module):
+    """ConvNeXt's layer: a scale of its own around depthwise conv and Linear children."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.dw, self.pw = nn.Conv1d(d, d, 3, padding=1, groups=d), nn.Linear(d, d)
+        self.gamma = nn.Parameter(torch.full((d,), 1e-3))
+
+    def forward(self, h):
+        return h + self.gamma * self.pw(torch.tanh(self.dw(h.transpose(1, 2)).transpose(1, 2)))
+
+
+class ParentsWithChildren(nn.Module):
+    def __init__(self, d=6):
+        super().__init__()
+        self.emb, self.block, self.head = Embeddings(d), Scaled(d), nn.Linear(d, 4)
+
+    def forward(self, x):
+        return self.head(self.block(self.emb(x)))
+
+
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_a_module_with_parameters_of_its_own_and_layers_inside(request, cls, mode, per_sample):
+    """A module with a parameter of its own beside child layers (ConvNeXt's layer scale, ViT's and CLIP's class token,
+    Swin's relative position table) owned all of them: in l-MAS its children took the parent's output as their
+    gradient, not their own (ConvNeXt's convs 100% off: the layer scale's 1e-6 factor; CLIP's position embedding
+    12x). Each child layer is now a unit of its own; the parent's generic rule takes its own parameters."""
+    torch.manual_seed(31)
+    model = ParentsWithChildren().eval()
+    x = torch.randn(7, 3, 8)
+    check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
