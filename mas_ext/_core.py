@@ -6,6 +6,7 @@ and atomic writes are in ``_checkpoint``.
 """
 import contextlib
 import functools
+import numbers
 import os
 import signal
 import threading
@@ -79,8 +80,7 @@ def _engine_setting(name, doc):
                     doc=doc)
 
 
-
-_PLAIN = (int, float, bool, str, bytes, torch.dtype, torch.device, type(None))
+_PLAIN = (numbers.Number, str, bytes, torch.dtype, torch.device, type(None))
 
 
 def _stateful_argument(args, kwargs):
@@ -92,6 +92,7 @@ def _stateful_argument(args, kwargs):
         return None
     name = next((k for k, v in kwargs.items() if v is bad), None)
     return f"{name}={type(bad).__name__}" if name else f"a {type(bad).__name__}"
+
 
 class ReferenceMAS:
     """Memory Aware Synapses in pure PyTorch: the ground truth that ``FusedMAS`` is tested against.

@@ -63,15 +63,31 @@ def _mask_positions(t, mask, dim=None, rows=False):
 
 
 def _unpadded(args, kwargs, keep):
-    """A one-sample call with the positions its (T,) ``keep`` row marks as padding cut out of every tensor of shape
-    (1, T, ...): the sample as it is alone (SPEC §1), whatever the layouts of the model's layers."""
+    """A one-sample call with the positions its (T,) ``keep`` row marks as padding cut out: the sample as it is alone
+    (SPEC §1), whatever the layouts of the model's layers. A Hugging Face input (input_ids, position_ids, ...) of
+    shape (1, T, ...) is cut in dim 1; any other tensor of shape (1, T, ...) in every dim of length T after the first
+    (a (1, T, T) attention bias); the decoder's inputs of an encoder-decoder model not at all."""
     idx = keep.bool().nonzero().squeeze(1)
     length = keep.shape[0]
 
-    def cut(t):
-        return t.index_select(1, idx) if torch.is_tensor(t) and t.dim() > 1 and t.shape[:2] == (1, length) else t
+    def cut(t, every):
+        if not torch.is_tensor(t) or t.dim() < 2 or t.shape[:2] != (1, length):
+            return t
+        for d in range(1, t.dim() if every else 2):
+            t = t.index_select(d, idx) if t.shape[d] == length else t
+        return t
 
-    return torch.utils._pytree.tree_map(cut, (args, kwargs))
+    args = tuple(torch.utils._pytree.tree_map(lambda t: cut(t, True), a) for a in args)
+    kwargs = {k: v if k.startswith("decoder_") else torch.utils._pytree.tree_map(
+        lambda t, every=k not in _PER_SAMPLE_KEYS: cut(t, every), v) for k, v in kwargs.items()}
+    return args, kwargs
+
+
+def _moves_only(module):
+    """Whether a forward patched on the instance is accelerate's wrapper (``add_hook_to_module``) around the class's
+    own forward: its hooks move tensors between devices (dispatch, offload), and the values stay the class's."""
+    old = module.__dict__.get("_old_forward")
+    return hasattr(module, "_hf_hook") and getattr(old, "__func__", None) is type(module).forward
 
 
 def _batch_dim(module):
@@ -192,18 +208,23 @@ class _Tap(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-def _reaches(out, param, args, kwargs):
+def _input_nodes(args, kwargs):
+    """{id: node} of the autograd nodes of a call's tensor arguments (kept alive with their ids)."""
+    return {id(t.grad_fn): t.grad_fn for t in torch.utils._pytree.tree_flatten((args, kwargs))[0]
+            if torch.is_tensor(t) and t.grad_fn is not None}
+
+
+def _reaches(out, param, inputs):
     """Whether the autograd graph of an op's outputs ``out`` leads to ``param``'s node within the op: through the
-    nodes it made (F.linear's transpose, einsum's views and mm), not past the nodes of its other inputs."""
-    inputs = {id(t.grad_fn) for t in torch.utils._pytree.tree_flatten((args, kwargs))[0]
-              if torch.is_tensor(t) and t.grad_fn is not None}
+    nodes it made (F.linear's transpose, einsum's views and mm), not past ``inputs``, the nodes its arguments had
+    before it ran (:func:`_input_nodes`)."""
     todo = [o.grad_fn for o in torch.utils._pytree.tree_flatten(out)[0] if torch.is_tensor(o)]
-    seen = set()
+    seen = {}
     while todo:
         fn = todo.pop()
         if fn is None or id(fn) in seen or id(fn) in inputs:
             continue
-        seen.add(id(fn))
+        seen[id(fn)] = fn
         if getattr(fn, "variable", None) is param:
             return True
         todo.extend(f for f, _ in fn.next_functions)
@@ -221,15 +242,18 @@ class _ReadsOutside(torch.overrides.TorchFunctionMode):
         self.owners, self.active, self.found = owners, active, {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
         # The arguments, and the items of list or tuple arguments (torch.cat's): no pytree walk on every op.
-        for t in (x for a in (*args, *(kwargs or {}).values()) for x in (a if isinstance(a, (list, tuple)) else (a,))):
-            owner = self.owners.get(id(t)) if isinstance(t, torch.nn.Parameter) else None
-            if owner is None or owner[0] in self.found or any(self.active.get(u) for u in owner[1]):
-                continue
+        read = [(t, owner) for t in (x for a in (*args, *(kwargs or {}).values())
+                                     for x in (a if isinstance(a, (list, tuple)) else (a,)))
+                if isinstance(t, torch.nn.Parameter) and (owner := self.owners.get(id(t))) is not None
+                and owner[0] not in self.found and not any(self.active.get(u) for u in owner[1])]
+        # the nodes of the op's inputs, taken before it runs (an in-place op gives its input a new one)
+        inputs = _input_nodes(args, kwargs) if read else None
+        out = func(*args, **(kwargs or {}))
+        for t, owner in read:
             # Reads that pass no gradient to the parameter (its dtype or shape, type_as, a no_grad op) do not count:
             # the op's graph must lead from an output to the parameter's node.
-            if _reaches(out, t, args, kwargs):
+            if _reaches(out, t, inputs):
                 self.found[owner[0]] = func
         return out
 
@@ -273,14 +297,14 @@ class _Pass:
         self.unmasked = None  # what holds the padded positions where they cannot be told (local mode, the output)
 
 
-def plan_units(net, params):
+def plan_units(net, params, local=False):
     """The units of ``net`` for the tracked ``params`` ({global name: parameter}), each in its group.
 
-    Every module owns its direct parameters, its submodules being units of their own (l-MAS takes each layer's own
-    output: ConvNeXt's layer scale, ViT's class token, Swin's relative position table beside their Linear and conv
-    children), except a table rule that reads its submodules' weights itself (MHA) and a parametrized layer, which
-    own all their parameters. A submodule's weight that a forward reads directly is found by the scan of
-    :class:`_ReadsOutside`."""
+    Table modules own their direct parameters; a table rule that reads its submodules' weights itself (MHA) and a
+    parametrized layer own all their parameters. Any other module with direct parameters owns all its parameters
+    in g-MAS (its forward may read a submodule's weight directly, and the generic rule over it is exact for all),
+    and only its own in l-MAS (``local``), where every layer inside it takes its own output (ConvNeXt's layer scale,
+    ViT's class token, Swin's relative position table beside their Linear and conv children)."""
     ids = {id(p): n for n, p in params.items()}
     units = []
 
@@ -298,7 +322,7 @@ def plan_units(net, params):
         # Parameters that are only aliases of a child's (BERT's prediction-head bias) make no unit here.
         children = {id(p) for c in module.children() for p in c.parameters()}
         direct = [(k, p) for k, p in module.named_parameters(recurse=False) if id(p) not in children]
-        whole = (rule is None and parametrized) or (rule is not None and rule.owns_children)
+        whole = (rule is None and (parametrized or (direct and not local))) or (rule is not None and rule.owns_children)
         owned = module.named_parameters(remove_duplicate=False) if whole else direct
         names = {local: ids[id(p)] for local, p in owned if id(p) in ids}
         if names:
@@ -334,12 +358,12 @@ class Engine:
     def __init__(self, net, params, mode, per_sample, output_fn=None, kernels=None):
         self.net, self.params, self.kernels = net, params, kernels
         self.mode, self.per_sample, self.output_fn = mode, per_sample, output_fn
-        self.units = plan_units(net, params)
+        self._plan = None  # (local, the units planned for that mode)
         self.no_expand = False  # set once the model failed on an expanded batch-size-1 input
-        self.warned_unmasked = False  # said once: padding that cannot be told makes padded batches run by sample
+        self.pad_by_sample = False  # set once padding showed in a layout that cannot be told: padded batches by sample
         self.by_sample = False  # set once a batch showed rows that are no sample's own: one-sample passes from then
         # names of parameters read outside their units' forwards, found by scanning the first g-MAS forward of each
-        # input shape (a model may read a weight directly only at some sequence lengths), and those shapes
+        # sample shape (a model may read a weight directly only at some sequence lengths), and those shapes
         self.outside, self.scanned = set(), set()
         # learn_dims: {unit: [(input shapes, output shapes) of each call]} in a run of one sample alone (False where the
         # model failed so: batch dims are read from shapes then), and {unit: [(in_dims, out_dims, rows) of each call]}
@@ -357,6 +381,15 @@ class Engine:
 
     def _use_kernels(self, tensors):
         return self.kernels is not None and self.kernels(tensors)
+
+    @property
+    def units(self):
+        """The units of the current mode (:func:`plan_units`), planned again where the mode changed."""
+        local = self.mode == "local"
+        if self._plan is None or self._plan[0] != local:
+            self._plan = (local, plan_units(self.net, self.params, local))
+            self.one, self.dims = None, {}  # learned per unit
+        return self._plan[1]
 
     def batch_size(self, args, kwargs, where):
         """The number of samples n of the model call ``(args, kwargs)``, checked against the parameters'
@@ -383,11 +416,12 @@ class Engine:
         # comes after the tap, so the gradient the rule gets is the one at the layer's own output.
         handles = [u.module.register_forward_hook(self._hook_for(u), with_kwargs=True, prepend=True)
                    for u in self.units]
-        for u in self.units:  # a forward patched on the instance computes something else than its class's rule
-            if "forward" in u.module.__dict__ and u.rule is not _rules.GENERIC:
+        for u in self.units:  # a forward patched on the instance may compute something else than its class's rule
+            if "forward" in u.module.__dict__ and u.rule is not _rules.GENERIC and not _moves_only(u.module):
                 u.rule = _rules.GENERIC
         tapped = [u for u in self.units if self.mode == "global" and self.per_sample
                   and u.rule.tapped_forward is not None and len(u.group.units) == 1
+                  and "forward" not in u.module.__dict__
                   and set(u.names) == {k for k, _ in u.module.named_parameters()}
                   and self._use_kernels(list(u.module.parameters()))]
         for u in tapped:
@@ -426,6 +460,8 @@ class Engine:
         if mask is not None and n == 1:  # one sample: as it is alone, without its padding
             args, kwargs = _unpadded(args, kwargs, mask[0])
             mask = None
+        if mask is not None and self.pad_by_sample:
+            return self._run_sample_by_sample(args, kwargs, n, bufs, where)
         learned_again = False
         for attempt in range(3):  # a retry once the dims are learned again, one once the units that repeat are marked
             if attempt:
@@ -459,11 +495,10 @@ class Engine:
                 self.learn_dims(args, kwargs, n, where)
                 continue
             if state.unmasked is not None and not state.mixed:
-                if not self.warned_unmasked:
-                    self.warned_unmasked = True
-                    warnings.warn(f"{state.unmasked} has the batch's padded length in a layout whose padding cannot be "
-                                  "told: batches with padding run one sample at a time, without it (exact, slower)",
-                                  stacklevel=4)
+                self.pad_by_sample = True
+                warnings.warn(f"{state.unmasked} has the batch's padded length in a layout whose padding cannot be "
+                              "told: batches with padding run one sample at a time from now on, without it (exact, "
+                              "slower)", stacklevel=4)
                 for b in bufs.values():
                     b.zero_()
                 return self._run_sample_by_sample(args, kwargs, n, bufs, where)
@@ -503,7 +538,8 @@ class Engine:
                                                   for flat in flats])
             return hook
 
-        handles = [u.module.register_forward_hook(record(u), with_kwargs=True) for u in self.units]
+        # first among the hooks, as the taps are (Engine.session)
+        handles = [u.module.register_forward_hook(record(u), with_kwargs=True, prepend=True) for u in self.units]
         self._probing = True
         try:
             with torch.no_grad():
@@ -640,18 +676,18 @@ class Engine:
     def _forward(self, state, args, kwargs):
         try:
             if self.mode == "global":
-                shapes = tuple(tuple(t.shape) for t in torch.utils._pytree.tree_flatten((args, kwargs))[0]
-                               if torch.is_tensor(t))
-                if shapes not in self.scanned:
-                    return self._scanned_forward(args, kwargs, shapes)
+                x = _sample_tensor(args, kwargs)
+                shape = tuple(x.shape[1:]) if x is not None else ()  # a sample's: the batch size changes nothing
+                if shape not in self.scanned:
+                    return self._scanned_forward(args, kwargs, shape)
             return self.net(*args, **kwargs)
         except Exception:
             state.forward_failed = True
             raise
 
-    def _scanned_forward(self, args, kwargs, shapes):
-        """The model's forward, watched by :class:`_ReadsOutside`: adds to ``self.outside``, and ``shapes`` (those of
-        the call's tensors) to the shapes scanned (a forward that fails leaves them for the next)."""
+    def _scanned_forward(self, args, kwargs, shape):
+        """The model's forward, watched by :class:`_ReadsOutside`: adds to ``self.outside``, and ``shape`` (a sample's,
+        as its input has it) to the shapes scanned (a forward that fails leaves them for the next)."""
         owners, active = {}, {}
         for u in self.units:
             for g in u.names.values():
@@ -673,7 +709,7 @@ class Engine:
             for h in handles:
                 h.remove()
         self.outside |= set(watch.found)
-        self.scanned.add(shapes)
+        self.scanned.add(shape)
         return out
 
     def _whole_grads(self, state, outside, grads):
@@ -778,7 +814,7 @@ class Engine:
             if self.mode == "local":  # the output itself is the gradient, but at the padded positions
                 local = tuple(_mask_positions(flat[i].detach(), state.mask,
                                               out_dims[i] if out_dims is not None else None,
-                                              block_rows is not None and block_rows[1][i]) for i in pos)
+                                              rows is not None and rows[1][i]) for i in pos)
                 if any(g is None for g in local):
                     state.unmasked = f"the output of module '{unit.name}' ({type(module).__name__})"
                     return None

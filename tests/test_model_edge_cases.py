@@ -100,10 +100,10 @@ def oracle(model, batches, mode="global", per_sample=True, shared=(), unpad=Fals
     """Ω from the definition, in float64, over ``batches`` (tensors or dicts of kwargs): one sample at a time,
     or each batch whole for per_sample=False. Only parameters with requires_grad are tracked.
 
-    global: |∂‖f(x_k)‖²/∂θ|.  local: |Σ_layers ∂(½‖y_k‖²)/∂θ| over each layer's own parameters (see _layers) with its
-    input fixed, y_k the layer's
-    floating outputs (a layer run twice adds its terms before |·|). ``unpad``: each sample run alone with its
-    padding removed."""
+    global: |∂‖f(x_k)‖²/∂θ|.  local: |Σ_layers ∂(½‖y_k‖²)/∂θ| over each layer's own parameters (see _layers),
+    with its input fixed, y_k the layer's floating outputs (a layer run twice adds its terms before |·|).
+    ``unpad``: each sample run alone with its padding removed (per_sample=False: the batch's samples so, their
+    gradients summed before |·|)."""
     m = _copy64(model)
     tracked = {n: p for n, p in m.named_parameters() if p.requires_grad}
     names = {id(p): n for n, p in tracked.items()}
@@ -114,42 +114,43 @@ def oracle(model, batches, mode="global", per_sample=True, shared=(), unpad=Fals
         n = _batch_size(batch, shared)
         groups = [[k] for k in range(n)] if per_sample else [list(range(n))]
         for idx in groups:
-            args, kwargs = _select(batch, idx, n, shared, unpad)
-            if not checked and not unpad:  # the copy computes what the model computes
-                with torch.no_grad():
-                    a32 = tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
-                    k32 = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
-                           for k, v in kwargs.items()}
-                    want = _output(model(*a32, **k32))
-                    got = _output(m(*args, **kwargs)).float()
-                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5,
-                                           msg="oracle: the float64 copy computes another function than the model")
-                checked = True
             sample = {nm: torch.zeros_like(p) for nm, p in tracked.items()}
-            if mode == "global":
-                params = list(tracked.values())
-                out = _output(m(*args, **kwargs))
-                for p, g in zip(params, torch.autograd.grad(out.pow(2).sum(), params, allow_unused=True)):
-                    if g is not None:
-                        sample[names[id(p)]] += g
-            else:
-                calls, layers = [], _layers(m)
-                hooks = [layer.register_forward_hook(lambda mod, a, kw, o: calls.append((mod, a, kw)),
-                                                     with_kwargs=True) for layer in layers]
-                m(*args, **kwargs)  # with grad enabled: no inference fast path that skips the submodules
-                for h in hooks:
-                    h.remove()
-                for layer, a, kw in calls:
-                    own = [p for p in layers[layer] if p.requires_grad]
-                    if not own:
-                        continue
-                    o = layer(*a, **kw)
-                    outs = [t for t in (o if isinstance(o, tuple) else (o,))
-                            if torch.is_tensor(t) and t.is_floating_point()]
-                    gs = torch.autograd.grad(sum(0.5 * t.pow(2).sum() for t in outs), own, allow_unused=True)
-                    for p, g in zip(own, gs):
+            for sub in ([[k] for k in idx] if unpad else [idx]):  # unpadded: the group's samples one by one
+                args, kwargs = _select(batch, sub, n, shared, unpad)
+                if not checked and not unpad:  # the copy computes what the model computes
+                    with torch.no_grad():
+                        a32 = tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+                        k32 = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+                               for k, v in kwargs.items()}
+                        want = _output(model(*a32, **k32))
+                        got = _output(m(*args, **kwargs)).float()
+                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5,
+                                               msg="oracle: the float64 copy computes another function than the model")
+                    checked = True
+                if mode == "global":
+                    params = list(tracked.values())
+                    out = _output(m(*args, **kwargs))
+                    for p, g in zip(params, torch.autograd.grad(out.pow(2).sum(), params, allow_unused=True)):
                         if g is not None:
                             sample[names[id(p)]] += g
+                else:
+                    calls, layers = [], _layers(m)
+                    hooks = [layer.register_forward_hook(lambda mod, a, kw, o: calls.append((mod, a, kw)),
+                                                         with_kwargs=True) for layer in layers]
+                    m(*args, **kwargs)  # with grad enabled: no inference fast path that skips the submodules
+                    for h in hooks:
+                        h.remove()
+                    for layer, a, kw in calls:
+                        own = [p for p in layers[layer] if p.requires_grad]
+                        if not own:
+                            continue
+                        o = layer(*a, **kw)
+                        outs = [t for t in (o if isinstance(o, tuple) else (o,))
+                                if torch.is_tensor(t) and t.is_floating_point()]
+                        gs = torch.autograd.grad(sum(0.5 * t.pow(2).sum() for t in outs), own, allow_unused=True)
+                        for p, g in zip(own, gs):
+                            if g is not None:
+                                sample[names[id(p)]] += g
             for nm, g in sample.items():
                 omega[nm] += g.abs()
         count += n
@@ -409,15 +410,15 @@ def _padded_batches():
 
 
 @pytest.mark.parametrize("multiply", [False, True], ids=["ignores-mask", "multiplies-mask"])
-@pytest.mark.parametrize("mode", ["global", "local"])
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
-def test_padding_with_flattened_tokens(request, cls, mode, multiply):
+def test_padding_with_flattened_tokens(request, cls, mode, per_sample, multiply):
     """Bug 5: attention_mask with right padding, a Linear seeing the tokens flattened to (n·T, D). SPEC §1 Padding:
     a padded sample gives the Ω of the unpadded sample alone; in l-MAS each layer's outputs at padded positions are
     excluded too. The oracle runs each sample alone with its padding removed."""
     torch.manual_seed(15)
     model = FlatPadded(multiply=multiply).eval()
-    check(request, cls, model, _padded_batches(), mode=mode, unpad=True)
+    check(request, cls, model, _padded_batches(), mode=mode, per_sample=per_sample, unpad=True)
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
@@ -774,3 +775,106 @@ def test_a_module_with_parameters_of_its_own_and_layers_inside(request, cls, mod
     model = ParentsWithChildren().eval()
     x = torch.randn(7, 3, 8)
     check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
+
+
+class InPlaceRead(nn.Module):
+    """The Linear's bias read again by an in-place op outside the Linear (``h.add_(fc.bias)``): the op gives its
+    input a new autograd node before the scan looks, which hid the read (50% off)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.fc(x) * 1.0
+        return self.out(torch.tanh(h.add_(self.fc.bias)))
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_parameter_read_outside_its_module_by_an_in_place_op(request, cls):
+    torch.manual_seed(37)
+    x = torch.randn(7, 5)
+    check(request, cls, InPlaceRead().eval(), [x[:4], x[4:]])
+
+
+class SharedBias(nn.Module):
+    """Attention with a (1, T, T) bias shared by the samples, given beside a padded batch's attention_mask."""
+
+    def __init__(self, v=11, d=6):
+        super().__init__()
+        self.emb, self.qkv, self.out = nn.Embedding(v, d), nn.Linear(d, 3 * d), nn.Linear(d, 3)
+
+    def forward(self, input_ids, attention_mask, bias):
+        q, k, v = self.qkv(self.emb(input_ids)).chunk(3, -1)
+        scores = q @ k.transpose(-1, -2) + bias - 1e4 * (1 - attention_mask[:, None, :].to(q.dtype))
+        return self.out(torch.softmax(scores, -1) @ v)
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_a_shared_table_beside_padding(request, cls):
+    """A padded sample runs alone without its padding (SPEC §1): a (1, T, T) table all samples share is cut in both
+    of its dims of length T, not only the first (it crashed). The batch of one takes that path, as every one-sample
+    pass does."""
+    torch.manual_seed(41)
+    model = SharedBias().eval()
+    bias = torch.randn(1, 6, 6)
+    batches = []
+    for b in (_padded(3, 6, [6, 4, 2]), _padded(1, 6, [3])):
+        b["bias"] = bias
+        batches.append(b)
+    m64 = _copy64(model)
+
+    def alone(batch, k):
+        keep = batch["attention_mask"][k].bool()
+        return m64(batch["input_ids"][k:k + 1, keep], batch["attention_mask"][k:k + 1, keep],
+                   batch["bias"].double()[:, keep][:, :, keep])
+
+    want = {n: torch.zeros_like(p) for n, p in m64.named_parameters()}
+    for b in batches:
+        for k in range(len(b["input_ids"])):
+            gs = torch.autograd.grad(alone(b, k).pow(2).sum(), list(m64.parameters()))
+            for (n, _), g in zip(m64.named_parameters(), gs):
+                want[n] += g.abs() / 4
+    assert_close(run(cls, model, batches).task_importance, want)
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_layers_under_accelerate_hooks_keep_their_rules(request, cls):
+    """accelerate's add_hook_to_module patches every layer's forward on the instance (device_map dispatch, offload);
+    its hooks move tensors and leave the values the class's, so the layers keep their table rules (fused), exact,
+    and the hooks stay in place."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    torch.manual_seed(43)
+    model = mlp()
+    for layer in model:
+        hooks.add_hook_to_module(layer, hooks.AlignDevicesHook(execution_device="cpu"))
+    x = torch.randn(7, 5)
+    mas = check(request, cls, model, [x[:4], x[4:]])
+    assert all(u.rule is not mas_ext._rules.GENERIC for u in mas._engine.units)
+    assert all("forward" in layer.__dict__ for layer in model if isinstance(layer, nn.Linear))
+
+
+class ReadsChildWeight(nn.Module):
+    """A module with a parameter of its own that reads its child's weight directly (F.linear(x, self.proj.weight)),
+    never calling the child."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.scale = nn.Linear(5, 5), nn.Parameter(torch.randn(5))
+
+    def forward(self, x):
+        return torch.tanh(F.linear(x, self.proj.weight, self.proj.bias)) * self.scale
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_a_module_reading_its_childs_weight_keeps_the_fast_path(request, cls):
+    """g-MAS: such a module owns its children's parameters, so its generic rule covers the direct read, exact, without
+    running batches sample by sample."""
+    torch.manual_seed(47)
+    model = nn.Sequential(ReadsChildWeight(), nn.Linear(5, 3)).eval()
+    x = torch.randn(7, 5)
+    check(request, cls, model, [x[:4], x[4:]])
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        cls(model, show_progress=False).accumulate([x[:4], x[4:]])
+    assert not [w for w in said if "one sample at a time" in str(w.message)]

@@ -3,7 +3,7 @@ import inspect
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .base import Rule
 
@@ -112,19 +112,34 @@ def generic_grads(module, call, s, e, names=None):
     def rows(t, d):
         return t.narrow(d, s, e - s) if d is not None else t
 
-    inputs = tuple(rows(t, d) for t, d in zip(flat_in, in_dims))
+    inputs = tuple(rows(_detached(t), d) for t, d in zip(flat_in, in_dims))
     grads = tuple(rows(g if g is not None else torch.zeros_like(flat_out[i]), d)
                   for g, i, d in zip(call.grads, out_pos, out_dims))
-    try:
-        per_sample = torch.func.vmap(one_sample, in_dims=(tuple(in_dims), tuple(out_dims)))(inputs, grads)
-    except RuntimeError:
-        # A forward vmap cannot batch (nn.GRU and nn.RNN write into a hidden state made inside): one VJP per sample.
-        def select(ts, dims, k):
-            return tuple(t.select(d, k) if d is not None else t for t, d in zip(ts, dims))
+    if type(module) not in _NO_VMAP:
+        try:
+            per_sample = torch.func.vmap(one_sample, in_dims=(tuple(in_dims), tuple(out_dims)))(inputs, grads)
+            return {k: v.float() for k, v in per_sample.items()}
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:
+            # A forward vmap cannot batch (nn.GRU and nn.RNN write into a hidden state made inside): one VJP per
+            # sample, for this class from now on.
+            _NO_VMAP.add(type(module))
 
-        each = [one_sample(select(inputs, in_dims, k), select(grads, out_dims, k)) for k in range(e - s)]
-        per_sample = {name: torch.stack([g[name] for g in each]) for name in tracked}
-    return {k: v.float() for k, v in per_sample.items()}
+    def select(ts, dims, k):
+        return tuple(t.select(d, k) if d is not None else t for t, d in zip(ts, dims))
+
+    each = [one_sample(select(inputs, in_dims, k), select(grads, out_dims, k)) for k in range(e - s)]
+    return {name: torch.stack([g[name] for g in each]).float() for name in tracked}
+
+
+_NO_VMAP = set()  # module classes whose forward vmap could not batch
+
+
+def _detached(t):
+    """A call's input without its autograd history: the rule runs with grad mode on, and a VJP over inputs that
+    require grad would record a graph of its own that nothing uses."""
+    return t.detach() if torch.is_tensor(t) else t
 
 
 def _block_grads(module, call, s, e, names):
@@ -145,7 +160,8 @@ def _block_grads(module, call, s, e, names):
 
     per_sample = []
     for k in range(s, e):
-        args, kwargs = tree_unflatten([rows(t, k) if r else t for t, r in zip(flat_in, in_rows)], spec_in)
+        args, kwargs = tree_unflatten([rows(_detached(t), k) if r else _detached(t) for t, r in zip(flat_in, in_rows)],
+                                      spec_in)
 
         def outputs(theta):
             out = tree_flatten(torch.func.functional_call(module, {**theta, **frozen}, tuple(args), kwargs))[0]
@@ -163,7 +179,8 @@ def _whole_call_grads(module, call, names):
     flat_out, out_pos = _floating_outputs(call)
 
     def outputs(theta):
-        out = tree_flatten(torch.func.functional_call(module, {**theta, **frozen}, tuple(call.args), call.kwargs))[0]
+        args, kwargs = tree_map(_detached, (tuple(call.args), call.kwargs))
+        out = tree_flatten(torch.func.functional_call(module, {**theta, **frozen}, args, kwargs))[0]
         return tuple(out[i] for i in out_pos)
 
     _, vjp = torch.func.vjp(outputs, tracked)
