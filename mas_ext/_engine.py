@@ -62,6 +62,19 @@ def _mask_positions(t, mask, dim=None, rows=False):
     return t.masked_fill(~keep.bool().view(*keep.shape, *([1] * (t.dim() - keep.dim()))), 0)
 
 
+def _padding(kwargs, n):
+    """(the (n, T) attention_mask of a batch's inputs, the mask of the model's output), each None where there is none
+    or it marks no padding: an encoder-decoder model's output is the decoder's, whose positions are those that
+    ``decoder_attention_mask`` marks (all where it has none), not the encoder's."""
+    def padded(m):
+        return m if torch.is_tensor(m) and m.dim() == 2 and m.shape[0] == n and not m.all() else None
+
+    mask = padded(kwargs.get("attention_mask"))
+    if any(kwargs.get(k) is not None for k in ("decoder_input_ids", "decoder_inputs_embeds")):
+        return mask, padded(kwargs.get("decoder_attention_mask"))
+    return mask, mask
+
+
 def _unpadded(args, kwargs, keep):
     """A one-sample call with the positions its (T,) ``keep`` row marks as padding cut out: the sample as it is alone
     (SPEC §1), whatever the layouts of the model's layers. A Hugging Face input (input_ids, position_ids, ...) of
@@ -283,10 +296,11 @@ class _Group:
 
 
 class _Pass:
-    """State of the importance pass over one batch: ``mask`` is the batch's (n, T) attention_mask, if any."""
+    """State of the importance pass over one batch: ``mask`` and ``out_mask`` mark the padding of its inputs and of
+    the model's output (:func:`_padding`), if any."""
 
-    def __init__(self, n, bufs, anchor, mask=None):
-        self.n, self.bufs, self.anchor, self.mask = n, bufs, anchor, mask
+    def __init__(self, n, bufs, anchor, mask=None, out_mask=None):
+        self.n, self.bufs, self.anchor, self.mask, self.out_mask = n, bufs, anchor, mask, out_mask
         self.calls = {}  # unit -> number of calls in this forward
         self.busy = False  # a rule is running: its own module calls (torch.func) are not recorded
         self.mixed = []  # (unit, why) of calls whose rows are no sample's own (per_sample, n > 1)
@@ -455,12 +469,11 @@ class Engine:
             return self._run_sample_by_sample(args, kwargs, n, bufs, where)
         if n > 1 and self.one is None:
             self.learn_dims(args, kwargs, n, where)
-        mask = kwargs.get("attention_mask")
-        mask = mask if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[0] == n and not mask.all() else None
+        mask, out_mask = _padding(kwargs, n)
         if mask is not None and n == 1:  # one sample: as it is alone, without its padding
             args, kwargs = _unpadded(args, kwargs, mask[0])
-            mask = None
-        if mask is not None and self.pad_by_sample:
+            mask, out_mask = None, (None if out_mask is mask else out_mask)
+        if self.pad_by_sample and (mask is not None or out_mask is not None):
             return self._run_sample_by_sample(args, kwargs, n, bufs, where)
         learned_again = False
         for attempt in range(3):  # a retry once the dims are learned again, one once the units that repeat are marked
@@ -468,7 +481,7 @@ class Engine:
                 for b in bufs.values():
                     b.zero_()
             state = _Pass(n, bufs, torch.zeros((), device=next(iter(self.params.values())).device,
-                                               requires_grad=True), mask)
+                                               requires_grad=True), mask, out_mask)
             try:
                 calls = self._forward_backward(args, kwargs, where, state)
             except Exception as e:  # noqa: BLE001 - re-raised unless an expanded input explains it
@@ -740,13 +753,13 @@ class Engine:
                             "with a `logits` field; pass output_fn= to pick the tensor whose norm MAS takes")
         if not out.is_floating_point():
             raise TypeError(f"batch {where}: the model output has dtype {out.dtype}; MAS needs a floating tensor")
-        if state is not None and state.mask is not None:
+        if state is not None and state.out_mask is not None:
             if self.one and self.out_dim is _UNKNOWN:  # the first padded batch since learn_dims: kept for the next
                 # the dim of size n here and 1 in the sample's output (whose length may differ from this batch's)
                 dims = [i for i, (a, b) in enumerate(zip(out.shape, self.one_out))
                         if a == state.n and b == 1 and out.dim() == len(self.one_out)]
                 self.out_dim = dims[0] if len(dims) == 1 else None
-            masked = _mask_positions(out, state.mask, None if self.out_dim is _UNKNOWN else self.out_dim)
+            masked = _mask_positions(out, state.out_mask, None if self.out_dim is _UNKNOWN else self.out_dim)
             if masked is None:
                 state.unmasked = "the model's output"
             out = out if masked is None else masked

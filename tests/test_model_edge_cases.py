@@ -878,3 +878,48 @@ def test_a_module_reading_its_childs_weight_keeps_the_fast_path(request, cls):
         warnings.simplefilter("always")
         cls(model, show_progress=False).accumulate([x[:4], x[4:]])
     assert not [w for w in said if "one sample at a time" in str(w.message)]
+
+
+class EncoderDecoder(nn.Module):
+    """A tiny encoder-decoder: the decoder's tokens read the encoder's masked mean; the output is the decoder's."""
+
+    def __init__(self, v=11, d=6):
+        super().__init__()
+        self.enc, self.dec, self.head = nn.Embedding(v, d), nn.Embedding(v, d), nn.Linear(d, 3)
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None):
+        m = attention_mask[..., None].to(self.enc.weight.dtype)
+        pooled = (torch.tanh(self.enc(input_ids)) * m).sum(1, keepdim=True) / m.sum(1, keepdim=True)
+        return self.head(torch.tanh(self.dec(decoder_input_ids) + pooled))
+
+
+@pytest.mark.parametrize("decoder_mask", [False, True], ids=["no-decoder-mask", "decoder-mask"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_encoder_decoder_output_is_masked_by_the_decoders_mask(request, cls, decoder_mask):
+    """An encoder-decoder model's output holds the decoder's positions: the encoder's attention_mask marked them as
+    padding wherever the two lengths were equal (a common max_length for both), a wrong Ω without an error. The
+    output is masked by decoder_attention_mask where there is one, else not at all; a sample alone is its encoder
+    input without padding and its decoder input without its own."""
+    torch.manual_seed(53)
+    model = EncoderDecoder().eval()
+    batches = []
+    for n, enc, dec in ((4, [6, 3, 5, 2], [6, 6, 4, 5]), (3, [4, 6, 1], [2, 6, 6])):
+        b = _padded(n, 6, enc)
+        d = _padded(n, 6, dec if decoder_mask else [6] * n)
+        b["decoder_input_ids"] = d["input_ids"]
+        if decoder_mask:
+            b["decoder_attention_mask"] = d["attention_mask"]
+        batches.append(b)
+    m64 = _copy64(model)
+    want = {name: torch.zeros_like(p) for name, p in m64.named_parameters()}
+    for b in batches:
+        for k in range(len(b["input_ids"])):
+            keep = b["attention_mask"][k].bool()
+            out = m64(b["input_ids"][k:k + 1, keep], b["attention_mask"][k:k + 1, keep],
+                      b["decoder_input_ids"][k:k + 1])
+            if decoder_mask:
+                out = out[:, b["decoder_attention_mask"][k].bool()]
+            gs = torch.autograd.grad(out.pow(2).sum(), list(m64.parameters()))
+            for (name, _), g in zip(m64.named_parameters(), gs):
+                want[name] += g.abs() / 7
+    assert_close(run(cls, model, batches).task_importance, want)
