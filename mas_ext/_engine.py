@@ -62,6 +62,9 @@ def _mask_positions(t, mask, dim=None, rows=False):
     return t.masked_fill(~keep.bool().view(*keep.shape, *([1] * (t.dim() - keep.dim()))), 0)
 
 
+_DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds")
+
+
 def _padding(kwargs, n):
     """(the (n, T) attention_mask of a batch's inputs, the mask of the model's output), each None where there is none
     or it marks no padding: an encoder-decoder model's output is the decoder's, whose positions are those that
@@ -70,29 +73,29 @@ def _padding(kwargs, n):
         return m if torch.is_tensor(m) and m.dim() == 2 and m.shape[0] == n and not m.all() else None
 
     mask = padded(kwargs.get("attention_mask"))
-    if any(kwargs.get(k) is not None for k in ("decoder_input_ids", "decoder_inputs_embeds")):
+    if any(kwargs.get(k) is not None for k in _DECODER_INPUTS):
         return mask, padded(kwargs.get("decoder_attention_mask"))
     return mask, mask
 
 
-def _unpadded(args, kwargs, keep):
-    """A one-sample call with the positions its (T,) ``keep`` row marks as padding cut out: the sample as it is alone
-    (SPEC §1), whatever the layouts of the model's layers. A Hugging Face input (input_ids, position_ids, ...) of
-    shape (1, T, ...) is cut in dim 1; any other tensor of shape (1, T, ...) in every dim of length T after the first
-    (a (1, T, T) attention bias); the decoder's inputs of an encoder-decoder model not at all."""
-    idx = keep.bool().nonzero().squeeze(1)
-    length = keep.shape[0]
-
-    def cut(t, every):
-        if not torch.is_tensor(t) or t.dim() < 2 or t.shape[:2] != (1, length):
+def _unpadded(args, kwargs, keep, decoder_keep=None):
+    """A one-sample call with the positions its (T,) ``keep`` row marks as padding cut out (None: none), and those
+    that ``decoder_keep`` marks out of the decoder's inputs (``decoder_*``) of an encoder-decoder model: the sample
+    as it is alone (SPEC §1), whatever the layouts of the model's layers. A Hugging Face input (input_ids,
+    position_ids, ...) of shape (1, T, ...) is cut in dim 1; any other tensor of shape (1, T, ...) in every dim of
+    length T after the first (a (1, T, T) attention bias)."""
+    def cut(t, keep, every):
+        if keep is None or not torch.is_tensor(t) or t.dim() < 2 or t.shape[:2] != (1, keep.shape[0]):
             return t
+        idx = keep.bool().nonzero().squeeze(1)
         for d in range(1, t.dim() if every else 2):
-            t = t.index_select(d, idx) if t.shape[d] == length else t
+            t = t.index_select(d, idx) if t.shape[d] == keep.shape[0] else t
         return t
 
-    args = tuple(torch.utils._pytree.tree_map(lambda t: cut(t, True), a) for a in args)
-    kwargs = {k: v if k.startswith("decoder_") else torch.utils._pytree.tree_map(
-        lambda t, every=k not in _PER_SAMPLE_KEYS: cut(t, every), v) for k, v in kwargs.items()}
+    args = tuple(torch.utils._pytree.tree_map(lambda t: cut(t, keep, True), a) for a in args)
+    kwargs = {k: torch.utils._pytree.tree_map(
+        lambda t, row=decoder_keep if k.startswith("decoder_") else keep, every=k not in _PER_SAMPLE_KEYS:
+        cut(t, row, every), v) for k, v in kwargs.items()}
     return args, kwargs
 
 
@@ -470,10 +473,13 @@ class Engine:
         if n > 1 and self.one is None:
             self.learn_dims(args, kwargs, n, where)
         mask, out_mask = _padding(kwargs, n)
-        if mask is not None and n == 1:  # one sample: as it is alone, without its padding
-            args, kwargs = _unpadded(args, kwargs, mask[0])
-            mask, out_mask = None, (None if out_mask is mask else out_mask)
-        if self.pad_by_sample and (mask is not None or out_mask is not None):
+        decoder = out_mask is not mask  # an encoder-decoder model: its own mask for the decoder's positions
+        if n == 1 and (mask is not None or out_mask is not None):  # one sample: as it is alone, without its padding
+            args, kwargs = _unpadded(args, kwargs, None if mask is None else mask[0],
+                                     None if out_mask is None or not decoder else out_mask[0])
+            mask = out_mask = None
+        # l-MAS of an encoder-decoder model: the encoder's mask cannot tell the decoder layers' positions
+        if (self.pad_by_sample or (decoder and self.mode == "local")) and (mask is not None or out_mask is not None):
             return self._run_sample_by_sample(args, kwargs, n, bufs, where)
         learned_again = False
         for attempt in range(3):  # a retry once the dims are learned again, one once the units that repeat are marked

@@ -923,3 +923,25 @@ def test_encoder_decoder_output_is_masked_by_the_decoders_mask(request, cls, dec
             for (name, _), g in zip(m64.named_parameters(), gs):
                 want[name] += g.abs() / 7
     assert_close(run(cls, model, batches).task_importance, want)
+
+
+@pytest.mark.parametrize("mode", ["global", "local"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_encoder_decoder_padding_is_each_sample_alone(request, cls, mode):
+    """Both the encoder's and the decoder's inputs padded, at equal lengths: Ω is that of each sample alone without
+    either padding (SPEC §1), in l-MAS too, where the encoder's mask cannot tell the decoder layers' positions (those
+    batches run one sample at a time)."""
+    torch.manual_seed(59)
+    model = EncoderDecoder().eval()
+    batches, alone = [], []
+    for n, enc, dec in ((4, [6, 3, 5, 2], [6, 2, 4, 5]), (3, [4, 6, 1], [2, 6, 3])):
+        b, d = _padded(n, 6, enc), _padded(n, 6, dec)
+        b["decoder_input_ids"], b["decoder_attention_mask"] = d["input_ids"], d["attention_mask"]
+        batches.append(b)
+        for k in range(n):
+            e_keep, d_keep = b["attention_mask"][k].bool(), d["attention_mask"][k].bool()
+            alone.append({"input_ids": b["input_ids"][k:k + 1, e_keep],
+                          "attention_mask": b["attention_mask"][k:k + 1, e_keep],
+                          "decoder_input_ids": d["input_ids"][k:k + 1, d_keep]})
+    want = oracle(model, alone, mode=mode)
+    assert_close(run(cls, model, batches, mode=mode).task_importance, want)
