@@ -84,18 +84,21 @@ def _unpadded(args, kwargs, keep, decoder_keep=None):
     as it is alone (SPEC §1), whatever the layouts of the model's layers. A Hugging Face input (input_ids,
     position_ids, ...) of shape (1, T, ...) is cut in dim 1; any other tensor of shape (1, T, ...) in every dim of
     length T after the first (a (1, T, T) attention bias)."""
-    def cut(t, keep, every):
-        if keep is None or not torch.is_tensor(t) or t.dim() < 2 or t.shape[:2] != (1, keep.shape[0]):
+    def positions(row):  # (its length, the indices it keeps), found once per call
+        return None if row is None else (row.shape[0], row.bool().nonzero().squeeze(1))
+
+    def cut(t, kept, every):
+        if kept is None or not torch.is_tensor(t) or t.dim() < 2 or t.shape[:2] != (1, kept[0]):
             return t
-        idx = keep.bool().nonzero().squeeze(1)
         for d in range(1, t.dim() if every else 2):
-            t = t.index_select(d, idx) if t.shape[d] == keep.shape[0] else t
+            t = t.index_select(d, kept[1]) if t.shape[d] == kept[0] else t
         return t
 
-    args = tuple(torch.utils._pytree.tree_map(lambda t: cut(t, keep, True), a) for a in args)
+    enc, dec = positions(keep), positions(decoder_keep)
+    args = tuple(torch.utils._pytree.tree_map(lambda t: cut(t, enc, True), a) for a in args)
     kwargs = {k: torch.utils._pytree.tree_map(
-        lambda t, row=decoder_keep if k.startswith("decoder_") else keep, every=k not in _PER_SAMPLE_KEYS:
-        cut(t, row, every), v) for k, v in kwargs.items()}
+        lambda t, kept=dec if k.startswith("decoder_") else enc, every=k not in _PER_SAMPLE_KEYS:
+        cut(t, kept, every), v) for k, v in kwargs.items()}
     return args, kwargs
 
 
@@ -182,6 +185,7 @@ def _learned_dims(flat_in, flat_out, one, n, preferred):
 
 _UNKNOWN = object()  # a batch dim not learned yet
 _BY_SAMPLE = "each batch is run one sample at a time from now on, which is exact and slower"
+_PADDED_BY_SAMPLE = "batches with padding run one sample at a time from now on, without it (exact, slower)"
 
 
 class ZeroBuffers(dict):
@@ -514,13 +518,8 @@ class Engine:
                 self.learn_dims(args, kwargs, n, where)
                 continue
             if state.unmasked is not None and not state.mixed:
-                self.pad_by_sample = True
-                warnings.warn(f"{state.unmasked} has the batch's padded length in a layout whose padding cannot be "
-                              "told: batches with padding run one sample at a time from now on, without it (exact, "
-                              "slower)", stacklevel=4)
-                for b in bufs.values():
-                    b.zero_()
-                return self._run_sample_by_sample(args, kwargs, n, bufs, where)
+                return self._by_sample_from_now(f"{state.unmasked} has the batch's padded length in a layout whose "
+                                                "padding cannot be told", args, kwargs, n, bufs, where, padded=True)
             if state.mixed:
                 unit, why = state.mixed[0]
                 return self._by_sample_from_now(f"module '{unit.name}' ({type(unit.module).__name__}) {why}",
@@ -613,11 +612,14 @@ class Engine:
                 return u, f"is called {got} times on the batch but {alone} times on one sample alone"
         return None
 
-    def _by_sample_from_now(self, why, args, kwargs, n, bufs, where):
-        """Says ``why`` (once: later batches go straight to one-sample passes) and runs this batch again from zero,
-        one sample at a time."""
-        warnings.warn(f"{why}: {_BY_SAMPLE}", stacklevel=5)
-        self.by_sample = True
+    def _by_sample_from_now(self, why, args, kwargs, n, bufs, where, padded=False):
+        """Says ``why`` (once: later batches go straight to one-sample passes; with ``padded``, later batches with
+        padding) and runs this batch again from zero, one sample at a time."""
+        warnings.warn(f"{why}: {_PADDED_BY_SAMPLE if padded else _BY_SAMPLE}", stacklevel=5)
+        if padded:
+            self.pad_by_sample = True
+        else:
+            self.by_sample = True
         for b in bufs.values():
             b.zero_()
         self._run_sample_by_sample(args, kwargs, n, bufs, where)
@@ -746,8 +748,8 @@ class Engine:
 
     def _output(self, out, where, state=None, check=True):
         """The tensor whose squared norm is taken (``output_fn``'s pick, else the output itself or its
-        ``logits``), with the positions that ``state.mask`` marks as padding set to zero (where the output holds the
-        batch learned from the one-sample run; where they cannot be told, ``state.unmasked`` says so); with
+        ``logits``), with the positions that ``state.out_mask`` marks as padding set to zero (where the output holds
+        the batch learned from the one-sample run; where they cannot be told, ``state.unmasked`` says so); with
         ``check``, a FloatingPointError where it is not finite."""
         if self.output_fn is not None:
             out = self.output_fn(out)
@@ -762,8 +764,8 @@ class Engine:
         if state is not None and state.out_mask is not None:
             if self.one and self.out_dim is _UNKNOWN:  # the first padded batch since learn_dims: kept for the next
                 # the dim of size n here and 1 in the sample's output (whose length may differ from this batch's)
-                dims = [i for i, (a, b) in enumerate(zip(out.shape, self.one_out))
-                        if a == state.n and b == 1 and out.dim() == len(self.one_out)]
+                dims = ([i for i, (a, b) in enumerate(zip(out.shape, self.one_out)) if a == state.n and b == 1]
+                        if out.dim() == len(self.one_out) else [])
                 self.out_dim = dims[0] if len(dims) == 1 else None
             masked = _mask_positions(out, state.out_mask, None if self.out_dim is _UNKNOWN else self.out_dim)
             if masked is None:
