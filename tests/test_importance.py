@@ -897,9 +897,12 @@ def test_a_lookalike_class_takes_the_generic_path_with_a_warning():
     assert_close(mas.task_importance, oracle(model, x), tol=1e-5)
 
 
-def test_generic_cpu_path_without_the_register_kernel():
-    """The GEMM-then-|·| path that machines without AVX2/FMA take, forced by MAS_EXT_CPU_KERNEL=generic in a
-    fresh process (the choice is made once per process): the linear and tied ops against per-sample sums."""
+@pytest.mark.parametrize("kernel", ["default", "avx2", "generic"])
+def test_cpu_kernels_against_per_sample_sums(kernel):
+    """Each CPU path of the ops, forced by MAS_EXT_CPU_KERNEL in a fresh process (the choice is made once per
+    process): the register kernel the CPU has (AVX-512 or AVX2), the AVX2 one, and the GEMM-then-|·| path that
+    machines without AVX2/FMA take. Linear, tied and conv ops against per-sample float64 sums, at sizes that are
+    not multiples of either kernel's 6×16 or 12×32 tile, and convs over several runs of samples."""
     import os
     import subprocess
     import sys
@@ -909,7 +912,7 @@ def test_generic_cpu_path_without_the_register_kernel():
         import torch, mas_ext
         torch.manual_seed(0)
         torch.set_num_threads(2)
-        for n, p, i, o in [(3, 5, 37, 13), (1, 9, 300, 200), (6, 33, 70, 129)]:
+        for n, p, i, o in [(3, 5, 37, 13), (1, 9, 300, 200), (6, 33, 70, 129), (2, 4, 64, 24)]:
             a, g, w = torch.randn(n, p, i), torch.randn(n, p, o), torch.rand(o, i)
             w0 = w.clone()
             torch.ops.mas_ext.linear_importance_(w, None, a, g)
@@ -928,8 +931,34 @@ def test_generic_cpu_path_without_the_register_kernel():
                     per[idx[k, j]] += rows[k, j].double()
             want += per.abs()
         assert torch.allclose(om.double(), want, rtol=1e-4, atol=1e-4)
+        # (n, C, O, spatial, kernel, stride, padding, dilation, groups)
+        convs = [(4, 5, 13, (9, 7), (3, 3), (1, 1), (1, 1), (1, 1), 1),     # C·K = 45: one strip and a part
+                 (3, 3, 7, (11, 10), (3, 4), (2, 1), (0, 2), (1, 2), 1),   # C·K = 36, stride and dilation
+                 (5, 40, 25, (6, 6), (1, 1), (2, 2), (0, 0), (1, 1), 1),   # 1×1, 9 positions
+                 (3, 8, 30, (13,), (5,), (1,), (2,), (2,), 1),             # Conv1d
+                 (2, 4, 9, (5, 6, 4), (2, 3, 2), (1, 2, 1), (1, 1, 0), (1, 1, 2), 1),  # Conv3d
+                 (6, 16, 8, (64, 64), (3, 3), (1, 1), (1, 1), (1, 1), 1),  # several runs of samples
+                 (3, 1, 6, (8, 8), (3, 3), (1, 1), (1, 1), (1, 1), 1),     # C·K = 9 < a strip
+                 (3, 8, 6, (7, 7), (3, 3), (1, 1), (1, 1), (1, 1), 2)]     # groups
+        for n, c, o, sp, k, s, pd, dl, gr in convs:
+            nd = len(sp)
+            x = torch.randn(n, c, *sp)
+            w = torch.rand(o, c // gr, *k)
+            y = torch.ops.aten.convolution(x, w, None, s, pd, dl, False, [0] * nd, gr)
+            g = torch.randn_like(y)
+            om, ob = w.clone(), torch.rand(o)
+            om0, ob0 = om.clone(), ob.clone()
+            torch.ops.mas_ext.conv_importance_(om, ob, x, g, list(k), list(s), list(pd), list(dl), gr)
+            want = torch.zeros(w.shape, dtype=torch.float64)
+            for xk, gk in zip(x.double(), g.double()):
+                want += torch.ops.aten.convolution_backward(gk[None], xk[None], want, None, s, pd, dl, False,
+                                                            [0] * nd, gr, [False, True, False])[1].abs()
+            assert torch.allclose((om - om0).double(), want, rtol=1e-4, atol=1e-4), (n, c, o, sp, k)
+            assert torch.allclose((ob - ob0).double(), g.double().flatten(2).sum(2).abs().sum(0), rtol=1e-4, atol=1e-4)
         print("ok")
     """)
-    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MAS_EXT_CPU_KERNEL": "generic"},
-                         capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "MAS_EXT_CPU_KERNEL"}
+    if kernel != "default":
+        env["MAS_EXT_CPU_KERNEL"] = kernel
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
