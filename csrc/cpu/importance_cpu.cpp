@@ -84,11 +84,10 @@ struct ThreadScratch {
 // Rows of the (O, I) accumulator one work item covers: about `tile_elems` floats, sized to stay in the L2
 // cache across the item's samples (the GEMM-then-|·| path: 2^15 floats, its gradient tile of the same size
 // beside them; the register kernel: half of one core's L2, the other half for the packed operands streaming
-// through it: 2^17 floats on a 1 MiB L2 (Zen 5), where it beat the whole L2 by 5-25% on ResNet convs of 16-256
-// positions and tied with it on Linear layers, and 2^16..2^17 did on 2^15..2^18 on a 512 KiB one (the AVX2
-// kernel, Linear layers)). The tile count is rounded up to a
-// multiple of the thread count (threads then get equal shares) and the rows to a multiple of `multiple` (the
-// register kernel's row block).
+// through it: 2^17 floats on a 1 MiB L2 (Zen 5), where it beat the whole L2 by up to 20% on ResNet's 4×4
+// convs of 512 channels and tied with it on the other convs and on Linear layers). The tile count is rounded
+// up to a multiple of the thread count (threads then get equal shares) and the rows to a multiple of
+// `multiple` (the register kernel's row block).
 constexpr int64_t kGemmTileElems = int64_t{1} << 15;
 
 int64_t register_tile_elems() {
