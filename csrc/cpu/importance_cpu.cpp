@@ -193,7 +193,6 @@ struct RegisterTile {
   int64_t strips_elems(int64_t P, int64_t I) const { return (I + width - 1) / width * width * P; }
   int64_t panels_elems(int64_t P, int64_t n) const { return (n + rows - 1) / rows * rows * P; }
 };
-constexpr RegisterTile kAvx2Tile{6, 16}, kAvx512Tile{12, 32};
 
 // a(p, i) = a[p * sp + i * si]: (P, I) row-major has (sp, si) = (I, 1), (I, P) row-major (im2col's) (1, P).
 void pack_strips(const float* a, int64_t P, int64_t I, int64_t sp, int64_t si, int64_t width, float* out) {
@@ -236,111 +235,40 @@ inline const float* extra_row(const SampleRows* extra, int32_t q, int64_t i0, in
   return edge;
 }
 
-__attribute__((target("avx2,fma"))) inline void add_abs(float* dst, __m256 v) {
-  _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v)));
-}
+// The register kernel for each instruction set: one body (register_kernel.inc) over each set's vector type.
+namespace avx2 {
+#define MAS_EXT_ISA_TARGET "avx2,fma"
+struct Isa {
+  using V = __m256;
+  static constexpr int kLanes = 8, kRows = 6;
+  __attribute__((target(MAS_EXT_ISA_TARGET))) static V zero() { return _mm256_setzero_ps(); }
+  __attribute__((target(MAS_EXT_ISA_TARGET))) static V load(const float* p) { return _mm256_loadu_ps(p); }
+  __attribute__((target(MAS_EXT_ISA_TARGET))) static V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  __attribute__((target(MAS_EXT_ISA_TARGET))) static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  __attribute__((target(MAS_EXT_ISA_TARGET))) static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  __attribute__((target(MAS_EXT_ISA_TARGET))) static V abs(V a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  __attribute__((target(MAS_EXT_ISA_TARGET))) static void store(float* p, V a) { _mm256_storeu_ps(p, a); }
+};
+#include "register_kernel.inc"
+#undef MAS_EXT_ISA_TARGET
+}  // namespace avx2
 
-template <bool kExtra>
-__attribute__((target("avx2,fma"))) void abs_gemm_avx2(float* acc, const float* apack, const float* gpack, int64_t P,
-                                                        int64_t I, int64_t r0, int64_t r1, const SampleRows* extra) {
-  constexpr int R = 6;
-  alignas(32) float edge[16];
-  for (int64_t i0 = 0; i0 < I; i0 += 16) {
-    const int64_t w = std::min<int64_t>(16, I - i0);
-    for (int64_t o = r0, j = 0; o < r1; o += R, ++j) {
-      const int64_t valid = std::min<int64_t>(R, r1 - o);
-      __m256 c[R][2];
-#pragma GCC unroll 6
-      for (int r = 0; r < R; ++r) {
-        c[r][0] = c[r][1] = _mm256_setzero_ps();
-        if constexpr (kExtra) {
-          for (int32_t q = r < valid ? extra->first[o + r] : -1; q >= 0; q = extra->next[q]) {
-            const float* src = extra_row(extra, q, i0, w, 16, edge);
-            c[r][0] = _mm256_add_ps(c[r][0], _mm256_loadu_ps(src));
-            c[r][1] = _mm256_add_ps(c[r][1], _mm256_loadu_ps(src + 8));
-          }
-        }
-      }
-      const float* ap = apack + i0 * P;
-      const float* gp = gpack + j * R * P;
-      for (int64_t p = 0; p < P; ++p, ap += 16, gp += R) {
-        const __m256 a0 = _mm256_loadu_ps(ap), a1 = _mm256_loadu_ps(ap + 8);
-#pragma GCC unroll 6
-        for (int r = 0; r < R; ++r) {
-          const __m256 b = _mm256_broadcast_ss(gp + r);
-          c[r][0] = _mm256_fmadd_ps(b, a0, c[r][0]);
-          c[r][1] = _mm256_fmadd_ps(b, a1, c[r][1]);
-        }
-      }
-#pragma GCC unroll 6
-      for (int r = 0; r < R; ++r) {
-        if (r >= valid) continue;
-        float* dst = acc + (o + r) * I + i0;
-        if (w == 16) {
-          add_abs(dst, c[r][0]);
-          add_abs(dst + 8, c[r][1]);
-        } else {
-          _mm256_store_ps(edge, c[r][0]);
-          _mm256_store_ps(edge + 8, c[r][1]);
-          for (int64_t i = 0; i < w; ++i) dst[i] += std::abs(edge[i]);
-        }
-      }
-    }
-  }
-}
-
-__attribute__((target("avx512f"))) inline void add_abs(float* dst, __m512 v) {
-  _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), _mm512_abs_ps(v)));
-}
-
-template <bool kExtra>
-__attribute__((target("avx512f"))) void abs_gemm_avx512(float* acc, const float* apack, const float* gpack, int64_t P,
-                                                         int64_t I, int64_t r0, int64_t r1, const SampleRows* extra) {
-  constexpr int R = 12;
-  alignas(64) float edge[32];
-  for (int64_t i0 = 0; i0 < I; i0 += 32) {
-    const int64_t w = std::min<int64_t>(32, I - i0);
-    for (int64_t o = r0, j = 0; o < r1; o += R, ++j) {
-      const int64_t valid = std::min<int64_t>(R, r1 - o);
-      __m512 c[R][2];
-#pragma GCC unroll 12
-      for (int r = 0; r < R; ++r) {
-        c[r][0] = c[r][1] = _mm512_setzero_ps();
-        if constexpr (kExtra) {
-          for (int32_t q = r < valid ? extra->first[o + r] : -1; q >= 0; q = extra->next[q]) {
-            const float* src = extra_row(extra, q, i0, w, 32, edge);
-            c[r][0] = _mm512_add_ps(c[r][0], _mm512_loadu_ps(src));
-            c[r][1] = _mm512_add_ps(c[r][1], _mm512_loadu_ps(src + 16));
-          }
-        }
-      }
-      const float* ap = apack + i0 * P;
-      const float* gp = gpack + j * R * P;
-      for (int64_t p = 0; p < P; ++p, ap += 32, gp += R) {
-        const __m512 a0 = _mm512_loadu_ps(ap), a1 = _mm512_loadu_ps(ap + 16);
-#pragma GCC unroll 12
-        for (int r = 0; r < R; ++r) {
-          const __m512 b = _mm512_set1_ps(gp[r]);
-          c[r][0] = _mm512_fmadd_ps(b, a0, c[r][0]);
-          c[r][1] = _mm512_fmadd_ps(b, a1, c[r][1]);
-        }
-      }
-#pragma GCC unroll 12
-      for (int r = 0; r < R; ++r) {
-        if (r >= valid) continue;
-        float* dst = acc + (o + r) * I + i0;
-        if (w == 32) {
-          add_abs(dst, c[r][0]);
-          add_abs(dst + 16, c[r][1]);
-        } else {
-          _mm512_store_ps(edge, c[r][0]);
-          _mm512_store_ps(edge + 16, c[r][1]);
-          for (int64_t i = 0; i < w; ++i) dst[i] += std::abs(edge[i]);
-        }
-      }
-    }
-  }
-}
+namespace avx512 {
+#define MAS_EXT_ISA_TARGET "avx512f"
+struct Isa {
+  using V = __m512;
+  static constexpr int kLanes = 16, kRows = 12;
+  __attribute__((target(MAS_EXT_ISA_TARGET))) static V zero() { return _mm512_setzero_ps(); }
+  __attribute__((target(MAS_EXT_ISA_TARGET))) static V load(const float* p) { return _mm512_loadu_ps(p); }
+  __attribute__((target(MAS_EXT_ISA_TARGET))) static V broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  __attribute__((target(MAS_EXT_ISA_TARGET))) static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  __attribute__((target(MAS_EXT_ISA_TARGET))) static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  __attribute__((target(MAS_EXT_ISA_TARGET))) static V abs(V a) { return _mm512_abs_ps(a); }
+  __attribute__((target(MAS_EXT_ISA_TARGET))) static void store(float* p, V a) { _mm512_storeu_ps(p, a); }
+};
+#include "register_kernel.inc"
+#undef MAS_EXT_ISA_TARGET
+}  // namespace avx512
 
 // The register kernel this CPU runs, or none (the caller then takes the GEMM-then-|·| path): AVX-512 where
 // the CPU has it, else AVX2 with FMA. MAS_EXT_CPU_KERNEL=avx2 or =generic forces the AVX2 kernel or the
@@ -352,8 +280,9 @@ struct RegisterKernel {
 };
 
 const RegisterKernel* register_kernel() {
-  static const RegisterKernel avx512{kAvx512Tile, abs_gemm_avx512<false>, abs_gemm_avx512<true>};
-  static const RegisterKernel avx2{kAvx2Tile, abs_gemm_avx2<false>, abs_gemm_avx2<true>};
+  static const RegisterKernel avx512{{avx512::Isa::kRows, 2 * avx512::Isa::kLanes}, avx512::abs_gemm<false>,
+                                     avx512::abs_gemm<true>};
+  static const RegisterKernel avx2{{avx2::Isa::kRows, 2 * avx2::Isa::kLanes}, avx2::abs_gemm<false>, avx2::abs_gemm<true>};
   static const RegisterKernel* chosen = []() -> const RegisterKernel* {
     const std::string want = std::getenv("MAS_EXT_CPU_KERNEL") ? std::getenv("MAS_EXT_CPU_KERNEL") : "";
     const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
