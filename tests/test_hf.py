@@ -294,3 +294,57 @@ def test_families_whose_layers_mix_the_samples(name, n):
         # Funnel's key biases have Ω 0 in exact arithmetic (softmax ignores a shift): float32 rounding, at 1e-9 of
         # the largest Ω, is 3e-4 of the floor there
         assert_close(got, want, tol=1e-3 if name == "funnel" else 2e-4 if dtype == torch.float64 else 1e-4)
+
+
+def _conv_models():
+    """Vision and audio families whose convolutions take the compiled conv op (each has convs of at least 32 columns
+    C·K, the register kernel's, and smaller ones or grouped ones, the GEMM path's): (model, input, output_fn)."""
+    return {
+        "resnet": (lambda: transformers.ResNetForImageClassification(transformers.ResNetConfig(
+            num_channels=3, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic",
+            num_labels=5)), lambda n: torch.randn(n, 3, 20, 20), None),
+        "convnext": (lambda: transformers.ConvNextForImageClassification(transformers.ConvNextConfig(
+            num_channels=3, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], patch_size=2, num_labels=5)),
+            lambda n: torch.randn(n, 3, 16, 16), None),
+        "vit": (lambda: transformers.ViTForImageClassification(transformers.ViTConfig(
+            image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+            intermediate_size=48, num_labels=5)), lambda n: torch.randn(n, 3, 16, 16), None),
+        "wav2vec2": (lambda: transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+            conv_dim=(16, 16, 16), conv_stride=(5, 2, 2), conv_kernel=(10, 3, 3), num_conv_pos_embeddings=8,
+            num_conv_pos_embedding_groups=4, do_stable_layer_norm=True, feat_extract_norm="layer")),
+            lambda n: torch.randn(n, 400), lambda o: o.last_hidden_state),
+    }
+
+
+@pytest.mark.parametrize("mode", ["global", "local"])
+@pytest.mark.parametrize("name", ["resnet", "convnext", "vit", "wav2vec2"])
+def test_vision_and_audio_families_against_a_float64_loop(name, mode):
+    """The conv op (register kernel and GEMM path) inside models nobody here wrote: ResNet's BatchNorm convs,
+    ConvNeXt's depthwise convs (groups = C), ViT's patch conv (stride = kernel), wav2vec2's strided conv1d feature
+    extractor and its weight-normed grouped positional conv. Ω of every parameter against a float64 loop of one
+    sample at a time (g-MAS: ∂‖f(x_k)‖²; l-MAS: each layer's own output as its gradient, from ReferenceMAS in
+    float64, itself checked against that loop in tests/test_importance.py)."""
+    make, inputs, output_fn = _conv_models()[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = inputs(5)
+    pick = output_fn or (lambda o: o.logits)
+    m = copy.deepcopy(model).double()
+    if mode == "global":
+        params = dict(m.named_parameters())
+        want = {k: torch.zeros_like(p) for k, p in params.items()}
+        for xk in x.double():
+            grads = torch.autograd.grad(pick(m(xk[None])).pow(2).sum(), list(params.values()), allow_unused=True)
+            for k, g in zip(params, grads):
+                if g is not None:
+                    want[k] += g.abs() / len(x)
+    else:
+        want = mas_ext.ReferenceMAS(m, mode="local", output_fn=output_fn, show_progress=False).accumulate(
+            [x.double()[:3], x.double()[3:]]).task_importance
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        got = cls(model, mode=mode, output_fn=output_fn, show_progress=False).accumulate([x[:3], x[3:]]).task_importance
+        assert_close(got, want, tol=1e-4)
