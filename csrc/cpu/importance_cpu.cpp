@@ -83,9 +83,10 @@ struct ThreadScratch {
 
 // Rows of the (O, I) accumulator one work item covers: about `tile_elems` floats, sized to stay in the L2
 // cache across the item's samples (the GEMM-then-|·| path: 2^15 floats, its gradient tile of the same size
-// beside them; the register kernel: half of one core's L2, the other half for the packed operands streaming
-// through it: 2^17 floats on a 1 MiB L2 (Zen 5), where it beat the whole L2 by up to 20% on ResNet's 4×4
-// convs of 512 channels and tied with it on the other convs and on Linear layers). The tile count is rounded
+// beside them; the register kernel: 2^17 floats, or a whole L2 where a core has less than 512 KiB. 2^17 was the
+// best of 2^15..2^17 on a 512 KiB L2 (AVX2, Linear layers), and on a 1 MiB L2 (Zen 5) it beat the whole L2 by
+// up to 20% on ResNet's 4×4 convs of 512 channels (AVX-512) and tied with it on other convs and on Linear
+// layers: the packed operands streaming through the L2 need their share of it). The tile count is rounded
 // up to a multiple of the thread count (threads then get equal shares) and the rows to a multiple of
 // `multiple` (the register kernel's row block).
 constexpr int64_t kGemmTileElems = int64_t{1} << 15;
@@ -93,7 +94,7 @@ constexpr int64_t kGemmTileElems = int64_t{1} << 15;
 int64_t register_tile_elems() {
   static const int64_t elems = [] {
     const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);  // bytes per core; 0 or -1 where unknown
-    return l2 > 0 ? std::clamp<int64_t>(l2 / 8, kGemmTileElems, int64_t{1} << 19) : int64_t{1} << 17;
+    return l2 > 0 ? std::clamp<int64_t>(l2 / 4, kGemmTileElems, int64_t{1} << 17) : int64_t{1} << 17;
   }();
   return elems;
 }
