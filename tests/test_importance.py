@@ -956,9 +956,14 @@ def test_cpu_kernels_against_per_sample_sums(kernel):
             assert torch.allclose((om - om0).double(), want, rtol=1e-4, atol=1e-4), (n, c, o, sp, k)
             assert torch.allclose((ob - ob0).double(), g.double().flatten(2).sum(2).abs().sum(0), rtol=1e-4, atol=1e-4)
         print("ok")
+        print(mas_ext.backend())
     """)
     env = {k: v for k, v in os.environ.items() if k != "MAS_EXT_CPU_KERNEL"}
     if kernel != "default":
         env["MAS_EXT_CPU_KERNEL"] = kernel
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+    assert run.returncode == 0 and run.stdout.split("\n")[0] == "ok", run.stderr[-2000:]
+    said = run.stdout.split("\n")[1]  # mas_ext.backend() names the path that ran
+    has = {"avx2": "AVX2 register kernel", "generic": "GEMM-then-|.| tiles", "default": "register kernel"}[kernel]
+    assert has in said or "GEMM-then-|.| tiles" in said, said  # (a CPU without AVX2 takes the GEMM path)
+    assert kernel == "default" or f"MAS_EXT_CPU_KERNEL={kernel}" in said, said

@@ -275,15 +275,17 @@ struct Isa {
 // the CPU has it, else AVX2 with FMA. MAS_EXT_CPU_KERNEL=avx2 or =generic forces the AVX2 kernel or the
 // GEMM path (the tests run all three on machines that have AVX-512).
 struct RegisterKernel {
+  const char* name;
   RegisterTile tile;
   void (*run)(float*, const float*, const float*, int64_t, int64_t, int64_t, int64_t, const SampleRows*);
   void (*run_extra)(float*, const float*, const float*, int64_t, int64_t, int64_t, int64_t, const SampleRows*);
 };
 
 const RegisterKernel* register_kernel() {
-  static const RegisterKernel avx512{{avx512::Isa::kRows, 2 * avx512::Isa::kLanes}, avx512::abs_gemm<false>,
-                                     avx512::abs_gemm<true>};
-  static const RegisterKernel avx2{{avx2::Isa::kRows, 2 * avx2::Isa::kLanes}, avx2::abs_gemm<false>, avx2::abs_gemm<true>};
+  static const RegisterKernel avx512{"AVX-512 register kernel", {avx512::Isa::kRows, 2 * avx512::Isa::kLanes},
+                                     avx512::abs_gemm<false>, avx512::abs_gemm<true>};
+  static const RegisterKernel avx2{"AVX2 register kernel", {avx2::Isa::kRows, 2 * avx2::Isa::kLanes},
+                                   avx2::abs_gemm<false>, avx2::abs_gemm<true>};
   static const RegisterKernel* chosen = []() -> const RegisterKernel* {
     const std::string want = std::getenv("MAS_EXT_CPU_KERNEL") ? std::getenv("MAS_EXT_CPU_KERNEL") : "";
     const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -683,6 +685,15 @@ void norm_affine_importance_cpu(at::Tensor& omega_w, const std::optional<at::Ten
 }
 
 }  // namespace
+
+// For mas_ext.backend() (csrc/module.cpp): the register kernel the importance ops run on this CPU, or the
+// GEMM path's name where there is none.
+const char* cpu_kernel_name() {
+#ifdef MAS_EXT_AVX2_KERNEL
+  if (const RegisterKernel* kernel = register_kernel()) return kernel->name;
+#endif
+  return "GEMM-then-|.| tiles";
+}
 
 TORCH_LIBRARY_FRAGMENT(mas_ext, m) {
   m.def("linear_importance_(Tensor(a!) omega_w, Tensor(b!)? omega_b, Tensor input, Tensor grad_out) -> ()");
