@@ -424,6 +424,16 @@ def test_conv_op_against_per_sample_conv_gradients(bias):
         assert torch.allclose(b.double(), g.double().sum((2, 3)).abs().sum(0), rtol=1e-5)
 
 
+@pytest.mark.parametrize("channels", [2, 16])  # C·K = 6: the GEMM path; 48: the register kernel's
+def test_conv_op_without_output_positions_adds_nothing(channels):
+    """An input one shorter than the kernel's reach has no output positions: Ω gains nothing (the register
+    kernel's path once divided by the zero size of a sample's operands)."""
+    w, b = torch.rand(8, channels, 3), torch.rand(8)
+    w0, b0 = w.clone(), b.clone()
+    torch.ops.mas_ext.conv_importance_(w, b, torch.randn(2, channels, 2), torch.randn(2, 8, 0), [3], [1], [0], [1], 1)
+    assert torch.equal(w, w0) and torch.equal(b, b0)
+
+
 def test_ops_reject_bad_shapes_with_clear_errors():
     w, b, a, g = _linear_args(2, 3, 4, 5, torch.float32, True)
     with pytest.raises(RuntimeError, match="disagree"):

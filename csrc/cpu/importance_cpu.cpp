@@ -551,6 +551,7 @@ void conv_importance_cpu(at::Tensor& omega_w, const std::optional<at::Tensor>& o
   const int64_t Cg = C / groups, Og = O / groups, sample_in = C * geo.in[0] * geo.in[1] * geo.in[2];
 
   if (omega_b) omega_b->add_(g.view({N, O, L}).sum(2).abs_().sum(0));
+  if (L == 0) return;  // no output positions (an input shorter than the kernel's reach): every gradient is 0
   if (groups == 1 && conv_importance_registers(omega_w, x, g, geo, K, L)) return;
   ThreadAccumulators acc_w(omega_w, N);
   ThreadScratch cols_ws({groups, Cg * K, L}, x.options()), tmp_ws({groups, Og, Cg * K}, x.options());
