@@ -52,26 +52,31 @@ ROPE = ("llama", "qwen2-tied", "mistral")
 
 
 def make_model(name, seed=0):
+    return perturbed(MODELS[name], seed)
+
+
+def perturbed(make, seed=0):
+    """make() in eval mode, its random weights moved to a scale where every parameter's Ω is well above rounding."""
     torch.manual_seed(seed)
-    model = MODELS[name]().eval()
-    with torch.no_grad():  # random weights at a scale where every parameter's Ω is well above rounding
+    model = make().eval()
+    with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model
 
 
-def oracle(model, sequences):
-    """Float64, one unpadded sample at a time: (1/N) Σ_k |∂ ‖logits(x_k)‖² / ∂θ|."""
-    m = copy.deepcopy(model).double()
+def oracle(model, samples, forward=lambda m, x: m(input_ids=x[None]).logits, dtype=torch.float64):
+    """One unpadded sample at a time, on a copy of the model in `dtype` (float64 unless an op lacks it):
+    (1/N) Σ_k |∂ ‖f(x_k)‖² / ∂θ| with f(x_k) = forward(copy, x_k), summed in float64."""
+    m = copy.deepcopy(model).to(dtype)
     params = dict(m.named_parameters())
-    om = {k: torch.zeros_like(p) for k, p in params.items()}
-    for ids in sequences:
-        out = m(input_ids=ids.unsqueeze(0)).logits
-        grads = torch.autograd.grad(out.pow(2).sum(), list(params.values()), allow_unused=True)
+    om = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
+    for x in samples:
+        grads = torch.autograd.grad(forward(m, x).pow(2).sum(), list(params.values()), allow_unused=True)
         for k, g in zip(params, grads):
             if g is not None:
-                om[k] += g.abs()
-    return {k: v / len(sequences) for k, v in om.items()}
+                om[k] += g.double().abs()
+    return {k: v / len(samples) for k, v in om.items()}
 
 
 def assert_close(got, want, tol=2e-4):
@@ -255,16 +260,9 @@ def test_families_whose_layers_mix_the_samples(name, n):
     n blocks of rows on the first batch, and Funnel's attention reads its positions as shared: they keep the fast
     path."""
     make, output_fn, dtype = _mixing_models()[name]
-    torch.manual_seed(0)
-    model = make().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturbed(make)
     x = torch.randint(1, V, (n + 2, 8))
     pick = output_fn or (lambda o: o.logits)
-    m = copy.deepcopy(model).to(dtype)
-    params = dict(m.named_parameters())
-    want = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
     seq2seq = model.config.is_encoder_decoder and output_fn is None
 
     class Call(torch.nn.Module):  # BART: the decoder reads the same tokens
@@ -276,14 +274,8 @@ def test_families_whose_layers_mix_the_samples(name, n):
             return self.inner(input_ids=input_ids, **({"decoder_input_ids": input_ids} if seq2seq else {}))
 
     if seq2seq:
-        model, m = Call(model), Call(m)
-        want = {f"inner.{k}": v for k, v in want.items()}
-        params = {f"inner.{k}": v for k, v in params.items()}
-    for ids in x:
-        grads = torch.autograd.grad(pick(m(input_ids=ids[None])).pow(2).sum(), list(params.values()), allow_unused=True)
-        for k, g in zip(params, grads):
-            if g is not None:
-                want[k] += g.double().abs() / len(x)
+        model = Call(model)
+    want = oracle(model, x, lambda m, ids: pick(m(input_ids=ids[None])), dtype)
     for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -326,25 +318,14 @@ def test_vision_and_audio_families_against_a_float64_loop(name, mode):
     sample at a time (g-MAS: ∂‖f(x_k)‖²; l-MAS: each layer's own output as its gradient, from ReferenceMAS in
     float64, itself checked against that loop in tests/test_importance.py)."""
     make, inputs, output_fn = _conv_models()[name]
-    torch.manual_seed(0)
-    model = make().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturbed(make)
     x = inputs(5)
     pick = output_fn or (lambda o: o.logits)
-    m = copy.deepcopy(model).double()
     if mode == "global":
-        params = dict(m.named_parameters())
-        want = {k: torch.zeros_like(p) for k, p in params.items()}
-        for xk in x.double():
-            grads = torch.autograd.grad(pick(m(xk[None])).pow(2).sum(), list(params.values()), allow_unused=True)
-            for k, g in zip(params, grads):
-                if g is not None:
-                    want[k] += g.abs() / len(x)
+        want = oracle(model, x, lambda m, xk: pick(m(xk[None].double())))
     else:
-        want = mas_ext.ReferenceMAS(m, mode="local", output_fn=output_fn, show_progress=False).accumulate(
-            [x.double()[:3], x.double()[3:]]).task_importance
+        want = mas_ext.ReferenceMAS(copy.deepcopy(model).double(), mode="local", output_fn=output_fn,
+                                    show_progress=False).accumulate([x.double()[:3], x.double()[3:]]).task_importance
     for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
         got = cls(model, mode=mode, output_fn=output_fn, show_progress=False).accumulate([x[:3], x[3:]]).task_importance
         assert_close(got, want, tol=1e-4)
