@@ -195,20 +195,13 @@ struct RegisterTile {
   int64_t panels_elems(int64_t P, int64_t n) const { return (n + rows - 1) / rows * rows * P; }
 };
 
-// a(p, i) = a[p * sp + i * si]: (P, I) row-major has (sp, si) = (I, 1), (I, P) row-major (im2col's) (1, P).
-void pack_strips(const float* a, int64_t P, int64_t I, int64_t sp, int64_t si, int64_t width, float* out) {
+// a (P, I) row-major. (A conv's im2col writes its strips itself: im2col3d.)
+void pack_strips(const float* a, int64_t P, int64_t I, int64_t width, float* out) {
   for (int64_t i0 = 0; i0 < I; i0 += width, out += width * P) {
     const int64_t w = std::min(width, I - i0);
-    if (si == 1) {
-      for (int64_t p = 0; p < P; ++p) {
-        std::copy(a + p * sp + i0, a + p * sp + i0 + w, out + p * width);
-        std::fill(out + p * width + w, out + (p + 1) * width, 0.f);
-      }
-    } else {
-      for (int64_t j = 0; j < width; ++j) {
-        const float* src = a + (i0 + j) * si;
-        for (int64_t p = 0; p < P; ++p) out[p * width + j] = j < w ? src[p * sp] : 0.f;
-      }
+    for (int64_t p = 0; p < P; ++p) {
+      std::copy(a + p * I + i0, a + p * I + i0 + w, out + p * width);
+      std::fill(out + p * width + w, out + (p + 1) * width, 0.f);
     }
   }
 }
@@ -313,7 +306,7 @@ bool per_sample_abs_gemm_registers(const at::Tensor& out, const at::Tensor& a, c
       float* const apack = scratch.data_ptr<float>();
       float* const gpack = apack + strips;
       for (int64_t k = k0; k < k1; ++k) {
-        pack_strips(ap + k * P * I, P, I, I, 1, tile.width, apack);
+        pack_strips(ap + k * P * I, P, I, tile.width, apack);
         pack_panels(gp + k * P * O, P, r0, r1, O, 1, tile.rows, gpack);
         (extra ? kernel->run_extra : kernel->run)(acc, apack, gpack, P, I, r0, r1, extra ? &(*extra)[k] : nullptr);
       }
@@ -422,7 +415,8 @@ struct ConvGeom {
 // im2col of one sample, any of 1-3 spatial dims expressed as 3-D (missing dims have size 1):
 // x (C, D, H, W) -> cols (C * kd * kh * kw, oD * oH * oW) = (I, L), element (i, p) written at
 // out[(i / width) * width * L + p * width + i % width]: width = 1 is the row-major (I, L) matrix, the
-// register kernel's width its packed strips (whose columns past I the caller zeroes).
+// register kernel's width its packed strips (the last strip's columns past I zero: their sums are never stored,
+// but garbage there could be denormals that slow the FMAs).
 void im2col3d(const float* x, float* out, const ConvGeom& g, int64_t width) {
   const int64_t L = g.out[0] * g.out[1] * g.out[2];
   int64_t row = 0;
@@ -458,6 +452,10 @@ void im2col3d(const float* x, float* out, const ConvGeom& g, int64_t width) {
             }
           }
         }
+  if (row % width) {  // the last strip's columns past I
+    float* last = out + row / width * width * L;
+    for (int64_t p = 0; p < L; ++p) std::fill(last + p * width + row % width, last + (p + 1) * width, 0.f);
+  }
 }
 
 // Floats of the packed im2col operands of one run of samples in conv_importance_registers (8 MiB).
@@ -488,14 +486,7 @@ bool conv_importance_registers(at::Tensor& omega_w, const at::Tensor& x, const a
   for (int64_t k0 = 0; k0 < N; k0 += run) {
     const int64_t m = std::min(run, N - k0);
     at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
-        float* const dst = sp + k * per;
-        im2col3d(xp + (k0 + k) * sample_in, dst, geo, tile.width);
-        if (I % tile.width) {  // the last strip's columns past I
-          float* last = dst + I / tile.width * tile.width * L;
-          for (int64_t p = 0; p < L; ++p) std::fill(last + p * tile.width + I % tile.width, last + (p + 1) * tile.width, 0.f);
-        }
-      }
+      for (int64_t k = begin; k < end; ++k) im2col3d(xp + (k0 + k) * sample_in, sp + k * per, geo, tile.width);
     });
     for_each_row_tile(omega_w, m, tile.rows, register_tile_elems(), [&](int64_t rows) { return tile.panels_elems(L, rows); },
                       [&](float* acc, const at::Tensor& scratch, int64_t r0, int64_t r1, int64_t s0, int64_t s1) {
