@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import mas_ext
+from _oracle import add_local_grads
 
 
 def _layers(model):
@@ -53,13 +54,7 @@ def oracle(model, x, mode="global", per_sample=True, batch=None):
             h.remove()
         sample = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
         for layer, args, kwargs in calls:
-            own = list(layer.parameters())
-            out = layer(*args, **kwargs)
-            outs = [o for o in (out if isinstance(out, tuple) else (out,)) if torch.is_tensor(o) and o.is_floating_point()]
-            gs = torch.autograd.grad(sum(0.5 * o.pow(2).sum() for o in outs), own, allow_unused=True)
-            for p, g in zip(own, gs):
-                if g is not None:
-                    sample[names[id(p)]] += g
+            add_local_grads(sample, names, layer, list(layer.parameters()), args, kwargs)
         for n, g in sample.items():
             omega[n] += g.abs()
     return {n: v / len(x) for n, v in omega.items()}

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import torch.nn.utils.prune
 
 import mas_ext
+from _oracle import add_local_grads
 
 CLASSES = [mas_ext.FusedMAS, mas_ext.ReferenceMAS]
 CLS_IDS = ["fused", "reference"]
@@ -142,15 +143,8 @@ def oracle(model, batches, mode="global", per_sample=True, shared=(), unpad=Fals
                         h.remove()
                     for layer, a, kw in calls:
                         own = [p for p in layers[layer] if p.requires_grad]
-                        if not own:
-                            continue
-                        o = layer(*a, **kw)
-                        outs = [t for t in (o if isinstance(o, tuple) else (o,))
-                                if torch.is_tensor(t) and t.is_floating_point()]
-                        gs = torch.autograd.grad(sum(0.5 * t.pow(2).sum() for t in outs), own, allow_unused=True)
-                        for p, g in zip(own, gs):
-                            if g is not None:
-                                sample[names[id(p)]] += g
+                        if own:
+                            add_local_grads(sample, names, layer, own, a, kw)
             for nm, g in sample.items():
                 omega[nm] += g.abs()
         count += n

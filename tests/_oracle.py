@@ -1,0 +1,14 @@
+"""The one step the float64 l-MAS oracles of tests/test_importance.py and tests/test_model_edge_cases.py share
+(they differ in which modules are layers and which parameters each owns)."""
+import torch
+
+
+def add_local_grads(sample, names, layer, own, args, kwargs):
+    """sample[names[id(p)]] += ∂(½ Σ‖y‖²)/∂p for p in `own`, y the floating outputs of layer(*args, **kwargs): SPEC §1's
+    l-MAS, in which the gradient arriving at a layer's output is that output itself."""
+    out = layer(*args, **kwargs)
+    outs = [o for o in (out if isinstance(out, tuple) else (out,)) if torch.is_tensor(o) and o.is_floating_point()]
+    gs = torch.autograd.grad(sum(0.5 * o.pow(2).sum() for o in outs), own, allow_unused=True)
+    for p, g in zip(own, gs):
+        if g is not None:
+            sample[names[id(p)]] += g
