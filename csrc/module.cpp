@@ -12,7 +12,8 @@ static PyObject* cpu_kernel(PyObject*, PyObject*) { return PyUnicode_FromString(
 
 static PyMethodDef mas_ext_methods[] = {
     {"cpu_kernel", cpu_kernel, METH_NOARGS,
-     "The kernel the CPU importance ops run: the AVX-512 or AVX2 register kernel, or the GEMM-then-|.| tiles."},
+     "The kernel the CPU importance ops run (the AVX-512 or AVX2 register kernel, or the GEMM-then-|.| tiles), "
+     "and MAS_EXT_CPU_KERNEL where it chose it."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef mas_ext_module = {PyModuleDef_HEAD_INIT, "_C", "mas_ext compiled ops (see torch.ops.mas_ext)", -1,

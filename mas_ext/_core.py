@@ -28,9 +28,7 @@ def backend():
         return "reference (forced by MAS_EXT_BACKEND=reference)"
     if _ops.error is not None:
         return f"reference (compiled kernels unavailable: {_ops.error})"
-    forced = os.environ.get("MAS_EXT_CPU_KERNEL", "")  # read by the library once, at its first op
-    kernel = _ops._C.cpu_kernel() + (f", MAS_EXT_CPU_KERNEL={forced}" if forced in ("avx2", "generic") else "")
-    cpu = f"cpu (C++ kernels: {kernel}; OpenMP, {torch.get_num_threads()} threads)"
+    cpu = f"cpu (C++ kernels: {_ops._C.cpu_kernel()}; OpenMP, {torch.get_num_threads()} threads)"
     if torch.cuda.is_available():
         if not _cuda_ops_built():
             return f"{cpu}; CUDA tensors take the reference path: no CUDA kernels in this build"

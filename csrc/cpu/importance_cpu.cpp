@@ -274,20 +274,30 @@ struct RegisterKernel {
   void (*run_extra)(float*, const float*, const float*, int64_t, int64_t, int64_t, int64_t, const SampleRows*);
 };
 
-const RegisterKernel* register_kernel() {
+// The choice, made once per process: the kernel (none: the GEMM path) and what cpu_kernel_name() says of it.
+struct KernelChoice {
+  const RegisterKernel* kernel;
+  std::string name;
+};
+
+const KernelChoice& kernel_choice() {
   static const RegisterKernel avx512{"AVX-512 register kernel", {avx512::Isa::kRows, 2 * avx512::Isa::kLanes},
                                      avx512::abs_gemm<false>, avx512::abs_gemm<true>};
   static const RegisterKernel avx2{"AVX2 register kernel", {avx2::Isa::kRows, 2 * avx2::Isa::kLanes},
                                    avx2::abs_gemm<false>, avx2::abs_gemm<true>};
-  static const RegisterKernel* chosen = []() -> const RegisterKernel* {
+  static const KernelChoice choice = [] {
     const std::string want = std::getenv("MAS_EXT_CPU_KERNEL") ? std::getenv("MAS_EXT_CPU_KERNEL") : "";
     const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (want == "generic" || !has_avx2) return nullptr;
-    if (want != "avx2" && __builtin_cpu_supports("avx512f")) return &avx512;
-    return &avx2;
+    const RegisterKernel* kernel = want == "generic" || !has_avx2                         ? nullptr
+                                   : want != "avx2" && __builtin_cpu_supports("avx512f") ? &avx512
+                                                                                         : &avx2;
+    const std::string forced = want == "avx2" || want == "generic" ? ", MAS_EXT_CPU_KERNEL=" + want : "";
+    return KernelChoice{kernel, (kernel ? kernel->name : "GEMM-then-|.| tiles") + forced};
   }();
-  return chosen;
+  return choice;
 }
+
+const RegisterKernel* register_kernel() { return kernel_choice().kernel; }
 #endif
 
 // out (O, I) += Σ_k |G_kᵀ A_k (+ extra[k])| by the register kernel above, with per_sample_abs_gemm's work
@@ -679,12 +689,13 @@ void norm_affine_importance_cpu(at::Tensor& omega_w, const std::optional<at::Ten
 }  // namespace
 
 // For mas_ext.backend() (csrc/module.cpp): the register kernel the importance ops run on this CPU, or the
-// GEMM path's name where there is none.
+// GEMM path's name where there is none, and MAS_EXT_CPU_KERNEL where it made the choice.
 const char* cpu_kernel_name() {
 #ifdef MAS_EXT_AVX2_KERNEL
-  if (const RegisterKernel* kernel = register_kernel()) return kernel->name;
-#endif
+  return kernel_choice().name.c_str();
+#else
   return "GEMM-then-|.| tiles";
+#endif
 }
 
 TORCH_LIBRARY_FRAGMENT(mas_ext, m) {
