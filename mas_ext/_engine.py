@@ -168,6 +168,17 @@ def _expand_broadcast(module, args, kwargs, outs, n, learned):
     return args, kwargs, [expand(o) if i in which else o for i, o in enumerate(outs)], which
 
 
+def _flattens_samples(in_dims, out_dims, rows, flat_out, pos, state):
+    """Whether a call whose inputs hold the batch in dim 0 (or not at all) returns a floating output with no batch
+    dim but n blocks of rows, one per sample (the batch's (n, T) positions flattened; with padding, all of them), and
+    every other floating output so or with the batch in dim 0: the generic rule then takes each sample's blocks."""
+    n = state.n
+    return (all(d is None or (d == 0 and r) for d, r in zip(in_dims, rows[0]))
+            and all(rows[1][i] and (out_dims[i] == 0 or (flat_out[i].shape[0] % n == 0 and (
+                state.mask is None or flat_out[i].shape[0] == state.mask.numel()))) for i in pos)
+            and any(out_dims[i] is None for i in pos))
+
+
 def _learned_dims(flat_in, flat_out, one, n, preferred):
     """(the batch dim of each flattened input, of each output; which inputs and which outputs have n times the rows
     of one sample's in dim 0: the samples' rows flattened there (OPT's and the MoE layers' (n·T, D) tokens), or
@@ -184,6 +195,7 @@ def _learned_dims(flat_in, flat_out, one, n, preferred):
 
 
 _UNKNOWN = object()  # a batch dim not learned yet
+_ABSENT = _rules.ABSENT
 _BY_SAMPLE = "each batch is run one sample at a time from now on, which is exact and slower"
 _PADDED_BY_SAMPLE = "batches with padding run one sample at a time from now on, without it (exact, slower)"
 
@@ -287,6 +299,7 @@ class _Unit:
         self.repeats = False  # seen running more than once in one forward
         self.handled = False  # its tapped forward has handled the call now ending
         self.blocks = None  # its n·m-row input read as n blocks of rows: None until a batch confirms (or refutes) it
+        self.attributes = None  # generic rule: its module's tensor (or None) attributes before the call now running
 
 
 class _Group:
@@ -430,8 +443,15 @@ class Engine:
     @contextlib.contextmanager
     def session(self):
         """Around :meth:`run`: eval mode (restored per module), the MHA fast path off (it skips submodule
-        hooks), unit hooks on, tapped forwards installed, compiled submodules run eagerly."""
+        hooks), Hugging Face caches off, unit hooks on, tapped forwards installed, compiled submodules run
+        eagerly."""
         modes = [(m, m.training) for m in self.net.modules()]
+        # The pass reads no cache, and a layer that the generic rule runs again would advance one a second time
+        # (Mamba's mixer updates its conv state in place: an error under torch.func). Configs are restored as modes.
+        configs = {id(c): c for m in self.net.modules() for c in [getattr(m, "config", None)]
+                   if getattr(c, "use_cache", None) is True}
+        for c in configs.values():
+            c.use_cache = False
         fastpath = torch.backends.mha.get_fastpath_enabled()
         # First among the module's forward hooks: a user's hook that changes the output (accelerate's, a mask)
         # comes after the tap, so the gradient the rule gets is the one at the layer's own output.
@@ -447,6 +467,10 @@ class Engine:
                   and self._use_kernels(list(u.module.parameters()))]
         for u in tapped:
             u.module.forward = functools.partial(self._tapped_forward, u)
+        # the generic rule runs a module again: its tensor attributes as they were before the call (RecurrentGemma's
+        # RG-LRU keeps its last recurrent state on itself, which a second run would start from)
+        handles += [u.module.register_forward_pre_hook(self._attributes_before(u), prepend=True)
+                    for u in self.units if u.rule.grads is _rules.generic_grads]
         if any(training for _, training in modes):
             self.net.eval()
         torch.backends.mha.set_fastpath_enabled(False)
@@ -462,6 +486,8 @@ class Engine:
             for h in handles:
                 h.remove()
             torch.backends.mha.set_fastpath_enabled(fastpath)
+            for c in configs.values():
+                c.use_cache = True
             for m, training in modes:
                 if m.training != training:
                     m.training = training
@@ -781,12 +807,24 @@ class Engine:
             raise FloatingPointError(f"batch {where}: the model output is not finite (NaN or inf); "
                                      "importance and sample count left as they were before this batch")
 
+    def _attributes_before(self, unit):
+        def hook(module, args):
+            if self._pass is not None and not self._pass.busy:
+                unit.attributes = {k: v for k, v in vars(module).items() if v is None or torch.is_tensor(v)}
+        return hook
+
     def _hook_for(self, unit):
         def hook(module, args, kwargs, out):
             state = self._pass
             if state is None or state.busy:
                 return None
             state.calls[unit] = state.calls.get(unit, 0) + 1
+            attributes = None
+            if unit.attributes is not None:  # the tensor attributes the call replaced, as they were before it
+                now = vars(module)
+                attributes = {k: v for k, v in unit.attributes.items() if now.get(k, _ABSENT) is not v}
+                attributes.update({k: _ABSENT for k, v in now.items() if torch.is_tensor(v) and k not in unit.attributes})
+                unit.attributes = None
             if unit.handled:  # its tapped forward has already seen to this call
                 unit.handled = False
                 return None
@@ -828,6 +866,14 @@ class Engine:
                     state.mixed.append((unit, f"is called on an input of shape {mixed}, whose rows are not the "
                                               f"batch's {state.n} samples (it mixes them, or all share it)"))
                     return None
+            elif (rows is not None and self.per_sample and state.n > 1 and unit.blocks is not False
+                  and unit.rule.grads is _rules.generic_grads and _flattens_samples(in_dims, out_dims, rows, flat, pos,
+                                                                                   state)):
+                # an input with the batch in dim 0 and an output of the samples' rows flattened (DeepSeek-V3's
+                # router: (n, T, D) in, (n·T, E) logits out), confirmed once as the blocks above
+                block_rows = rows
+                if unit.blocks is None:
+                    state.tentative.append(unit)
             # The whole call is one sample's (a one-sample pass) or the batch's (per_sample=False): its rule is
             # the module's own gradient, through the generic rule, which keeps its output.
             whole = mixed is not None
@@ -840,7 +886,8 @@ class Engine:
                     state.unmasked = f"the output of module '{unit.name}' ({type(module).__name__})"
                     return None
             call = _rules.Call(1 if whole else state.n, args, kwargs, out if keep else None, versions=versions,
-                               whole=whole, in_dims=in_dims, out_dims=out_dims, rows=block_rows)
+                               whole=whole, in_dims=in_dims, out_dims=out_dims, rows=block_rows,
+                               attributes=attributes or None)
             unit.group.calls.append((unit, call))
             if self.mode == "local":
                 call.grads = local

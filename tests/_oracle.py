@@ -3,10 +3,21 @@
 import torch
 
 
-def add_local_grads(sample, names, layer, own, args, kwargs):
+def attributes(module):
+    """The module's plain attributes that are tensors or None (state a forward may keep on the module)."""
+    return {k: v for k, v in vars(module).items() if v is None or torch.is_tensor(v)}
+
+
+def add_local_grads(sample, names, layer, own, args, kwargs, before=None):
     """sample[names[id(p)]] += ∂(½ Σ‖y‖²)/∂p for p in `own`, y the floating outputs of layer(*args, **kwargs): SPEC §1's
-    l-MAS, in which the gradient arriving at a layer's output is that output itself."""
-    out = layer(*args, **kwargs)
+    l-MAS, in which the gradient arriving at a layer's output is that output itself. ``before``: the layer's
+    :func:`attributes` as they were before the call, set for the run (a state the layer keeps on itself)."""
+    now = attributes(layer)
+    vars(layer).update(before or {})
+    try:
+        out = layer(*args, **kwargs)
+    finally:
+        vars(layer).update(now)
     outs = [o for o in (out if isinstance(out, tuple) else (out,)) if torch.is_tensor(o) and o.is_floating_point()]
     gs = torch.autograd.grad(sum(0.5 * o.pow(2).sum() for o in outs), own, allow_unused=True)
     for p, g in zip(own, gs):

@@ -329,3 +329,73 @@ def test_vision_and_audio_families_against_a_float64_loop(name, mode):
     for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
         got = cls(model, mode=mode, output_fn=output_fn, show_progress=False).accumulate([x[:3], x[3:]]).task_importance
         assert_close(got, want, tol=1e-4)
+
+
+def _more_families():
+    """Decoder families beyond the benchmark's, each with what it does that the others don't: (make, oracle dtype
+    (float32 where grouped_mm has no float64), the module classes FusedMAS leaves to the generic rule)."""
+    dec = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=64)
+    return {
+        # tied embeddings read through GemmaTextScaledWordEmbedding (rows × √D), (1 + w) RMSNorm
+        "gemma": (lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(
+            num_key_value_heads=2, head_dim=8, **dec)), torch.float64, set()),
+        # sliding-window layers beside global ones, q/k RMSNorms on (n, T, heads, d)
+        "gemma3": (lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+            num_key_value_heads=2, head_dim=8, sliding_window=4, **dec)), torch.float64, set()),
+        "qwen3": (lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+            num_key_value_heads=2, head_dim=8, **dec)), torch.float64, set()),
+        # fused qkv and gate_up projections
+        "phi3": (lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
+            num_key_value_heads=2, pad_token_id=0, **dec)), torch.float64, set()),
+        "gpt-neox": (lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**dec)), torch.float64,
+                     set()),
+        # nn.Linear subclass with a forward of its own: the generic rule
+        "falcon": (lambda: transformers.FalconForCausalLM(transformers.FalconConfig(
+            vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)), torch.float64,
+            {"FalconLinear"}),
+        # a cache made by the model (use_cache) that the mixer updates in place; the mixer's A_log and D: generic
+        "mamba": (lambda: transformers.MambaForCausalLM(transformers.MambaConfig(
+            vocab_size=V, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=4)),
+            torch.float64, {"MambaMixer"}),
+        # RG-LRU: its last recurrent state kept on the module, an autograd.Function torch.func cannot transform
+        "recurrent-gemma": (lambda: transformers.RecurrentGemmaForCausalLM(transformers.RecurrentGemmaConfig(
+            vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=1, lru_width=32, attention_window_size=8, conv1d_width=4, pad_token_id=0)),
+            torch.float64, {"RecurrentGemmaRglru"}),
+        # the router takes (n, T, D) and returns (n·T, E) logits
+        "deepseek-v3": (lambda: transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
+            num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+            first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
+            v_head_dim=8, n_group=1, topk_group=1, **dec)), torch.float32,
+            {"DeepseekV3TopkRouter", "DeepseekV3Experts"}),
+        # attention and feed-forward blocks with parameters of their own, a recurrent state in the model's cache
+        "rwkv": (lambda: transformers.RwkvForCausalLM(transformers.RwkvConfig(
+            vocab_size=V, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32, intermediate_size=48,
+            context_length=64)), torch.float64, {"RwkvSelfAttention", "RwkvFeedForward"}),
+    }
+
+
+@pytest.mark.parametrize("name", ["gemma", "gemma3", "qwen3", "phi3", "gpt-neox", "falcon", "mamba", "recurrent-gemma",
+                                  "deepseek-v3", "rwkv"])
+def test_more_decoder_families_against_a_float64_loop(name):
+    """Ω of every parameter against a one-sample float64 loop, ReferenceMAS and FusedMAS, in batches of 3 and 2, with
+    no batch run one sample at a time; FusedMAS leaves only the listed classes to the generic rule. Before: Mamba and
+    RecurrentGemma crashed (the rerun of the mixer advanced the model's cache; the RG-LRU's rerun started from the
+    state the batch left on it), DeepSeek-V3 ran every batch one sample at a time, Gemma's embedding and the tied head
+    took the generic rule (N × V × D per-sample gradients)."""
+    make, dtype, generic = _more_families()[name]
+    model = perturbed(make)
+    x = torch.randint(1, V, (5, 8))
+    # RWKV's backward fails where its forward updates the cache's state in place
+    want = oracle(model, x, lambda m, ids: m(input_ids=ids[None], use_cache=False).logits, dtype)
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mas = cls(model, show_progress=False)
+            got = mas.accumulate([x[:3], x[3:]]).task_importance
+        assert not [w for w in caught if "one sample at a time" in str(w.message)], [str(w.message) for w in caught]
+        assert_close(got, want, tol=2e-4 if dtype == torch.float64 else 1e-4)
+    assert {type(u.module).__name__ for u in mas._engine.units
+            if u.rule.grads is mas_ext._rules.generic_grads} == generic
+    assert model.config.use_cache is not False  # turned off for the pass only

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torch.nn.utils.prune
 
 import mas_ext
-from _oracle import add_local_grads
+from _oracle import add_local_grads, attributes
 
 CLASSES = [mas_ext.FusedMAS, mas_ext.ReferenceMAS]
 CLS_IDS = ["fused", "reference"]
@@ -135,16 +135,18 @@ def oracle(model, batches, mode="global", per_sample=True, shared=(), unpad=Fals
                         if g is not None:
                             sample[names[id(p)]] += g
                 else:
-                    calls, layers = [], _layers(m)
-                    hooks = [layer.register_forward_hook(lambda mod, a, kw, o: calls.append((mod, a, kw)),
-                                                         with_kwargs=True) for layer in layers]
+                    calls, layers, before = [], _layers(m), {}
+                    hooks = [h for layer in layers for h in (
+                        layer.register_forward_pre_hook(lambda mod, a: before.setdefault(mod, []).append(attributes(mod))),
+                        layer.register_forward_hook(lambda mod, a, kw, o: calls.append((mod, a, kw, before[mod].pop())),
+                                                    with_kwargs=True))]
                     m(*args, **kwargs)  # with grad enabled: no inference fast path that skips the submodules
                     for h in hooks:
                         h.remove()
-                    for layer, a, kw in calls:
+                    for layer, a, kw, attrs in calls:
                         own = [p for p in layers[layer] if p.requires_grad]
                         if own:
-                            add_local_grads(sample, names, layer, own, a, kw)
+                            add_local_grads(sample, names, layer, own, a, kw, attrs)
             for nm, g in sample.items():
                 omega[nm] += g.abs()
         count += n
@@ -939,3 +941,104 @@ def test_encoder_decoder_padding_is_each_sample_alone(request, cls, mode):
                           "decoder_input_ids": d["input_ids"][k:k + 1, d_keep]})
     want = oracle(model, alone, mode=mode)
     assert_close(run(cls, model, batches, mode=mode).task_importance, want)
+
+
+class FlattenedRouter(nn.Module):
+    """A module of its own weight (not a Linear) that takes (n, T, D) and returns (n·T, E) rows, as DeepSeek-V3's
+    router: sample-major (each sample's T rows in a block) or token-major (no sample's block)."""
+
+    def __init__(self, order, d=6, e=4):
+        super().__init__()
+        self.order, self.weight = order, nn.Parameter(torch.randn(e, d) / 3)
+
+    def forward(self, h):
+        rows = h.transpose(0, 1) if self.order == "token-major" else h
+        return torch.sigmoid(rows.reshape(-1, h.shape[-1]) @ self.weight.t())
+
+
+class RoutedModel(nn.Module):
+    def __init__(self, order):
+        super().__init__()
+        self.inp, self.router = nn.Linear(5, 6), FlattenedRouter(order)
+
+    def forward(self, x):
+        n, t = x.shape[:2]
+        scores = self.router(torch.tanh(self.inp(x)))
+        scores = scores.view(t, n, -1).transpose(0, 1) if self.router.order == "token-major" else scores.view(n, t, -1)
+        return scores * x[..., :4]
+
+
+@pytest.mark.parametrize("order", ["sample-major", "token-major"])
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_a_module_that_flattens_the_samples_rows(request, cls, mode, per_sample, order):
+    """An input with the batch in dim 0 and an output of the samples' rows flattened: sample-major rows are each
+    sample's block and keep the batched path once a first batch run sample by sample agrees (DeepSeek-V3's router ran
+    every batch one sample at a time); token-major rows fail that check and the batches run one sample at a time.
+    Exact either way, and said once where the batch runs sample by sample."""
+    torch.manual_seed(61)
+    model = RoutedModel(order).eval()
+    x = torch.randn(7, 3, 5)
+    check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cls(model, mode=mode, per_sample=per_sample, show_progress=False).accumulate([x[:4], x[4:]])
+    said = [w for w in caught if "one sample at a time" in str(w.message)]
+    assert len(said) == (1 if order == "token-major" and per_sample else 0), [str(w.message) for w in caught]
+
+
+class _GateOldStyle(torch.autograd.Function):
+    """sqrt(x) with an autograd.Function of the old style (forward takes ctx): torch.func cannot transform it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.sqrt()
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g / (2 * y)
+
+
+class KeptState(nn.Module):
+    """A linear recurrence that keeps its last state on itself (RecurrentGemma's RG-LRU), started from it when set."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.decay, self.scale = nn.Parameter(torch.rand(d) * 0.8), nn.Parameter(torch.randn(d))
+        self.state = None
+
+    def forward(self, x):
+        h = torch.zeros_like(x[:, 0]) if self.state is None else self.state
+        gain = _GateOldStyle.apply(1 + self.scale ** 2)
+        outs = []
+        for t in range(x.shape[1]):
+            h = self.decay * h + gain * x[:, t]
+            outs.append(h)
+        self.state = h
+        return torch.stack(outs, 1)
+
+
+class RecurrentModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.rec, self.out = nn.Linear(5, 6), KeptState(), nn.Linear(6, 3)
+
+    def forward(self, x):
+        self.rec.state = None  # each forward starts afresh, as RecurrentGemma's without a cache
+        return self.out(self.rec(torch.tanh(self.inp(x))))
+
+
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_a_module_that_keeps_its_state_on_itself(request, cls, mode, per_sample):
+    """The generic rule runs a module again after the forward: it sees the attributes that the call replaced as they
+    were before it (the batch's last state, kept on the module, crashed the rerun of RecurrentGemma's RG-LRU), and
+    a forward torch.func cannot transform (an old-style autograd.Function) runs by autograd one sample at a time."""
+    torch.manual_seed(67)
+    model = RecurrentModel().eval()
+    x = torch.randn(7, 4, 5)
+    check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
+    assert model.rec.state is not None and model.rec.state.shape == (3, 6)  # as the model's own last forward left it

@@ -6,10 +6,11 @@ module                 file            fused path
 nn.Linear, Conv1D      linear.py       linear_importance_ (abs-GEMM / per-sample GEMM + |·|)
 nn.Conv1d/2d/3d        conv.py         conv_importance_ (per-sample im2col + GEMM + |·|)
 nn.Embedding, tied     embedding.py    per-(sample, index) rows; tied_embedding_importance_
+*ScaledWordEmbedding   embedding.py    the same, the gradient times embed_scale (Gemma, BART)
 LayerNorm, RMSNorm     norm.py         norm_affine_importance_ (one pass over x and g)
 GroupNorm, BatchNorm   norm.py         per-sample N×C gradients, whole
 MultiheadAttention     attention.py    its projections through linear_importance_
-anything else          generic.py      none: torch.func vmap(vjp) over that module
+anything else          generic.py      none: torch.func vmap(vjp) over that module (else autograd)
 =====================  ==============  =========================================================
 
 Every built-in rule enters the table through :func:`register_rule`, the same public call a user makes
@@ -20,12 +21,12 @@ import torch.nn as nn
 from .attention import mha_fused, mha_tapped_forward
 from .base import CHUNK_ELEMS, Call, Rule, register_rule, rule_for, unverified
 from .conv import conv_cost, conv_fused, conv_grads, unfold_nd
-from .embedding import embedding_fused, embedding_grads, tied_fused
-from .generic import GENERIC, SharedOutput, generic_grads, sample_dim
+from .embedding import embedding_fused, embedding_grads, is_hf_scaled_embedding, tied_fused
+from .generic import ABSENT, GENERIC, SharedOutput, generic_grads, sample_dim
 from .linear import conv1d_fused, conv1d_grads, is_hf_conv1d, linear_fused, linear_grads, linear_into
 from .norm import is_hf_rmsnorm, norm_fused, norm_grads
 
-__all__ = ["CHUNK_ELEMS", "Call", "Rule", "GENERIC", "SharedOutput", "register_rule", "rule_for", "generic_grads",
+__all__ = ["ABSENT", "CHUNK_ELEMS", "Call", "Rule", "GENERIC", "SharedOutput", "register_rule", "rule_for", "generic_grads",
            "sample_dim", "tied_fused", "linear_into", "unfold_nd"]
 
 
@@ -47,6 +48,8 @@ for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_rule(_conv, Rule(conv_grads, conv_fused, conv_cost, needs_output=_no_output))
 register_rule(nn.Embedding, Rule(embedding_grads, embedding_fused, lambda m, c: m.weight.numel(),
                                  needs_output=_no_output, blocks=_rows))
+register_rule(is_hf_scaled_embedding, Rule(embedding_grads, embedding_fused, lambda m, c: m.weight.numel(),
+                                           needs_output=unverified, blocks=_rows))
 for _norm in (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.RMSNorm):
     register_rule(_norm, Rule(norm_grads, norm_fused, needs_output=_no_output, blocks=_last_dim))
 register_rule(is_hf_rmsnorm, Rule(norm_grads, norm_fused, needs_output=unverified))

@@ -45,6 +45,9 @@ class Call:
     # Which flattened inputs and outputs hold the n samples as n blocks of rows in dim 0 ((n·T, D) tokens), where the
     # call is read so: (inputs, outputs) of bools.
     rows: Optional[tuple] = None
+    # Generic rule: the module's attributes that its forward replaced (a recurrent state kept on the module), as they
+    # were before the call ({name: value, or ABSENT where it had none}); the rule runs the module again with them.
+    attributes: Optional[dict] = None
 
     @property
     def g(self):
@@ -52,7 +55,7 @@ class Call:
 
     def release(self):
         """Drops the tensors, once the call's importance is added."""
-        self.args, self.kwargs, self.out, self.grads, self.versions = None, None, None, None, []
+        self.args, self.kwargs, self.out, self.grads, self.versions, self.attributes = None, None, None, None, [], None
 
 
 @dataclass
@@ -139,17 +142,21 @@ def unverified(module):
     return type(module) not in _VERIFIED
 
 
-def matches_formula(module, call, holds):
+def matches_formula(module, call, holds, rows=None):
     """For rules that recognise a class by name (transformers' layers, without importing transformers):
     whether the class computes what the rule assumes. ``holds(x, y)`` checks one input row x against its
-    output row y (float32); the row of largest norm is used, since a row of zeros (a padding token's)
-    matches anything. A class found to match is trusted from then on; one that does not takes the generic
-    path, with a warning."""
+    output row y (float32; ``rows(call)`` gives other aligned (rows, ·) pairs, as token ids against their
+    embeddings); the row of largest norm is used, since a row of zeros (a padding token's) matches anything.
+    A class found to match is trusted from then on; one that does not takes the generic path, with a
+    warning."""
     cls = type(module)
     if cls in _VERIFIED:
         return True
-    x, y = call.args[0].detach(), call.out.detach()
-    x, y = x.reshape(-1, x.shape[-1]).float(), y.reshape(-1, y.shape[-1]).float()
+    if rows is not None:
+        x, y = rows(call)
+    else:
+        x, y = call.args[0].detach(), call.out.detach()
+        x, y = x.reshape(-1, x.shape[-1]).float(), y.reshape(-1, y.shape[-1]).float()
     row = x.abs().sum(1).argmax()
     if holds(x[row:row + 1], y[row:row + 1]):
         if x[row].abs().sum() > 0:

@@ -1,15 +1,55 @@
-"""nn.Embedding: per-sample rows summed by (sample, index) key, |·| per key; and an Embedding whose weight
-the output Linear shares (tied input/output embeddings), through the tied kernel."""
+"""nn.Embedding (and transformers' ``*ScaledWordEmbedding``: rows times a scalar): per-sample rows summed by
+(sample, index) key, |·| per key; and an Embedding whose weight the output Linear shares (tied input/output
+embeddings), through the tied kernel."""
 import torch
+import torch.nn as nn
 
 from .. import _ops
-from .base import add_abs_sum
+from .base import add_abs_sum, matches_formula
+from .generic import generic_grads
 from .linear import _linear_operands, linear_grads
 
 
+def is_hf_scaled_embedding(module):
+    """transformers' ``*ScaledWordEmbedding`` classes (Gemma 1–4, BART, mBART, M2M100, XGLM, ...), recognised by
+    name: an nn.Embedding whose rows come out times a scalar ``embed_scale`` (a float or a 1-element buffer)."""
+    scale = getattr(module, "embed_scale", None)
+    return (isinstance(module, nn.Embedding) and type(module).__name__.endswith("ScaledWordEmbedding")
+            and (isinstance(scale, (int, float)) or (torch.is_tensor(scale) and scale.numel() == 1)))
+
+
+def _output_scale(module):
+    """The factor the module's rows come out times: 1 for nn.Embedding; embed_scale (a buffer in the weight's
+    dtype, as Gemma's forward rounds it) for a scaled embedding."""
+    if not is_hf_scaled_embedding(module):
+        return 1.0
+    scale = module.embed_scale
+    return float(scale.to(module.weight.dtype)) if torch.is_tensor(scale) else float(scale)
+
+
+def _matches(module, call):
+    """True for nn.Embedding; for a scaled embedding, whether its class computes weight[index] · embed_scale (the
+    formula the rule uses), checked once per class on the call's largest index."""
+    if not is_hf_scaled_embedding(module):
+        return True
+
+    def rows(call):
+        return call.args[0].detach().reshape(-1, 1), call.out.detach().reshape(-1, module.embedding_dim).float()
+
+    def holds(index, y):
+        want = module.weight.detach()[index[0]].float() * _output_scale(module)
+        return torch.allclose(want, y, rtol=2e-2, atol=2e-2 * want.abs().max().item() + 1e-6)
+
+    return matches_formula(module, call, holds, rows)
+
+
 def _embedding_operands(module, call):
+    """(indices (n, T), the gradient at the rows as they were read (n, T, D)): the output's gradient times the
+    module's output scale."""
     idx = call.args[0].reshape(call.n, -1)
-    return idx, call.g.reshape(call.n, idx.shape[1], module.embedding_dim)
+    g = call.g.reshape(call.n, idx.shape[1], module.embedding_dim)
+    scale = _output_scale(module)
+    return idx, (g if scale == 1.0 else g.float() * scale)
 
 
 def _embedding_rows(module, idx, g, per_sample):
@@ -27,6 +67,8 @@ def _embedding_rows(module, idx, g, per_sample):
 
 
 def embedding_grads(module, call, s, e):
+    if not _matches(module, call):
+        return generic_grads(module, call, s, e)
     v = module.num_embeddings
     idx, g = _embedding_operands(module, call)
     key, g = _embedding_rows(module, idx[s:e], g[s:e], per_sample=True)
@@ -35,7 +77,7 @@ def embedding_grads(module, call, s, e):
 
 
 def embedding_fused(module, call, bufs, per_sample):
-    if "weight" not in bufs:
+    if "weight" not in bufs or not _matches(module, call):
         return False
     key, g = _embedding_rows(module, *_embedding_operands(module, call), per_sample)
     uniq, inv = torch.unique(key, return_inverse=True)
@@ -56,7 +98,7 @@ def tied_fused(calls, bufs, per_sample):
         return False
     (emb, ecall), (lin, lcall) = kinds[embedding_grads], kinds[linear_grads]
     shared = emb.names.get("weight")
-    if shared is None or lin.names.get("weight") != shared:
+    if shared is None or lin.names.get("weight") != shared or not _matches(emb.module, ecall):
         return False
     idx, g_emb = _embedding_operands(emb.module, ecall)
     _, rows = _embedding_rows(emb.module, idx, g_emb, per_sample)

@@ -1,4 +1,5 @@
-"""Any other module with parameters: exact per-sample gradients by torch.func over that module alone."""
+"""Any other module with parameters: exact per-sample gradients over that module alone (torch.func's vmap, else
+autograd one sample at a time)."""
 import inspect
 
 import torch
@@ -56,9 +57,36 @@ class SharedOutput(Exception):
         self.shape = shape
 
 
+ABSENT = object()  # in Call.attributes: an attribute the module did not have before the call
+
+
+def _rerun(module, call, params, args, kwargs):
+    """The module's forward once more, on ``params`` (functional_call; None: its own), each time with the
+    attributes that the call replaced as they were before it (``Call.attributes``), and those put back after."""
+    now = vars(module)
+    attributes = call.attributes or {}
+    after = {k: now.get(k, ABSENT) for k in attributes}
+    _assign(now, attributes)
+    try:
+        if params is None:
+            return module(*args, **kwargs)
+        return torch.func.functional_call(module, params, tuple(args), kwargs)
+    finally:
+        _assign(now, after)
+
+
+def _assign(namespace, values):
+    for k, v in values.items():
+        if v is ABSENT:
+            namespace.pop(k, None)
+        else:
+            namespace[k] = v
+
+
 @torch.enable_grad()  # it runs inside the backward, where grad mode is off: LSTM's forward then keeps no workspace
 def generic_grads(module, call, s, e, names=None):
-    """Per-sample gradients of the module's own parameters (recursively), by torch.func over that module only.
+    """Per-sample gradients of the module's own parameters (recursively), over that module only: torch.func's vmap,
+    else autograd one sample at a time; the module run again as it was called (``call.attributes``).
 
     Where the engine learned them from the model run on one sample (``call.in_dims``, ``call.out_dims``), the
     inputs' and outputs' batch dims are those. Else inputs carry the batch in dim 0 (dim 1 for modules with
@@ -91,7 +119,7 @@ def generic_grads(module, call, s, e, names=None):
         with torch.no_grad():
             first = [t.narrow(d, 0, 1) if d is not None else t for t, d in zip(flat_in, in_dims)]
             args, kwargs = tree_unflatten(first, spec_in)
-            probe = tree_flatten(module(*args, **kwargs))[0]
+            probe = tree_flatten(_rerun(module, call, None, args, kwargs))[0]
         out_dims = [sample_dim(tuple(flat_out[i].shape), tuple(probe[i].shape), n) if torch.is_tensor(probe[i])
                     else None for i in out_pos]
     unbatched = next((flat_out[i] for i, d in zip(out_pos, out_dims) if d is None), None)
@@ -102,7 +130,7 @@ def generic_grads(module, call, s, e, names=None):
     def outputs(theta, *inputs_k):
         inputs = [x.unsqueeze(d) if d is not None else x for x, d in zip(inputs_k, in_dims)]
         args, kwargs = tree_unflatten(inputs, spec_in)
-        out = tree_flatten(torch.func.functional_call(module, {**theta, **frozen}, tuple(args), kwargs))[0]
+        out = tree_flatten(_rerun(module, call, {**theta, **frozen}, args, kwargs))[0]
         return tuple(out[i].squeeze(d) if d is not None else out[i] for i, d in zip(out_pos, out_dims))
 
     def one_sample(inputs_k, grads_k):
@@ -122,15 +150,26 @@ def generic_grads(module, call, s, e, names=None):
         except torch.OutOfMemoryError:
             raise
         except RuntimeError:
-            # A forward vmap cannot batch (nn.GRU and nn.RNN write into a hidden state made inside): one VJP per
-            # sample, for this class from now on.
+            # A forward vmap cannot batch (nn.GRU and nn.RNN write into a hidden state made inside; an
+            # autograd.Function without setup_context): one VJP per sample by autograd, for this class from now on.
             _NO_VMAP.add(type(module))
 
     def select(ts, dims, k):
         return tuple(t.select(d, k) if d is not None else t for t, d in zip(ts, dims))
 
-    each = [one_sample(select(inputs, in_dims, k), select(grads, out_dims, k)) for k in range(e - s)]
+    each = [_vjp(lambda theta, x=select(inputs, in_dims, k): outputs(theta, *x), tracked, select(grads, out_dims, k))
+            for k in range(e - s)]
     return {name: torch.stack([g[name] for g in each]).float() for name in tracked}
+
+
+def _vjp(outputs, tracked, grads):
+    """{name: ∂⟨outputs(θ), grads⟩/∂θ_name} at θ = tracked, by autograd: unlike torch.func it runs any forward (an
+    autograd.Function without setup_context, RecurrentGemma's; an in-place write into a captured tensor)."""
+    theta = {k: v.detach().requires_grad_() for k, v in tracked.items()}
+    pairs = [(o, g) for o, g in zip(outputs(theta), grads) if o.requires_grad]
+    got = torch.autograd.grad([o for o, _ in pairs], list(theta.values()), [g for _, g in pairs],
+                              allow_unused=True) if pairs else [None] * len(theta)
+    return {k: g if g is not None else torch.zeros_like(v) for (k, v), g in zip(theta.items(), got)}
 
 
 _NO_VMAP = set()  # module classes whose forward vmap could not batch
@@ -164,12 +203,12 @@ def _block_grads(module, call, s, e, names):
                                       spec_in)
 
         def outputs(theta):
-            out = tree_flatten(torch.func.functional_call(module, {**theta, **frozen}, tuple(args), kwargs))[0]
+            out = tree_flatten(_rerun(module, call, {**theta, **frozen}, args, kwargs))[0]
             return tuple(out[i] for i in out_pos)
 
-        outs, vjp = torch.func.vjp(outputs, tracked)
-        grads = tuple(rows(g, k) if g is not None else torch.zeros_like(o) for g, o in zip(call.grads, outs))
-        per_sample.append(vjp(grads)[0])
+        grads = tuple(rows(g if g is not None else torch.zeros_like(flat_out[i]), k)
+                      for g, i in zip(call.grads, out_pos))
+        per_sample.append(_vjp(outputs, tracked, grads))
     return {name: torch.stack([g[name] for g in per_sample]).float() for name in tracked}
 
 
@@ -180,12 +219,11 @@ def _whole_call_grads(module, call, names):
 
     def outputs(theta):
         args, kwargs = tree_map(_detached, (tuple(call.args), call.kwargs))
-        out = tree_flatten(torch.func.functional_call(module, {**theta, **frozen}, args, kwargs))[0]
+        out = tree_flatten(_rerun(module, call, {**theta, **frozen}, args, kwargs))[0]
         return tuple(out[i] for i in out_pos)
 
-    _, vjp = torch.func.vjp(outputs, tracked)
     grads = tuple(g if g is not None else torch.zeros_like(flat_out[i]) for g, i in zip(call.grads, out_pos))
-    return {k: v.unsqueeze(0).float() for k, v in vjp(grads)[0].items()}
+    return {k: v.unsqueeze(0).float() for k, v in _vjp(outputs, tracked, grads).items()}
 
 
 # any module the table has no rule for; an input of n·m rows may be n blocks of rows (confirmed once by the engine)
