@@ -906,6 +906,8 @@ class Engine:
                     self._process(unit.group)
 
             tapped = self._tap(state.anchor, sink, unit.rule.grads is not _rules.generic_grads, [flat[i] for i in pos])
+            if torch.is_tensor(call.out):  # as the tap left it (passed on in place, its version moved on)
+                call.out_version = call.out._version
             for i, t in zip(pos, tapped):
                 flat[i] = t
             return flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)

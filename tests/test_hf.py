@@ -69,7 +69,7 @@ def oracle(model, samples, forward=lambda m, x: m(input_ids=x[None]).logits, dty
     """One unpadded sample at a time, on a copy of the model in `dtype` (float64 unless an op lacks it):
     (1/N) Σ_k |∂ ‖f(x_k)‖² / ∂θ| with f(x_k) = forward(copy, x_k), summed in float64."""
     m = copy.deepcopy(model).to(dtype)
-    params = dict(m.named_parameters())
+    params = {k: p for k, p in m.named_parameters() if p.requires_grad}  # what MAS tracks
     om = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
     for x in samples:
         grads = torch.autograd.grad(forward(m, x).pow(2).sum(), list(params.values()), allow_unused=True)
@@ -350,10 +350,10 @@ def _more_families():
             num_key_value_heads=2, pad_token_id=0, **dec)), torch.float64, set()),
         "gpt-neox": (lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**dec)), torch.float64,
                      set()),
-        # nn.Linear subclass with a forward of its own: the generic rule
+        # nn.Linear subclass with a forward of its own (the Linear rule once checked), its MLP output added into in
+        # place
         "falcon": (lambda: transformers.FalconForCausalLM(transformers.FalconConfig(
-            vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)), torch.float64,
-            {"FalconLinear"}),
+            vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)), torch.float64, set()),
         # a cache made by the model (use_cache) that the mixer updates in place; the mixer's A_log and D: generic
         "mamba": (lambda: transformers.MambaForCausalLM(transformers.MambaConfig(
             vocab_size=V, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=4)),
@@ -383,7 +383,7 @@ def test_more_decoder_families_against_a_float64_loop(name):
     no batch run one sample at a time; FusedMAS leaves only the listed classes to the generic rule. Before: Mamba and
     RecurrentGemma crashed (the rerun of the mixer advanced the model's cache; the RG-LRU's rerun started from the
     state the batch left on it), DeepSeek-V3 ran every batch one sample at a time, Gemma's embedding and the tied head
-    took the generic rule (N × V × D per-sample gradients)."""
+    took the generic rule (N × V × D per-sample gradients), and so did Falcon's every Linear (N × out × in)."""
     make, dtype, generic = _more_families()[name]
     model = perturbed(make)
     x = torch.randint(1, V, (5, 8))

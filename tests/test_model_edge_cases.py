@@ -1042,3 +1042,55 @@ def test_a_module_that_keeps_its_state_on_itself(request, cls, mode, per_sample)
     x = torch.randn(7, 4, 5)
     check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
     assert model.rec.state is not None and model.rec.state.shape == (3, 6)  # as the model's own last forward left it
+
+
+class LinearAsMatmul(nn.Linear):
+    """An nn.Linear subclass with a forward of its own that computes what nn.Linear does (Falcon's FalconLinear)."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class ScaledLinear(nn.Linear):
+    """An nn.Linear subclass whose forward computes something else than x Wᵀ + b."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class OutputChangedAfter(LinearAsMatmul):
+    """The same, its every output changed in place by the model after the call (Falcon adds into its MLP's)."""
+
+
+class WithLinearSubclasses(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = OutputChangedAfter(5, 6), ScaledLinear(6, 6), LinearAsMatmul(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        h += 0.5
+        return self.c(torch.tanh(self.b(torch.tanh(h))))
+
+
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_linear_subclasses_with_a_forward_of_their_own(request, cls, mode, per_sample):
+    """A subclass of nn.Linear that overrides forward takes the Linear rule once its class is seen to compute x Wᵀ + b
+    (it took the generic rule: N per-sample weight gradients), and the generic rule where it computes something
+    else, with a warning naming the class. A call whose output was changed in place since cannot tell: it takes the
+    generic rule, without a warning (in g-MAS the check runs in the backward, after the model's in-place add)."""
+    verified = mas_ext._rules.base._VERIFIED  # a class is trusted for good once checked: start unchecked
+    verified.difference_update({LinearAsMatmul, ScaledLinear, OutputChangedAfter})
+    torch.manual_seed(71)
+    model = WithLinearSubclasses().eval()
+    x = torch.randn(7, 4, 5)
+    check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mas_ext._rules.base._WARNED.clear()
+        cls(model, mode=mode, per_sample=per_sample, show_progress=False).accumulate([x[:4], x[4:]])
+    said = {str(w.message).split()[0] for w in caught if "does not compute" in str(w.message)}
+    assert said == {"ScaledLinear"}, [str(w.message) for w in caught]
+    assert LinearAsMatmul in verified and ScaledLinear not in verified
+    assert (OutputChangedAfter in verified) == (mode == "local")  # l-MAS checks in the forward, before the add

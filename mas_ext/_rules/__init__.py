@@ -4,6 +4,7 @@
 module                 file            fused path
 =====================  ==============  =========================================================
 nn.Linear, Conv1D      linear.py       linear_importance_ (abs-GEMM / per-sample GEMM + |·|)
+Linear subclasses      linear.py       the same, once the class is seen to compute x Wᵀ + b (FalconLinear)
 nn.Conv1d/2d/3d        conv.py         conv_importance_ (per-sample im2col + GEMM + |·|)
 nn.Embedding, tied     embedding.py    per-(sample, index) rows; tied_embedding_importance_
 *ScaledWordEmbedding   embedding.py    the same, the gradient times embed_scale (Gemma, BART)
@@ -23,7 +24,8 @@ from .base import CHUNK_ELEMS, Call, Rule, register_rule, rule_for, unverified
 from .conv import conv_cost, conv_fused, conv_grads, unfold_nd
 from .embedding import embedding_fused, embedding_grads, is_hf_scaled_embedding, tied_fused
 from .generic import ABSENT, GENERIC, SharedOutput, generic_grads, sample_dim
-from .linear import conv1d_fused, conv1d_grads, is_hf_conv1d, linear_fused, linear_grads, linear_into
+from .linear import (conv1d_fused, conv1d_grads, is_hf_conv1d, is_linear_subclass, linear_fused, linear_grads,
+                     linear_into, linear_subclass_fused, linear_subclass_grads)
 from .norm import is_hf_rmsnorm, norm_fused, norm_grads
 
 __all__ = ["ABSENT", "CHUNK_ELEMS", "Call", "Rule", "GENERIC", "SharedOutput", "register_rule", "rule_for", "generic_grads",
@@ -44,6 +46,8 @@ def _last_dim(module):
 
 register_rule(nn.Linear, Rule(linear_grads, linear_fused, needs_output=_no_output, blocks=_rows))
 register_rule(is_hf_conv1d, Rule(conv1d_grads, conv1d_fused, needs_output=unverified, blocks=_rows))
+register_rule(is_linear_subclass, Rule(linear_subclass_grads, linear_subclass_fused, needs_output=unverified,
+                                       blocks=_rows))
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_rule(_conv, Rule(conv_grads, conv_fused, conv_cost, needs_output=_no_output))
 register_rule(nn.Embedding, Rule(embedding_grads, embedding_fused, lambda m, c: m.weight.numel(),

@@ -48,6 +48,9 @@ class Call:
     # Generic rule: the module's attributes that its forward replaced (a recurrent state kept on the module), as they
     # were before the call ({name: value, or ABSENT where it had none}); the rule runs the module again with them.
     attributes: Optional[dict] = None
+    # The output's version counter when the call returned, where the call keeps its output: a later in-place op on
+    # it (Falcon's residual add into its MLP's output) shows there.
+    out_version: Optional[int] = None
 
     @property
     def g(self):
@@ -148,10 +151,13 @@ def matches_formula(module, call, holds, rows=None):
     output row y (float32; ``rows(call)`` gives other aligned (rows, ·) pairs, as token ids against their
     embeddings); the row of largest norm is used, since a row of zeros (a padding token's) matches anything.
     A class found to match is trusted from then on; one that does not takes the generic path, with a
-    warning."""
+    warning. An output changed in place since the call (``call.out_version``) cannot tell: that call takes the
+    generic path, and a later call decides."""
     cls = type(module)
     if cls in _VERIFIED:
         return True
+    if torch.is_tensor(call.out) and call.out_version is not None and call.out._version != call.out_version:
+        return False  # changed in place since the call: it cannot tell; the generic rule takes this call, exact
     if rows is not None:
         x, y = rows(call)
     else:

@@ -1,6 +1,8 @@
-"""nn.Linear: Σ_k |Σ_p g_kp a_kpᵀ| by the compiled linear_importance_ op, or per-sample bmm; and GPT-2's
+"""nn.Linear: Σ_k |Σ_p g_kp a_kpᵀ| by the compiled linear_importance_ op, or per-sample bmm; an nn.Linear subclass
+with a forward of its own (Falcon's FalconLinear) once its class is seen to compute x Wᵀ + b; and GPT-2's
 ``Conv1D`` (transformers.pytorch_utils), a Linear whose weight is stored transposed, (in, out)."""
 import torch
+import torch.nn as nn
 
 from .. import _ops
 from .base import add_abs_sum, matches_formula
@@ -74,3 +76,41 @@ def conv1d_fused(module, call, bufs, per_sample):
     if "bias" in bufs:
         add_abs_sum(bufs["bias"], g.float().sum(1), per_sample)
     return True
+
+
+def is_linear_subclass(module):
+    """An nn.Linear subclass whose forward is its own (Falcon's FalconLinear: ``input @ weight.T + bias``): the Linear
+    rule once its class is seen to compute that, else the generic rule."""
+    return isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
+
+
+def _subclass_matches(module, call):
+    """Whether the class computes x Wᵀ + b, checked once per class on the call's row of largest norm (an output of
+    another shape, or not a tensor, never matches)."""
+    def rows(call):
+        x = call.args[0].detach() if call.args and torch.is_tensor(call.args[0]) else torch.zeros(1, module.in_features)
+        y = call.out
+        if not (torch.is_tensor(y) and x.shape[-1] == module.in_features and y.shape[:-1] == x.shape[:-1]
+                and y.shape[-1] == module.out_features):
+            x, y = x.reshape(1, -1)[:, :1], torch.full((1, 1), float("nan"))  # nothing can match NaN
+        return x.reshape(-1, x.shape[-1]).float(), y.detach().reshape(-1, y.shape[-1]).float()
+
+    def holds(x, y):
+        if x.shape[-1] != module.in_features:
+            return False
+        want = x @ module.weight.detach().float().t()
+        if module.bias is not None:
+            want = want + module.bias.detach().float()
+        return torch.allclose(want, y, rtol=2e-2, atol=2e-2 * want.abs().max().item() + 1e-6)
+
+    return matches_formula(module, call, holds, rows)
+
+
+def linear_subclass_grads(module, call, s, e):
+    if not _subclass_matches(module, call):
+        return generic_grads(module, call, s, e)
+    return linear_grads(module, call, s, e)
+
+
+def linear_subclass_fused(module, call, bufs, per_sample):
+    return _subclass_matches(module, call) and linear_fused(module, call, bufs, per_sample)
