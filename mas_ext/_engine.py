@@ -179,6 +179,17 @@ def _flattens_samples(in_dims, out_dims, rows, flat_out, pos, state):
             and any(out_dims[i] is None for i in pos))
 
 
+def _batch_state(attributes, n):
+    """Why a call cannot be rerun one sample at a time, where it replaced a tensor of the batch's n rows kept on one of
+    its modules (a state it started from: RecurrentGemma's RG-LRU with a cache set up for the batch), else None."""
+    for m, before in attributes.items():
+        for k, v in before.items():
+            if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n and vars(m).get(k, _ABSENT) is not v:
+                return (f"starts from '{k}' of shape {tuple(v.shape)} kept on its {type(m).__name__}, a state of the "
+                        "batch's rows")
+    return None
+
+
 def _learned_dims(flat_in, flat_out, one, n, preferred):
     """(the batch dim of each flattened input, of each output; which inputs and which outputs have n times the rows
     of one sample's in dim 0: the samples' rows flattened there (OPT's and the MoE layers' (n·T, D) tokens), or
@@ -299,7 +310,7 @@ class _Unit:
         self.repeats = False  # seen running more than once in one forward
         self.handled = False  # its tapped forward has handled the call now ending
         self.blocks = None  # its n·m-row input read as n blocks of rows: None until a batch confirms (or refutes) it
-        self.attributes = None  # generic rule: its module's tensor (or None) attributes before the call now running
+        self.attributes = None  # generic rule: {module of its subtree: its tensor (or None) attributes} before a call
 
 
 class _Group:
@@ -446,12 +457,6 @@ class Engine:
         hooks), Hugging Face caches off, unit hooks on, tapped forwards installed, compiled submodules run
         eagerly."""
         modes = [(m, m.training) for m in self.net.modules()]
-        # The pass reads no cache, and a layer that the generic rule runs again would advance one a second time
-        # (Mamba's mixer updates its conv state in place: an error under torch.func). Configs are restored as modes.
-        configs = {id(c): c for m in self.net.modules() for c in [getattr(m, "config", None)]
-                   if getattr(c, "use_cache", None) is True}
-        for c in configs.values():
-            c.use_cache = False
         fastpath = torch.backends.mha.get_fastpath_enabled()
         # First among the module's forward hooks: a user's hook that changes the output (accelerate's, a mask)
         # comes after the tap, so the gradient the rule gets is the one at the layer's own output.
@@ -474,6 +479,12 @@ class Engine:
         if any(training for _, training in modes):
             self.net.eval()
         torch.backends.mha.set_fastpath_enabled(False)
+        # The pass reads no cache, and a layer that the generic rule runs again would advance one a second time
+        # (Mamba's mixer updates its conv state in place: an error under torch.func). Configs are restored as modes.
+        configs = {id(c): c for m in self.net.modules() for c in [getattr(m, "config", None)]
+                   if getattr(c, "use_cache", None) is True}
+        for c in configs.values():
+            c.use_cache = False
         # Compiled submodules run eagerly: a compiled graph does not run the taps' backward as eager does
         # (g-MAS through a torch.compile'd forward gave wrong Ω).
         eager = getattr(torch.compiler, "set_stance", None)
@@ -498,6 +509,8 @@ class Engine:
         zero): a batch in which a unit turns out to run more than once is redone from zero, and one in
         which a unit's input rows are no sample's own (per_sample) is run one sample at a time. Padding
         marked by an (n, T) ``attention_mask`` keyword is left out."""
+        if kwargs.get("use_cache"):  # as the configs' (session): the pass keeps no cache
+            kwargs = {**kwargs, "use_cache": False}
         if n > 1 and self.by_sample:
             return self._run_sample_by_sample(args, kwargs, n, bufs, where)
         if n > 1 and self.one is None:
@@ -810,7 +823,7 @@ class Engine:
     def _attributes_before(self, unit):
         def hook(module, args):
             if self._pass is not None and not self._pass.busy:
-                unit.attributes = {k: v for k, v in vars(module).items() if v is None or torch.is_tensor(v)}
+                unit.attributes = {m: _rules.attributes(m) for m in module.modules()}
         return hook
 
     def _hook_for(self, unit):
@@ -819,12 +832,15 @@ class Engine:
             if state is None or state.busy:
                 return None
             state.calls[unit] = state.calls.get(unit, 0) + 1
-            attributes = None
-            if unit.attributes is not None:  # the tensor attributes the call replaced, as they were before it
-                now = vars(module)
-                attributes = {k: v for k, v in unit.attributes.items() if now.get(k, _ABSENT) is not v}
-                attributes.update({k: _ABSENT for k, v in now.items() if torch.is_tensor(v) and k not in unit.attributes})
-                unit.attributes = None
+            attributes = held = None
+            if unit.attributes is not None:  # its modules' tensor attributes as they were before the call
+                attributes, unit.attributes = unit.attributes, None
+                held = _batch_state(attributes, state.n) if state.n > 1 else None
+                if held is not None and self.per_sample:  # the batch runs again sample by sample
+                    state.mixed.append((unit, held))
+                    return None
+                for m, before in attributes.items():  # and those the call added, to be absent
+                    before.update({k: _ABSENT for k, v in vars(m).items() if torch.is_tensor(v) and k not in before})
             if unit.handled:  # its tapped forward has already seen to this call
                 unit.handled = False
                 return None
@@ -876,7 +892,7 @@ class Engine:
                     state.tentative.append(unit)
             # The whole call is one sample's (a one-sample pass) or the batch's (per_sample=False): its rule is
             # the module's own gradient, through the generic rule, which keeps its output.
-            whole = mixed is not None
+            whole = mixed is not None or held is not None  # per_sample=False: a batch state, rerun whole
             keep = self.mode == "local" or whole or unit.rule.needs_output(module)
             if self.mode == "local":  # the output itself is the gradient, but at the padded positions
                 local = tuple(_mask_positions(flat[i].detach(), state.mask,
@@ -1001,7 +1017,7 @@ class Engine:
                     grads = self._call_grads(unit, call, s, e)
                 except _rules.SharedOutput as shared:
                     if self.per_sample:  # the batch is run again sample by sample
-                        self._pass.mixed.append((unit, f"returns {shared}"))
+                        self._pass.mixed.append((unit, str(shared)))
                         return
                     call.whole = True  # per_sample=False: the call's gradient whole is the batch's
                     grads = self._call_grads(unit, call, 0, 1)

@@ -10,14 +10,17 @@ def attributes(module):
 
 def add_local_grads(sample, names, layer, own, args, kwargs, before=None):
     """sample[names[id(p)]] += ∂(½ Σ‖y‖²)/∂p for p in `own`, y the floating outputs of layer(*args, **kwargs): SPEC §1's
-    l-MAS, in which the gradient arriving at a layer's output is that output itself. ``before``: the layer's
-    :func:`attributes` as they were before the call, set for the run (a state the layer keeps on itself)."""
-    now = attributes(layer)
-    vars(layer).update(before or {})
+    l-MAS, in which the gradient arriving at a layer's output is that output itself. ``before``: {module of the
+    layer's subtree: its :func:`attributes`} as they were before the call, set for the run (a state kept on one)."""
+    before = before or {}
+    now = {m: attributes(m) for m in before}
+    for m, values in before.items():
+        vars(m).update(values)
     try:
         out = layer(*args, **kwargs)
     finally:
-        vars(layer).update(now)
+        for m, values in now.items():
+            vars(m).update(values)
     outs = [o for o in (out if isinstance(out, tuple) else (out,)) if torch.is_tensor(o) and o.is_floating_point()]
     gs = torch.autograd.grad(sum(0.5 * o.pow(2).sum() for o in outs), own, allow_unused=True)
     for p, g in zip(own, gs):

@@ -399,3 +399,15 @@ def test_more_decoder_families_against_a_float64_loop(name):
     assert {type(u.module).__name__ for u in mas._engine.units
             if u.rule.grads is mas_ext._rules.generic_grads} == generic
     assert model.config.use_cache is not False  # turned off for the pass only
+
+
+@pytest.mark.parametrize("name", ["mamba", "recurrent-gemma"])
+def test_use_cache_in_a_batch_is_turned_off(name):
+    """A dict batch that asks for the cache (use_cache=True) gets none in the pass, as the configs' use_cache is off
+    there: Mamba's mixer and RecurrentGemma's RG-LRU, rerun by the generic rule, crashed on the batch's cache."""
+    make, dtype, _ = _more_families()[name]
+    model = perturbed(make)
+    x = torch.randint(1, V, (5, 8))
+    want = oracle(model, x, lambda m, ids: m(input_ids=ids[None], use_cache=False).logits, dtype)
+    batches = [{"input_ids": x[:3], "use_cache": True}, {"input_ids": x[3:], "use_cache": True}]
+    assert_close(mas_ext.FusedMAS(model, show_progress=False).accumulate(batches).task_importance, want)

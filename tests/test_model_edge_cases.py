@@ -137,7 +137,8 @@ def oracle(model, batches, mode="global", per_sample=True, shared=(), unpad=Fals
                 else:
                     calls, layers, before = [], _layers(m), {}
                     hooks = [h for layer in layers for h in (
-                        layer.register_forward_pre_hook(lambda mod, a: before.setdefault(mod, []).append(attributes(mod))),
+                        layer.register_forward_pre_hook(lambda mod, a: before.setdefault(mod, []).append(
+                            {sub: attributes(sub) for sub in mod.modules()})),
                         layer.register_forward_hook(lambda mod, a, kw, o: calls.append((mod, a, kw, before[mod].pop())),
                                                     with_kwargs=True))]
                     m(*args, **kwargs)  # with grad enabled: no inference fast path that skips the submodules
@@ -1021,27 +1022,82 @@ class KeptState(nn.Module):
         return torch.stack(outs, 1)
 
 
-class RecurrentModel(nn.Module):
+class Holder(nn.Module):
+    """A recurrence without parameters that keeps its last state on itself, inside a module with a parameter."""
+
     def __init__(self):
         super().__init__()
-        self.inp, self.rec, self.out = nn.Linear(5, 6), KeptState(), nn.Linear(6, 3)
+        self.state = None
 
     def forward(self, x):
-        self.rec.state = None  # each forward starts afresh, as RecurrentGemma's without a cache
-        return self.out(self.rec(torch.tanh(self.inp(x))))
+        h = torch.zeros_like(x[:, 0]) if self.state is None else self.state
+        outs = []
+        for t in range(x.shape[1]):
+            h = 0.5 * h + x[:, t]
+            outs.append(h)
+        self.state = h
+        return torch.stack(outs, 1)
 
 
+class ScaledHolder(nn.Module):
+    def __init__(self, d=6):
+        super().__init__()
+        self.w, self.inner = nn.Parameter(torch.randn(d)), Holder()
+
+    def forward(self, x):
+        return self.inner(x * self.w)
+
+
+class Gate(nn.Module):
+    """Scales by a factor kept on itself, which a later call of the forward replaces (the first call read it before)."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.w, self.factor = nn.Parameter(torch.randn(d)), None
+
+    def forward(self, x, update=False):
+        y = x * self.w * (1.0 if self.factor is None else self.factor)
+        if update:
+            self.factor = torch.full_like(self.w, 3.0).detach()
+        return y
+
+
+class RecurrentModel(nn.Module):
+    """kind: own (the state on the module, None at each forward, as RecurrentGemma's without a cache), child (on a
+    module without parameters inside the one with them), batch (zeros of the batch's rows at each forward, as
+    RecurrentGemma's cache), read-then-replaced (a Gate called twice, the second call replacing its factor)."""
+
+    def __init__(self, kind="own"):
+        super().__init__()
+        self.kind, self.inp, self.out = kind, nn.Linear(5, 6), nn.Linear(6, 3)
+        self.rec = {"child": ScaledHolder, "read-then-replaced": Gate}.get(kind, KeptState)()
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        if self.kind == "read-then-replaced":
+            self.rec.factor = None
+            return self.out(self.rec(h) + self.rec(h, update=True))
+        holder = self.rec.inner if self.kind == "child" else self.rec
+        holder.state = torch.zeros(x.shape[0], 6, dtype=x.dtype) if self.kind == "batch" else None
+        return self.out(self.rec(h))
+
+
+@pytest.mark.parametrize("kind", ["own", "child", "batch", "read-then-replaced"])
 @pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
-def test_a_module_that_keeps_its_state_on_itself(request, cls, mode, per_sample):
-    """The generic rule runs a module again after the forward: it sees the attributes that the call replaced as they
-    were before it (the batch's last state, kept on the module, crashed the rerun of RecurrentGemma's RG-LRU), and
-    a forward torch.func cannot transform (an old-style autograd.Function) runs by autograd one sample at a time."""
+def test_a_module_that_keeps_its_state_on_itself(request, cls, mode, per_sample, kind):
+    """The generic rule runs a module again after the forward: each rerun sees the tensor attributes of the module and
+    of every module inside it as they were before the call (RecurrentGemma's RG-LRU keeps its last state on itself,
+    and the rerun started from the batch's: a crash; a factor a later call replaced gave Ω 100% off). A state of the
+    batch's rows kept so cannot be split by sample: the batch runs one sample at a time (per_sample=False: the call is
+    rerun whole). A forward torch.func cannot transform (an old-style autograd.Function) runs by autograd one sample
+    at a time."""
     torch.manual_seed(67)
-    model = RecurrentModel().eval()
+    model = RecurrentModel(kind).eval()
     x = torch.randn(7, 4, 5)
     check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
-    assert model.rec.state is not None and model.rec.state.shape == (3, 6)  # as the model's own last forward left it
+    if kind == "own":
+        assert model.rec.state is not None and model.rec.state.shape == (3, 6)  # as the model's last forward left it
 
 
 class LinearAsMatmul(nn.Linear):
@@ -1094,3 +1150,50 @@ def test_linear_subclasses_with_a_forward_of_their_own(request, cls, mode, per_s
     assert said == {"ScaledLinear"}, [str(w.message) for w in caught]
     assert LinearAsMatmul in verified and ScaledLinear not in verified
     assert (OutputChangedAfter in verified) == (mode == "local")  # l-MAS checks in the forward, before the add
+
+
+class EoiScaledWordEmbedding(nn.Embedding):
+    """Named as transformers' scaled embeddings, but with a parameter of its own beside the weight that its forward
+    writes into the rows of one token (T5Gemma 2's eoi_embedding)."""
+
+    def __init__(self, v=11, d=6, eoi=3):
+        super().__init__(v, d)
+        self.embed_scale, self.eoi = 2.0, eoi
+        self.eoi_embedding = nn.Parameter(torch.randn(d))
+
+    def forward(self, ids):
+        rows = super().forward(ids) * self.embed_scale
+        return torch.where((ids == self.eoi)[..., None], self.eoi_embedding.expand_as(rows), rows)
+
+
+class PlainScaledWordEmbedding(nn.Embedding):
+    def __init__(self, v=11, d=6):
+        super().__init__(v, d)
+        self.embed_scale = nn.Buffer(torch.tensor(1.5))
+
+    def forward(self, ids):
+        return super().forward(ids) * self.embed_scale
+
+
+class TwoScaledEmbeddings(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = PlainScaledWordEmbedding(), EoiScaledWordEmbedding(), nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.a(ids) + self.b(ids)))
+
+
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_scaled_word_embeddings(request, cls, mode, per_sample):
+    """transformers' *ScaledWordEmbedding classes (rows × embed_scale) take the Embedding rule on the gradient times
+    the scale; one with a parameter of its own beside the weight (T5Gemma 2's) takes the generic rule (the Embedding
+    rule gave its eoi_embedding Ω 0, and Ω to the weight rows it overwrites)."""
+    torch.manual_seed(73)
+    model = TwoScaledEmbeddings().eval()
+    ids = torch.randint(0, 11, (7, 5))
+    ids[:, 0] = 3
+    check(request, cls, model, [ids[:4], ids[4:]], mode=mode, per_sample=per_sample)
+    rules = mas_ext._rules
+    assert rules.rule_for(model.a).grads is rules.embedding.embedding_grads and rules.rule_for(model.b) is None

@@ -45,8 +45,9 @@ class Call:
     # Which flattened inputs and outputs hold the n samples as n blocks of rows in dim 0 ((n·T, D) tokens), where the
     # call is read so: (inputs, outputs) of bools.
     rows: Optional[tuple] = None
-    # Generic rule: the module's attributes that its forward replaced (a recurrent state kept on the module), as they
-    # were before the call ({name: value, or ABSENT where it had none}); the rule runs the module again with them.
+    # Generic rule: the tensor (or None) attributes of the module and the modules inside it (a recurrent state kept on
+    # the module) as they were before the call ({module: {name: value, or ABSENT where the call added it}}); the rule
+    # runs the module again with them.
     attributes: Optional[dict] = None
     # The output's version counter when the call returned, where the call keeps its output: a later in-place op on
     # it (Falcon's residual add into its MLP's output) shows there.

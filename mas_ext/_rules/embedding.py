@@ -15,7 +15,8 @@ def is_hf_scaled_embedding(module):
     name: an nn.Embedding whose rows come out times a scalar ``embed_scale`` (a float or a 1-element buffer)."""
     scale = getattr(module, "embed_scale", None)
     return (isinstance(module, nn.Embedding) and type(module).__name__.endswith("ScaledWordEmbedding")
-            and (isinstance(scale, (int, float)) or (torch.is_tensor(scale) and scale.numel() == 1)))
+            and (isinstance(scale, (int, float)) or (torch.is_tensor(scale) and scale.numel() == 1))
+            and [k for k, _ in module.named_parameters()] == ["weight"])  # T5Gemma2's writes an eoi_embedding in
 
 
 def _output_scale(module):

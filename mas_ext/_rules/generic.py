@@ -50,29 +50,36 @@ def _floating_outputs(call):
 
 class SharedOutput(Exception):
     """A call whose floating output has no batch dim (BART's learned positions on (T, D)): every sample's gradient
-    arrives summed there, and no per-sample gradient can be taken from it."""
+    arrives summed there, and no per-sample gradient can be taken from it (the engine then runs the batch one sample
+    at a time)."""
 
     def __init__(self, shape):
-        super().__init__(f"an output of shape {shape} shared by the samples")
+        super().__init__(f"returns an output of shape {shape} shared by the samples")
         self.shape = shape
 
 
-ABSENT = object()  # in Call.attributes: an attribute the module did not have before the call
+ABSENT = object()  # in Call.attributes: an attribute the call added
+
+
+def attributes(module):
+    """The module's plain attributes that are tensors or None (a state its forward may keep on it)."""
+    return {k: v for k, v in vars(module).items() if v is None or torch.is_tensor(v)}
 
 
 def _rerun(module, call, params, args, kwargs):
-    """The module's forward once more, on ``params`` (functional_call; None: its own), each time with the
-    attributes that the call replaced as they were before it (``Call.attributes``), and those put back after."""
-    now = vars(module)
-    attributes = call.attributes or {}
-    after = {k: now.get(k, ABSENT) for k in attributes}
-    _assign(now, attributes)
+    """The module's forward once more, on ``params`` (functional_call; None: its own), each time with its modules'
+    tensor attributes as they were before the call (``Call.attributes``), and put back as they are after."""
+    before = call.attributes or {}
+    after = {m: {k: vars(m).get(k, ABSENT) for k in values} for m, values in before.items()}
+    for m, values in before.items():
+        _assign(vars(m), values)
     try:
         if params is None:
             return module(*args, **kwargs)
         return torch.func.functional_call(module, params, tuple(args), kwargs)
     finally:
-        _assign(now, after)
+        for m, values in after.items():
+            _assign(vars(m), values)
 
 
 def _assign(namespace, values):

@@ -81,7 +81,8 @@ def conv1d_fused(module, call, bufs, per_sample):
 def is_linear_subclass(module):
     """An nn.Linear subclass whose forward is its own (Falcon's FalconLinear: ``input @ weight.T + bias``): the Linear
     rule once its class is seen to compute that, else the generic rule."""
-    return isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
+    return (isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
+            and {k for k, _ in module.named_parameters()} <= {"weight", "bias"})  # no parameters of its own beside
 
 
 def _subclass_matches(module, call):
