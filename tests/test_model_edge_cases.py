@@ -1197,3 +1197,65 @@ def test_scaled_word_embeddings(request, cls, mode, per_sample):
     check(request, cls, model, [ids[:4], ids[4:]], mode=mode, per_sample=per_sample)
     rules = mas_ext._rules
     assert rules.rule_for(model.a).grads is rules.embedding.embedding_grads and rules.rule_for(model.b) is None
+
+
+class ToyExperts(nn.Module):
+    """Laid out as the Hugging Face MoE ``*Experts`` (gate_up_proj (E, 2I, D) = [gate; up], down_proj (E, D, I), act_fn),
+    its forward the eager loop of theirs; ``swap`` computes act(up) ⊙ gate instead (another formula, same names)."""
+
+    def __init__(self, e=4, d=6, i=5, swap=False):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(e, 2 * i, d) / 2)
+        self.down_proj = nn.Parameter(torch.randn(e, d, i) / 2)
+        self.act_fn, self.swap = nn.SiLU(), swap
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e in torch.unique(top_k_index).tolist():
+            tok, slot = torch.where(top_k_index == e)
+            gate, up = F.linear(hidden_states[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+            h = self.act_fn(up) * gate if self.swap else self.act_fn(gate) * up
+            out.index_add_(0, tok, F.linear(h, self.down_proj[e]) * top_k_weights[tok, slot, None])
+        return out
+
+
+class SwappedExperts(ToyExperts):
+    def __init__(self):
+        super().__init__(swap=True)
+
+
+class ToyMoE(nn.Module):
+    def __init__(self, experts):
+        super().__init__()
+        self.inp, self.router, self.experts, self.out = nn.Linear(5, 6), nn.Linear(6, 4, bias=False), experts, \
+            nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        flat = h.reshape(-1, h.shape[-1])
+        weights, index = torch.softmax(self.router(flat), -1).topk(2, dim=-1)
+        return self.out(self.experts(flat, index, weights).view_as(h))
+
+
+@pytest.mark.parametrize("kind", ["layout", "other-formula"])
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_moe_experts(request, cls, mode, per_sample, kind):
+    """A ``*Experts`` module of the Hugging Face layout takes the experts rule in FusedMAS (each expert's projections
+    through the Linear kernel over each sample's tokens: no per-sample (E, ·, ·) gradient), once its class is seen
+    to compute Σ_k w_k · down_e(act(gate_e x) ⊙ up_e x); one that computes something else takes the generic rule,
+    with a warning. The reference path, and per_sample=False, take the generic rule."""
+    experts = ToyExperts() if kind == "layout" else SwappedExperts()
+    mas_ext._rules.base._VERIFIED.discard(type(experts))
+    torch.manual_seed(79)
+    model = ToyMoE(experts).eval()
+    x = torch.randn(7, 4, 5)
+    check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
+    mas_ext._rules.base._WARNED.discard(type(experts))  # said once per class: again for this run
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cls(model, mode=mode, per_sample=per_sample, show_progress=False).accumulate([x[:4], x[4:]])
+    fused = cls is mas_ext.FusedMAS and per_sample  # per_sample=False takes the (n·T, D) call whole: generic
+    assert (type(experts) in mas_ext._rules.base._VERIFIED) == (fused and kind == "layout")
+    said = [w for w in caught if "does not compute" in str(w.message)]
+    assert bool(said) == (fused and kind == "other-formula"), [str(w.message) for w in caught]

@@ -11,6 +11,7 @@ nn.Embedding, tied     embedding.py    per-(sample, index) rows; tied_embedding_
 LayerNorm, RMSNorm     norm.py         norm_affine_importance_ (one pass over x and g)
 GroupNorm, BatchNorm   norm.py         per-sample N×C gradients, whole
 MultiheadAttention     attention.py    its projections through linear_importance_
+HF MoE *Experts        experts.py      each expert's two projections through linear_importance_, tokens by sample
 anything else          generic.py      none: torch.func vmap(vjp) over that module (else autograd)
 =====================  ==============  =========================================================
 
@@ -22,6 +23,7 @@ import torch.nn as nn
 from .attention import mha_fused, mha_tapped_forward
 from .base import CHUNK_ELEMS, Call, Rule, register_rule, rule_for, unverified
 from .conv import conv_cost, conv_fused, conv_grads, unfold_nd
+from .experts import experts_fused, is_hf_experts
 from .embedding import embedding_fused, embedding_grads, is_hf_scaled_embedding, tied_fused
 from .generic import ABSENT, GENERIC, SharedOutput, attributes, generic_grads, sample_dim
 from .linear import (conv1d_fused, conv1d_grads, is_hf_conv1d, is_linear_subclass, linear_fused, linear_grads,
@@ -57,5 +59,6 @@ register_rule(is_hf_scaled_embedding, Rule(embedding_grads, embedding_fused, lam
 for _norm in (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.RMSNorm):
     register_rule(_norm, Rule(norm_grads, norm_fused, needs_output=_no_output, blocks=_last_dim))
 register_rule(is_hf_rmsnorm, Rule(norm_grads, norm_fused, needs_output=unverified))
+register_rule(is_hf_experts, Rule(generic_grads, experts_fused, blocks=_rows))  # the generic rule reads the output
 register_rule(nn.MultiheadAttention, Rule(generic_grads, mha_fused, owns_children=True,
                                           tapped_forward=mha_tapped_forward))

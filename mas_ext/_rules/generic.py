@@ -180,6 +180,7 @@ def _vjp(outputs, tracked, grads):
 
 
 _NO_VMAP = set()  # module classes whose forward vmap could not batch
+_NO_VMAP_BLOCKS = set()  # the same, for calls on n blocks of rows
 
 
 def _detached(t):
@@ -190,8 +191,8 @@ def _detached(t):
 
 def _block_grads(module, call, s, e, names):
     """Per-sample gradients of samples s:e of a call that holds the n samples as n blocks of rows in dim 0 (the
-    MoE routers and experts on the batch's (n·T, D) tokens): the module's VJP on each sample's rows, in turn, as
-    its forward may route them by their values (which vmap cannot)."""
+    MoE routers and experts on the batch's (n·T, D) tokens): the module's VJP on each sample's rows, vmapped over the
+    samples, or in turn where its forward routes them by their values (which vmap cannot: the experts)."""
     in_rows, out_rows = call.rows
     flat_in, spec_in = tree_flatten((call.args, call.kwargs))
     flat_out, out_pos = _floating_outputs(call)
@@ -203,6 +204,34 @@ def _block_grads(module, call, s, e, names):
     def rows(t, k):
         m = t.shape[0] // call.n
         return t[k * m:(k + 1) * m]
+
+    if type(module) not in _NO_VMAP_BLOCKS:
+        def blocks(t):  # samples s:e as (e - s, m, ...)
+            m = t.shape[0] // call.n
+            return t[s * m:e * m].reshape(e - s, m, *t.shape[1:])
+
+        pos = [i for i in out_pos if out_rows[i]]  # outputs without rows have no gradient (checked above)
+
+        def one_sample(inputs_k, grads_k):
+            args, kwargs = tree_unflatten(list(inputs_k), spec_in)
+
+            def outputs(theta):
+                out = tree_flatten(_rerun(module, call, {**theta, **frozen}, args, kwargs))[0]
+                return tuple(out[i] for i in pos)
+
+            return torch.func.vjp(outputs, tracked)[1](tuple(grads_k))[0]
+
+        inputs = tuple(blocks(_detached(t)) if r else _detached(t) for t, r in zip(flat_in, in_rows))
+        grads = tuple(blocks(g if g is not None else torch.zeros_like(flat_out[i]))
+                      for g, i in zip(call.grads, out_pos) if out_rows[i])
+        try:
+            in_dims = tuple(0 if r else None for r in in_rows)
+            per_sample = torch.func.vmap(one_sample, in_dims=(in_dims, 0))(inputs, grads)
+            return {k: v.float() for k, v in per_sample.items()}
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:  # routed by value (data-dependent shapes): one VJP per sample, for this class from now on
+            _NO_VMAP_BLOCKS.add(type(module))
 
     per_sample = []
     for k in range(s, e):
