@@ -411,3 +411,19 @@ def test_use_cache_in_a_batch_is_turned_off(name):
     want = oracle(model, x, lambda m, ids: m(input_ids=ids[None], use_cache=False).logits, dtype)
     batches = [{"input_ids": x[:3], "use_cache": True}, {"input_ids": x[3:], "use_cache": True}]
     assert_close(mas_ext.FusedMAS(model, show_progress=False).accumulate(batches).task_importance, want)
+
+
+def test_moe_top1_keeps_the_batched_path():
+    """Mixtral routing each token to one expert with its weight normalised to 1: the router's Ω is zero in exact
+    arithmetic, and the first batch's check of the n blocks compared rounding noise on both sides (every batch then
+    ran one sample at a time). It now compares at the scale of the batch's largest Ω."""
+    model = perturbed(lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=1)))
+    x = torch.randint(1, V, (6, 8))
+    want = oracle(model, x, dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = mas_ext.FusedMAS(model, show_progress=False).accumulate([x[:4], x[4:]]).task_importance
+    assert not [w for w in caught if "one sample at a time" in str(w.message)], [str(w.message) for w in caught]
+    assert_close(got, want, tol=1e-4)

@@ -1118,26 +1118,47 @@ class OutputChangedAfter(LinearAsMatmul):
     """The same, its every output changed in place by the model after the call (Falcon adds into its MLP's)."""
 
 
+class FirstTokenChanged(nn.Linear):
+    """x Wᵀ + b on every token but the first: one row of a call differs."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        return torch.cat([y[:, :1] * 1.5, y[:, 1:]], 1)
+
+
+class LookupLinear(nn.Linear):
+    """x Wᵀ, or with lookup=True the rows of Wᵀ at integer ids (Ovis2.5's visual embedding table)."""
+
+    def forward(self, x, *, lookup=False):
+        return F.embedding(x, self.weight.T) if lookup else super().forward(x)
+
+
 class WithLinearSubclasses(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a, self.b, self.c = OutputChangedAfter(5, 6), ScaledLinear(6, 6), LinearAsMatmul(6, 3)
+        self.a, self.b, self.c = OutputChangedAfter(5, 6), ScaledLinear(6, 6), LinearAsMatmul(6, 6)
+        self.d, self.e, self.f = FirstTokenChanged(6, 6), LookupLinear(6, 6, bias=False), nn.Linear(6, 3)
 
     def forward(self, x):
         h = self.a(x)
         h += 0.5
-        return self.c(torch.tanh(self.b(torch.tanh(h))))
+        h = torch.tanh(self.c(x=torch.tanh(self.b(torch.tanh(h)))))  # a keyword call
+        h = torch.tanh(self.d(h))
+        h = torch.tanh(self.e(h) + self.e(h.argmax(-1), lookup=True))  # a plain call, and one that is not
+        return self.f(input=h)  # nn.Linear by keyword
 
 
 @pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
 def test_linear_subclasses_with_a_forward_of_their_own(request, cls, mode, per_sample):
     """A subclass of nn.Linear that overrides forward takes the Linear rule once its class is seen to compute x Wᵀ + b
-    (it took the generic rule: N per-sample weight gradients), and the generic rule where it computes something
-    else, with a warning naming the class. A call whose output was changed in place since cannot tell: it takes the
+    on every row of a call (it took the generic rule: N per-sample weight gradients), and the generic rule where it
+    computes something else (on one token, by 1.5x), with a warning naming the class; a call with other arguments
+    (lookup=True: the Linear rule crashed on it, then its Ω was lost) takes the generic rule. Calls by keyword
+    (nn.Linear's too, which crashed) are read by position. A call whose output was changed in place since cannot tell: it takes the
     generic rule, without a warning (in g-MAS the check runs in the backward, after the model's in-place add)."""
     verified = mas_ext._rules.base._VERIFIED  # a class is trusted for good once checked: start unchecked
-    verified.difference_update({LinearAsMatmul, ScaledLinear, OutputChangedAfter})
+    verified.difference_update({LinearAsMatmul, ScaledLinear, OutputChangedAfter, FirstTokenChanged, LookupLinear})
     torch.manual_seed(71)
     model = WithLinearSubclasses().eval()
     x = torch.randn(7, 4, 5)
@@ -1147,8 +1168,8 @@ def test_linear_subclasses_with_a_forward_of_their_own(request, cls, mode, per_s
         mas_ext._rules.base._WARNED.clear()
         cls(model, mode=mode, per_sample=per_sample, show_progress=False).accumulate([x[:4], x[4:]])
     said = {str(w.message).split()[0] for w in caught if "does not compute" in str(w.message)}
-    assert said == {"ScaledLinear"}, [str(w.message) for w in caught]
-    assert LinearAsMatmul in verified and ScaledLinear not in verified
+    assert said == {"ScaledLinear", "FirstTokenChanged"}, [str(w.message) for w in caught]
+    assert {LinearAsMatmul, LookupLinear} <= verified and not {ScaledLinear, FirstTokenChanged} & verified
     assert (OutputChangedAfter in verified) == (mode == "local")  # l-MAS checks in the forward, before the add
 
 
@@ -1224,6 +1245,23 @@ class SwappedExperts(ToyExperts):
         super().__init__(swap=True)
 
 
+class ClampedExperts(ToyExperts):
+    """transformers' convention for a gate of its own: ``_apply_gate`` of [gate; up] x (here clamped: a clamp the
+    rule must see, or the tokens beyond it get a wrong gradient)."""
+
+    def _apply_gate(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act_fn(gate.clamp(max=0.3)) * up.clamp(-0.4, 0.4)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e in torch.unique(top_k_index).tolist():
+            tok, slot = torch.where(top_k_index == e)
+            h = self._apply_gate(F.linear(hidden_states[tok], self.gate_up_proj[e]))
+            out.index_add_(0, tok, F.linear(h, self.down_proj[e]) * top_k_weights[tok, slot, None])
+        return out
+
+
 class ToyMoE(nn.Module):
     def __init__(self, experts):
         super().__init__()
@@ -1237,15 +1275,15 @@ class ToyMoE(nn.Module):
         return self.out(self.experts(flat, index, weights).view_as(h))
 
 
-@pytest.mark.parametrize("kind", ["layout", "other-formula"])
+@pytest.mark.parametrize("kind", ["layout", "other-formula", "own-gate"])
 @pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
 def test_moe_experts(request, cls, mode, per_sample, kind):
     """A ``*Experts`` module of the Hugging Face layout takes the experts rule in FusedMAS (each expert's projections
     through the Linear kernel over each sample's tokens: no per-sample (E, ·, ·) gradient), once its class is seen
-    to compute Σ_k w_k · down_e(act(gate_e x) ⊙ up_e x); one that computes something else takes the generic rule,
-    with a warning. The reference path, and per_sample=False, take the generic rule."""
-    experts = ToyExperts() if kind == "layout" else SwappedExperts()
+    to compute Σ_k w_k · down_e(act(gate_e x) ⊙ up_e x), or its own ``_apply_gate`` of [gate_e; up_e] x (a clamp:
+    the rule ignored it); one that computes something else takes the generic rule, with a warning. The reference path, and per_sample=False, take the generic rule."""
+    experts = {"layout": ToyExperts, "other-formula": SwappedExperts, "own-gate": ClampedExperts}[kind]()
     mas_ext._rules.base._VERIFIED.discard(type(experts))
     torch.manual_seed(79)
     model = ToyMoE(experts).eval()
@@ -1256,6 +1294,6 @@ def test_moe_experts(request, cls, mode, per_sample, kind):
         warnings.simplefilter("always")
         cls(model, mode=mode, per_sample=per_sample, show_progress=False).accumulate([x[:4], x[4:]])
     fused = cls is mas_ext.FusedMAS and per_sample  # per_sample=False takes the (n·T, D) call whole: generic
-    assert (type(experts) in mas_ext._rules.base._VERIFIED) == (fused and kind == "layout")
+    assert (type(experts) in mas_ext._rules.base._VERIFIED) == (fused and kind != "other-formula")
     said = [w for w in caught if "does not compute" in str(w.message)]
     assert bool(said) == (fused and kind == "other-formula"), [str(w.message) for w in caught]

@@ -48,8 +48,8 @@ def _last_dim(module):
 
 register_rule(nn.Linear, Rule(linear_grads, linear_fused, needs_output=_no_output, blocks=_rows))
 register_rule(is_hf_conv1d, Rule(conv1d_grads, conv1d_fused, needs_output=unverified, blocks=_rows))
-register_rule(is_linear_subclass, Rule(linear_subclass_grads, linear_subclass_fused, needs_output=unverified,
-                                       blocks=_rows))
+# a call that is not a plain one (Ovis2.5's lookup=True) takes the generic rule, which reads the output: kept
+register_rule(is_linear_subclass, Rule(linear_subclass_grads, linear_subclass_fused, blocks=_rows))
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_rule(_conv, Rule(conv_grads, conv_fused, conv_cost, needs_output=_no_output))
 register_rule(nn.Embedding, Rule(embedding_grads, embedding_fused, lambda m, c: m.weight.numel(),

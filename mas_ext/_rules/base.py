@@ -146,11 +146,12 @@ def unverified(module):
     return type(module) not in _VERIFIED
 
 
-def matches_formula(module, call, holds, rows=None):
+def matches_formula(module, call, holds, rows=None, every_row=False):
     """For rules that recognise a class by name (transformers' layers, without importing transformers):
     whether the class computes what the rule assumes. ``holds(x, y)`` checks one input row x against its
     output row y (float32; ``rows(call)`` gives other aligned (rows, ·) pairs, as token ids against their
     embeddings); the row of largest norm is used, since a row of zeros (a padding token's) matches anything.
+    ``every_row``: all rows at once (a class recognised by its base class, not its name, may differ on a few).
     A class found to match is trusted from then on; one that does not takes the generic path, with a
     warning. An output changed in place since the call (``call.out_version``) cannot tell: that call takes the
     generic path, and a later call decides."""
@@ -165,7 +166,7 @@ def matches_formula(module, call, holds, rows=None):
         x, y = call.args[0].detach(), call.out.detach()
         x, y = x.reshape(-1, x.shape[-1]).float(), y.reshape(-1, y.shape[-1]).float()
     row = x.abs().sum(1).argmax()
-    if holds(x[row:row + 1], y[row:row + 1]):
+    if holds(*((x, y) if every_row else (x[row:row + 1], y[row:row + 1]))):
         if x[row].abs().sum() > 0:
             _VERIFIED.add(cls)
         return True

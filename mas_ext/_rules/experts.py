@@ -1,5 +1,6 @@
 """The Hugging Face mixture-of-experts layers (``*Experts`` of Mixtral, Qwen2/3-MoE, DeepSeek-V3, OLMoE, Jamba, ...):
-expert e maps a token x routed to it with weight w to w · down_e(act(gate_e x) ⊙ up_e x), the weights stored as
+expert e maps a token x routed to it with weight w to w · down_e(act(gate_e x) ⊙ up_e x) (or the class's own
+``_apply_gate`` of [gate_e; up_e] x: a clamp, a two-argument activation), the weights stored as
 ``gate_up_proj`` (E, 2I, D) = [gate; up] and ``down_proj`` (E, D, I). Per expert, its tokens' gate/up activations
 are recomputed, the gradient at its two projections taken through the activation, and each projection's
 Σ_k |Σ_{t ∈ k} g_t a_tᵀ| added by the Linear kernel over the tokens of each sample, padded to a common count: never a
@@ -35,14 +36,22 @@ def _operands(call):
     return x, idx, w
 
 
-def _hidden(module, e, x):
-    """act(gate_e x) ⊙ up_e x, (P, I), of expert e on tokens x (P, D)."""
-    gate, up = nn.functional.linear(x, module.gate_up_proj[e]).chunk(2, dim=-1)
+def _gated(module, gate_up):
+    """The expert's hidden (P, I) from its gate/up projection (P, 2I): the class's own ``_apply_gate`` where it has
+    one (transformers' experts: a clamp, a two-argument activation), else act(gate) ⊙ up."""
+    if callable(getattr(module, "_apply_gate", None)):
+        return module._apply_gate(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
     return module.act_fn(gate) * up
 
 
+def _hidden(module, e, x):
+    """The hidden (P, I) of expert e on tokens x (P, D)."""
+    return _gated(module, nn.functional.linear(x, module.gate_up_proj[e]))
+
+
 def _matches(module, call, ops):
-    """Whether the class computes Σ_k w_k · down_e(act(gate_e x) ⊙ up_e x), checked once per class on a row."""
+    """Whether the class computes Σ_k w_k · down_e(gated(gate_up_e x)), checked once per class on a row."""
     x, idx, w = ops
     k = idx.shape[1]
 
@@ -56,11 +65,14 @@ def _matches(module, call, ops):
         if y.shape[1] != x.shape[1] or torch.isnan(y).any():
             return False
         want = torch.zeros_like(y)
-        with torch.no_grad():
-            for e, we in zip(ids.tolist(), ws):
-                if 0 <= e < module.gate_up_proj.shape[0]:
-                    h = _hidden(module, e, xr.to(module.gate_up_proj.dtype))
-                    want += we * nn.functional.linear(h, module.down_proj[e]).float()
+        try:
+            with torch.no_grad():
+                for e, we in zip(ids.tolist(), ws):
+                    if 0 <= e < module.gate_up_proj.shape[0]:
+                        h = _hidden(module, e, xr.to(module.gate_up_proj.dtype))
+                        want += we * nn.functional.linear(h, module.down_proj[e]).float()
+        except (TypeError, RuntimeError):  # an act_fn of another signature, shapes of another layout
+            return False
         return torch.allclose(want, y, rtol=2e-2, atol=2e-2 * want.abs().max().item() + 1e-6)
 
     return matches_formula(module, call, holds, rows)
@@ -83,8 +95,7 @@ def experts_fused(module, call, bufs, per_sample):
         ge = (g[tok] * w[tok, slot, None]).to(x.dtype)  # the gradient at the expert's down projection output
         with torch.enable_grad():  # the gradient at the gate/up projection's output, through the activation
             gu = nn.functional.linear(x[tok].detach(), module.gate_up_proj[e].detach()).requires_grad_(True)
-            gate, up = gu.chunk(2, dim=-1)
-            h = module.act_fn(gate) * up
+            h = _gated(module, gu)
             dgu, = torch.autograd.grad(h, gu, ge @ module.down_proj[e].detach())
         sample = tok // m
         counts = torch.bincount(sample, minlength=n)

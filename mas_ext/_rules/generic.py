@@ -1,6 +1,7 @@
 """Any other module with parameters: exact per-sample gradients over that module alone (torch.func's vmap, else
 autograd one sample at a time)."""
 import inspect
+import warnings
 
 import torch
 import torch.nn as nn
@@ -226,7 +227,15 @@ def _block_grads(module, call, s, e, names):
                       for g, i in zip(call.grads, out_pos) if out_rows[i])
         try:
             in_dims = tuple(0 if r else None for r in in_rows)
-            per_sample = torch.func.vmap(one_sample, in_dims=(in_dims, 0))(inputs, grads)
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                per_sample = torch.func.vmap(one_sample, in_dims=(in_dims, 0))(inputs, grads)
+            # an op vmap runs sample by sample itself (grouped_mm experts): the loop from now on, without its warnings
+            if any("performance drop" in str(w.message) for w in said):
+                _NO_VMAP_BLOCKS.add(type(module))
+            for w in said:
+                if "performance drop" not in str(w.message):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             return {k: v.float() for k, v in per_sample.items()}
         except torch.OutOfMemoryError:
             raise
