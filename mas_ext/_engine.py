@@ -137,13 +137,52 @@ def _mixed_shape(module, args, kwargs, n):
     return None if t is None or (t.dim() > dim and t.shape[dim] == n) else tuple(t.shape)
 
 
+# Hugging Face's flattened visual inputs (Qwen2-VL and its kin): the patches of all the batch's images in one
+# (patches, features) tensor, each image's count the product of its (t, h, w) grid row; and the value of
+# mm_token_type_ids that marks that modality's tokens (a run of them per image).
+_VISUAL = (("pixel_values", "image_grid_thw", 1), ("pixel_values_videos", "video_grid_thw", 2))
+
+
+def _visual_cut(kwargs, n, k):
+    """{key: sample k's part} of the flattened visual inputs of a batch of n: its images' grid rows and their patches.
+    A sample's images are its runs of that modality's tokens in ``mm_token_type_ids``, or one image each where the
+    grid has n rows. Empty where there are none, or where they cannot be told (then cut as any other input)."""
+    out = {}
+    for values_key, grid_key, kind in _VISUAL:
+        values, grid = kwargs.get(values_key), kwargs.get(grid_key)
+        if not (torch.is_tensor(values) and torch.is_tensor(grid) and grid.dim() == 2 and values.dim() >= 1):
+            continue
+        patches = grid.prod(-1)
+        if int(patches.sum()) != values.shape[0]:
+            continue
+        types = kwargs.get("mm_token_type_ids")
+        if torch.is_tensor(types) and types.dim() == 2 and types.shape[0] == n:
+            marked = (types == kind).int()
+            counts = ((marked[:, 1:] - marked[:, :-1]) == 1).sum(1) + marked[:, 0]  # runs: images per sample
+        elif grid.shape[0] == n:
+            counts = torch.ones(n, dtype=torch.long)
+        else:
+            continue
+        if int(counts.sum()) != grid.shape[0]:
+            continue
+        first = int(counts[:k].sum())
+        images = slice(first, first + int(counts[k]))
+        start = int(patches[:first].sum())
+        out[values_key] = values[start:start + int(patches[images].sum())]
+        out[grid_key] = grid[images]
+    return out
+
+
 def _one_sample(args, kwargs, n, k):
     """The call ``(args, kwargs)`` of a batch of n samples cut to sample k: every tensor of n rows in dim 0
-    (the batch's inputs, its attention_mask) to row k; anything else (broadcast inputs, options) as it is."""
+    (the batch's inputs, its attention_mask) to row k, the flattened visual inputs to sample k's images
+    (:func:`_visual_cut`); anything else (broadcast inputs, options) as it is."""
     def cut(t):
         return t[k : k + 1] if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == n else t
 
-    return torch.utils._pytree.tree_map(cut, (args, kwargs))
+    visual = _visual_cut(kwargs, n, k) if kwargs else {}
+    args, kwargs = torch.utils._pytree.tree_map(cut, (args, {key: v for key, v in kwargs.items() if key not in visual}))
+    return args, {**kwargs, **visual}
 
 
 def _expand_broadcast(module, args, kwargs, outs, n, learned):

@@ -427,3 +427,47 @@ def test_moe_top1_keeps_the_batched_path():
         got = mas_ext.FusedMAS(model, show_progress=False).accumulate([x[:4], x[4:]]).task_importance
     assert not [w for w in caught if "one sample at a time" in str(w.message)], [str(w.message) for w in caught]
     assert_close(got, want, tol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["Qwen2VL", "Qwen2_5_VL"])
+def test_vision_language_model_with_flattened_patches(family):
+    """Qwen2-VL and Qwen2.5-VL take the patches of all the batch's images in one (patches, features) tensor, with an
+    image_grid_thw row per image and mm_token_type_ids marking each image's tokens: the one-sample runs cut neither
+    (it crashed). Sample 0 has two images of different sizes, the others one: each sample alone gets its own images'
+    patches and grid rows; Ω against a float64 loop over the samples run alone."""
+    image, start, end = 70, 71, 72
+    text = dict(vocab_size=80, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+    vision = dict(depth=1, hidden_size=32, num_heads=2, in_channels=3, patch_size=2, spatial_merge_size=2,
+                  temporal_patch_size=2, **({"embed_dim": 16, "mlp_ratio": 2} if family == "Qwen2VL" else
+                                            {"intermediate_size": 32, "out_hidden_size": 32, "fullatt_block_indexes": [0],
+                                             "window_size": 8}))
+    config = getattr(transformers, f"{family}Config")(text_config=text, vision_config=vision, image_token_id=image,
+                                                      vision_start_token_id=start, vision_end_token_id=end)
+    model = perturbed(lambda: getattr(transformers, f"{family}ForConditionalGeneration")(config))
+    torch.manual_seed(5)
+    grids = [[(1, 4, 4), (1, 4, 8)], [(1, 4, 4)], [(1, 8, 4)]]
+    ids, pixels, rows = [], [], []
+    for sample in grids:
+        row, pos = torch.randint(1, 60, (22,)), 1
+        for t, h, w in sample:
+            tokens = t * h * w // 4
+            row[pos], row[pos + 1:pos + 1 + tokens], row[pos + 1 + tokens] = start, image, end
+            pos += tokens + 3
+            pixels.append(torch.randn(t * h * w, 3 * 2 * 2 * 2))
+            rows.append((t, h, w))
+        ids.append(row)
+    ids, grid = torch.stack(ids), torch.tensor(rows)
+    batch = dict(input_ids=ids, mm_token_type_ids=(ids == image).int(), pixel_values=torch.cat(pixels),
+                 image_grid_thw=grid)
+
+    def alone(k):
+        first = sum(len(s) for s in grids[:k])
+        images = slice(first, first + len(grids[k]))
+        return dict(input_ids=ids[k:k + 1], mm_token_type_ids=batch["mm_token_type_ids"][k:k + 1],
+                    pixel_values=torch.cat(pixels[images]).double(), image_grid_thw=grid[images])
+
+    want = oracle(model, range(3), lambda m, k: m(**alone(k)).logits)
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        assert_close(cls(model, show_progress=False).accumulate([batch]).task_importance, want, tol=1e-4)
