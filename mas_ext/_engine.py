@@ -29,7 +29,7 @@ from . import _rules
 _SAMPLE_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
 # Hugging Face inputs that are one row per sample whatever their shape
 _PER_SAMPLE_KEYS = (*_SAMPLE_KEYS, "attention_mask", "token_type_ids", "position_ids", "decoder_input_ids",
-                    "decoder_attention_mask", "labels")
+                    "decoder_attention_mask", "labels", "mm_token_type_ids")
 
 
 def _sample_tensor(args, kwargs):
@@ -632,7 +632,7 @@ class Engine:
         wrong Ω without an error."""
         seen = {}
         ambiguous = [k for k, t in kwargs.items() if k not in _PER_SAMPLE_KEYS and torch.is_tensor(t) and t.dim() > 1
-                     and t.shape[0] == n and n in t.shape[1:]]
+                     and t.shape[0] == n and n in t.shape[1:] and not any(k in keys[:2] for keys in _VISUAL)]
         if ambiguous:
             warnings.warn(f"batch {where}: {', '.join(map(repr, ambiguous))} has the batch's {n} rows in dim 0 and is "
                           "taken as one row per sample (SPEC §1); a tensor that all samples share, such as a (T, T) "

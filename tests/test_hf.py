@@ -429,12 +429,15 @@ def test_moe_top1_keeps_the_batched_path():
     assert_close(got, want, tol=1e-4)
 
 
+@pytest.mark.parametrize("images", ["mixed", "equal"])
 @pytest.mark.parametrize("family", ["Qwen2VL", "Qwen2_5_VL"])
-def test_vision_language_model_with_flattened_patches(family):
+def test_vision_language_model_with_flattened_patches(family, images):
     """Qwen2-VL and Qwen2.5-VL take the patches of all the batch's images in one (patches, features) tensor, with an
     image_grid_thw row per image and mm_token_type_ids marking each image's tokens: the one-sample runs cut neither
-    (it crashed). Sample 0 has two images of different sizes, the others one: each sample alone gets its own images'
-    patches and grid rows; Ω against a float64 loop over the samples run alone."""
+    (it crashed). mixed: sample 0 has two images of different sizes, the others one, and the batch runs one sample
+    at a time, each alone with its own images' patches and grid rows. equal: one image of one size each; the
+    vision tower (its patch-embedding conv too) reads the patches as n blocks of rows and keeps the batched path.
+    Ω against a float64 loop over the samples run alone."""
     image, start, end = 70, 71, 72
     text = dict(vocab_size=80, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=256,
@@ -447,7 +450,7 @@ def test_vision_language_model_with_flattened_patches(family):
                                                       vision_start_token_id=start, vision_end_token_id=end)
     model = perturbed(lambda: getattr(transformers, f"{family}ForConditionalGeneration")(config))
     torch.manual_seed(5)
-    grids = [[(1, 4, 4), (1, 4, 8)], [(1, 4, 4)], [(1, 8, 4)]]
+    grids = [[(1, 4, 4), (1, 4, 8)], [(1, 4, 4)], [(1, 8, 4)]] if images == "mixed" else [[(1, 4, 4)]] * 3
     ids, pixels, rows = [], [], []
     for sample in grids:
         row, pos = torch.randint(1, 60, (22,)), 1
@@ -470,4 +473,9 @@ def test_vision_language_model_with_flattened_patches(family):
 
     want = oracle(model, range(3), lambda m, k: m(**alone(k)).logits)
     for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
-        assert_close(cls(model, show_progress=False).accumulate([batch]).task_importance, want, tol=1e-4)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = cls(model, show_progress=False).accumulate([batch]).task_importance
+        assert_close(got, want, tol=1e-4)
+        said = [w for w in caught if "one sample at a time" in str(w.message)]
+        assert len(said) == (images == "mixed"), [str(w.message) for w in caught]

@@ -51,14 +51,14 @@ register_rule(is_hf_conv1d, Rule(conv1d_grads, conv1d_fused, needs_output=unveri
 # a call that is not a plain one (Ovis2.5's lookup=True) takes the generic rule, which reads the output: kept
 register_rule(is_linear_subclass, Rule(linear_subclass_grads, linear_subclass_fused, blocks=_rows))
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    register_rule(_conv, Rule(conv_grads, conv_fused, conv_cost, needs_output=_no_output))
+    register_rule(_conv, Rule(conv_grads, conv_fused, conv_cost, needs_output=_no_output, blocks=_rows))
 register_rule(nn.Embedding, Rule(embedding_grads, embedding_fused, lambda m, c: m.weight.numel(),
                                  needs_output=_no_output, blocks=_rows))
 register_rule(is_hf_scaled_embedding, Rule(embedding_grads, embedding_fused, lambda m, c: m.weight.numel(),
                                            needs_output=unverified, blocks=_rows))
 for _norm in (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.RMSNorm):
     register_rule(_norm, Rule(norm_grads, norm_fused, needs_output=_no_output, blocks=_last_dim))
-register_rule(is_hf_rmsnorm, Rule(norm_grads, norm_fused, needs_output=unverified))
+register_rule(is_hf_rmsnorm, Rule(norm_grads, norm_fused, needs_output=unverified, blocks=_rows))  # over the last dim
 register_rule(is_hf_experts, Rule(generic_grads, experts_fused, blocks=_rows))  # the generic rule reads the output
 register_rule(nn.MultiheadAttention, Rule(generic_grads, mha_fused, owns_children=True,
                                           tapped_forward=mha_tapped_forward))

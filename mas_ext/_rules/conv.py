@@ -1,10 +1,12 @@
-"""nn.Conv1d/2d/3d: per-sample weight gradients by im2col, or the compiled conv_importance_ op."""
+"""nn.Conv1d/2d/3d: per-sample weight gradients by im2col, or the compiled conv_importance_ op; a call on n blocks of
+rows (Qwen2-VL's patch embedding) by the Linear kernel over each sample's im2col columns."""
 import math
 
 import torch
 import torch.nn.functional as F
 
 from .. import _ops
+from .linear import linear_into
 
 
 def conv_input(module, x):
@@ -31,9 +33,16 @@ def unfold_nd(x, kernel, stride, padding, dilation):
     return x.reshape(x.shape[0], -1, math.prod(x.shape[2 + nd:]))
 
 
+def _rows_per_sample(call):
+    """How many of the call's input rows each sample has: 1, or m where the call holds the n samples as n blocks of m
+    rows (Qwen2-VL's patch embedding: the patches of the batch's images, (n·m, C, t, p, p))."""
+    return call.args[0].shape[0] // call.n if call.rows is not None else 1
+
+
 def conv_grads(module, call, s, e):
-    x, pad = conv_input(module, call.args[0][s:e].float())
-    g = call.g[s:e].float()
+    r = _rows_per_sample(call)
+    x, pad = conv_input(module, call.args[0][s * r:e * r].float())
+    g = call.g[s * r:e * r].float()
     m, groups, o = g.shape[0], module.groups, g.shape[1]
     cols = unfold_nd(x, module.kernel_size, module.stride, pad, module.dilation)
     cols = cols.reshape(m, groups, cols.shape[1] // groups, cols.shape[2])
@@ -41,13 +50,13 @@ def conv_grads(module, call, s, e):
     out = {"weight": torch.einsum("bgol,bgcl->bgoc", gg, cols).reshape(m, *module.weight.shape)}
     if module.bias is not None:
         out["bias"] = g.flatten(2).sum(2)
-    return out
+    return {k: v.reshape(e - s, r, *v.shape[1:]).sum(1) for k, v in out.items()} if r > 1 else out
 
 
 def conv_cost(module, call):
     x = call.args[0]
     k = module.weight[0, 0].numel()
-    return max(module.weight.numel(), x.shape[1] * k * call.g[0, 0].numel())
+    return max(module.weight.numel(), x.shape[1] * k * call.g[0, 0].numel()) * _rows_per_sample(call)
 
 
 def conv_fused(module, call, bufs, per_sample):
@@ -55,6 +64,15 @@ def conv_fused(module, call, bufs, per_sample):
     if "weight" not in bufs or not _ops.available("conv_importance_"):
         return False
     x, pad = conv_input(module, x)
+    r = _rows_per_sample(call)
+    if per_sample and r > 1:  # n blocks of r rows: each sample's im2col columns as the positions of one Linear sample
+        if module.groups != 1 or not _ops.available("linear_importance_"):
+            return False
+        cols = unfold_nd(x, module.kernel_size, module.stride, pad, module.dilation)  # (n·r, C·K, L)
+        a = cols.transpose(1, 2).reshape(call.n, -1, cols.shape[1])
+        gl = g.flatten(2).transpose(1, 2).reshape(call.n, -1, g.shape[1])
+        linear_into(bufs["weight"].view(g.shape[1], -1), bufs.get("bias"), a, gl, call.n, True)
+        return True
     if per_sample:
         torch.ops.mas_ext.conv_importance_(bufs["weight"], bufs.get("bias"), x.contiguous(), g.contiguous(),
                                            list(module.kernel_size), list(module.stride), pad,
