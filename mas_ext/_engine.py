@@ -137,18 +137,21 @@ def _mixed_shape(module, args, kwargs, n):
     return None if t is None or (t.dim() > dim and t.shape[dim] == n) else tuple(t.shape)
 
 
-# Hugging Face's flattened visual inputs (Qwen2-VL and its kin): the patches of all the batch's images in one
-# (patches, features) tensor, each image's count the product of its (t, h, w) grid row; and the value of
-# mm_token_type_ids that marks that modality's tokens (a run of them per image).
-_VISUAL = (("pixel_values", "image_grid_thw", 1), ("pixel_values_videos", "video_grid_thw", 2))
+# Hugging Face's flattened visual inputs (Qwen2-VL and its kin): the patches of all the batch's images (videos) in
+# one (patches, features) tensor, each one's count the product of its (t, h, w) grid row; the value of
+# mm_token_type_ids that marks that modality's tokens (a run of them per image, or per frame: Qwen3-VL's videos);
+# and the inputs that hold one entry per image (video).
+_VISUAL = (("pixel_values", "image_grid_thw", 1, ()),
+           ("pixel_values_videos", "video_grid_thw", 2, ("second_per_grid_ts",)))
 
 
-def _visual_cut(kwargs, n, k):
-    """{key: sample k's part} of the flattened visual inputs of a batch of n: its images' grid rows and their patches.
-    A sample's images are its runs of that modality's tokens in ``mm_token_type_ids``, or one image each where the
-    grid has n rows. Empty where there are none, or where they cannot be told (then cut as any other input)."""
-    out = {}
-    for values_key, grid_key, kind in _VISUAL:
+def _visual_layout(kwargs, n):
+    """[(values key, grid key, per-image keys, images per sample (n,), patches per image)] of the batch's flattened
+    visual inputs: a sample's images are its runs of that modality's tokens in ``mm_token_type_ids`` (frames, where
+    the runs count the grid's frames, each video taking its own), or one each where the grid has n rows and there
+    is no mm_token_type_ids. Inputs whose layout cannot be told are left out (cut as any other input)."""
+    out = []
+    for values_key, grid_key, kind, per_image in _VISUAL:
         values, grid = kwargs.get(values_key), kwargs.get(grid_key)
         if not (torch.is_tensor(values) and torch.is_tensor(grid) and grid.dim() == 2 and values.dim() >= 1):
             continue
@@ -158,19 +161,49 @@ def _visual_cut(kwargs, n, k):
         types = kwargs.get("mm_token_type_ids")
         if torch.is_tensor(types) and types.dim() == 2 and types.shape[0] == n:
             marked = (types == kind).int()
-            counts = ((marked[:, 1:] - marked[:, :-1]) == 1).sum(1) + marked[:, 0]  # runs: images per sample
+            runs = ((marked[:, 1:] - marked[:, :-1]) == 1).sum(1) + marked[:, 0]
+            if int(runs.sum()) == grid.shape[0]:
+                counts = runs
+            elif int(runs.sum()) == int(grid[:, 0].sum()):  # a run per frame: videos taken whole, in order
+                ends = torch.cumsum(grid[:, 0], 0)
+                bounds = torch.cumsum(runs, 0)
+                if not set(bounds.tolist()) <= set(ends.tolist()) | {0}:
+                    continue
+                counts = torch.diff(torch.searchsorted(ends, bounds, right=True), prepend=torch.zeros(1, dtype=torch.long))
+            else:
+                continue
         elif grid.shape[0] == n:
             counts = torch.ones(n, dtype=torch.long)
         else:
             continue
-        if int(counts.sum()) != grid.shape[0]:
-            continue
-        first = int(counts[:k].sum())
-        images = slice(first, first + int(counts[k]))
-        start = int(patches[:first].sum())
-        out[values_key] = values[start:start + int(patches[images].sum())]
-        out[grid_key] = grid[images]
+        out.append((values_key, grid_key, per_image, counts.tolist(), patches.tolist()))
     return out
+
+
+def _visual_cut(kwargs, n, k):
+    """{key: sample k's part} of the flattened visual inputs of a batch of n (:func:`_visual_layout`): its images'
+    patches, grid rows and per-image entries; None for a sample without any."""
+    out = {}
+    for values_key, grid_key, per_image, counts, patches in _visual_layout(kwargs, n):
+        first = sum(counts[:k])
+        images = slice(first, first + counts[k])
+        start = sum(patches[:first])
+        keys = (values_key, grid_key, *(key for key in per_image if kwargs.get(key) is not None))
+        if counts[k] == 0:
+            out.update({key: None for key in keys})
+            continue
+        out[values_key] = kwargs[values_key][start:start + sum(patches[images])]
+        out[grid_key] = kwargs[grid_key][images]
+        for key in keys[2:]:
+            out[key] = kwargs[key][images]
+    return out
+
+
+def _visual_patches_differ(kwargs, n):
+    """Whether the samples of the batch have different numbers of flattened visual patches: layers on those patches
+    then hold no n equal blocks of rows, and the batch runs one sample at a time."""
+    return any(len({sum(patches[sum(counts[:k]):sum(counts[:k + 1])]) for k in range(n)}) > 1
+               for _, _, _, counts, patches in _visual_layout(kwargs, n))
 
 
 def _one_sample(args, kwargs, n, k):
@@ -457,6 +490,7 @@ class Engine:
         self.no_expand = False  # set once the model failed on an expanded batch-size-1 input
         self.pad_by_sample = False  # set once padding showed in a layout that cannot be told: padded batches by sample
         self.by_sample = False  # set once a batch showed rows that are no sample's own: one-sample passes from then
+        self.visual_said = False  # the warning for batches whose samples have different numbers of visual patches
         # names of parameters read outside their units' forwards, found by scanning the first g-MAS forward of each
         # sample shape (a model may read a weight directly only at some sequence lengths), and those shapes
         self.outside, self.scanned = set(), set()
@@ -562,6 +596,13 @@ class Engine:
         if kwargs.get("use_cache"):  # as the configs' (session): the pass keeps no cache
             kwargs = {**kwargs, "use_cache": False}
         if n > 1 and self.by_sample:
+            return self._run_sample_by_sample(args, kwargs, n, bufs, where)
+        if n > 1 and self.per_sample and kwargs and _visual_patches_differ(kwargs, n):
+            if not self.visual_said:  # once: it is each such batch's own layout
+                self.visual_said = True
+                warnings.warn(f"batch {where}: its samples have different numbers of image or video patches (flattened "
+                              "in one tensor, which no layer can split by sample): such batches run one sample at a "
+                              "time, which is exact and slower", stacklevel=4)
             return self._run_sample_by_sample(args, kwargs, n, bufs, where)
         if n > 1 and self.one is None:
             self.learn_dims(args, kwargs, n, where)
