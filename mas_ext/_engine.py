@@ -169,7 +169,8 @@ def _visual_layout(kwargs, n):
                 bounds = torch.cumsum(runs, 0)
                 if not set(bounds.tolist()) <= set(ends.tolist()) | {0}:
                     continue
-                counts = torch.diff(torch.searchsorted(ends, bounds, right=True), prepend=torch.zeros(1, dtype=torch.long))
+                taken = torch.searchsorted(ends, bounds, right=True)  # videos ended by each sample's last frame
+                counts = torch.diff(taken, prepend=torch.zeros(1, dtype=torch.long))
             else:
                 continue
         elif grid.shape[0] == n:

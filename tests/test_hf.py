@@ -439,8 +439,8 @@ def _qwen_vl(family):
                 rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
     vision = dict(depth=1, hidden_size=32, num_heads=2, in_channels=3, patch_size=2, spatial_merge_size=2,
                   temporal_patch_size=2, **({"embed_dim": 16, "mlp_ratio": 2} if family == "Qwen2VL" else
-                                            {"intermediate_size": 32, "out_hidden_size": 32, "fullatt_block_indexes": [0],
-                                             "window_size": 8}))
+                                            {"intermediate_size": 32, "out_hidden_size": 32, "window_size": 8,
+                                             "fullatt_block_indexes": [0]}))
     config = getattr(transformers, f"{family}Config")(text_config=text, vision_config=vision, image_token_id=_IMAGE,
                                                       vision_start_token_id=_START, vision_end_token_id=_END)
     return perturbed(lambda: getattr(transformers, f"{family}ForConditionalGeneration")(config))

@@ -1155,8 +1155,9 @@ def test_linear_subclasses_with_a_forward_of_their_own(request, cls, mode, per_s
     on every row of a call (it took the generic rule: N per-sample weight gradients), and the generic rule where it
     computes something else (on one token, by 1.5x), with a warning naming the class; a call with other arguments
     (lookup=True: the Linear rule crashed on it, then its Ω was lost) takes the generic rule. Calls by keyword
-    (nn.Linear's too, which crashed) are read by position. A call whose output was changed in place since cannot tell: it takes the
-    generic rule, without a warning (in g-MAS the check runs in the backward, after the model's in-place add)."""
+    (nn.Linear's too, which crashed) are read by position. A call whose output was changed in place since cannot
+    tell: it takes the generic rule, without a warning (in g-MAS the check runs in the backward, after the model's
+    in-place add)."""
     verified = mas_ext._rules.base._VERIFIED  # a class is trusted for good once checked: start unchecked
     verified.difference_update({LinearAsMatmul, ScaledLinear, OutputChangedAfter, FirstTokenChanged, LookupLinear})
     torch.manual_seed(71)
@@ -1221,8 +1222,8 @@ def test_scaled_word_embeddings(request, cls, mode, per_sample):
 
 
 class ToyExperts(nn.Module):
-    """Laid out as the Hugging Face MoE ``*Experts`` (gate_up_proj (E, 2I, D) = [gate; up], down_proj (E, D, I), act_fn),
-    its forward the eager loop of theirs; ``swap`` computes act(up) ⊙ gate instead (another formula, same names)."""
+    """Laid out as the Hugging Face MoE ``*Experts`` (gate_up_proj (E, 2I, D) = [gate; up], down_proj (E, D, I),
+    act_fn), its forward the eager loop of theirs; ``swap`` computes act(up) ⊙ gate instead (another formula)."""
 
     def __init__(self, e=4, d=6, i=5, swap=False):
         super().__init__()
@@ -1282,7 +1283,8 @@ def test_moe_experts(request, cls, mode, per_sample, kind):
     """A ``*Experts`` module of the Hugging Face layout takes the experts rule in FusedMAS (each expert's projections
     through the Linear kernel over each sample's tokens: no per-sample (E, ·, ·) gradient), once its class is seen
     to compute Σ_k w_k · down_e(act(gate_e x) ⊙ up_e x), or its own ``_apply_gate`` of [gate_e; up_e] x (a clamp:
-    the rule ignored it); one that computes something else takes the generic rule, with a warning. The reference path, and per_sample=False, take the generic rule."""
+    the rule ignored it); one that computes something else takes the generic rule, with a warning. The reference
+    path, and per_sample=False, take the generic rule."""
     experts = {"layout": ToyExperts, "other-formula": SwappedExperts, "own-gate": ClampedExperts}[kind]()
     mas_ext._rules.base._VERIFIED.discard(type(experts))
     torch.manual_seed(79)
