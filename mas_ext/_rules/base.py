@@ -146,6 +146,12 @@ def unverified(module):
     return type(module) not in _VERIFIED
 
 
+def close_to(want, got, tol=2e-2):
+    """Whether ``got`` equals the formula's ``want`` to ``tol`` (relative, and of want's largest entry): the formula
+    checks' comparison (2e-2: a bfloat16 output's rounding)."""
+    return torch.allclose(want, got, rtol=tol, atol=tol * want.abs().max().item() + 1e-6)
+
+
 def matches_formula(module, call, holds, rows=None, every_row=False):
     """For rules that recognise a class by name (transformers' layers, without importing transformers):
     whether the class computes what the rule assumes. ``holds(x, y)`` checks one input row x against its

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from .. import _ops
-from .base import add_abs_sum, matches_formula
+from .base import add_abs_sum, close_to, matches_formula
 from .generic import generic_grads
 from .linear import _linear_operands, linear_grads
 
@@ -38,8 +38,7 @@ def _matches(module, call):
         return call.args[0].detach().reshape(-1, 1), call.out.detach().reshape(-1, module.embedding_dim).float()
 
     def holds(index, y):
-        want = module.weight.detach()[index[0]].float() * _output_scale(module)
-        return torch.allclose(want, y, rtol=2e-2, atol=2e-2 * want.abs().max().item() + 1e-6)
+        return close_to(module.weight.detach()[index[0]].float() * _output_scale(module), y)
 
     return matches_formula(module, call, holds, rows)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from .. import _ops
-from .base import matches_formula
+from .base import close_to, matches_formula
 from .linear import linear_into
 
 _ARGS = ("hidden_states", "top_k_index", "top_k_weights")
@@ -73,7 +73,7 @@ def _matches(module, call, ops):
                         want += we * nn.functional.linear(h, module.down_proj[e]).float()
         except (TypeError, RuntimeError):  # an act_fn of another signature, shapes of another layout
             return False
-        return torch.allclose(want, y, rtol=2e-2, atol=2e-2 * want.abs().max().item() + 1e-6)
+        return close_to(want, y)
 
     return matches_formula(module, call, holds, rows)
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from .. import _ops
-from .base import add_abs_sum, matches_formula
+from .base import add_abs_sum, close_to, matches_formula
 from .generic import generic_grads
 
 
@@ -47,16 +47,17 @@ def is_hf_conv1d(module):
             and w.shape[1] == getattr(module, "nf", None))
 
 
-def _conv1d_matches(module, call):
-    """Whether the class computes x @ weight + bias (a same-named class may differ), checked once per class."""
-    return matches_formula(module, call, lambda x, y: _conv1d_formula_holds(module, x, y))
-
-
-def _conv1d_formula_holds(module, x, y):
-    want = x @ module.weight.detach().float()
+def _affine_holds(module, weight_in_out, x, y, tol=2e-2):
+    """Whether rows y are x @ weight_in_out + the module's bias, to ``tol`` (the Conv1D and Linear-subclass checks)."""
+    want = x @ weight_in_out.detach().float()
     if module.bias is not None:
         want = want + module.bias.detach().float()
-    return torch.allclose(want, y, rtol=2e-2, atol=2e-2 * want.abs().max().item() + 1e-6)
+    return close_to(want, y, tol)
+
+
+def _conv1d_matches(module, call):
+    """Whether the class computes x @ weight + bias (a same-named class may differ), checked once per class."""
+    return matches_formula(module, call, lambda x, y: _affine_holds(module, module.weight, x, y))
 
 
 def conv1d_grads(module, call, s, e):
@@ -102,11 +103,7 @@ def _subclass_matches(module, call):
         return x.reshape(-1, x.shape[-1]).float(), call.out.detach().reshape(-1, module.out_features).float()
 
     def holds(x, y):
-        want = x @ module.weight.detach().float().t()
-        if module.bias is not None:
-            want = want + module.bias.detach().float()
-        tol = 1e-4 if call.args[0].element_size() >= 4 else 1e-2
-        return torch.allclose(want, y, rtol=tol, atol=tol * want.abs().max().item() + 1e-6)
+        return _affine_holds(module, module.weight.t(), x, y, 1e-4 if call.args[0].element_size() >= 4 else 1e-2)
 
     return _plain_call(module, call) and matches_formula(module, call, holds, rows, every_row=True)
 
