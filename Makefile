@@ -1,15 +1,15 @@
 # Two commands do all set-up on a fresh machine: `make test` and `make bench`.
 # Without an active virtual environment they make .venv; where no torch is present they install
 # torch==2.13.0 (the CPU wheel here; never an unpinned torch, which pulls gigabytes of CUDA packages).
-# DEPS go in after torch: transformers, accelerate and lightning (for tests/test_hf.py and
-# tests/test_integrations.py) require torch, which is then already there, so pip leaves it alone.
+# DEPS go in after torch: transformers, accelerate, lightning and peft (for tests/test_hf.py,
+# tests/test_integrations.py and tests/test_peft.py) require torch, which is then already there, so pip leaves it alone.
 SHELL := /bin/bash
 ifdef VIRTUAL_ENV
 PYTHON := python
 else
 PYTHON := .venv/bin/python
 endif
-DEPS := numpy pytest tqdm scikit-learn matplotlib ninja setuptools wheel transformers accelerate lightning
+DEPS := numpy pytest tqdm scikit-learn matplotlib ninja setuptools wheel transformers accelerate lightning peft
 
 .PHONY: setup build test bench bench-quick peers demo clean gpu-check
 
@@ -18,7 +18,7 @@ DEPS := numpy pytest tqdm scikit-learn matplotlib ninja setuptools wheel transfo
 
 setup: $(if $(VIRTUAL_ENV),,.venv/bin/python)
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
-	@$(PYTHON) -c "import numpy, pytest, tqdm, sklearn, matplotlib, ninja, transformers, accelerate, lightning" 2>/dev/null || $(PYTHON) -m pip install $(DEPS)
+	@$(PYTHON) -c "import numpy, pytest, tqdm, sklearn, matplotlib, ninja, transformers, accelerate, lightning, peft" 2>/dev/null || $(PYTHON) -m pip install $(DEPS)
 
 build: setup
 	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .

@@ -426,6 +426,20 @@ class _Pass:
         self.unmasked = None  # what holds the padded positions where they cannot be told (local mode, the output)
 
 
+def _holds_only(module):
+    """Whether ``module`` has no forward of its own (ParameterDict, ParameterList, ModuleDict): a container."""
+    return type(module).forward is torch.nn.Module.forward
+
+
+def _held(module, prefix=""):
+    """(name, parameter) of the parameters held for ``module``'s forward by containers (:func:`_holds_only`) among
+    its children, theirs, and so on down a chain of containers."""
+    for cn, c in module.named_children():
+        if _holds_only(c):
+            yield from ((f"{prefix}{cn}.{k}", p) for k, p in c.named_parameters(recurse=False))
+            yield from _held(c, f"{prefix}{cn}.")
+
+
 def plan_units(net, params, local=False):
     """The units of ``net`` for the tracked ``params`` ({global name: parameter}), each in its group.
 
@@ -437,7 +451,7 @@ def plan_units(net, params, local=False):
     ids = {id(p): n for n, p in params.items()}
     units = []
 
-    def visit(prefix, module):
+    def visit(prefix, module, holder=False):
         rule = _rules.rule_for(module)
         parametrized = torch.nn.utils.parametrize.is_parametrized(module)
         if rule is not None and not rule.owns_children and (
@@ -448,9 +462,13 @@ def plan_units(net, params, local=False):
             # takes the gradient of `weight`, would give those parameters none. The generic rule over the whole layer
             # runs the parametrization or the hook; in l-MAS the layer's output, not the weight, is the gradient.
             rule = None
-        # Parameters that are only aliases of a child's (BERT's prediction-head bias) make no unit here.
-        children = {id(p) for c in module.children() for p in c.parameters()}
-        direct = [(k, p) for k, p in module.named_parameters(recurse=False) if id(p) not in children]
+        # Parameters that are only aliases of a child's (BERT's prediction-head bias) make no unit here. A child
+        # without a forward of its own that holds parameters (a ParameterDict: PEFT's IA³ scales and embedding LoRA
+        # factors) holds them for this module's forward, which reads them: they are this module's direct ones.
+        held = list(_held(module))
+        children = {id(p) for c in module.children() for p in c.parameters()} - {id(p) for _, p in held}
+        direct = [] if holder else [(k, p) for k, p in (*module.named_parameters(recurse=False), *held)
+                                    if id(p) not in children]
         whole = (rule is None and (parametrized or (direct and not local))) or (rule is not None and rule.owns_children)
         owned = module.named_parameters(remove_duplicate=False) if whole else direct
         names = {local: ids[id(p)] for local, p in owned if id(p) in ids}
@@ -458,7 +476,7 @@ def plan_units(net, params, local=False):
             units.append(_Unit(prefix.rstrip("."), module, rule or _rules.GENERIC, names))
         if not whole:
             for child_name, child in module.named_children():
-                visit(f"{prefix}{child_name}.", child)
+                visit(f"{prefix}{child_name}.", child, _holds_only(child))
 
     visit("", net)
     # Group units that share a parameter (tied weights): their per-sample gradients add up.
@@ -976,10 +994,19 @@ class Engine:
                     if unit.blocks is None:
                         state.tentative.append(unit)
                 else:
-                    # the batch runs again sample by sample
-                    state.mixed.append((unit, f"is called on an input of shape {mixed}, whose rows are not the "
-                                              f"batch's {state.n} samples (it mixes them, or all share it)"))
-                    return None
+                    # the batch runs again sample by sample, in g-MAS only where a gradient reaches the call's output
+                    # (DoRA's weight norm calls its LoRA layers on an identity matrix, then detaches the result)
+                    why = (unit, f"is called on an input of shape {mixed}, whose rows are not the batch's {state.n} "
+                                 "samples (it mixes them, or all share it)")
+                    outs = [flat[i] for i in pos if flat[i].requires_grad]
+                    if self.mode == "local" or not outs:
+                        if self.mode == "local":
+                            state.mixed.append(why)
+                        return None
+                    tapped = self._tap(state.anchor, lambda grads: state.mixed.append(why), False, outs)
+                    for i, t in zip([i for i in pos if flat[i].requires_grad], tapped):
+                        flat[i] = t
+                    return flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
             elif (rows is not None and self.per_sample and state.n > 1 and unit.blocks is not False
                   and unit.rule.grads is _rules.generic_grads and _flattens_samples(in_dims, out_dims, rows, flat, pos,
                                                                                    state)):

@@ -27,15 +27,22 @@ MODE_IDS = ["global", "local", "global-batch"]
 def _layers(model):
     """{module: its parameters} of the layers of SPEC §1: every module with parameters of its own (not aliases of a
     child's), each with those; nn.MultiheadAttention (which reads its out_proj's weight itself) and a parametrized
-    layer with all theirs."""
+    layer with all theirs. A ParameterDict or ParameterList child is no layer (it has no forward): its parameters
+    are its parent's own."""
     out = {}
+
+    def held(m):
+        return [p for c in m.children() if type(c).forward is nn.Module.forward
+                for p in (*c.parameters(recurse=False), *held(c))]
 
     def visit(m):
         if isinstance(m, nn.MultiheadAttention) or torch.nn.utils.parametrize.is_parametrized(m):
             out[m] = list(m.parameters())
             return
-        children = {id(p) for c in m.children() for p in c.parameters()}
-        own = [p for p in m.parameters(recurse=False) if id(p) not in children]
+        mine = held(m)
+        children = {id(p) for c in m.children() for p in c.parameters()} - {id(p) for p in mine}
+        container = type(m).forward is nn.Module.forward
+        own = [] if container else [p for p in (*m.parameters(recurse=False), *mine) if id(p) not in children]
         if own:
             out[m] = own
         for child in m.children():
@@ -1299,3 +1306,65 @@ def test_moe_experts(request, cls, mode, per_sample, kind):
     assert (type(experts) in mas_ext._rules.base._VERIFIED) == (fused and kind != "other-formula")
     said = [w for w in caught if "does not compute" in str(w.message)]
     assert bool(said) == (fused and kind == "other-formula"), [str(w.message) for w in caught]
+
+
+# ----------------------------------------------------------------------------- parameters held in containers
+class ScaledByDict(nn.Module):
+    """A layer whose scales sit in a ParameterDict and a ParameterList that its own forward reads (PEFT's IA³ keeps
+    them so); they have no forward, and were units that were never called: every batch ran one sample at a time."""
+
+    def __init__(self):
+        super().__init__()
+        self.base = nn.Linear(5, 6)
+        self.scale = nn.ParameterDict({"default": nn.Parameter(torch.randn(6))})
+        self.shift = nn.ParameterList([nn.Parameter(torch.randn(5))])
+
+    def forward(self, x):
+        return self.base(x + self.shift[0]) * self.scale["default"]
+
+
+class NormedByIdentity(nn.Module):
+    """DoRA's weight norm: a Linear run on an identity matrix (rows that are no sample's), its result detached
+    (``detach``) or not; then on the batch. Detached, no gradient reaches that call: the batch keeps the batched
+    path. Not detached, the call's gradient cannot be split by sample: the batch runs one sample at a time."""
+
+    def __init__(self, detach):
+        super().__init__()
+        self.lora = nn.Linear(5, 6, bias=False)
+        self.detach = detach
+
+    def forward(self, x):
+        norm = self.lora(torch.eye(5, dtype=x.dtype)).norm(dim=0)
+        return self.lora(x) / (norm.detach() if self.detach else norm)
+
+
+class HeldAndNormed(nn.Module):
+    def __init__(self, detach):
+        super().__init__()
+        self.held, self.normed, self.head = ScaledByDict(), NormedByIdentity(detach), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.held(x)) + self.normed(x))
+
+
+@pytest.mark.parametrize("detach", [True, False], ids=["detached", "not-detached"])
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_parameters_held_in_containers_and_calls_without_gradient(request, cls, mode, per_sample, detach):
+    torch.manual_seed(83)
+    model = HeldAndNormed(detach).eval()
+    x = torch.randn(7, 4, 5)
+    check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mas = cls(model, mode=mode, per_sample=per_sample, show_progress=False).accumulate([x[:4], x[4:]])
+    units = {u.name: sorted(u.names) for u in mas._engine.units}
+    assert units["held"] == (["base.bias", "base.weight", "scale.default", "shift.0"] if mode == "global"
+                             else ["scale.default", "shift.0"])
+    assert "held.scale" not in units and "held.shift" not in units
+    # In l-MAS the identity call's own output is its gradient; in g-MAS only the undetached one is reached.
+    by_sample = per_sample and (mode == "local" or not detach)
+    said = [str(w.message) for w in caught if "one sample at a time" in str(w.message)]
+    assert bool(said) == by_sample, said
+    if said:
+        assert "normed.lora" in said[0] and "(5, 5)" in said[0]
