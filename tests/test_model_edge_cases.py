@@ -1368,3 +1368,69 @@ def test_parameters_held_in_containers_and_calls_without_gradient(request, cls, 
     assert bool(said) == by_sample, said
     if said:
         assert "normed.lora" in said[0] and "(5, 5)" in said[0]
+
+
+# ----------------------------------------------------------------------------- PEFT's DoRA magnitude, by name
+def _dora_named(forward):
+    """A class named as PEFT's DoraLinearLayer, with its call signature and the given forward."""
+    return type("DoraLinearLayer", (nn.Module,), {"forward": forward, "__init__": _dora_init})
+
+
+def _dora_init(self, out):
+    nn.Module.__init__(self)
+    self.weight = nn.Parameter(torch.rand(out) + 0.5)
+
+
+def _dora_forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default"):
+    """PEFT 0.21's, without its caches: the weight norm detached, the LoRA path on the batch."""
+    lora_weight = lora_B(lora_A(torch.eye(lora_A.in_features, dtype=x.dtype))).T
+    norm = (base_layer.weight + scaling * lora_weight.detach()).norm(dim=1).detach()
+    scale = (self.weight / norm).view(1, -1)
+    base = base_result - base_layer.bias if base_result is not None else F.linear(x, base_layer.weight)
+    return (scale - 1) * base + scale * lora_B(lora_A(x)) * scaling
+
+
+def _squared_forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default"):
+    """Another function of the magnitude (m², not m): the rule's check must send it to the generic rule."""
+    return self.weight.pow(2) * (base_result + lora_B(lora_A(x)) * scaling)
+
+
+class DoraToy(nn.Module):
+    """lora.Linear's eval path: the base output passed to the magnitude layer as base_result (or None)."""
+
+    def __init__(self, forward, pass_base=True):
+        super().__init__()
+        self.base = nn.Linear(5, 6).requires_grad_(False)
+        self.lora_A, self.lora_B = nn.Linear(5, 2, bias=False), nn.Linear(2, 6, bias=False)
+        self.magnitude = _dora_named(forward)(6)
+        self.head, self.pass_base = nn.Linear(6, 3), pass_base
+
+    def forward(self, x):
+        h = self.base(x)
+        h = h + self.magnitude(x, lora_A=self.lora_A, lora_B=self.lora_B, scaling=0.5, base_layer=self.base,
+                               base_result=h if self.pass_base else None)
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("kind", ["dora", "zero-in-m", "no-base-result", "other-function"])
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_dora_magnitude(request, cls, mode, per_sample, kind):
+    """A DoraLinearLayer's magnitude m takes the DoRA rule, Σ_positions g ⊙ (y + b)/m per sample, once its class is
+    seen to be linear in m (run again with 2m); a zero in m, a call without base_result, and a class that computes
+    another function of m take the generic rule (the last with a warning). Exact either way, in every mode."""
+    torch.manual_seed(89)
+    model = DoraToy(_squared_forward if kind == "other-function" else _dora_forward, kind != "no-base-result").eval()
+    if kind == "zero-in-m":
+        with torch.no_grad():
+            model.magnitude.weight[2] = 0
+    dora = type(model.magnitude)
+    x = torch.randn(7, 4, 5)
+    check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
+    mas_ext._rules.base._WARNED.discard(dora)  # said once per class: again for this run
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cls(model, mode=mode, per_sample=per_sample, show_progress=False).accumulate([x[:4], x[4:]])
+    assert (dora in mas_ext._rules.base._VERIFIED) == (kind == "dora")  # the DoRA rule took its calls
+    said = [w for w in caught if "does not compute" in str(w.message)]
+    assert bool(said) == (kind == "other-function"), [str(w.message) for w in caught]

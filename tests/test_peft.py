@@ -132,3 +132,15 @@ def test_fused_adamw_step_on_adapters_equals_torch_with_the_penalty_as_a_loss():
         plain.step()
     torch.testing.assert_close(dict(model.named_parameters()), dict(twin.named_parameters()), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close({n: p for n, p in model.named_parameters() if n in frozen}, frozen, rtol=0, atol=0)
+
+
+def test_dora_takes_its_rule_also_at_peft_initialisation():
+    """As PEFT makes it, a DoRA layer adds zero (m is the weight norm, B is zero): its output tells nothing about
+    the rule's formula, its base output does. Ω exact, and FusedMAS takes the DoRA rule (no generic rerun)."""
+    model = peft.get_peft_model(perturbed(MODELS["llama"]), CASES["dora"][1]()).eval()
+    x = torch.randint(1, V, (5, T))
+    mas = mas_ext.FusedMAS(model, show_progress=False).accumulate([x[:3], x[3:]])
+    assert_close(mas.task_importance, oracle(model, list(x)))
+    dora = [u for u in mas._engine.units if type(u.module).__name__ == "DoraLinearLayer"]
+    assert dora and all(u.rule.fused is mas_ext._rules.adapters.dora_fused for u in dora)
+    assert type(dora[0].module) in mas_ext._rules.base._VERIFIED

@@ -12,6 +12,7 @@ LayerNorm, RMSNorm     norm.py         norm_affine_importance_ (one pass over x 
 GroupNorm, BatchNorm   norm.py         per-sample N×C gradients, whole
 MultiheadAttention     attention.py    its projections through linear_importance_
 HF MoE *Experts        experts.py      each expert's two projections through linear_importance_, tokens by sample
+PEFT DoraLinearLayer   adapters.py     per-sample Σ g·(y + b)/m from the output and the base output (N × out)
 anything else          generic.py      none: torch.func vmap(vjp) over that module (else autograd)
 =====================  ==============  =========================================================
 
@@ -20,6 +21,7 @@ for a custom layer (see :mod:`.base` for the interface).
 """
 import torch.nn as nn
 
+from .adapters import dora_fused, dora_grads, is_peft_dora_linear
 from .attention import mha_fused, mha_tapped_forward
 from .base import CHUNK_ELEMS, Call, Rule, register_rule, rule_for, unverified
 from .conv import conv_cost, conv_fused, conv_grads, unfold_nd
@@ -60,5 +62,6 @@ for _norm in (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.Bat
     register_rule(_norm, Rule(norm_grads, norm_fused, needs_output=_no_output, blocks=_last_dim))
 register_rule(is_hf_rmsnorm, Rule(norm_grads, norm_fused, needs_output=unverified, blocks=_rows))  # over the last dim
 register_rule(is_hf_experts, Rule(generic_grads, experts_fused, blocks=_rows))  # the generic rule reads the output
+register_rule(is_peft_dora_linear, Rule(dora_grads, dora_fused))  # reads the output and base_result
 register_rule(nn.MultiheadAttention, Rule(generic_grads, mha_fused, owns_children=True,
                                           tapped_forward=mha_tapped_forward))
