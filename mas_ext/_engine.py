@@ -412,10 +412,12 @@ class _Group:
 
 class _Pass:
     """State of the importance pass over one batch: ``mask`` and ``out_mask`` mark the padding of its inputs and of
-    the model's output (:func:`_padding`), if any."""
+    the model's output (:func:`_padding`), if any; ``patches``: with padding, the totals of the batch's flattened
+    visual patches (equal per sample), whose rows the vision tower's layers hold as n blocks."""
 
-    def __init__(self, n, bufs, anchor, mask=None, out_mask=None):
+    def __init__(self, n, bufs, anchor, mask=None, out_mask=None, patches=()):
         self.n, self.bufs, self.anchor, self.mask, self.out_mask = n, bufs, anchor, mask, out_mask
+        self.patches = patches
         self.calls = {}  # unit -> number of calls in this forward
         self.busy = False  # a rule is running: its own module calls (torch.func) are not recorded
         self.mixed = []  # (unit, why) of calls whose rows are no sample's own (per_sample, n > 1)
@@ -634,13 +636,15 @@ class Engine:
         # l-MAS of an encoder-decoder model: the encoder's mask cannot tell the decoder layers' positions
         if (self.pad_by_sample or (decoder and self.mode == "local")) and (mask is not None or out_mask is not None):
             return self._run_sample_by_sample(args, kwargs, n, bufs, where)
+        # with padding, the totals of the flattened visual patches (equal per sample here): rows of the vision tower
+        patches = {sum(layout[4]) for layout in _visual_layout(kwargs, n)} if mask is not None and kwargs else set()
         learned_again = False
         for attempt in range(3):  # a retry once the dims are learned again, one once the units that repeat are marked
             if attempt:
                 for b in bufs.values():
                     b.zero_()
             state = _Pass(n, bufs, torch.zeros((), device=next(iter(self.params.values())).device,
-                                               requires_grad=True), mask, out_mask)
+                                               requires_grad=True), mask, out_mask, patches)
             try:
                 calls = self._forward_backward(args, kwargs, where, state)
             except Exception as e:  # noqa: BLE001 - re-raised unless an expanded input explains it
@@ -985,9 +989,11 @@ class Engine:
             if mixed is not None and self.per_sample and state.n > 1:
                 # n blocks of rows, one per sample (OPT's and the MoE layers' (n·T, D) tokens), confirmed once; the
                 # generic rule reads them where it knows which of the call's tensors hold them
-                # (with padding, only the batch's (n, T) positions flattened: tokens packed by the mask are not)
+                # (with padding, only the batch's (n, T) positions flattened, or the visual patches (merged or not) of
+                # a batch whose samples have as many: tokens packed by the mask are not)
                 if (blocks and unit.blocks is not False and mixed and mixed[0] % state.n == 0
-                        and (state.mask is None or mixed[0] == state.mask.numel())
+                        and (state.mask is None or mixed[0] == state.mask.numel() or (
+                            mixed[0] != int(state.mask.sum()) and any(p % mixed[0] == 0 for p in state.patches)))
                         and _batch_dim(module) == 0 and unit.rule.blocks(module)
                         and (rows is not None or unit.rule.grads is not _rules.generic_grads)):
                     mixed, block_rows = None, rows

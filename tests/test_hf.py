@@ -498,6 +498,42 @@ def test_vision_language_model_with_flattened_patches(family, images):
         assert len(said) == (images != "equal"), [str(w.message) for w in caught]
 
 
+def _padded_vl_batch(grids, lengths, side, length=22):
+    """:func:`_vl_batch` with sample k's text cut to lengths[k] tokens (its images stay at the start) and padded on
+    ``side`` to ``length``, with its attention_mask; each sample alone unpadded."""
+    batch, alone = _vl_batch(grids, length)
+    ids, types = torch.zeros_like(batch["input_ids"]), torch.zeros_like(batch["mm_token_type_ids"])
+    mask = torch.zeros_like(ids)
+    for k, keep in enumerate(lengths):
+        at = slice(0, keep) if side == "right" else slice(length - keep, length)
+        own = {key: alone[k][key][:, :keep] for key in ("input_ids", "mm_token_type_ids")}
+        ids[k, at], types[k, at], mask[k, at] = own["input_ids"][0], own["mm_token_type_ids"][0], 1
+        alone[k].update(own)
+    batch.update(input_ids=ids, mm_token_type_ids=types, attention_mask=mask)
+    return batch, alone
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("family", ["Qwen2VL", "Qwen2_5_VL"])
+def test_padded_vision_language_batches_keep_the_batched_path(family, side):
+    """A processor's batch is padded: with an attention_mask, the vision tower's (patches, ·) rows were not taken as
+    n blocks (only the batch's (n, T) positions were, lest tokens packed by the mask be), and every batch ran one
+    sample at a time. The rows of the batch's flattened patches, merged or not, are now read as n blocks where the
+    samples have as many patches (confirmed on the first batch). Two batches, Ω against a float64 loop."""
+    model = _qwen_vl(family)
+    torch.manual_seed(7)
+    small = (1, 4, 4)
+    batches, alone = zip(_padded_vl_batch([[small]] * 3, [22, 17, 12], side),
+                         _padded_vl_batch([[small, small]] * 2, [22, 19], side))
+    want = oracle(model, [a for sample in alone for a in sample], lambda m, a: m(**a).logits)
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = cls(model, show_progress=False).accumulate(list(batches)).task_importance
+        assert_close(got, want, tol=1e-4)
+        assert not [w for w in caught if "one sample at a time" in str(w.message)], [str(w.message) for w in caught]
+
+
 def test_qwen3_vl_videos_with_a_run_of_tokens_per_frame():
     """Qwen3-VL marks each frame of a video as its own run of video tokens (timestamp text between them), with one
     video_grid_thw row per video: a sample's videos are told by the frames its runs count (it crashed: the runs did

@@ -3,8 +3,8 @@ output b (bias removed) and the LoRA path's L = s · B(A(x)), it returns
 
     y = (m / ‖W + s·BA‖ − 1) ⊙ b + (m / ‖W + s·BA‖) ⊙ L,
 
-linear in the magnitude m with ∂y/∂m = (y + b) / m: each sample's gradient is Σ_positions g ⊙ (y + b) / m, from the
-call's output and its ``base_result`` argument, N × out numbers. The generic rule reran the layer (its weight norm,
+linear in the magnitude m with ∂y/∂m = (y + b) / m: each sample's gradient is Σ_positions g ⊙ (y + b) / m, from
+the call's output and its ``base_result`` argument, N × out numbers. The generic rule reran the layer (its weight norm,
 the LoRA path on an identity matrix and on x) under vmap. Each class's first call is checked to be linear in m so
 (run again with 2m: y(2m) = 2y + b); a call without ``base_result`` (dropout in train mode), a zero in m, or a class
 that fails the check takes the generic rule."""
