@@ -94,6 +94,19 @@ def _stateful_argument(args, kwargs):
     return f"{name}={type(bad).__name__}" if name else f"a {type(bad).__name__}"
 
 
+def _empty_caches(args, kwargs):
+    """The ids of a call's non-tensor arguments where every one is an empty Hugging Face cache (``get_seq_length()``
+    is 0: the first call of ``generate()``), else an empty set."""
+    flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
+    objects = [x for x in flat if not torch.is_tensor(x) and not isinstance(x, _PLAIN)]
+    try:
+        if objects and all(callable(getattr(x, "get_seq_length", None)) and x.get_seq_length() == 0 for x in objects):
+            return {id(x) for x in objects}
+    except Exception:  # noqa: BLE001 - not a cache after all: the call is skipped as any other stateful one
+        pass
+    return set()
+
+
 class ReferenceMAS:
     """Memory Aware Synapses in pure PyTorch: the ground truth that ``FusedMAS`` is tested against.
 
@@ -167,15 +180,35 @@ class ReferenceMAS:
         (deployment: Ω learns from unlabeled traffic), positional and keyword calls alike (``labels``
         dropped). The model's outputs are unchanged, and the user's forward never fails because of MAS:
         a call whose importance cannot be taken is skipped with a warning saying why, Ω and the count
-        unchanged."""
-        calls, stateful = [0], []
+        unchanged.
+
+        A call of a module inside the model that holds every tracked parameter, made on its own, is the model's
+        call too (a PEFT model's ``generate()`` calls the model it wraps). ``generate()``'s first call, on the
+        prompts with an empty cache, is observed without its cache and its ``logits_to_keep`` (Ω of the prompts,
+        as :meth:`accumulate` takes them); the calls that follow, one token each on a filled cache, are skipped
+        (one warning)."""
+        tracked = {id(p) for p in self.params.values()}
+        entries = [self.model] + [m for m in self.net.modules() if m is not self.model
+                                  and tracked <= {id(p) for p in m.parameters()}]
+        calls, stateful, open_calls = [0], [], []
+
+        def pre_hook(module, args, kwargs):
+            if not self._engine.running:
+                open_calls.append(_empty_caches(args, kwargs))
 
         def hook(module, args, kwargs, output):
-            if self._engine.running:
+            if self._engine.running or not open_calls:
+                return
+            empty = open_calls.pop()
+            if open_calls:  # inside a call of an outer entry, which is the one observed
                 return
             where = f"observed #{calls[0]}"
             calls[0] += 1
             state = _stateful_argument(args, kwargs)
+            if state is not None and empty:  # generate()'s prefill: the prompts, as accumulate() takes them
+                kwargs = {k: v for k, v in kwargs.items() if id(v) not in empty and k != "logits_to_keep"}
+                args = tuple(a for a in args if id(a) not in empty)
+                state = _stateful_argument(args, kwargs)
             if state is not None:  # the pass runs the model again: it would advance the user's state (a KV cache)
                 if not stateful:  # once per context: generate() makes such a call per token
                     warnings.warn(f"{type(self).__name__}.observe(): call {where} skipped, and every later call that "
@@ -184,18 +217,23 @@ class ReferenceMAS:
                                   stacklevel=2)
                 stateful.append(where)
                 return
+            self._engine.entry = self.net if module is self.model else module
             try:
                 with self._engine.session():
                     self._accumulate_batch(args, {k: v for k, v in kwargs.items() if k != "labels"}, where)
             except Exception as e:  # never the user's forward: skip this call, say why
                 warnings.warn(f"{type(self).__name__}.observe(): call {where} skipped ({type(e).__name__}: {e}); "
                               "importance and sample count unchanged", stacklevel=2)
+            finally:
+                self._engine.entry = self.net
 
-        handle = self.model.register_forward_hook(hook, with_kwargs=True)
+        handles = [h for m in entries for h in (m.register_forward_pre_hook(pre_hook, with_kwargs=True),
+                                                m.register_forward_hook(hook, with_kwargs=True, always_call=True))]
         try:
             yield self
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
 
     @staticmethod
     def _input(batch, i):

@@ -506,6 +506,9 @@ class Engine:
 
     def __init__(self, net, params, mode, per_sample, output_fn=None, kernels=None):
         self.net, self.params, self.kernels = net, params, kernels
+        # the module a batch's call runs: the model, or (observe) a module inside it that holds every tracked
+        # parameter and was called on its own (the model a PEFT wrapper's generate() calls)
+        self.entry = net
         self.mode, self.per_sample, self.output_fn = mode, per_sample, output_fn
         self._plan = None  # (local, the units planned for that mode)
         self.no_expand = False  # set once the model failed on an expanded batch-size-1 input
@@ -715,7 +718,7 @@ class Engine:
         try:
             with torch.no_grad():
                 one_args, one_kwargs = _one_sample(args, kwargs, n, 0)
-                out = self._output(self.net(*one_args, **one_kwargs), where, check=False)
+                out = self._output(self.entry(*one_args, **one_kwargs), where, check=False)
             self.one, self.dims, self.one_out, self.out_dim = seen, {}, tuple(out.shape), _UNKNOWN
         except Exception as e:  # noqa: BLE001 - the pass itself says what is wrong with the batch
             warnings.warn(f"batch {where}: the model did not run on one sample alone ({type(e).__name__}: "
@@ -858,7 +861,7 @@ class Engine:
                 shape = tuple(x.shape[1:]) if x is not None else ()  # a sample's: the batch size changes nothing
                 if shape not in self.scanned:
                     return self._scanned_forward(args, kwargs, shape)
-            return self.net(*args, **kwargs)
+            return self.entry(*args, **kwargs)
         except Exception:
             state.forward_failed = True
             raise
@@ -882,7 +885,7 @@ class Engine:
         watch = _ReadsOutside(owners, active)
         try:
             with watch:
-                out = self.net(*args, **kwargs)
+                out = self.entry(*args, **kwargs)
         finally:
             for h in handles:
                 h.remove()

@@ -181,6 +181,27 @@ def test_observe_keyword_and_positional_calls(name):
     assert_close(mas.task_importance, oracle(model, list(x)))
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_observe_generate_takes_the_prompts(name):
+    """Deployment traffic is generate(): its first call (the left-padded prompts, an empty cache, logits of the last
+    position only) is observed as accumulate() takes the prompts, so Ω is the prompts' own, each unpadded; the calls
+    that follow (one token each on the filled cache) are skipped, with one warning. Before, every call of generate()
+    was skipped. The generated tokens are those of a run outside observe()."""
+    model = make_model(name, seed=8)
+    torch.manual_seed(9)
+    prompts = [torch.randint(1, V, (length,)) for length in (T, 5, 7)]
+    ids, mask = padded(prompts, "left")
+    args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    plain = model.generate(**args)
+    mas = mas_ext.FusedMAS(model, show_progress=False)
+    with mas.observe(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model.generate(**args)
+    assert torch.equal(out, plain) and mas.num_samples == 3
+    assert len([w for w in caught if "skipped" in str(w.message)]) == 1, [str(w.message) for w in caught]
+    assert_close(mas.task_importance, oracle(model, prompts))
+
+
 def test_observe_skips_an_unusable_call_with_a_warning():
     model = make_model("gpt2", seed=7)
     mas = mas_ext.FusedMAS(model, output_fn=lambda out: out.past_key_values, show_progress=False)

@@ -144,3 +144,20 @@ def test_dora_takes_its_rule_also_at_peft_initialisation():
     dora = [u for u in mas._engine.units if type(u.module).__name__ == "DoraLinearLayer"]
     assert dora and all(u.rule.fused is mas_ext._rules.adapters.dora_fused for u in dora)
     assert type(dora[0].module) in mas_ext._rules.base._VERIFIED
+
+
+def test_observe_a_peft_models_generate():
+    """A PEFT model's generate() calls the model it wraps, not its own forward: observe() saw nothing, and said
+    nothing. A module holding every tracked parameter, called on its own, is observed as the model: Ω of the prompts
+    (generate's first call), equal to the float64 loop."""
+    model = adapted("llama", CASES["lora"][1]())
+    torch.manual_seed(10)
+    prompts = [torch.randint(1, V, (length,)) for length in (T, 4, 6)]
+    ids, mask = padded(prompts, "left")
+    mas = mas_ext.FusedMAS(model, show_progress=False)
+    with mas.observe(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the later calls of generate(), on a filled cache, are skipped so
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        model(input_ids=ids[:1, -T:])  # a call of the PEFT model itself: once, not also as its wrapped model's
+    assert mas.num_samples == 4
+    assert_close(mas.task_importance, oracle(model, prompts + [ids[0, -T:]]))
