@@ -395,6 +395,7 @@ class _Unit:
         self.handled = False  # its tapped forward has handled the call now ending
         self.blocks = None  # its n·m-row input read as n blocks of rows: None until a batch confirms (or refutes) it
         self.attributes = None  # generic rule: {module of its subtree: its tensor (or None) attributes} before a call
+        self.raw = None  # generic rule: (args, kwargs) of the call before the module's own pre-hooks, where it has any
 
 
 class _Group:
@@ -468,6 +469,12 @@ def plan_units(net, params, local=False):
         # without a forward of its own that holds parameters (a ParameterDict: PEFT's IA³ scales and embedding LoRA
         # factors) holds them for this module's forward, which reads them: they are this module's direct ones.
         held = list(_held(module))
+        if held:  # those that a layer below holds too (a PEFT bank shared by its layers) are that layer's
+            below = {id(p) for m in module.modules() if m is not module and not _holds_only(m)
+                     for _, p in (*m.named_parameters(recurse=False), *_held(m))}
+            held = [(k, p) for k, p in held if id(p) not in below]
+        if held and rule is not None and not rule.owns_children:
+            rule = None  # the table's rule knows only the layer's own weights: the generic rule reads the rest too
         children = {id(p) for c in module.children() for p in c.parameters()} - {id(p) for _, p in held}
         direct = [] if holder else [(k, p) for k, p in (*module.named_parameters(recurse=False), *held)
                                     if id(p) not in children]
@@ -582,7 +589,7 @@ class Engine:
             u.module.forward = functools.partial(self._tapped_forward, u)
         # the generic rule runs a module again: its tensor attributes as they were before the call (RecurrentGemma's
         # RG-LRU keeps its last recurrent state on itself, which a second run would start from)
-        handles += [u.module.register_forward_pre_hook(self._attributes_before(u), prepend=True)
+        handles += [u.module.register_forward_pre_hook(self._attributes_before(u), prepend=True, with_kwargs=True)
                     for u in self.units if u.rule.grads is _rules.generic_grads]
         if any(training for _, training in modes):
             self.net.eval()
@@ -879,9 +886,12 @@ class Engine:
                 active[u] = active.get(u, 0) + by
             return hook
 
+        # A unit runs from the first of its module's pre-hooks where the generic rule runs it again (from the call's
+        # arguments before them: Engine._attributes_before), else from its forward; it ends with its own output,
+        # before the user's forward hooks, which a rule does not see.
         handles = [h for u in self.units for h in (
-            u.module.register_forward_pre_hook(count(u, 1), prepend=True),
-            u.module.register_forward_hook(count(u, -1), always_call=True))]
+            u.module.register_forward_pre_hook(count(u, 1), prepend=u.rule is _rules.GENERIC),
+            u.module.register_forward_hook(count(u, -1), prepend=True, always_call=True))]
         watch = _ReadsOutside(owners, active)
         try:
             with watch:
@@ -942,9 +952,14 @@ class Engine:
                                      "importance and sample count left as they were before this batch")
 
     def _attributes_before(self, unit):
-        def hook(module, args):
+        """A pre-hook, first of the module's: its modules' tensor attributes before the call, and for the generic
+        rule, where the module has pre-hooks of its own (which may change the call's arguments, reading parameters
+        of the unit), the call's arguments before them: the rule runs the module again from those, hooks and all."""
+        def hook(module, args, kwargs):
             if self._pass is not None and not self._pass.busy:
                 unit.attributes = {m: _rules.attributes(m) for m in module.modules()}
+                if unit.rule is _rules.GENERIC and len(module._forward_pre_hooks) > 1:
+                    unit.raw = (args, kwargs)
         return hook
 
     def _hook_for(self, unit):
@@ -953,6 +968,8 @@ class Engine:
             if state is None or state.busy:
                 return None
             state.calls[unit] = state.calls.get(unit, 0) + 1
+            if unit.raw is not None:  # the generic rule reads the call from before the module's own pre-hooks
+                (args, kwargs), unit.raw = unit.raw, None
             attributes = held = None
             if unit.attributes is not None:  # its modules' tensor attributes as they were before the call
                 attributes, unit.attributes = unit.attributes, None

@@ -10,15 +10,18 @@ def attributes(module):
 
 def add_local_grads(sample, names, layer, own, args, kwargs, before=None):
     """sample[names[id(p)]] += ∂(½ Σ‖y‖²)/∂p for p in `own`, y the floating outputs of layer(*args, **kwargs): SPEC §1's
-    l-MAS, in which the gradient arriving at a layer's output is that output itself. ``before``: {module of the
-    layer's subtree: its :func:`attributes`} as they were before the call, set for the run (a state kept on one)."""
+    l-MAS, in which the gradient arriving at a layer's output is that output itself: its own output, without the
+    forward hooks on it (args: the call's arguments before its pre-hooks, which run again). ``before``: {module of
+    the layer's subtree: its :func:`attributes`} as they were before the call, set for the run (a state kept on one)."""
     before = before or {}
     now = {m: attributes(m) for m in before}
     for m, values in before.items():
         vars(m).update(values)
+    hooks, layer._forward_hooks = layer._forward_hooks, {}  # y is the layer's own output, before the user's hooks
     try:
         out = layer(*args, **kwargs)
     finally:
+        layer._forward_hooks = hooks
         for m, values in now.items():
             vars(m).update(values)
     outs = [o for o in (out if isinstance(out, tuple) else (out,)) if torch.is_tensor(o) and o.is_floating_point()]

@@ -143,15 +143,16 @@ def oracle(model, batches, mode="global", per_sample=True, shared=(), unpad=Fals
                             sample[names[id(p)]] += g
                 else:
                     calls, layers, before = [], _layers(m), {}
+                    # each call's arguments before the layer's own pre-hooks, which its rerun runs again
                     hooks = [h for layer in layers for h in (
-                        layer.register_forward_pre_hook(lambda mod, a: before.setdefault(mod, []).append(
-                            {sub: attributes(sub) for sub in mod.modules()})),
-                        layer.register_forward_hook(lambda mod, a, kw, o: calls.append((mod, a, kw, before[mod].pop())),
+                        layer.register_forward_pre_hook(lambda mod, a, kw: before.setdefault(mod, []).append(
+                            ({sub: attributes(sub) for sub in mod.modules()}, a, kw)), prepend=True, with_kwargs=True),
+                        layer.register_forward_hook(lambda mod, a, kw, o: calls.append((mod, *before[mod].pop())),
                                                     with_kwargs=True))]
                     m(*args, **kwargs)  # with grad enabled: no inference fast path that skips the submodules
                     for h in hooks:
                         h.remove()
-                    for layer, a, kw, attrs in calls:
+                    for layer, attrs, a, kw in calls:
                         own = [p for p in layers[layer] if p.requires_grad]
                         if own:
                             add_local_grads(sample, names, layer, own, a, kw, attrs)
@@ -1434,3 +1435,104 @@ def test_dora_magnitude(request, cls, mode, per_sample, kind):
     assert (dora in mas_ext._rules.base._VERIFIED) == (kind == "dora")  # the DoRA rule took its calls
     said = [w for w in caught if "does not compute" in str(w.message)]
     assert bool(said) == (kind == "other-function"), [str(w.message) for w in caught]
+
+
+class BankLayer(nn.Module):
+    """A layer that reads a bank shared by all layers and registered on each of them and on the model (PEFT's VB-LoRA,
+    UniLoRA and TinyLoRA keep theirs so)."""
+
+    def __init__(self, bank):
+        super().__init__()
+        self.lin, self.bank = nn.Linear(5, 5), bank
+
+    def forward(self, x):
+        return self.lin(x) * self.bank["d"]
+
+
+class SharedBank(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bank = nn.ParameterDict({"d": nn.Parameter(torch.randn(5))})
+        self.l1, self.l2, self.head = BankLayer(self.bank), BankLayer(self.bank), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.l2(torch.tanh(self.l1(x)))))
+
+
+class ReusedLayer(nn.Module):
+    """One Linear registered at two paths and run twice (ALBERT-style), inside a module with a parameter of its own
+    (the generic rule over all of it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.b = self.a
+        self.p = nn.Parameter(torch.randn(5))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))) * self.p
+
+
+@pytest.mark.parametrize("kind", ["shared-bank", "reused-layer"])
+@pytest.mark.parametrize("mode,per_sample", [("global", True), ("global", False)], ids=["global", "global-batch"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_the_model_is_left_intact(request, cls, mode, per_sample, kind):
+    """The generic rule runs a module again on functional parameters; torch.func puts them back one name at a time,
+    and a module (or a bank) registered at two paths got a dead functorch tensor back instead of its parameter: a
+    later training step gave it no gradient, and deepcopy failed. A bank shared by the layers is theirs (a tied
+    group), not the model's: the whole model took the generic rule."""
+    torch.manual_seed(97)
+    model = (SharedBank() if kind == "shared-bank" else nn.Sequential(ReusedLayer(), nn.Linear(5, 3))).eval()
+    before = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
+    x = torch.randn(7, 4, 5)
+    mas = check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
+    assert all(p is before[n] for n, p in model.named_parameters(remove_duplicate=False))
+    model(x).pow(2).sum().backward()
+    assert all(p.grad is not None for p in before.values())
+    copy.deepcopy(model)
+    if kind == "shared-bank":
+        assert sorted(u.name for u in mas._engine.units) == ["head", "l1", "l2"]
+
+
+class ReadByItsHooks(nn.Module):
+    """Layers whose hooks change their arguments or output: a generic layer with a pre-hook and a forward hook, and
+    built-in layers holding a ParameterDict that their pre-hook (Linear) or forward hook (Embedding) reads. The
+    generic rule ran the layer again on the arguments its pre-hooks had already changed, and with its forward hooks
+    (after the engine's tap): Ω 55-290% off. Table layers took the dict's parameter and gave it Ω 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 5)
+        self.emb.extra = nn.ParameterDict({"s": nn.Parameter(torch.randn(5))})
+        self.emb.register_forward_hook(lambda m, a, out: out * m.extra["s"])
+        self.scale = ScaleLayer(5)
+        self.scale.register_forward_pre_hook(lambda m, a: (a[0] * 2 + 1,))
+        self.scale.register_forward_hook(lambda m, a, out: out * 3 + 1)
+        self.lin = nn.Linear(5, 6)
+        self.lin.extra = nn.ParameterDict({"s": nn.Parameter(torch.randn(5))})
+        self.lin.register_forward_pre_hook(lambda m, a: (a[0] * m.extra["s"],))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.lin(torch.tanh(self.scale(self.emb(ids))))))
+
+
+class ScaleLayer(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(c))
+
+    def forward(self, x):
+        return x * self.w
+
+
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_layers_with_hooks_of_their_own(request, cls, mode, per_sample):
+    """In l-MAS a layer's output is its own, before its forward hooks; its pre-hooks are part of it. Against the
+    oracle in every mode; the Embedding's dict, read by its forward hook after its output, runs one sample at a time
+    in g-MAS (exact)."""
+    torch.manual_seed(101)
+    model = ReadByItsHooks().eval()
+    x = torch.randint(0, 11, (7, 4))
+    check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)

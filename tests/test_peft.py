@@ -1,8 +1,8 @@
 """PEFT adapters on tiny random Hugging Face models, how people fine-tune today: LoRA, DoRA, IA³, LoRA on
-embeddings, modules_to_save, LoHa, LoKr, VeRA, AdaLoRA, OFT, prefix and prompt tuning. Only the adapters' parameters
-are trainable, so only they are tracked; their Ω against the float64 one-sample loop of tests/test_hf.py (g-MAS) and
-the layer-by-layer oracle of tests/test_model_edge_cases.py (l-MAS), with no batch run one sample at a time (prompt
-tuning excepted), and a fused AdamW step equal to torch's with the penalty as a loss.
+embeddings, modules_to_save, LoHa, LoKr, VeRA, FourierFT, AdaLoRA, OFT, prefix and prompt tuning. Only the adapters'
+parameters are trainable, so only they are tracked; their Ω against the float64 one-sample loop of tests/test_hf.py
+(g-MAS) and the layer-by-layer oracle of tests/test_model_edge_cases.py (l-MAS), with no batch run one sample at a
+time (prompt tuning excepted), and a fused AdamW step equal to torch's with the penalty as a loss.
 
 Before: adapters whose factors sit in a ParameterDict that the wrapping layer's forward reads (IA³, embedding LoRA,
 LoHa, LoKr, VeRA) and DoRA (its weight norm runs the LoRA layers on an identity matrix, then detaches the result) ran
@@ -50,6 +50,7 @@ CASES = {
     "loha": ("llama", lambda: peft.LoHaConfig(r=4, target_modules=["q_proj", "v_proj"])),
     "lokr": ("llama", lambda: peft.LoKrConfig(r=4, target_modules=["q_proj", "v_proj"])),
     "vera": ("llama", lambda: peft.VeraConfig(r=4, target_modules=["q_proj", "v_proj"])),
+    "fourierft": ("llama", lambda: peft.FourierFTConfig(n_frequency=20, target_modules=["q_proj", "v_proj"])),
     "adalora": ("llama", lambda: peft.AdaLoraConfig(init_r=4, target_modules=["q_proj", "v_proj"], total_step=10)),
     "oft": ("llama", lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "v_proj"])),
     "prefix": ("llama", lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),

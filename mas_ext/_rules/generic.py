@@ -1,5 +1,6 @@
 """Any other module with parameters: exact per-sample gradients over that module alone (torch.func's vmap, else
 autograd one sample at a time)."""
+import collections
 import inspect
 import warnings
 
@@ -74,13 +75,24 @@ def _rerun(module, call, params, args, kwargs):
     after = {m: {k: vars(m).get(k, ABSENT) for k in values} for m, values in before.items()}
     for m, values in before.items():
         _assign(vars(m), values)
+    # functional_call puts a module's parameters back one name at a time: a submodule registered at two paths (a
+    # layer used twice, ALBERT-style; a PEFT bank shared by its layers) got the last swapped-in tensor back
+    # instead of its parameter, and the model was left with a dead functorch tensor
+    held = [(m, k, p) for m in module.modules() for k, p in m._parameters.items()] if params is not None else []
+    # its own output, as the engine's tap took it: without the forward hooks that come after the tap (a user's hook
+    # that scales the output); its pre-hooks run, as on the call (the engine keeps its arguments from before them)
+    hooks, module._forward_hooks = module._forward_hooks, collections.OrderedDict()
     try:
         if params is None:
             return module(*args, **kwargs)
         return torch.func.functional_call(module, params, tuple(args), kwargs)
     finally:
+        module._forward_hooks = hooks
         for m, values in after.items():
             _assign(vars(m), values)
+        for m, k, p in held:
+            if m._parameters.get(k) is not p:
+                m._parameters[k] = p
 
 
 def _assign(namespace, values):
