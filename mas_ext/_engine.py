@@ -364,9 +364,12 @@ class _ReadsOutside(torch.overrides.TorchFunctionMode):
     ``rel_embeddings.weight``. The rule of the owning unit does not see that use. ``active`` counts, per unit,
     the calls of its module now running; ``owners`` maps a parameter's id to (its global name, its units)."""
 
-    def __init__(self, owners, active):
+    def __init__(self, owners, active, inside=None, promote=None):
         super().__init__()
         self.owners, self.active, self.found = owners, active, {}
+        # {id of a parameter: the generic units that hold it inside without owning it}; those found running at such a
+        # read go into ``promote`` (they are to own all theirs), and the read is theirs
+        self.inside, self.promote = inside or {}, promote
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # The arguments, and the items of list or tuple arguments (torch.cat's): no pytree walk on every op.
@@ -381,7 +384,11 @@ class _ReadsOutside(torch.overrides.TorchFunctionMode):
             # Reads that pass no gradient to the parameter (its dtype or shape, type_as, a no_grad op) do not count:
             # the op's graph must lead from an output to the parameter's node.
             if _reaches(out, t, inputs):
-                self.found[owner[0]] = func
+                holders = [u for u in self.inside.get(id(t), ()) if self.active.get(u)]
+                if holders:  # the innermost
+                    self.promote.add(min(holders, key=lambda u: sum(1 for _ in u.module.parameters())).module)
+                else:
+                    self.found[owner[0]] = func
         return out
 
 
@@ -443,14 +450,14 @@ def _held(module, prefix=""):
             yield from _held(c, f"{prefix}{cn}.")
 
 
-def plan_units(net, params, local=False):
+def plan_units(net, params, local=False, whole=frozenset()):
     """The units of ``net`` for the tracked ``params`` ({global name: parameter}), each in its group.
 
     Table modules own their direct parameters; a table rule that reads its submodules' weights itself (MHA) and a
-    parametrized layer own all their parameters. Any other module with direct parameters owns all its parameters
-    in g-MAS (its forward may read a submodule's weight directly, and the generic rule over it is exact for all),
-    and only its own in l-MAS (``local``), where every layer inside it takes its own output (ConvNeXt's layer scale,
-    ViT's class token, Swin's relative position table beside their Linear and conv children)."""
+    parametrized layer own all their parameters. Any other module with direct parameters owns those (ConvNeXt's layer
+    scale, ViT's class token, Mamba's A_log beside their Linear and conv children, which are units of their own); in
+    g-MAS, a module of ``whole`` owns all its parameters: its forward was seen to read a submodule's weight directly
+    (Mamba's mixer passes its conv's weight to the scan), and the generic rule over it is exact for all."""
     ids = {id(p): n for n, p in params.items()}
     units = []
 
@@ -478,12 +485,13 @@ def plan_units(net, params, local=False):
         children = {id(p) for c in module.children() for p in c.parameters()} - {id(p) for _, p in held}
         direct = [] if holder else [(k, p) for k, p in (*module.named_parameters(recurse=False), *held)
                                     if id(p) not in children]
-        whole = (rule is None and (parametrized or (direct and not local))) or (rule is not None and rule.owns_children)
-        owned = module.named_parameters(remove_duplicate=False) if whole else direct
+        owns_all = ((rule is None and (parametrized or (direct and not local and module in whole)))
+                    or (rule is not None and rule.owns_children))
+        owned = module.named_parameters(remove_duplicate=False) if owns_all else direct
         names = {local: ids[id(p)] for local, p in owned if id(p) in ids}
         if names:
             units.append(_Unit(prefix.rstrip("."), module, rule or _rules.GENERIC, names))
-        if not whole:
+        if not owns_all:
             for child_name, child in module.named_children():
                 visit(f"{prefix}{child_name}.", child, _holds_only(child))
 
@@ -518,6 +526,9 @@ class Engine:
         self.entry = net
         self.mode, self.per_sample, self.output_fn = mode, per_sample, output_fn
         self._plan = None  # (local, the units planned for that mode)
+        # g-MAS: modules whose forward reads a submodule's weight directly (found by the scan): they own all theirs
+        self.whole, self.promote = set(), set()
+        self._installed = None  # the unit hooks and tapped forwards of the session (Engine._install)
         self.no_expand = False  # set once the model failed on an expanded batch-size-1 input
         self.pad_by_sample = False  # set once padding showed in a layout that cannot be told: padded batches by sample
         self.by_sample = False  # set once a batch showed rows that are no sample's own: one-sample passes from then
@@ -547,7 +558,7 @@ class Engine:
         """The units of the current mode (:func:`plan_units`), planned again where the mode changed."""
         local = self.mode == "local"
         if self._plan is None or self._plan[0] != local:
-            self._plan = (local, plan_units(self.net, self.params, local))
+            self._plan = (local, plan_units(self.net, self.params, local, frozenset(self.whole)))
             self.one, self.dims = None, {}  # learned per unit
         return self._plan[1]
 
@@ -573,6 +584,33 @@ class Engine:
         eagerly."""
         modes = [(m, m.training) for m in self.net.modules()]
         fastpath = torch.backends.mha.get_fastpath_enabled()
+        self._installed = self._install()
+        if any(training for _, training in modes):
+            self.net.eval()
+        torch.backends.mha.set_fastpath_enabled(False)
+        # The pass reads no cache, and a layer that the generic rule runs again would advance one a second time
+        # (Mamba's mixer updates its conv state in place: an error under torch.func). Configs are restored as modes.
+        configs = {id(c): c for m in self.net.modules() for c in [getattr(m, "config", None)]
+                   if getattr(c, "use_cache", None) is True}
+        for c in configs.values():
+            c.use_cache = False
+        # Compiled submodules run eagerly: a compiled graph does not run the taps' backward as eager does
+        # (g-MAS through a torch.compile'd forward gave wrong Ω).
+        eager = getattr(torch.compiler, "set_stance", None)
+        try:
+            with eager("force_eager") if eager is not None else contextlib.nullcontext():
+                yield
+        finally:
+            self._uninstall()
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+            for c in configs.values():
+                c.use_cache = True
+            for m, training in modes:
+                if m.training != training:
+                    m.training = training
+
+    def _install(self):
+        """The units' hooks and tapped forwards, for :meth:`session`: (hook handles, units with a tapped forward)."""
         # First among the module's forward hooks: a user's hook that changes the output (accelerate's, a mask)
         # comes after the tap, so the gradient the rule gets is the one at the layer's own output.
         handles = [u.module.register_forward_hook(self._hook_for(u), with_kwargs=True, prepend=True)
@@ -591,32 +629,32 @@ class Engine:
         # RG-LRU keeps its last recurrent state on itself, which a second run would start from)
         handles += [u.module.register_forward_pre_hook(self._attributes_before(u), prepend=True, with_kwargs=True)
                     for u in self.units if u.rule.grads is _rules.generic_grads]
-        if any(training for _, training in modes):
-            self.net.eval()
-        torch.backends.mha.set_fastpath_enabled(False)
-        # The pass reads no cache, and a layer that the generic rule runs again would advance one a second time
-        # (Mamba's mixer updates its conv state in place: an error under torch.func). Configs are restored as modes.
-        configs = {id(c): c for m in self.net.modules() for c in [getattr(m, "config", None)]
-                   if getattr(c, "use_cache", None) is True}
-        for c in configs.values():
-            c.use_cache = False
-        # Compiled submodules run eagerly: a compiled graph does not run the taps' backward as eager does
-        # (g-MAS through a torch.compile'd forward gave wrong Ω).
-        eager = getattr(torch.compiler, "set_stance", None)
-        try:
-            with eager("force_eager") if eager is not None else contextlib.nullcontext():
-                yield
-        finally:
-            for u in tapped:
-                del u.module.forward
-            for h in handles:
-                h.remove()
-            torch.backends.mha.set_fastpath_enabled(fastpath)
-            for c in configs.values():
-                c.use_cache = True
-            for m, training in modes:
-                if m.training != training:
-                    m.training = training
+        return handles, tapped
+
+    def _uninstall(self):
+        if self._installed is None:
+            return
+        handles, tapped = self._installed
+        self._installed = None
+        for u in tapped:
+            del u.module.forward
+        for h in handles:
+            h.remove()
+
+    def _promoted(self):
+        """Plans the units again once the scan found modules whose forward reads a submodule's weight directly
+        (``self.promote``): each owns all its parameters from now on. Whether it did."""
+        if not self.promote:
+            return False
+        self.whole |= self.promote
+        self.promote = set()
+        installed = self._installed is not None
+        self._uninstall()
+        self._plan = None
+        self.outside, self.scanned = set(), set()  # scanned again under the new plan
+        if installed:
+            self._installed = self._install()
+        return True
 
     def run(self, args, kwargs, n, bufs, where):
         """One batch of n samples, the model called as ``net(*args, **kwargs)``, inside :meth:`session`: its
@@ -648,11 +686,15 @@ class Engine:
             return self._run_sample_by_sample(args, kwargs, n, bufs, where)
         # with padding, the totals of the flattened visual patches (equal per sample here): rows of the vision tower
         patches = {sum(layout[4]) for layout in _visual_layout(kwargs, n)} if mask is not None and kwargs else set()
-        learned_again = False
-        for attempt in range(3):  # a retry once the dims are learned again, one once the units that repeat are marked
-            if attempt:
+        learned_again, attempt, redo = False, 0, False
+        while True:  # a retry once the dims are learned again, one once the units that repeat are marked, and one for
+            # each plan the scan changes (a module that reads a submodule's weight directly: it owns all of them)
+            if redo:
                 for b in bufs.values():
                     b.zero_()
+            redo = True
+            if n > 1 and self.one is None:
+                self.learn_dims(args, kwargs, n, where)
             state = _Pass(n, bufs, torch.zeros((), device=next(iter(self.params.values())).device,
                                                requires_grad=True), mask, out_mask, patches)
             try:
@@ -672,6 +714,9 @@ class Engine:
                 for b in bufs.values():
                     b.zero_()
                 return self.run(args, kwargs, n, bufs, where)
+            if self._promoted():
+                continue
+            attempt += 1
             unlike = self._calls_unlike_probe(calls) if n > 1 and self.per_sample else None
             if unlike is not None:
                 state.unlike_probe = True
@@ -691,7 +736,7 @@ class Engine:
             # redo the batch with its calls summed per sample.
             repeats = [u for u, k in calls.items() if k > 1 and not u.repeats
                        and (self.mode == "local" or "forward" in u.module.__dict__)]
-            if not repeats:
+            if not repeats or attempt >= 3:
                 break
             for u in repeats:
                 u.repeats = True
@@ -892,7 +937,17 @@ class Engine:
         handles = [h for u in self.units for h in (
             u.module.register_forward_pre_hook(count(u, 1), prepend=u.rule is _rules.GENERIC),
             u.module.register_forward_hook(count(u, -1), prepend=True, always_call=True))]
-        watch = _ReadsOutside(owners, active)
+        # g-MAS: a generic unit that owns only its direct parameters, for the weights of the layers inside it, which
+        # its forward may read directly (it then owns them all: Engine._promoted)
+        inside = {}
+        if self.mode == "global":
+            for u in self.units:
+                if u.rule is _rules.GENERIC:
+                    mine = {id(self.params[g]) for g in u.names.values()}
+                    for p in u.module.parameters():
+                        if id(p) in owners and id(p) not in mine:
+                            inside.setdefault(id(p), []).append(u)
+        watch = _ReadsOutside(owners, active, inside, self.promote)
         try:
             with watch:
                 out = self.entry(*args, **kwargs)

@@ -1360,8 +1360,7 @@ def test_parameters_held_in_containers_and_calls_without_gradient(request, cls, 
         warnings.simplefilter("always")
         mas = cls(model, mode=mode, per_sample=per_sample, show_progress=False).accumulate([x[:4], x[4:]])
     units = {u.name: sorted(u.names) for u in mas._engine.units}
-    assert units["held"] == (["base.bias", "base.weight", "scale.default", "shift.0"] if mode == "global"
-                             else ["scale.default", "shift.0"])
+    assert units["held"] == ["scale.default", "shift.0"] and units["held.base"] == ["bias", "weight"]
     assert "held.scale" not in units and "held.shift" not in units
     # In l-MAS the identity call's own output is its gradient; in g-MAS only the undetached one is reached.
     by_sample = per_sample and (mode == "local" or not detach)
@@ -1491,7 +1490,7 @@ def test_the_model_is_left_intact(request, cls, mode, per_sample, kind):
     assert all(p.grad is not None for p in before.values())
     copy.deepcopy(model)
     if kind == "shared-bank":
-        assert sorted(u.name for u in mas._engine.units) == ["head", "l1", "l2"]
+        assert sorted(u.name for u in mas._engine.units) == ["head", "l1", "l1.lin", "l2", "l2.lin"]
 
 
 class ReadByItsHooks(nn.Module):
@@ -1536,3 +1535,52 @@ def test_layers_with_hooks_of_their_own(request, cls, mode, per_sample):
     model = ReadByItsHooks().eval()
     x = torch.randint(0, 11, (7, 4))
     check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
+
+
+# ----------------------------------------------------------------------------- parameters beside layers (g-MAS)
+class LayerScaleBlock(nn.Module):
+    """A parameter of its own beside its layers (ConvNeXt's layer scale, ViT's class token): the layers, called as
+    modules, are units of their own (the compiled kernels); the block's rule is for its own parameter only. With
+    ``direct``, the forward also reads its conv's weight itself (Mamba's mixer hands it to the scan): the block then
+    owns all its parameters, found by the first batch's scan, which is run again under that plan."""
+
+    def __init__(self, direct):
+        super().__init__()
+        self.conv, self.lin = nn.Conv1d(4, 4, 3, padding=1), nn.Linear(4, 4)
+        self.gamma, self.direct = nn.Parameter(torch.rand(4) + 0.5), direct
+
+    def forward(self, x):  # (n, T, 4)
+        h = self.conv(x.transpose(1, 2)).transpose(1, 2)
+        if self.direct:
+            h = h + F.conv1d(x.transpose(1, 2), self.conv.weight.flip(-1), padding=1).transpose(1, 2)
+        return x + self.gamma * self.lin(torch.tanh(h))
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.plain, self.direct, self.head = LayerScaleBlock(False), LayerScaleBlock(True), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.direct(self.plain(x)))
+
+
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_parameters_beside_layers(request, cls, mode, per_sample):
+    """In g-MAS a module with a parameter of its own owned all the layers inside it (the generic rule over the whole
+    block: ConvNeXt 3.0× a plain forward+backward); its layers are now units of their own, unless the block reads one
+    of their weights itself. Exact in every mode, no batch run one sample at a time."""
+    torch.manual_seed(103)
+    model = TwoBlocks().eval()
+    x = torch.randn(7, 5, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mas = check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
+    assert not [w for w in caught if "one sample at a time" in str(w.message)], [str(w.message) for w in caught]
+    units = {u.name: sorted(u.names) for u in mas._engine.units}
+    assert units["plain"] == ["gamma"] and units["plain.conv"] == ["bias", "weight"]
+    if mode == "global":
+        assert units["direct"] == ["conv.bias", "conv.weight", "gamma", "lin.bias", "lin.weight"]
+    else:  # l-MAS: each layer's own output; a block's rule is for its own parameter only
+        assert units["direct"] == ["gamma"]
