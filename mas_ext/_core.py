@@ -9,6 +9,7 @@ import functools
 import numbers
 import os
 import signal
+import sys
 import threading
 import warnings
 from collections.abc import Mapping
@@ -92,6 +93,27 @@ def _stateful_argument(args, kwargs):
         return None
     name = next((k for k, v in kwargs.items() if v is bad), None)
     return f"{name}={type(bad).__name__}" if name else f"a {type(bad).__name__}"
+
+
+# Model inputs that carry what the model's own encoder (or vision tower) would compute, computed before the call
+# (generate() runs it once, without gradients): a pass on such a call cannot reach those parameters.
+_COMPUTED_AHEAD = ("encoder_outputs", "mm_encoder_outputs")
+
+
+def _inside_another(module, entries):
+    """Whether this forward of ``module`` runs inside a forward of another of ``entries`` (read off the Python
+    stack, which an interrupted forward leaves as it was)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code is _CALL_IMPL:
+            owner = frame.f_locals.get("self")
+            if owner is not module and owner in entries:
+                return True
+        frame = frame.f_back
+    return False
+
+
+_CALL_IMPL = nn.Module._call_impl.__code__
 
 
 def _empty_caches(args, kwargs):
@@ -182,29 +204,32 @@ class ReferenceMAS:
         a call whose importance cannot be taken is skipped with a warning saying why, Ω and the count
         unchanged.
 
-        A call of a module inside the model that holds every tracked parameter, made on its own, is the model's
-        call too (a PEFT model's ``generate()`` calls the model it wraps). ``generate()``'s first call, on the
-        prompts with an empty cache, is observed without its cache and its ``logits_to_keep`` (Ω of the prompts,
-        as :meth:`accumulate` takes them); the calls that follow, one token each on a filled cache, are skipped
-        (one warning)."""
-        tracked = {id(p) for p in self.params.values()}
-        entries = [self.model] + [m for m in self.net.modules() if m is not self.model
-                                  and tracked <= {id(p) for p in m.parameters()}]
-        calls, stateful, open_calls = [0], [], []
+        A call of a module inside the model that holds all the model's parameters, made on its own, is the model's
+        call too (a PEFT model's ``generate()`` calls the model it wraps); one inside another such call is not
+        observed again. ``generate()``'s first call, on the prompts with an empty cache, is observed without its
+        cache and its ``logits_to_keep`` (Ω of the prompts, as :meth:`accumulate` takes them); the calls that
+        follow, one token each on a filled cache, are skipped (one warning), and so are calls that pass
+        ``encoder_outputs`` computed before them (an encoder-decoder's generate()). Where the model's layers ran
+        but no call of the model was seen (PEFT's prompt tuning), observe() says so when it ends."""
+        everything = {id(p) for p in self.net.parameters()}
+        entries = {self.model} | {m for m in self.net.modules() if {id(p) for p in m.parameters()} == everything}
+        calls, stateful, layers_ran, empty_caches = [0], [], [False], {}
 
-        def pre_hook(module, args, kwargs):
-            if not self._engine.running:
-                open_calls.append(_empty_caches(args, kwargs))
-
+        @torch.compiler.disable  # inside a compiled model: run as it is, after the compiled part (it reads the stack)
         def hook(module, args, kwargs, output):
-            if self._engine.running or not open_calls:
-                return
-            empty = open_calls.pop()
-            if open_calls:  # inside a call of an outer entry, which is the one observed
+            if self._engine.running or _inside_another(module, entries):  # that outer call is the one observed
                 return
             where = f"observed #{calls[0]}"
             calls[0] += 1
+            kwargs = {k: v for k, v in kwargs.items() if k != "labels"}
+            ahead = [k for k in _COMPUTED_AHEAD if kwargs.get(k) is not None]
+            if ahead:  # generate() ran the encoder itself, without gradients: its parameters would get no Ω
+                warnings.warn(f"{type(self).__name__}.observe(): call {where} skipped: it passes {ahead[0]}, computed "
+                              "before the call (generate() runs the encoder or vision tower itself), whose parameters "
+                              "the importance pass cannot reach; importance and sample count unchanged", stacklevel=2)
+                return
             state = _stateful_argument(args, kwargs)
+            empty = empty_caches.pop(id(module), set()) if state is not None else set()
             if state is not None and empty:  # generate()'s prefill: the prompts, as accumulate() takes them
                 kwargs = {k: v for k, v in kwargs.items() if id(v) not in empty and k != "logits_to_keep"}
                 args = tuple(a for a in args if id(a) not in empty)
@@ -220,20 +245,35 @@ class ReferenceMAS:
             self._engine.entry = self.net if module is self.model else module
             try:
                 with self._engine.session():
-                    self._accumulate_batch(args, {k: v for k, v in kwargs.items() if k != "labels"}, where)
+                    self._accumulate_batch(args, kwargs, where)
             except Exception as e:  # never the user's forward: skip this call, say why
                 warnings.warn(f"{type(self).__name__}.observe(): call {where} skipped ({type(e).__name__}: {e}); "
                               "importance and sample count unchanged", stacklevel=2)
             finally:
                 self._engine.entry = self.net
 
+        def pre_hook(module, args, kwargs):  # whether its caches are empty, before the call fills them
+            if not self._engine.running:
+                empty_caches[id(module)] = _empty_caches(args, kwargs)
+
+        def ran(module, args):
+            if not self._engine.running:
+                layers_ran[0] = True
+
+        tracked = {id(p) for p in self.params.values()}
+        holders = {m for m in self.net.modules() if any(id(p) in tracked for p in m.parameters(recurse=False))}
         handles = [h for m in entries for h in (m.register_forward_pre_hook(pre_hook, with_kwargs=True),
-                                                m.register_forward_hook(hook, with_kwargs=True, always_call=True))]
+                                                m.register_forward_hook(hook, with_kwargs=True))]
+        handles += [m.register_forward_pre_hook(ran) for m in holders]
         try:
             yield self
         finally:
             for h in handles:
                 h.remove()
+        if calls[0] == 0 and layers_ran[0]:
+            warnings.warn(f"{type(self).__name__}.observe(): the model's layers ran, but no call of the model was seen "
+                          "(a wrapper that runs them without the model's forward: PEFT's prompt and prefix tuning "
+                          "generate() this way); importance and sample count unchanged", stacklevel=3)
 
     @staticmethod
     def _input(batch, i):

@@ -202,6 +202,21 @@ def test_observe_generate_takes_the_prompts(name):
     assert_close(mas.task_importance, oracle(model, prompts))
 
 
+def test_observe_generate_of_an_encoder_decoder_skips_its_calls():
+    """T5's generate() runs the encoder itself, without gradients, and passes its output to every decoder call: a pass
+    on those calls cannot reach the encoder (its Ω was 0, the samples counted). They are skipped, with a warning."""
+    config = transformers.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    model = perturbed(lambda: transformers.T5ForConditionalGeneration(config))
+    ids, mask = padded([torch.randint(3, V, (length,)) for length in (9, 5)], "right")
+    mas = mas_ext.FusedMAS(model, show_progress=False)
+    with mas.observe(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    assert mas.num_samples == 0 and all(v.abs().sum() == 0 for v in mas.task_importance.values())
+    assert any("encoder_outputs" in str(w.message) for w in caught), [str(w.message) for w in caught]
+
+
 def test_observe_skips_an_unusable_call_with_a_warning():
     model = make_model("gpt2", seed=7)
     mas = mas_ext.FusedMAS(model, output_fn=lambda out: out.past_key_values, show_progress=False)
