@@ -224,9 +224,10 @@ class ReferenceMAS:
             kwargs = {k: v for k, v in kwargs.items() if k != "labels"}
             ahead = [k for k in _COMPUTED_AHEAD if kwargs.get(k) is not None]
             if ahead:  # generate() ran the encoder itself, without gradients: its parameters would get no Ω
-                warnings.warn(f"{type(self).__name__}.observe(): call {where} skipped: it passes {ahead[0]}, computed "
-                              "before the call (generate() runs the encoder or vision tower itself), whose parameters "
-                              "the importance pass cannot reach; importance and sample count unchanged", stacklevel=2)
+                warnings.warn(f"{type(self).__name__}.observe(): call {where} skipped: it passes {ahead[0]}, "
+                              "computed before the call (generate() runs the encoder or vision tower itself), whose "
+                              "parameters the importance pass cannot reach; importance and sample count unchanged",
+                              stacklevel=2)
                 return
             state = _stateful_argument(args, kwargs)
             empty = empty_caches.pop(id(module), set()) if state is not None else set()
@@ -271,9 +272,9 @@ class ReferenceMAS:
             for h in handles:
                 h.remove()
         if calls[0] == 0 and layers_ran[0]:
-            warnings.warn(f"{type(self).__name__}.observe(): the model's layers ran, but no call of the model was seen "
-                          "(a wrapper that runs them without the model's forward: PEFT's prompt and prefix tuning "
-                          "generate() this way); importance and sample count unchanged", stacklevel=3)
+            warnings.warn(f"{type(self).__name__}.observe(): the model's layers ran, but no call of the model was "
+                          "seen (a wrapper that runs them without the model's forward: PEFT's prompt and prefix "
+                          "tuning generate() this way); importance and sample count unchanged", stacklevel=3)
 
     @staticmethod
     def _input(batch, i):

@@ -1653,3 +1653,59 @@ def test_observe_after_a_forward_that_failed(outer, fail):
     assert not caught, [str(w.message) for w in caught]
     assert mas.num_samples == 3
     assert_close(mas.task_importance, oracle(model, [later]))
+
+
+class ChannelsLayerNorm(nn.LayerNorm):
+    """ConvNeXt's: a LayerNorm over the channels of (n, C, H, W) ("channels_first") or (n, H, W, C) inputs."""
+
+    def __init__(self, c, data_format):
+        super().__init__(c, eps=1e-6)
+        self.data_format = data_format
+
+    def forward(self, x):
+        if self.data_format == "channels_first":
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return super().forward(x)
+
+
+class OverTheRows(ChannelsLayerNorm):
+    """Says channels_first, but scales the result by 1.5: not the formula."""
+
+    def forward(self, x):
+        return 1.5 * super().forward(x)
+
+
+class ConvNextLike(nn.Module):
+    def __init__(self, odd):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.first = (OverTheRows if odd else ChannelsLayerNorm)(4, "channels_first")
+        self.last, self.head = ChannelsLayerNorm(4, "channels_last"), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.first(self.conv(x)).permute(0, 2, 3, 1)
+        return self.head(torch.tanh(self.last(h)))
+
+
+@pytest.mark.parametrize("odd", [False, True], ids=["channels", "other-formula"])
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_layernorm_subclasses(request, cls, mode, per_sample, odd):
+    """An nn.LayerNorm subclass with a forward of its own and a data_format (ConvNeXt's, SAM's) took the generic
+    rule; it takes the LayerNorm rule with its channels moved last, once its class and layout are seen to compute
+    layer_norm over the channels. One that computes something else takes the generic rule, with a warning."""
+    torch.manual_seed(113)
+    model = ConvNextLike(odd).eval()
+    x = torch.randn(7, 3, 5, 4)
+    keys = [(OverTheRows, "channels_first"), (ChannelsLayerNorm, "channels_first")]
+    mas_ext._rules.base._VERIFIED.difference_update(keys)
+    check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
+    mas_ext._rules.base._WARNED.difference_update(keys)  # said once per class and layout: again for this run
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mas = cls(model, mode=mode, per_sample=per_sample, show_progress=False).accumulate([x[:4], x[4:]])
+    generic = {u.name for u in mas._engine.units if u.rule.grads is mas_ext._rules.generic_grads}
+    assert not generic  # the rule is the table's; the generic rule runs inside it where the class fails the check
+    said = [w for w in caught if "does not compute" in str(w.message)]
+    assert bool(said) == odd, [str(w.message) for w in caught]
+    assert ((ChannelsLayerNorm, "channels_first") in mas_ext._rules.base._VERIFIED) != odd

@@ -9,6 +9,7 @@ nn.Conv1d/2d/3d        conv.py         conv_importance_ (per-sample im2col + GEM
 nn.Embedding, tied     embedding.py    per-(sample, index) rows; tied_embedding_importance_
 *ScaledWordEmbedding   embedding.py    the same, the gradient times embed_scale (Gemma, BART)
 LayerNorm, RMSNorm     norm.py         norm_affine_importance_ (one pass over x and g)
+LayerNorm subclasses   norm.py         the same, channels moved last (ConvNeXt's channels_first), class checked once
 GroupNorm, BatchNorm   norm.py         per-sample N×C gradients, whole
 MultiheadAttention     attention.py    its projections through linear_importance_
 HF MoE *Experts        experts.py      each expert's two projections through linear_importance_, tokens by sample
@@ -30,7 +31,8 @@ from .embedding import embedding_fused, embedding_grads, is_hf_scaled_embedding,
 from .generic import ABSENT, GENERIC, SharedOutput, attributes, generic_grads, sample_dim
 from .linear import (conv1d_fused, conv1d_grads, is_hf_conv1d, is_linear_subclass, linear_fused, linear_grads,
                      linear_into, linear_subclass_fused, linear_subclass_grads)
-from .norm import is_hf_rmsnorm, norm_fused, norm_grads
+from .norm import (is_hf_rmsnorm, is_layernorm_subclass, layernorm_subclass_fused, layernorm_subclass_grads,
+                   layernorm_subclass_unverified, norm_fused, norm_grads)
 
 __all__ = ["ABSENT", "CHUNK_ELEMS", "Call", "Rule", "GENERIC", "SharedOutput", "attributes", "register_rule",
            "rule_for", "generic_grads", "sample_dim", "tied_fused", "linear_into", "unfold_nd"]
@@ -61,6 +63,8 @@ register_rule(is_hf_scaled_embedding, Rule(embedding_grads, embedding_fused, lam
 for _norm in (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.RMSNorm):
     register_rule(_norm, Rule(norm_grads, norm_fused, needs_output=_no_output, blocks=_last_dim))
 register_rule(is_hf_rmsnorm, Rule(norm_grads, norm_fused, needs_output=unverified, blocks=_rows))  # over the last dim
+register_rule(is_layernorm_subclass, Rule(layernorm_subclass_grads, layernorm_subclass_fused,
+                                          needs_output=layernorm_subclass_unverified))
 register_rule(is_hf_experts, Rule(generic_grads, experts_fused, blocks=_rows))  # the generic rule reads the output
 register_rule(is_peft_dora_linear, Rule(dora_grads, dora_fused))  # reads the output and base_result
 register_rule(nn.MultiheadAttention, Rule(generic_grads, mha_fused, owns_children=True,

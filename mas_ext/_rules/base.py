@@ -152,7 +152,7 @@ def close_to(want, got, tol=2e-2):
     return torch.allclose(want, got, rtol=tol, atol=tol * want.abs().max().item() + 1e-6)
 
 
-def matches_formula(module, call, holds, rows=None, every_row=False):
+def matches_formula(module, call, holds, rows=None, every_row=False, key=None):
     """For rules that recognise a class by name (transformers' layers, without importing transformers):
     whether the class computes what the rule assumes. ``holds(x, y)`` checks one input row x against its
     output row y (float32; ``rows(call)`` gives other aligned (rows, ·) pairs, as token ids against their
@@ -160,8 +160,9 @@ def matches_formula(module, call, holds, rows=None, every_row=False):
     ``every_row``: all rows at once (a class recognised by its base class, not its name, may differ on a few).
     A class found to match is trusted from then on; one that does not takes the generic path, with a
     warning. An output changed in place since the call (``call.out_version``) cannot tell: that call takes the
-    generic path, and a later call decides."""
-    cls = type(module)
+    generic path, and a later call decides. ``key``: what is checked once, where not the class alone (a class whose
+    instances lay out their data two ways)."""
+    cls = type(module) if key is None else key
     if cls in _VERIFIED:
         return True
     if torch.is_tensor(call.out) and call.out_version is not None and call.out._version != call.out_version:
@@ -178,6 +179,6 @@ def matches_formula(module, call, holds, rows=None, every_row=False):
         return True
     if cls not in _WARNED:
         _WARNED.add(cls)
-        warnings.warn(f"{cls.__name__} does not compute what mas_ext's rule for it assumes: its importance takes "
-                      "the generic torch.func path", stacklevel=3)
+        warnings.warn(f"{type(module).__name__} does not compute what mas_ext's rule for it assumes: its importance "
+                      "takes the generic torch.func path", stacklevel=3)
     return False

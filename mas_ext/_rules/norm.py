@@ -3,13 +3,19 @@
 The RMSNorm classes of the Hugging Face decoder families (LlamaRMSNorm, Qwen2RMSNorm, MistralRMSNorm, …:
 ``weight * x / sqrt(mean(x²) + eps)`` over the last dim, Gemma's ``(1 + weight) * …`` alike) are
 recognised by name, without importing transformers, and each class's first call is checked against that
-formula on one row: a class that computes something else takes the generic path."""
+formula on one row: a class that computes something else takes the generic path.
+
+nn.LayerNorm subclasses with a forward of their own and a ``data_format`` of "channels_last" or
+"channels_first" (ConvNeXt's, SAM's, …: the latter normalises over dim 1) take the LayerNorm rule on their
+input and gradient with the channels moved last, once each class and layout is seen to compute that."""
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _ops
-from .base import add_abs_sum, matches_formula
+from .base import _VERIFIED, add_abs_sum, close_to, matches_formula
 from .generic import generic_grads
 
 
@@ -72,6 +78,53 @@ def _normalised(module, x, last):
     if module.running_mean is not None and not module.training:
         return F.batch_norm(x, module.running_mean.float(), module.running_var.float(), eps=module.eps)
     return F.batch_norm(x, None, None, training=True, eps=module.eps)  # no running stats: batch statistics
+
+
+_LAYOUTS = ("channels_last", "channels_first")
+
+
+def is_layernorm_subclass(module):
+    """An nn.LayerNorm subclass with a forward of its own, an affine weight (and bias) only, and a ``data_format``
+    of :data:`_LAYOUTS` (none: channels last)."""
+    return (isinstance(module, nn.LayerNorm) and type(module).forward is not nn.LayerNorm.forward
+            and getattr(module, "data_format", "channels_last") in _LAYOUTS and module.weight is not None
+            and {k for k, _ in module.named_parameters()} <= {"weight", "bias"})
+
+
+def _channels_last(module, call):
+    """The call with its input, output and gradients in channels-last layout (as they are for "channels_last"), or
+    None where its class is not seen to compute layer_norm over the channels there (the generic rule then)."""
+    if getattr(module, "data_format", "channels_last") == "channels_first":
+        def last(t):
+            return t.movedim(1, -1) if torch.is_tensor(t) and t.dim() > 1 else t
+        call = dataclasses.replace(call, args=(last(call.args[0]), *call.args[1:]), out=last(call.out),
+                                   grads=None if call.grads is None else tuple(last(g) for g in call.grads))
+    if not (len(call.args) == 1 and not call.kwargs and torch.is_tensor(call.args[0])
+            and tuple(call.args[0].shape[-len(module.normalized_shape):]) == tuple(module.normalized_shape)):
+        return None
+    shape = tuple(module.normalized_shape)
+
+    def holds(x, y):
+        bias = None if module.bias is None else module.bias.detach().float()
+        want = F.layer_norm(x, shape, module.weight.detach().float(), bias, module.eps)
+        return close_to(want, y, 1e-4 if call.args[0].element_size() >= 4 else 2e-2)
+
+    key = (type(module), getattr(module, "data_format", "channels_last"))
+    return call if matches_formula(module, call, holds, every_row=True, key=key) else None
+
+
+def layernorm_subclass_grads(module, call, s, e):
+    plain = _channels_last(module, call)
+    return generic_grads(module, call, s, e) if plain is None else norm_grads(module, plain, s, e)
+
+
+def layernorm_subclass_fused(module, call, bufs, per_sample):
+    plain = _channels_last(module, call)
+    return plain is not None and norm_fused(module, plain, bufs, per_sample)
+
+
+def layernorm_subclass_unverified(module):
+    return (type(module), getattr(module, "data_format", "channels_last")) not in _VERIFIED
 
 
 def norm_grads(module, call, s, e):
