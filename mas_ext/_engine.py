@@ -364,12 +364,9 @@ class _ReadsOutside(torch.overrides.TorchFunctionMode):
     ``rel_embeddings.weight``. The rule of the owning unit does not see that use. ``active`` counts, per unit,
     the calls of its module now running; ``owners`` maps a parameter's id to (its global name, its units)."""
 
-    def __init__(self, owners, active, inside=None, promote=None):
+    def __init__(self, owners, active):
         super().__init__()
         self.owners, self.active, self.found = owners, active, {}
-        # {id of a parameter: the generic units that hold it inside without owning it}; those found running at such a
-        # read go into ``promote`` (they are to own all theirs), and the read is theirs
-        self.inside, self.promote = inside or {}, promote
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # The arguments, and the items of list or tuple arguments (torch.cat's): no pytree walk on every op.
@@ -384,11 +381,7 @@ class _ReadsOutside(torch.overrides.TorchFunctionMode):
             # Reads that pass no gradient to the parameter (its dtype or shape, type_as, a no_grad op) do not count:
             # the op's graph must lead from an output to the parameter's node.
             if _reaches(out, t, inputs):
-                holders = [u for u in self.inside.get(id(t), ()) if self.active.get(u)]
-                if holders:  # the innermost
-                    self.promote.add(min(holders, key=lambda u: sum(1 for _ in u.module.parameters())).module)
-                else:
-                    self.found[owner[0]] = func
+                self.found[owner[0]] = func
         return out
 
 
@@ -401,6 +394,7 @@ class _Unit:
         self.repeats = False  # seen running more than once in one forward
         self.handled = False  # its tapped forward has handled the call now ending
         self.blocks = None  # its n·m-row input read as n blocks of rows: None until a batch confirms (or refutes) it
+        self.expands = None  # its batch-size-1 input expanded to n: None until a batch confirms (refutes) it
         self.attributes = None  # generic rule: {module of its subtree: its tensor (or None) attributes} before a call
         self.raw = None  # generic rule: (args, kwargs) of the call before the module's own pre-hooks, where it has any
 
@@ -450,18 +444,34 @@ def _held(module, prefix=""):
             yield from _held(c, f"{prefix}{cn}.")
 
 
-def plan_units(net, params, local=False, whole=frozenset()):
+def ours(hook):
+    """Marks a hook as the package's own (the engine's, observe()'s): :func:`user_pre_hooks` leaves it out."""
+    hook.mas_ext = True
+    return hook
+
+
+def user_pre_hooks(module):
+    """The module's forward pre-hooks that are not the package's own."""
+    return [h for h in module._forward_pre_hooks.values() if not getattr(h, "mas_ext", False)]
+
+
+def plan_units(net, params, local=False):
     """The units of ``net`` for the tracked ``params`` ({global name: parameter}), each in its group.
 
     Table modules own their direct parameters; a table rule that reads its submodules' weights itself (MHA) and a
-    parametrized layer own all their parameters. Any other module with direct parameters owns those (ConvNeXt's layer
-    scale, ViT's class token, Mamba's A_log beside their Linear and conv children, which are units of their own); in
-    g-MAS, a module of ``whole`` owns all its parameters: its forward was seen to read a submodule's weight directly
-    (Mamba's mixer passes its conv's weight to the scan), and the generic rule over it is exact for all."""
+    parametrized layer own all their parameters. Any other module with direct parameters owns all its parameters
+    in g-MAS (its forward may read a submodule's weight directly, and the generic rule over it is exact for all),
+    and only its own in l-MAS (``local``), where every layer inside it takes its own output (ConvNeXt's layer scale,
+    ViT's class token, Swin's relative position table beside their Linear and conv children)."""
     ids = {id(p): n for n, p in params.items()}
-    units = []
+    units, seen = [], set()
 
     def visit(prefix, module, holder=False):
+        # A module registered at two paths is one unit (two made every call count twice), and one inside a unit that
+        # owns its subtree is that unit's (a call of it elsewhere is a read outside that unit)
+        if module in seen:
+            return
+        seen.add(module)
         rule = _rules.rule_for(module)
         parametrized = torch.nn.utils.parametrize.is_parametrized(module)
         if rule is not None and not rule.owns_children and (
@@ -485,13 +495,14 @@ def plan_units(net, params, local=False, whole=frozenset()):
         children = {id(p) for c in module.children() for p in c.parameters()} - {id(p) for _, p in held}
         direct = [] if holder else [(k, p) for k, p in (*module.named_parameters(recurse=False), *held)
                                     if id(p) not in children]
-        owns_all = ((rule is None and (parametrized or (direct and not local and module in whole)))
-                    or (rule is not None and rule.owns_children))
-        owned = module.named_parameters(remove_duplicate=False) if owns_all else direct
+        whole = (rule is None and (parametrized or (direct and not local))) or (rule is not None and rule.owns_children)
+        owned = module.named_parameters(remove_duplicate=False) if whole else direct
         names = {local: ids[id(p)] for local, p in owned if id(p) in ids}
         if names:
             units.append(_Unit(prefix.rstrip("."), module, rule or _rules.GENERIC, names))
-        if not owns_all:
+        if whole:
+            seen.update(module.modules())
+        else:
             for child_name, child in module.named_children():
                 visit(f"{prefix}{child_name}.", child, _holds_only(child))
 
@@ -526,9 +537,6 @@ class Engine:
         self.entry = net
         self.mode, self.per_sample, self.output_fn = mode, per_sample, output_fn
         self._plan = None  # (local, the units planned for that mode)
-        # g-MAS: modules whose forward reads a submodule's weight directly (found by the scan): they own all theirs
-        self.whole, self.promote = set(), set()
-        self._installed = None  # the unit hooks and tapped forwards of the session (Engine._install)
         self.no_expand = False  # set once the model failed on an expanded batch-size-1 input
         self.pad_by_sample = False  # set once padding showed in a layout that cannot be told: padded batches by sample
         self.by_sample = False  # set once a batch showed rows that are no sample's own: one-sample passes from then
@@ -558,7 +566,7 @@ class Engine:
         """The units of the current mode (:func:`plan_units`), planned again where the mode changed."""
         local = self.mode == "local"
         if self._plan is None or self._plan[0] != local:
-            self._plan = (local, plan_units(self.net, self.params, local, frozenset(self.whole)))
+            self._plan = (local, plan_units(self.net, self.params, local))
             self.one, self.dims = None, {}  # learned per unit
         return self._plan[1]
 
@@ -584,7 +592,29 @@ class Engine:
         eagerly."""
         modes = [(m, m.training) for m in self.net.modules()]
         fastpath = torch.backends.mha.get_fastpath_enabled()
-        self._installed = self._install()
+        # First among the module's forward hooks: a user's hook that changes the output (accelerate's, a mask)
+        # comes after the tap, so the gradient the rule gets is the one at the layer's own output.
+        handles = [u.module.register_forward_hook(self._hook_for(u), with_kwargs=True, prepend=True)
+                   for u in self.units]
+        for u in self.units:  # a forward patched on the instance may compute something else than its class's rule
+            if "forward" in u.module.__dict__ and u.rule is not _rules.GENERIC and not _moves_only(u.module):
+                u.rule = _rules.GENERIC
+            # a table rule whose reference path is the generic rule (MHA, the MoE experts): where the module has
+            # pre-hooks of its own, both paths take the generic rule, which runs them again from the call's arguments
+            # before them (the fused path reads them after: FusedMAS and ReferenceMAS differed by 36%)
+            if u.rule is not _rules.GENERIC and u.rule.grads is _rules.generic_grads and user_pre_hooks(u.module):
+                u.rule = _rules.GENERIC
+        tapped = [u for u in self.units if self.mode == "global" and self.per_sample
+                  and u.rule.tapped_forward is not None and len(u.group.units) == 1
+                  and "forward" not in u.module.__dict__
+                  and set(u.names) == {k for k, _ in u.module.named_parameters()}
+                  and self._use_kernels(list(u.module.parameters()))]
+        for u in tapped:
+            u.module.forward = functools.partial(self._tapped_forward, u)
+        # the generic rule runs a module again: its tensor attributes as they were before the call (RecurrentGemma's
+        # RG-LRU keeps its last recurrent state on itself, which a second run would start from)
+        handles += [u.module.register_forward_pre_hook(self._attributes_before(u), prepend=True, with_kwargs=True)
+                    for u in self.units if u.rule.grads is _rules.generic_grads]
         if any(training for _, training in modes):
             self.net.eval()
         torch.backends.mha.set_fastpath_enabled(False)
@@ -601,65 +631,16 @@ class Engine:
             with eager("force_eager") if eager is not None else contextlib.nullcontext():
                 yield
         finally:
-            self._uninstall()
+            for u in tapped:
+                del u.module.forward
+            for h in handles:
+                h.remove()
             torch.backends.mha.set_fastpath_enabled(fastpath)
             for c in configs.values():
                 c.use_cache = True
             for m, training in modes:
                 if m.training != training:
                     m.training = training
-
-    def _install(self):
-        """The units' hooks and tapped forwards, for :meth:`session`: (hook handles, units with a tapped forward)."""
-        # First among the module's forward hooks: a user's hook that changes the output (accelerate's, a mask)
-        # comes after the tap, so the gradient the rule gets is the one at the layer's own output.
-        handles = [u.module.register_forward_hook(self._hook_for(u), with_kwargs=True, prepend=True)
-                   for u in self.units]
-        for u in self.units:  # a forward patched on the instance may compute something else than its class's rule
-            if "forward" in u.module.__dict__ and u.rule is not _rules.GENERIC and not _moves_only(u.module):
-                u.rule = _rules.GENERIC
-            # a table rule whose reference path is the generic rule (MHA, the MoE experts): where the module has
-            # pre-hooks of its own, both paths take the generic rule, which runs them again from the call's arguments
-            # before them (the fused path reads them after: FusedMAS and ReferenceMAS differed by 36%)
-            if u.rule is not _rules.GENERIC and u.rule.grads is _rules.generic_grads and u.module._forward_pre_hooks:
-                u.rule = _rules.GENERIC
-        tapped = [u for u in self.units if self.mode == "global" and self.per_sample
-                  and u.rule.tapped_forward is not None and len(u.group.units) == 1
-                  and "forward" not in u.module.__dict__
-                  and set(u.names) == {k for k, _ in u.module.named_parameters()}
-                  and self._use_kernels(list(u.module.parameters()))]
-        for u in tapped:
-            u.module.forward = functools.partial(self._tapped_forward, u)
-        # the generic rule runs a module again: its tensor attributes as they were before the call (RecurrentGemma's
-        # RG-LRU keeps its last recurrent state on itself, which a second run would start from)
-        handles += [u.module.register_forward_pre_hook(self._attributes_before(u), prepend=True, with_kwargs=True)
-                    for u in self.units if u.rule.grads is _rules.generic_grads]
-        return handles, tapped
-
-    def _uninstall(self):
-        if self._installed is None:
-            return
-        handles, tapped = self._installed
-        self._installed = None
-        for u in tapped:
-            del u.module.forward
-        for h in handles:
-            h.remove()
-
-    def _promoted(self):
-        """Plans the units again once the scan found modules whose forward reads a submodule's weight directly
-        (``self.promote``): each owns all its parameters from now on. Whether it did."""
-        if not self.promote:
-            return False
-        self.whole |= self.promote
-        self.promote = set()
-        installed = self._installed is not None
-        self._uninstall()
-        self._plan = None
-        self.outside, self.scanned = set(), set()  # scanned again under the new plan
-        if installed:
-            self._installed = self._install()
-        return True
 
     def run(self, args, kwargs, n, bufs, where):
         """One batch of n samples, the model called as ``net(*args, **kwargs)``, inside :meth:`session`: its
@@ -691,15 +672,11 @@ class Engine:
             return self._run_sample_by_sample(args, kwargs, n, bufs, where)
         # with padding, the totals of the flattened visual patches (equal per sample here): rows of the vision tower
         patches = {sum(layout[4]) for layout in _visual_layout(kwargs, n)} if mask is not None and kwargs else set()
-        learned_again, attempt, redo = False, 0, False
-        while True:  # a retry once the dims are learned again, one once the units that repeat are marked, and one for
-            # each plan the scan changes (a module that reads a submodule's weight directly: it owns all of them)
-            if redo:
+        learned_again = False
+        for attempt in range(3):  # a retry once the dims are learned again, one once the units that repeat are marked
+            if attempt:
                 for b in bufs.values():
                     b.zero_()
-            redo = True
-            if n > 1 and self.one is None:
-                self.learn_dims(args, kwargs, n, where)
             state = _Pass(n, bufs, torch.zeros((), device=next(iter(self.params.values())).device,
                                                requires_grad=True), mask, out_mask, patches)
             try:
@@ -719,9 +696,6 @@ class Engine:
                 for b in bufs.values():
                     b.zero_()
                 return self.run(args, kwargs, n, bufs, where)
-            if self._promoted():
-                continue
-            attempt += 1
             unlike = self._calls_unlike_probe(calls) if n > 1 and self.per_sample else None
             if unlike is not None:
                 state.unlike_probe = True
@@ -741,12 +715,13 @@ class Engine:
             # redo the batch with its calls summed per sample.
             repeats = [u for u, k in calls.items() if k > 1 and not u.repeats
                        and (self.mode == "local" or "forward" in u.module.__dict__)]
-            if not repeats or attempt >= 3:
+            if not repeats:
                 break
             for u in repeats:
                 u.repeats = True
         if state.tentative:
-            self._confirm_blocks(args, kwargs, n, bufs, where, list(dict.fromkeys(state.tentative)))
+            self._confirm_blocks(args, kwargs, n, bufs, where, list(dict.fromkeys(state.tentative)),
+                                 set(state.expanded))
 
     def learn_dims(self, args, kwargs, n, where):
         """Runs the batch's first sample alone (without gradients) and keeps the shapes of each unit's calls there:
@@ -837,11 +812,13 @@ class Engine:
             b.zero_()
         self._run_sample_by_sample(args, kwargs, n, bufs, where)
 
-    def _confirm_blocks(self, args, kwargs, n, bufs, where, units):
-        """The first batch that reads a unit's n·m-row input as n blocks of rows runs again one sample at a time:
-        where its Ω agrees (float32 rounding; bf16/fp16: their rounding) the blocks are each sample's rows and later
-        batches keep the fast path; where not, the rows are no sample's own, the one-sample Ω is the batch's, and
-        later batches run sample by sample."""
+    def _confirm_blocks(self, args, kwargs, n, bufs, where, units, expanded=()):
+        """The first batch that reads a unit's n·m-row input as n blocks of rows, or expands its batch-size-1 input to
+        the batch's n, runs again one sample at a time: where its Ω agrees (float32 rounding; bf16/fp16: their
+        rounding) the blocks (the expanded rows) are each sample's and later batches keep the fast path; where not,
+        the rows are no sample's own (the model mixes the expanded rows: Swinv2's position-bias MLP on a shared
+        table, read back through a view over all rows), the one-sample Ω is the batch's, and later batches run
+        sample by sample."""
         check = ZeroBuffers(self.params)
         self._run_sample_by_sample(args, kwargs, n, check, where)
         # an Ω that is zero in exact arithmetic (Mixtral's router at top-1: its normalised weight is 1) is rounding
@@ -858,10 +835,15 @@ class Engine:
                         and max(float(got.norm()), float(want.norm())) > floor):
                     wrong.append(u)
                     break
-            u.blocks = u not in wrong
+            if u in expanded:
+                u.expands = u not in wrong
+            else:
+                u.blocks = u not in wrong
         if wrong:
-            warnings.warn(f"module '{wrong[0].name}' ({type(wrong[0].module).__name__}) is called on an input whose "
-                          f"rows are not {n} blocks of one sample each: {_BY_SAMPLE}", stacklevel=5)
+            what = ("an input of batch size 1 whose rows, expanded to the batch's, are not each sample's own"
+                    if wrong[0] in expanded else f"an input whose rows are not {n} blocks of one sample each")
+            warnings.warn(f"module '{wrong[0].name}' ({type(wrong[0].module).__name__}) is called on {what}: "
+                          f"{_BY_SAMPLE}", stacklevel=5)
             self.by_sample = True
             for g, b in bufs.items():
                 b.zero_()
@@ -932,6 +914,7 @@ class Engine:
                 owners.setdefault(id(self.params[g]), (g, []))[1].append(u)
 
         def count(u, by):
+            @ours
             def hook(*_):
                 active[u] = active.get(u, 0) + by
             return hook
@@ -942,17 +925,7 @@ class Engine:
         handles = [h for u in self.units for h in (
             u.module.register_forward_pre_hook(count(u, 1), prepend=u.rule is _rules.GENERIC),
             u.module.register_forward_hook(count(u, -1), prepend=True, always_call=True))]
-        # g-MAS: a generic unit that owns only its direct parameters, for the weights of the layers inside it, which
-        # its forward may read directly (it then owns them all: Engine._promoted)
-        inside = {}
-        if self.mode == "global":
-            for u in self.units:
-                if u.rule is _rules.GENERIC:
-                    mine = {id(self.params[g]) for g in u.names.values()}
-                    for p in u.module.parameters():
-                        if id(p) in owners and id(p) not in mine:
-                            inside.setdefault(id(p), []).append(u)
-        watch = _ReadsOutside(owners, active, inside, self.promote)
+        watch = _ReadsOutside(owners, active)
         try:
             with watch:
                 out = self.entry(*args, **kwargs)
@@ -1015,10 +988,11 @@ class Engine:
         """A pre-hook, first of the module's: its modules' tensor attributes before the call, and for the generic
         rule, where the module has pre-hooks of its own (which may change the call's arguments, reading parameters
         of the unit), the call's arguments before them: the rule runs the module again from those, hooks and all."""
+        @ours
         def hook(module, args, kwargs):
             if self._pass is not None and not self._pass.busy:
                 unit.attributes = {m: _rules.attributes(m) for m in module.modules()}
-                if unit.rule is _rules.GENERIC and len(module._forward_pre_hooks) > 1:
+                if unit.rule is _rules.GENERIC and user_pre_hooks(module):
                     unit.raw = (args, kwargs)
         return hook
 
@@ -1050,12 +1024,14 @@ class Engine:
             pos = [i for i, t in enumerate(flat) if torch.is_tensor(t) and t.is_floating_point()]
             mixed, in_dims, out_dims, blocks, rows, first = self._call_dims(unit, module, args, kwargs, flat, state)
             expanded = False
-            if not self.no_expand and mixed is not None:
+            if not self.no_expand and unit.expands is not False and mixed is not None:
                 args, kwargs, outs, which = _expand_broadcast(
                     module, args, kwargs, [flat[i] for i in pos], state.n,
                     learned=in_dims is not None and first is not None and in_dims[first] is not None)
                 if which is not None:  # the broadcast input and the outputs it made are every sample's own (SPEC §1)
                     state.expanded.append(unit)
+                    if unit.expands is None and self.per_sample:
+                        state.tentative.append(unit)  # confirmed once, as n blocks of rows are
                     expanded = True
                     for i, t in zip(pos, outs):
                         flat[i] = t

@@ -18,6 +18,8 @@ def add_local_grads(sample, names, layer, own, args, kwargs, before=None):
     for m, values in before.items():
         vars(m).update(values)
     hooks, layer._forward_hooks = layer._forward_hooks, {}  # y is the layer's own output, before the user's hooks
+    # its input fixed: a layer run on its own output (one module under two paths) passes nothing back through it
+    args, kwargs = torch.utils._pytree.tree_map(lambda t: t.detach() if torch.is_tensor(t) else t, (args, kwargs))
     try:
         out = layer(*args, **kwargs)
     finally:
