@@ -527,6 +527,12 @@ def test_vision_language_model_with_flattened_patches(family, images):
     grids = {"mixed": [[[small, wide], [small], [tall]]], "equal": [[[small]] * 3],
              "equal-then-unequal": [[[small]] * 3, [[wide], [small]]], "one-without": [[[small], [], [small, small]]]}
     batches, alone = zip(*(_vl_batch(g) for g in grids[images]))
+    _check_vl(model, batches, alone, by_sample=images != "equal")
+
+
+def _check_vl(model, batches, alone, by_sample):
+    """Ω of both classes on ``batches`` against a float64 loop over the samples ``alone``, and one warning that the
+    batches run one sample at a time where ``by_sample``, else none."""
     want = oracle(model, [a for sample in alone for a in sample], lambda m, a: m(**a).logits)
     for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
         with warnings.catch_warnings(record=True) as caught:
@@ -534,7 +540,7 @@ def test_vision_language_model_with_flattened_patches(family, images):
             got = cls(model, show_progress=False).accumulate(list(batches)).task_importance
         assert_close(got, want, tol=1e-4)
         said = [w for w in caught if "one sample at a time" in str(w.message)]
-        assert len(said) == (images != "equal"), [str(w.message) for w in caught]
+        assert len(said) == int(by_sample), [str(w.message) for w in caught]
 
 
 def _padded_vl_batch(grids, lengths, side, length=22):
@@ -564,13 +570,7 @@ def test_padded_vision_language_batches_keep_the_batched_path(family, side):
     small = (1, 4, 4)
     batches, alone = zip(_padded_vl_batch([[small]] * 3, [22, 17, 12], side),
                          _padded_vl_batch([[small, small]] * 2, [22, 19], side))
-    want = oracle(model, [a for sample in alone for a in sample], lambda m, a: m(**a).logits)
-    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            got = cls(model, show_progress=False).accumulate(list(batches)).task_importance
-        assert_close(got, want, tol=1e-4)
-        assert not [w for w in caught if "one sample at a time" in str(w.message)], [str(w.message) for w in caught]
+    _check_vl(model, batches, alone, by_sample=False)
 
 
 def test_qwen3_vl_videos_with_a_run_of_tokens_per_frame():
