@@ -1352,6 +1352,8 @@ class HeldAndNormed(nn.Module):
 @pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
 def test_parameters_held_in_containers_and_calls_without_gradient(request, cls, mode, per_sample, detach):
+    """Against the oracle in every mode; a ParameterDict's or ParameterList's parameters are the reading layer's, and a
+    call on rows that are no sample's runs the batch one sample at a time only where a gradient reaches it."""
     torch.manual_seed(83)
     model = HeldAndNormed(detach).eval()
     x = torch.randn(7, 4, 5)
