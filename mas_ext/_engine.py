@@ -532,8 +532,8 @@ class Engine:
 
     def __init__(self, net, params, mode, per_sample, output_fn=None, kernels=None):
         self.net, self.params, self.kernels = net, params, kernels
-        # the module a batch's call runs: the model, or (observe) a module inside it that holds every tracked
-        # parameter and was called on its own (the model a PEFT wrapper's generate() calls)
+        # the module a batch's call runs: the model, or (observe) a module inside it that holds all the model's
+        # parameters and was called on its own (the model a PEFT wrapper's generate() calls)
         self.entry = net
         self.mode, self.per_sample, self.output_fn = mode, per_sample, output_fn
         self._plan = None  # (local, the units planned for that mode)
@@ -1060,13 +1060,15 @@ class Engine:
                     # (DoRA's weight norm calls its LoRA layers on an identity matrix, then detaches the result)
                     why = (unit, f"is called on an input of shape {mixed}, whose rows are not the batch's {state.n} "
                                  "samples (it mixes them, or all share it)")
-                    outs = [flat[i] for i in pos if flat[i].requires_grad]
-                    if self.mode == "local" or not outs:
-                        if self.mode == "local":
-                            state.mixed.append(why)
+                    if self.mode == "local":  # its own output is its gradient
+                        state.mixed.append(why)
                         return None
-                    tapped = self._tap(state.anchor, lambda grads: state.mixed.append(why), False, outs)
-                    for i, t in zip([i for i in pos if flat[i].requires_grad], tapped):
+                    reached = [i for i in pos if flat[i].requires_grad]
+                    if not reached:
+                        return None
+                    tapped = self._tap(state.anchor, lambda grads: state.mixed.append(why), False,
+                                       [flat[i] for i in reached])
+                    for i, t in zip(reached, tapped):
                         flat[i] = t
                     return flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
             elif (rows is not None and self.per_sample and state.n > 1 and unit.blocks is not False
