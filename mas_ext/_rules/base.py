@@ -162,8 +162,8 @@ def matches_formula(module, call, holds, rows=None, every_row=False, key=None):
     warning. An output changed in place since the call (``call.out_version``) cannot tell: that call takes the
     generic path, and a later call decides. ``key``: what is checked once, where not the class alone (a class whose
     instances lay out their data two ways)."""
-    cls = type(module) if key is None else key
-    if cls in _VERIFIED:
+    key = type(module) if key is None else key
+    if key in _VERIFIED:
         return True
     if torch.is_tensor(call.out) and call.out_version is not None and call.out._version != call.out_version:
         return False  # changed in place since the call: it cannot tell; the generic rule takes this call, exact
@@ -175,10 +175,10 @@ def matches_formula(module, call, holds, rows=None, every_row=False, key=None):
     row = x.abs().sum(1).argmax()
     if holds(*((x, y) if every_row else (x[row:row + 1], y[row:row + 1]))):
         if x[row].abs().sum() > 0:
-            _VERIFIED.add(cls)
+            _VERIFIED.add(key)
         return True
-    if cls not in _WARNED:
-        _WARNED.add(cls)
+    if key not in _WARNED:
+        _WARNED.add(key)
         warnings.warn(f"{type(module).__name__} does not compute what mas_ext's rule for it assumes: its importance "
                       "takes the generic torch.func path", stacklevel=3)
     return False

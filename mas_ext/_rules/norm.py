@@ -83,18 +83,23 @@ def _normalised(module, x, last):
 _LAYOUTS = ("channels_last", "channels_first")
 
 
+def _layout(module):
+    """What a LayerNorm subclass's formula is checked once for: its class and ``data_format`` (none: channels last)."""
+    return type(module), getattr(module, "data_format", "channels_last")
+
+
 def is_layernorm_subclass(module):
     """An nn.LayerNorm subclass with a forward of its own, an affine weight (and bias) only, and a ``data_format``
     of :data:`_LAYOUTS` (none: channels last)."""
     return (isinstance(module, nn.LayerNorm) and type(module).forward is not nn.LayerNorm.forward
-            and getattr(module, "data_format", "channels_last") in _LAYOUTS and module.weight is not None
+            and _layout(module)[1] in _LAYOUTS and module.weight is not None
             and {k for k, _ in module.named_parameters()} <= {"weight", "bias"})
 
 
 def _channels_last(module, call):
     """The call with its input, output and gradients in channels-last layout (as they are for "channels_last"), or
     None where its class is not seen to compute layer_norm over the channels there (the generic rule then)."""
-    if getattr(module, "data_format", "channels_last") == "channels_first":
+    if _layout(module)[1] == "channels_first":
         def last(t):
             return t.movedim(1, -1) if torch.is_tensor(t) and t.dim() > 1 else t
         call = dataclasses.replace(call, args=(last(call.args[0]), *call.args[1:]), out=last(call.out),
@@ -109,8 +114,7 @@ def _channels_last(module, call):
         want = F.layer_norm(x, shape, module.weight.detach().float(), bias, module.eps)
         return close_to(want, y, 1e-4 if call.args[0].element_size() >= 4 else 2e-2)
 
-    key = (type(module), getattr(module, "data_format", "channels_last"))
-    return call if matches_formula(module, call, holds, every_row=True, key=key) else None
+    return call if matches_formula(module, call, holds, every_row=True, key=_layout(module)) else None
 
 
 def layernorm_subclass_grads(module, call, s, e):
@@ -124,7 +128,7 @@ def layernorm_subclass_fused(module, call, bufs, per_sample):
 
 
 def layernorm_subclass_unverified(module):
-    return (type(module), getattr(module, "data_format", "channels_last")) not in _VERIFIED
+    return _layout(module) not in _VERIFIED
 
 
 def norm_grads(module, call, s, e):
