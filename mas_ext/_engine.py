@@ -11,8 +11,10 @@ and ``run()`` per batch; what a batch adds is committed (or not) by its caller.
 
 Two things are learned, not read from shapes: where each call's inputs and outputs hold the batch (the first
 batch's first sample run alone, :meth:`Engine.learn_dims`), and which parameters are read outside their units'
-forwards (a scan of the first g-MAS forward of each input shape, :class:`_ReadsOutside`). Calls whose rows
-are no sample's own, and such parameters, make the batch run one sample at a time: exact, and slower.
+forwards (a scan of the first g-MAS forward of each input shape, :class:`_ReadsOutside`). A call whose outputs
+all samples share (T5's position bias) gives the model shared tensors whose broadcasts over the batch tell each
+sample's gradient (:mod:`_shared`, :meth:`Engine._share`). Other calls whose rows are no sample's own, and such
+parameters, make the batch run one sample at a time: exact, and slower.
 """
 import contextlib
 import functools
@@ -23,7 +25,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.utils.parametrize
 
-from . import _rules
+from . import _rules, _shared
 
 
 _SAMPLE_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
@@ -428,6 +430,8 @@ class _Pass:
         self.forward_failed = False  # the model's forward itself raised
         self.unlike_probe = False  # a call unlike any of the probe's (see Engine.learn_dims): learn again
         self.unmasked = None  # what holds the padded positions where they cannot be told (local mode, the output)
+        self.shared = None  # the _shared.Site of the outputs that all samples share (g-MAS per sample), once one shows
+        self.sharing = []  # the units whose outputs those are
 
 
 def _holds_only(module):
@@ -538,6 +542,8 @@ class Engine:
         self.mode, self.per_sample, self.output_fn = mode, per_sample, output_fn
         self._plan = None  # (local, the units planned for that mode)
         self.no_expand = False  # set once the model failed on an expanded batch-size-1 input
+        # the signatures (_shared.Site.signature) of the uses of shared outputs confirmed by a one-sample run
+        self.shares_confirmed = set()
         self.pad_by_sample = False  # set once padding showed in a layout that cannot be told: padded batches by sample
         self.by_sample = False  # set once a batch showed rows that are no sample's own: one-sample passes from then
         self.visual_said = False  # the warning for batches whose samples have different numbers of visual patches
@@ -719,9 +725,14 @@ class Engine:
                 break
             for u in repeats:
                 u.repeats = True
+        signature = None
+        if state.shared is not None:
+            signature = (tuple(u.name for u in state.sharing), tuple(state.shared.signature))
+            if signature not in self.shares_confirmed:
+                state.tentative.extend(state.sharing)
         if state.tentative:
             self._confirm_blocks(args, kwargs, n, bufs, where, list(dict.fromkeys(state.tentative)),
-                                 set(state.expanded))
+                                 set(state.expanded), signature)
 
     def learn_dims(self, args, kwargs, n, where):
         """Runs the batch's first sample alone (without gradients) and keeps the shapes of each unit's calls there:
@@ -812,13 +823,14 @@ class Engine:
             b.zero_()
         self._run_sample_by_sample(args, kwargs, n, bufs, where)
 
-    def _confirm_blocks(self, args, kwargs, n, bufs, where, units, expanded=()):
+    def _confirm_blocks(self, args, kwargs, n, bufs, where, units, expanded=(), signature=None):
         """The first batch that reads a unit's n·m-row input as n blocks of rows, or expands its batch-size-1 input to
-        the batch's n, runs again one sample at a time: where its Ω agrees (float32 rounding; bf16/fp16: their
-        rounding) the blocks (the expanded rows) are each sample's and later batches keep the fast path; where not,
-        the rows are no sample's own (the model mixes the expanded rows: Swinv2's position-bias MLP on a shared
-        table, read back through a view over all rows), the one-sample Ω is the batch's, and later batches run
-        sample by sample."""
+        the batch's n, or (``signature``) tells each sample's gradient at an output all samples share by the uses of
+        that output (the first batch with those uses), runs again one sample at a time: where its Ω agrees (float32
+        rounding; bf16/fp16: their rounding) the blocks (the expanded rows, the uses) are each sample's and later
+        batches keep the fast path; where not, the rows are no sample's own (the model mixes the expanded rows:
+        Swinv2's position-bias MLP on a shared table, read back through a view over all rows), the one-sample Ω is
+        the batch's, and later batches run sample by sample."""
         check = ZeroBuffers(self.params)
         self._run_sample_by_sample(args, kwargs, n, check, where)
         # an Ω that is zero in exact arithmetic (Mixtral's router at top-1: its normalised weight is 1) is rounding
@@ -837,11 +849,16 @@ class Engine:
                     break
             if u in expanded:
                 u.expands = u not in wrong
-            else:
+            elif u.blocks is None and u.name not in (signature or ((),))[0]:
                 u.blocks = u not in wrong
+        if signature is not None and not wrong:
+            self.shares_confirmed.add(signature)
         if wrong:
             what = ("an input of batch size 1 whose rows, expanded to the batch's, are not each sample's own"
-                    if wrong[0] in expanded else f"an input whose rows are not {n} blocks of one sample each")
+                    if wrong[0] in expanded else
+                    "an input all samples share, whose output's uses do not tell each sample's gradient"
+                    if signature is not None and wrong[0].name in signature[0] else
+                    f"an input whose rows are not {n} blocks of one sample each")
             warnings.warn(f"module '{wrong[0].name}' ({type(wrong[0].module).__name__}) is called on {what}: "
                           f"{_BY_SAMPLE}", stacklevel=5)
             self.by_sample = True
@@ -891,6 +908,8 @@ class Engine:
             self._whole_grads(state, outside, grads)
         finally:
             self._pass = None
+            if state.shared is not None:
+                state.shared.close()
         return state.calls
 
     def _forward(self, state, args, kwargs):
@@ -1066,6 +1085,11 @@ class Engine:
                     reached = [i for i in pos if flat[i].requires_grad]
                     if not reached:
                         return None
+                    if (self.mode == "global" and in_dims is not None and _batch_dim(module) == 0
+                            and not any(d is not None for d in (*in_dims, *out_dims))
+                            and not any((*rows[0], *rows[1]))):
+                        return self._share(unit, args, kwargs, flat, spec, pos, state, versions, attributes, in_dims,
+                                           out_dims)
                     tapped = self._tap(state.anchor, lambda grads: state.mixed.append(why), False,
                                        [flat[i] for i in reached])
                     for i, t in zip(reached, tapped):
@@ -1079,6 +1103,12 @@ class Engine:
                 block_rows = rows
                 if unit.blocks is None:
                     state.tentative.append(unit)
+            elif (mixed is None and block_rows is None and self.mode == "global" and self.per_sample and state.n > 1
+                  and unit.rule.grads is _rules.generic_grads and out_dims is not None and pos
+                  and all(out_dims[i] is None for i in pos) and any(flat[i].requires_grad for i in pos)):
+                # inputs that hold the batch, floating outputs that none does (BART's positions from its (n, T)
+                # input_ids): the outputs all samples share
+                return self._share(unit, args, kwargs, flat, spec, pos, state, versions, attributes, in_dims, out_dims)
             # The whole call is one sample's (a one-sample pass) or the batch's (per_sample=False): its rule is
             # the module's own gradient, through the generic rule, which keeps its output.
             whole = mixed is not None or held is not None  # per_sample=False: a batch state, rerun whole
@@ -1133,6 +1163,53 @@ class Engine:
         tapped = _Tap.apply(anchor, lambda grads: sink(tuple(g.view(s) for g, s in zip(grads, shapes))),
                             in_place, *targets)
         return [t.view(s) if t.shape != s else t for s, t in zip(shapes, tapped)]
+
+    def _share(self, unit, args, kwargs, flat, spec, pos, state, versions, attributes, in_dims, out_dims):
+        """A call of g-MAS per sample whose floating outputs hold no sample's rows (T5's relative-position bias on
+        (T, T) buckets; BART's positions from its (n, T) input_ids, by the generic rule): they go on as shared
+        tensors (:mod:`_shared`), whose uses tell each sample's gradient at them. A rule of the table sees the call
+        as n samples with the same inputs (it has none that hold the batch), each with its own gradient; the generic
+        rule reruns the module on each sample's inputs to the shared output. Returns the call's output for the
+        model."""
+        n, module = state.n, unit.module
+        if state.shared is None:
+            state.shared = _shared.Site(n)
+        site = state.shared
+        state.sharing.append(unit)
+        flat_in = torch.utils._pytree.tree_flatten((args, kwargs))[0]
+        if any(isinstance(t, _shared.Shared) for t in flat_in):
+            site.fail("it reads a tensor computed from another layer's output that all samples share")
+
+        if unit.rule.grads is _rules.generic_grads:
+            call = _rules.Call(n, args, kwargs, flat[0] if spec is None else torch.utils._pytree.tree_unflatten(
+                list(flat), spec), versions=versions, in_dims=in_dims, out_dims=out_dims, shared=pos,
+                attributes=attributes or None)
+        else:
+            def grow(t):
+                return t.unsqueeze(0).expand(n, *t.shape) if torch.is_tensor(t) else t
+
+            grown = [grow(t) for t in flat] if unit.rule.needs_output(module) else None
+            call = _rules.Call(n, *torch.utils._pytree.tree_map(grow, (args, kwargs)), None if grown is None else
+                               grown[0] if spec is None else torch.utils._pytree.tree_unflatten(grown, spec),
+                               versions=versions, in_dims=[0 if torch.is_tensor(t) else None for t in flat_in],
+                               out_dims=[0 if torch.is_tensor(t) else None for t in flat])
+        unit.group.calls.append((unit, call))
+        roots = []
+
+        def sink(grads):
+            per = [site.take(r, g) for r, g in zip(roots, grads)]
+            if any(p is None for p in per):
+                state.mixed.append((unit, f"returns an output that all samples share, and {site.failed}"))
+                return
+            call.grads = tuple(per)
+            unit.group.pending.append(call)
+            if len(unit.group.pending) == len(unit.group.calls):
+                self._process(unit.group)
+
+        roots.extend(site.share(t) for t in self._tap(state.anchor, sink, False, [flat[i] for i in pos]))
+        for i, t in zip(pos, roots):
+            flat[i] = t
+        return flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
 
     def _tapped_forward(self, unit, *args, **kwargs):
         """The forward installed on units whose rule taps its own internals (g-MAS per sample, FusedMAS)."""

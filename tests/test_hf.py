@@ -291,10 +291,11 @@ def _mixing_models():
 def test_families_whose_layers_mix_the_samples(name, n):
     """T = 8 tokens in batches of n: the (T, T) buckets or BART's (T, D) positions reshaped by sample would give a
     wrong Ω, DeBERTa would fail; where n = T, the buckets, the positions and Funnel's (T', D) relative positions look
-    like n rows, and gave a wrong Ω without an error (37%, 34%, 100%). The batch runs one sample at a time instead,
-    with one warning, exact. OPT's feed-forward and the MoE routers and experts on (n·T, D) tokens are confirmed as
-    n blocks of rows on the first batch, and Funnel's attention reads its positions as shared: they keep the fast
-    path."""
+    like n rows, and gave a wrong Ω without an error (37%, 34%, 100%). T5's and MPNet's bias and BART's positions
+    are outputs all samples share, and the ops that broadcast them over the batch tell each sample's gradient;
+    OPT's feed-forward and the MoE routers and experts on (n·T, D) tokens are confirmed as n blocks of rows on the
+    first batch, and Funnel's attention reads its positions as shared: they keep the fast path. DeBERTa, which reads
+    its relative embeddings' weight directly, runs one sample at a time, with one warning, exact."""
     make, output_fn, dtype = _mixing_models()[name]
     model = perturbed(make)
     x = torch.randint(1, V, (n + 2, 8))
@@ -317,11 +318,75 @@ def test_families_whose_layers_mix_the_samples(name, n):
             warnings.simplefilter("always")
             got = cls(model, output_fn=output_fn, show_progress=False).accumulate([x[:n], x[n:]]).task_importance
         said = [w for w in caught if "one sample at a time" in str(w.message)]
-        fast = ("opt", "funnel", "mixtral", "qwen2-moe")
-        assert len(said) == (0 if name in fast else 1), [str(w.message) for w in caught]
+        assert len(said) == (1 if name == "deberta-v2" else 0), [str(w.message) for w in caught]
         # Funnel's key biases have Ω 0 in exact arithmetic (softmax ignores a shift): float32 rounding, at 1e-9 of
         # the largest Ω, is 3e-4 of the floor there
         assert_close(got, want, tol=1e-3 if name == "funnel" else 2e-4 if dtype == torch.float64 else 1e-4)
+
+
+def _shared_output_models():
+    """Families with a layer whose output all samples share, broadcast over the batch by the model: T5's and its
+    kin's relative-position bias (an Embedding on (T, T) buckets; in sdpa, the attn_mask), the BART family's learned
+    positions (a (T, D) or (1, T, D) output of the tokens' shape), Swin's window bias over n blocks of windows.
+    Each: (model, (encoder-)decoder, relative positions: left padding gives the unpadded Ω; None: fixed absolute
+    ones, which nothing tracks, and a left-padded sample is another input, as BERT's)."""
+    seq2seq = dict(vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                   decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64)
+    t5 = dict(vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)
+    return {
+        "t5": (lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(**t5)), True, True),
+        "t5-eager": (lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(
+            **t5, attn_implementation="eager")), True, True),
+        "umt5": (lambda: transformers.UMT5ForConditionalGeneration(transformers.UMT5Config(**t5)), True, True),
+        "longt5": (lambda: transformers.LongT5ForConditionalGeneration(transformers.LongT5Config(**t5)), True, True),
+        "mbart": (lambda: transformers.MBartForConditionalGeneration(transformers.MBartConfig(**seq2seq)), True, False),
+        "pegasus": (lambda: transformers.PegasusForConditionalGeneration(transformers.PegasusConfig(**seq2seq)), True,
+                    None),
+        "blenderbot": (lambda: transformers.BlenderbotForConditionalGeneration(transformers.BlenderbotConfig(
+            **seq2seq)), True, False),
+        "mpnet": (lambda: transformers.MPNetForMaskedLM(transformers.MPNetConfig(
+            vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+            max_position_embeddings=64)), False, False),
+        "swin": (lambda: transformers.SwinForImageClassification(transformers.SwinConfig(
+            image_size=16, patch_size=2, num_channels=3, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+            window_size=4, num_labels=3)), None, False),
+    }
+
+
+@pytest.mark.parametrize("side", [None, "right", "left"], ids=["unpadded", "right", "left"])
+@pytest.mark.parametrize("name", list(_shared_output_models()))
+def test_families_whose_outputs_all_samples_share(name, side):
+    """Each sample's gradient at the shared output is told by the ops that broadcast it over the batch: the batches
+    keep the batched path, exact against a float64 loop over the unpadded samples, both classes. With left padding
+    learned absolute positions are another input (mBART, Blenderbot, MPNet): the first batch, run again one sample
+    at a time, shows it, and batches run so from then on (one warning), exact; relative ones give the unpadded Ω
+    batched. Swin: two batches of images."""
+    make, seq2seq, relative = _shared_output_models()[name]
+    if (seq2seq is None and side is not None) or (relative is None and side == "left"):
+        pytest.skip("images: no padding; fixed absolute positions: left padding makes another input")
+    model = perturbed(make)
+    torch.manual_seed(3)
+    if seq2seq is None:
+        x = torch.randn(7, 3, 16, 16)
+        samples, batches = list(x), [{"pixel_values": x[:4]}, {"pixel_values": x[4:]}]
+        want = oracle(model, samples, lambda m, s: m(pixel_values=s[None].double()).logits)
+    else:
+        samples = [torch.randint(1, V, (k,)) for k in ((8, 5, 7, 3, 6, 8, 2) if side else (8,) * 7)]
+        ids, mask = padded(samples, side or "right")
+        batches = [{"input_ids": ids[:4], "attention_mask": mask[:4]}, {"input_ids": ids[4:], "attention_mask": mask[4:]}]
+        if seq2seq:
+            for b in batches:
+                b.update(decoder_input_ids=b["input_ids"], decoder_attention_mask=b["attention_mask"])
+        want = oracle(model, samples, lambda m, s: m(input_ids=s[None], **(
+            {"decoder_input_ids": s[None]} if seq2seq else {})).logits)
+    by_sample = side == "left" and not relative
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mas = cls(model, show_progress=False).accumulate(batches)
+        said = [str(w.message) for w in caught if "one sample at a time" in str(w.message)]
+        assert len(said) == by_sample and mas._engine.by_sample == by_sample, said
+        assert_close(mas.task_importance, want)
 
 
 def _conv_models():

@@ -1327,7 +1327,8 @@ class ScaledByDict(nn.Module):
 class NormedByIdentity(nn.Module):
     """DoRA's weight norm: a Linear run on an identity matrix (rows that are no sample's), its result detached
     (``detach``) or not; then on the batch. Detached, no gradient reaches that call: the batch keeps the batched
-    path. Not detached, the call's gradient cannot be split by sample: the batch runs one sample at a time."""
+    path. Not detached, the call's output is shared by the samples, and the division that broadcasts it over the
+    batch tells each sample's gradient: the batched path too (in l-MAS the batch runs one sample at a time)."""
 
     def __init__(self, detach):
         super().__init__()
@@ -1353,7 +1354,7 @@ class HeldAndNormed(nn.Module):
 @pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
 def test_parameters_held_in_containers_and_calls_without_gradient(request, cls, mode, per_sample, detach):
     """Against the oracle in every mode; a ParameterDict's or ParameterList's parameters are the reading layer's, and a
-    call on rows that are no sample's runs the batch one sample at a time only where a gradient reaches it."""
+    call on rows that are no sample's runs the batch one sample at a time only in l-MAS."""
     torch.manual_seed(83)
     model = HeldAndNormed(detach).eval()
     x = torch.randn(7, 4, 5)
@@ -1365,8 +1366,8 @@ def test_parameters_held_in_containers_and_calls_without_gradient(request, cls, 
     assert units["held"] == (["base.bias", "base.weight", "scale.default", "shift.0"] if mode == "global"
                              else ["scale.default", "shift.0"])
     assert "held.scale" not in units and "held.shift" not in units
-    # In l-MAS the identity call's own output is its gradient; in g-MAS only the undetached one is reached.
-    by_sample = per_sample and (mode == "local" or not detach)
+    # In l-MAS the identity call's own output is its gradient; in g-MAS the undetached one is shared by the samples.
+    by_sample = per_sample and mode == "local"
     said = [str(w.message) for w in caught if "one sample at a time" in str(w.message)]
     assert bool(said) == by_sample, said
     if said:

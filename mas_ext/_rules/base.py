@@ -52,6 +52,9 @@ class Call:
     # The output's version counter when the call returned, where the call keeps its output: a later in-place op on
     # it (Falcon's residual add into its MLP's output) shows there.
     out_version: Optional[int] = None
+    # The flattened outputs that all samples share (BART's positions): their gradients carry each sample's in a dim 0
+    # of their own (the engine's _shared), and a rule reruns the module to the output as it is.
+    shared: Optional[list] = None
 
     @property
     def g(self):

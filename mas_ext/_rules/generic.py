@@ -113,7 +113,8 @@ def generic_grads(module, call, s, e, names=None):
     ``batch_first=False``), else in their first dim of the batch's size; tensors without one are shared by all
     samples; each output's batch dim is found by running the module on one sample: the dim that shrinks from n
     to 1. An output without one raises :class:`SharedOutput` (the engine then runs the batch one sample at a
-    time).
+    time), but for those that ``call.shared`` names: all samples share them, and each sample's gradient there comes
+    in a dim 0 of its own.
     """
     n = call.n
     if call.whole or n == 1:  # the call is one sample's (or, whole, the batch's with per_sample=False)
@@ -142,9 +143,12 @@ def generic_grads(module, call, s, e, names=None):
             probe = tree_flatten(_rerun(module, call, None, args, kwargs))[0]
         out_dims = [sample_dim(tuple(flat_out[i].shape), tuple(probe[i].shape), n) if torch.is_tensor(probe[i])
                     else None for i in out_pos]
-    unbatched = next((flat_out[i] for i, d in zip(out_pos, out_dims) if d is None), None)
+    shared_out = set(call.shared or ())
+    unbatched = next((flat_out[i] for i, d in zip(out_pos, out_dims) if d is None and i not in shared_out), None)
     if unbatched is not None:
         raise SharedOutput(tuple(unbatched.shape))
+    # each sample's gradient at an output that all samples share is in a dim 0 of its own
+    grad_dims = [0 if i in shared_out else d for i, d in zip(out_pos, out_dims)]
     tracked, frozen = _parameters(module, names)
 
     def outputs(theta, *inputs_k):
@@ -161,11 +165,11 @@ def generic_grads(module, call, s, e, names=None):
         return t.narrow(d, s, e - s) if d is not None else t
 
     inputs = tuple(rows(_detached(t), d) for t, d in zip(flat_in, in_dims))
-    grads = tuple(rows(g if g is not None else torch.zeros_like(flat_out[i]), d)
-                  for g, i, d in zip(call.grads, out_pos, out_dims))
+    grads = tuple(rows(g if g is not None else torch.zeros_like(flat_out[i]), d)  # a shared output's never None
+                  for g, i, d in zip(call.grads, out_pos, grad_dims))
     if type(module) not in _NO_VMAP:
         try:
-            per_sample = torch.func.vmap(one_sample, in_dims=(tuple(in_dims), tuple(out_dims)))(inputs, grads)
+            per_sample = torch.func.vmap(one_sample, in_dims=(tuple(in_dims), tuple(grad_dims)))(inputs, grads)
             return {k: v.float() for k, v in per_sample.items()}
         except torch.OutOfMemoryError:
             raise
@@ -177,7 +181,7 @@ def generic_grads(module, call, s, e, names=None):
     def select(ts, dims, k):
         return tuple(t.select(d, k) if d is not None else t for t, d in zip(ts, dims))
 
-    each = [_vjp(lambda theta, x=select(inputs, in_dims, k): outputs(theta, *x), tracked, select(grads, out_dims, k))
+    each = [_vjp(lambda theta, x=select(inputs, in_dims, k): outputs(theta, *x), tracked, select(grads, grad_dims, k))
             for k in range(e - s)]
     return {name: torch.stack([g[name] for g in each]).float() for name in tracked}
 

@@ -1,0 +1,206 @@
+"""Per-sample gradients of a layer's output that all samples share (T5's relative-position bias, BART's learned
+positions on (T,) indices): the output is computed once for the batch and broadcast over it by the model.
+
+The gradient that reaches such an output is the batch's sum; Ω needs each sample's. The output goes on as a
+:class:`Shared` tensor. An op that takes it with a tensor of the batch's rows (an add or ``where`` that broadcasts
+it over the batch, the ``attn_mask`` of ``scaled_dot_product_attention``) gets it expanded to the batch's n rows
+in dim 0 first, with the same values, so the op's result is bitwise the same; the gradient at those n rows is each
+sample's, and is carried back through the ops between the layer's output and that use (a permute, an unsqueeze: a
+vmapped backward) to each sample's gradient at the output. Ops with the output alone, or with tensors that do not
+hold the batch, give Shared results. Any other op that meets the batch's rows (one that could mix them) marks the
+:class:`Site` failed, as does a gradient at the output that the samples' do not sum to (a use not seen): the
+engine then runs the batch one sample at a time, which is exact.
+
+Which tensors hold the batch is read from shapes (n rows in dim 0, not a parameter): the engine confirms the
+sequence of such uses (:attr:`Site.signature`) once against a run one sample at a time, and again whenever it
+changes (a tensor of T rows where T equals n would change it).
+"""
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+
+def _names(*names):
+    return {getattr(torch.Tensor, k) for k in names if hasattr(torch.Tensor, k)}
+
+
+# Elementwise ops whose tensor arguments broadcast together (out of place: an in-place op on the shared tensor
+# cannot grow it to the batch, and fails without us)
+_BROADCAST = {torch.add, torch.sub, torch.mul, torch.div, torch.where, torch.maximum, torch.minimum, torch.rsub,
+              *_names("add", "sub", "mul", "div", "where", "maximum", "minimum", "__add__", "__radd__", "__sub__",
+                      "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__")}
+# In place: into a tensor of the batch's rows, the shared one broadcast into it
+_IN_PLACE = _names("add_", "sub_", "mul_", "div_", "__iadd__", "__isub__", "__imul__", "__itruediv__")
+# The model's own broadcast of a shared tensor to the batch (MPNet expands its position bias to (n, H, T, T))
+_EXPAND = {torch.broadcast_to, *_names("expand", "expand_as", "broadcast_to")}
+
+
+class Site:
+    """The shared outputs of one batch's pass (its roots) and each sample's gradient at them, as it arrives."""
+
+    def __init__(self, n):
+        self.n = n
+        self.roots = []  # the Shared outputs of the layers, in call order
+        self.per_sample = {}  # id(root) -> (n, *root.shape) float32: each sample's gradient so far
+        self.failed = None  # why the samples' gradients cannot be told apart, once known
+        self.signature = []  # (op, whether it expanded) of each op that met a tensor other than the shared ones
+        self.live = True
+
+    def share(self, t):
+        """``t`` (an output of a layer whose call all samples share) as a root."""
+        root = _as_shared(t, self)
+        self.roots.append(root)
+        return root
+
+    def fail(self, why):
+        self.failed = self.failed or why
+
+    def close(self):
+        """Ends the pass: Shared tensors left in the model's outputs act as plain ones from now on."""
+        self.live, self.roots, self.per_sample = False, [], {}
+
+    def _pull_back(self, view, grads):
+        """Adds each sample's gradient at the roots from ``grads`` (n·m, *view.shape[1:]): the gradient at ``view``
+        (a shared tensor of size 1 in dim 0) expanded to n blocks of m rows, sample k's the k-th."""
+        roots = [r for r in self.roots if r.requires_grad]
+        cot = grads.reshape(self.n, -1, *view.shape[1:]).sum(1, keepdim=True)
+        with torch._C.DisableTorchFunctionSubclass():  # the roots are Shared: autograd.grad would come to them
+            try:
+                got = torch.autograd.grad(view, roots, cot, is_grads_batched=True, retain_graph=True,
+                                          allow_unused=True)
+            except RuntimeError:  # an op between the root and this use that vmap cannot batch: sample by sample
+                per = [torch.autograd.grad(view, roots, c, retain_graph=True, allow_unused=True) for c in cot]
+                got = [None if per[0][i] is None else torch.stack([p[i] for p in per]) for i in range(len(roots))]
+        for r, g in zip(roots, got):
+            if g is not None:
+                acc = self.per_sample.get(id(r))
+                self.per_sample[id(r)] = g.float() if acc is None else acc + g.float()
+
+    def take(self, root, total):
+        """Each sample's gradient at ``root`` ((n, *shape), in ``total``'s dtype), where the samples' sum to
+        ``total``, the batch's gradient there (float32 rounding; bf16/fp16: theirs); else None, and failed."""
+        per = self.per_sample.pop(id(root), None)
+        if self.failed is not None:
+            return None
+        if per is None:
+            per = torch.zeros((self.n, *root.shape), device=total.device)
+        tol = 1e-3 if total.element_size() >= 4 else 3e-2
+        if float((per.sum(0) - total.float()).norm()) > tol * float(total.float().norm()) + 1e-30:
+            self.fail("its output, which all samples share, reaches the model's output through a use whose "
+                      "samples cannot be told apart")
+            return None
+        return per.to(total.dtype)
+
+
+class _Gather(torch.autograd.Function):
+    """Identity on a shared tensor expanded to the batch's rows; its backward hands the gradient at those rows to
+    the site, which carries it back to each sample's gradient at the roots."""
+
+    @staticmethod
+    def forward(ctx, expanded, view, site):
+        ctx.view, ctx.site = view, site
+        return expanded.view_as(expanded)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.site._pull_back(ctx.view, grad)
+        return grad, None, None
+
+
+def _as_shared(t, site):
+    s = t.as_subclass(Shared)
+    s._site = site
+    return s
+
+
+def _expand(t, ndim, rows, site):
+    """``t`` (shared) as an operand of an op whose result has ``ndim`` dims and the batch's ``rows`` (n, or n
+    blocks of m: Swin's windows) in dim 0: leading dims of size 1 added, dim 0 expanded to those rows, through
+    :class:`_Gather`; None where its dim 0 is not of size 1 there."""
+    view = t.reshape((1,) * (ndim - t.dim()) + tuple(t.shape)) if t.dim() < ndim else t
+    if view.dim() != ndim or view.shape[0] != 1:
+        return None
+    return _Gather.apply(view.expand(rows, *view.shape[1:]), view, site)
+
+
+def _batch_rows(tensors, n, ndim):
+    """The rows in dim 0 of the tensors among ``tensors`` (none of them shared) that hold the batch, where one
+    does: n, or n blocks of m rows (a multiple of n); a parameter never does. None where none does."""
+    rows = {t.shape[0] for t in tensors if t.dim() == ndim and not isinstance(t, torch.nn.Parameter)}
+    rows = [r for r in rows if r > 0 and r % n == 0]
+    return max(rows) if ndim > 0 and rows else None
+
+
+class Shared(torch.Tensor):
+    """A tensor that all samples of the batch share, computed from a shared layer output (see the module's
+    docstring). ``_site``: the :class:`Site` of its pass."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat, spec = tree_flatten((args, kwargs))
+        site = next(t._site for t in flat if isinstance(t, Shared))
+        with torch._C.DisableTorchFunctionSubclass():
+            if not site.live:
+                return func(*args, **kwargs)
+            others = [t for t in flat if torch.is_tensor(t) and not isinstance(t, Shared)]
+            if others:
+                out = _with_batch(func, flat, spec, others, site)
+                if out is not NotImplemented:
+                    return out
+            out = func(*args, **kwargs)
+            t = args[0] if args else None
+            if (func in _EXPAND and not others and isinstance(t, Shared) and out.dim() > 0
+                    and out.shape[0] % site.n == 0 and (t.dim() < out.dim() or t.shape[0] == 1)):
+                # its dim 0 broadcast to the batch's rows by the model itself
+                site.signature.append((getattr(func, "__name__", repr(func)), (), out.shape[0] // site.n))
+                return func(_expand(t, out.dim(), out.shape[0], site), *args[1:], **kwargs)
+        # results that a gradient can reach stay shared (views, reshapes, casts, adds of constants)
+        return tree_map(lambda r: _as_shared(r, site) if torch.is_tensor(r) and r.requires_grad
+                        and r.is_floating_point() and not isinstance(r, Shared) else r, out)
+
+
+def _with_batch(func, flat, spec, others, site):
+    """An op of shared tensors with ``others`` (tensors not shared), within DisableTorchFunctionSubclass: its
+    result where one of them holds the batch (the shared ones expanded to its rows, or computed as they are and
+    the site failed); NotImplemented where none does (the op's result is then shared too). Each such op adds to
+    the site's signature its name, where the others have dims of size n, and the rows per sample it took (0:
+    none held the batch)."""
+    n = site.n
+    name = getattr(func, "__name__", repr(func))
+    entry = (name, tuple(tuple(i for i, s in enumerate(t.shape) if s == n) for t in others))
+    args, kwargs = tree_unflatten(flat, spec)
+    if func is F.scaled_dot_product_attention:
+        bound = dict(zip(("query", "key", "value", "attn_mask"), args), **kwargs)
+        q, k, mask = bound.get("query"), bound.get("key"), bound.get("attn_mask")
+        if not isinstance(mask, Shared) or any(isinstance(bound.get(x), Shared) for x in ("query", "key", "value")):
+            site.fail(f"a tensor computed from its output, which all samples share, is an input of {name} other "
+                      "than its attn_mask")
+            return func(*args, **kwargs)
+        ndim = len(torch.broadcast_shapes(mask.shape, (*q.shape[:-1], k.shape[-2])))
+        shared = {"attn_mask": mask} if "attn_mask" in kwargs else {3: mask}
+        rows = _batch_rows([q], n, ndim)
+    else:
+        ndim = max(t.dim() for t in flat if torch.is_tensor(t))
+        shared = {i: t for i, t in enumerate(flat) if isinstance(t, Shared)}
+        rows = _batch_rows(others, n, ndim)
+        if rows is not None and not (func in _BROADCAST or func in _EXPAND
+                                     or (func in _IN_PLACE and not isinstance(flat[0], Shared))):
+            why = (f"it is changed in place by {name} with the batch's rows" if func in _IN_PLACE else
+                   f"it meets the batch's rows in {name}, which may mix them")
+            site.fail(f"a tensor computed from its output, which all samples share: {why}")
+            return func(*args, **kwargs)
+    site.signature.append((*entry, 0 if rows is None else rows // n))
+    if rows is None:
+        return NotImplemented
+    grown = {key: _expand(t, ndim, rows, site) for key, t in shared.items()}
+    if any(g is None for g in grown.values()):
+        site.fail(f"a tensor computed from its output, which all samples share, has rows in dim 0 where {name} "
+                  "broadcasts it over the batch")
+        return func(*args, **kwargs)
+    if func is F.scaled_dot_product_attention:
+        if "attn_mask" in grown:
+            return func(*args, **{**kwargs, **grown})
+        return func(*args[:3], grown[3], *args[4:], **kwargs)
+    args, kwargs = tree_unflatten([grown.get(i, t) for i, t in enumerate(flat)], spec)
+    return func(*args, **kwargs)
