@@ -81,6 +81,14 @@ def _padding(kwargs, n):
     return mask, mask
 
 
+def _padding_layout(mask):
+    """How an (n, T) attention_mask pads: None (no mask, or no padding), "right" (each row's real tokens first), or
+    "other" (left padding, or gaps)."""
+    if mask is None or bool(mask.all()):
+        return None
+    return "right" if bool((mask[:, 1:] <= mask[:, :-1]).all()) else "other"
+
+
 def _unpadded(args, kwargs, keep, decoder_keep=None):
     """A one-sample call with the positions its (T,) ``keep`` row marks as padding cut out (None: none), and those
     that ``decoder_keep`` marks out of the decoder's inputs (``decoder_*``) of an encoder-decoder model: the sample
@@ -432,6 +440,7 @@ class _Pass:
         self.unmasked = None  # what holds the padded positions where they cannot be told (local mode, the output)
         self.shared = None  # the _shared.Site of the outputs that all samples share (g-MAS per sample), once one shows
         self.sharing = []  # the units whose outputs those are
+        self.block_rows = set()  # the row counts of the calls read as n blocks of rows, one per sample, so far
 
 
 def _holds_only(module):
@@ -725,14 +734,17 @@ class Engine:
                 break
             for u in repeats:
                 u.repeats = True
-        signature = None
+        sharing, signature = [], None
         if state.shared is not None:
-            signature = (tuple(u.name for u in state.sharing), tuple(state.shared.signature))
+            # the uses of the shared outputs, and the batch's padding: positions read by the samples' shape (learned
+            # absolute ones) are other inputs under left padding, which an unpadded batch cannot have confirmed
+            signature = (tuple(u.name for u in state.sharing), tuple(state.shared.signature),
+                         _padding_layout(mask), _padding_layout(out_mask))
             if signature not in self.shares_confirmed:
-                state.tentative.extend(state.sharing)
-        if state.tentative:
+                sharing = list(dict.fromkeys(state.sharing))
+        if state.tentative or sharing:
             self._confirm_blocks(args, kwargs, n, bufs, where, list(dict.fromkeys(state.tentative)),
-                                 set(state.expanded), signature)
+                                 set(state.expanded), signature, sharing)
 
     def learn_dims(self, args, kwargs, n, where):
         """Runs the batch's first sample alone (without gradients) and keeps the shapes of each unit's calls there:
@@ -823,44 +835,45 @@ class Engine:
             b.zero_()
         self._run_sample_by_sample(args, kwargs, n, bufs, where)
 
-    def _confirm_blocks(self, args, kwargs, n, bufs, where, units, expanded=(), signature=None):
+    def _confirm_blocks(self, args, kwargs, n, bufs, where, units, expanded=(), signature=None, sharing=()):
         """The first batch that reads a unit's n·m-row input as n blocks of rows, or expands its batch-size-1 input to
-        the batch's n, or (``signature``) tells each sample's gradient at an output all samples share by the uses of
-        that output (the first batch with those uses), runs again one sample at a time: where its Ω agrees (float32
-        rounding; bf16/fp16: their rounding) the blocks (the expanded rows, the uses) are each sample's and later
-        batches keep the fast path; where not, the rows are no sample's own (the model mixes the expanded rows:
-        Swinv2's position-bias MLP on a shared table, read back through a view over all rows), the one-sample Ω is
-        the batch's, and later batches run sample by sample."""
+        the batch's n (``units``, ``expanded`` among them), or tells each sample's gradient at the outputs of
+        ``sharing``, which all samples share, by their uses (the first batch with that ``signature``), runs again one
+        sample at a time: where its Ω agrees (float32 rounding; bf16/fp16: their rounding, and a third of it for the
+        shared outputs' uses, which can be off by a few per cent) the blocks (the expanded rows, the uses) are each
+        sample's and later batches keep the fast path; where not, the rows are no sample's own (the model mixes the
+        expanded rows: Swinv2's position-bias MLP on a shared table, read back through a view over all rows), the
+        one-sample Ω is the batch's, and later batches run sample by sample."""
         check = ZeroBuffers(self.params)
         self._run_sample_by_sample(args, kwargs, n, check, where)
         # an Ω that is zero in exact arithmetic (Mixtral's router at top-1: its normalised weight is 1) is rounding
         # on both sides: below 1e-6 of the batch's largest Ω there is nothing to tell
         floor = 1e-6 * max((float(b.norm()) for b in check.values()), default=0.0)
         wrong = []
-        for u in units:
+        for u in dict.fromkeys([*units, *sharing]):
             for g in u.names.values():
                 want, got = check.get(g), bufs.get(g)
                 want = want if want is not None else torch.zeros_like(self.params[g], dtype=torch.float32)
                 got = got if got is not None else torch.zeros_like(want)
-                tol = 1e-4 if self.params[g].element_size() >= 4 else 3e-2
+                tol = 1e-4 if self.params[g].element_size() >= 4 else 1e-2 if u in sharing else 3e-2
                 if (float((got - want).norm()) > tol * float(want.norm()) + 1e-30
                         and max(float(got.norm()), float(want.norm())) > floor):
                     wrong.append(u)
                     break
             if u in expanded:
                 u.expands = u not in wrong
-            elif u.blocks is None and u.name not in (signature or ((),))[0]:
+            elif u in units:
                 u.blocks = u not in wrong
-        if signature is not None and not wrong:
+        if sharing and not wrong:
             self.shares_confirmed.add(signature)
         if wrong:
-            what = ("an input of batch size 1 whose rows, expanded to the batch's, are not each sample's own"
-                    if wrong[0] in expanded else
-                    "an input all samples share, whose output's uses do not tell each sample's gradient"
-                    if signature is not None and wrong[0].name in signature[0] else
-                    f"an input whose rows are not {n} blocks of one sample each")
-            warnings.warn(f"module '{wrong[0].name}' ({type(wrong[0].module).__name__}) is called on {what}: "
-                          f"{_BY_SAMPLE}", stacklevel=5)
+            what = ("is called on an input of batch size 1 whose rows, expanded to the batch's, are not each sample's "
+                    "own" if wrong[0] in expanded else f"is called on an input whose rows are not {n} blocks of one "
+                    "sample each" if wrong[0] in units else "returns an output all samples share, whose uses gave "
+                    "another Ω than the samples run alone (learned absolute positions under left padding, or uses "
+                    "the pass misread)")
+            warnings.warn(f"module '{wrong[0].name}' ({type(wrong[0].module).__name__}) {what}: {_BY_SAMPLE}",
+                          stacklevel=5)
             self.by_sample = True
             for g, b in bufs.items():
                 b.zero_()
@@ -1071,6 +1084,7 @@ class Engine:
                             mixed[0] != int(state.mask.sum()) and any(p % mixed[0] == 0 for p in state.patches)))
                         and _batch_dim(module) == 0 and unit.rule.blocks(module)
                         and (rows is not None or unit.rule.grads is not _rules.generic_grads)):
+                    state.block_rows.add(mixed[0])
                     mixed, block_rows = None, rows
                     if unit.blocks is None:
                         state.tentative.append(unit)
@@ -1101,6 +1115,7 @@ class Engine:
                 # an input with the batch in dim 0 and an output of the samples' rows flattened (DeepSeek-V3's
                 # router: (n, T, D) in, (n·T, E) logits out), confirmed once as the blocks above
                 block_rows = rows
+                state.block_rows.update(flat[i].shape[0] for i in pos if rows[1][i] and out_dims[i] is None)
                 if unit.blocks is None:
                     state.tentative.append(unit)
             elif (mixed is None and block_rows is None and self.mode == "global" and self.per_sample and state.n > 1
@@ -1173,11 +1188,11 @@ class Engine:
         model."""
         n, module = state.n, unit.module
         if state.shared is None:
-            state.shared = _shared.Site(n)
+            state.shared = _shared.Site(n, state.block_rows)
         site = state.shared
         state.sharing.append(unit)
         flat_in = torch.utils._pytree.tree_flatten((args, kwargs))[0]
-        if any(isinstance(t, _shared.Shared) for t in flat_in):
+        if any(isinstance(t, _shared.Shared) for t in (*flat_in, *flat)):  # a backward through another's tap
             site.fail("it reads a tensor computed from another layer's output that all samples share")
 
         if unit.rule.grads is _rules.generic_grads:
@@ -1194,10 +1209,10 @@ class Engine:
                                versions=versions, in_dims=[0 if torch.is_tensor(t) else None for t in flat_in],
                                out_dims=[0 if torch.is_tensor(t) else None for t in flat])
         unit.group.calls.append((unit, call))
-        roots = []
+        first = len(site.roots)  # this call's roots: read from the site, which lets them go when the pass ends
 
         def sink(grads):
-            per = [site.take(r, g) for r, g in zip(roots, grads)]
+            per = [site.take(r, g) for r, g in zip(site.roots[first:], grads)]
             if any(p is None for p in per):
                 state.mixed.append((unit, f"returns an output that all samples share, and {site.failed}"))
                 return
@@ -1206,9 +1221,8 @@ class Engine:
             if len(unit.group.pending) == len(unit.group.calls):
                 self._process(unit.group)
 
-        roots.extend(site.share(t) for t in self._tap(state.anchor, sink, False, [flat[i] for i in pos]))
-        for i, t in zip(pos, roots):
-            flat[i] = t
+        for i, t in zip(pos, self._tap(state.anchor, sink, False, [flat[i] for i in pos])):
+            flat[i] = site.share(t)
         return flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
 
     def _tapped_forward(self, unit, *args, **kwargs):

@@ -38,8 +38,12 @@ _EXPAND = {torch.broadcast_to, *_names("expand", "expand_as", "broadcast_to")}
 class Site:
     """The shared outputs of one batch's pass (its roots) and each sample's gradient at them, as it arrives."""
 
-    def __init__(self, n):
+    def __init__(self, n, blocks):
         self.n = n
+        # the row counts that layers of the pass so far took as n blocks of rows, one per sample, as learned from the
+        # model run on one sample (Swin's n·windows): the engine's set, which grows as the forward goes on. Rows of
+        # another multiple of n (tokens routed or packed by the mask) are no sample's blocks.
+        self.blocks = blocks
         self.roots = []  # the Shared outputs of the layers, in call order
         self.per_sample = {}  # id(root) -> (n, *root.shape) float32: each sample's gradient so far
         self.failed = None  # why the samples' gradients cannot be told apart, once known
@@ -62,15 +66,23 @@ class Site:
     def _pull_back(self, view, grads):
         """Adds each sample's gradient at the roots from ``grads`` (n·m, *view.shape[1:]): the gradient at ``view``
         (a shared tensor of size 1 in dim 0) expanded to n blocks of m rows, sample k's the k-th."""
+        if self.failed is not None:  # the batch runs again one sample at a time: no backward through other taps
+            return
         roots = [r for r in self.roots if r.requires_grad]
         cot = grads.reshape(self.n, -1, *view.shape[1:]).sum(1, keepdim=True)
         with torch._C.DisableTorchFunctionSubclass():  # the roots are Shared: autograd.grad would come to them
             try:
-                got = torch.autograd.grad(view, roots, cot, is_grads_batched=True, retain_graph=True,
-                                          allow_unused=True)
-            except RuntimeError:  # an op between the root and this use that vmap cannot batch: sample by sample
-                per = [torch.autograd.grad(view, roots, c, retain_graph=True, allow_unused=True) for c in cot]
-                got = [None if per[0][i] is None else torch.stack([p[i] for p in per]) for i in range(len(roots))]
+                try:
+                    got = torch.autograd.grad(view, roots, cot, is_grads_batched=True, retain_graph=True,
+                                              allow_unused=True)
+                except RuntimeError:  # an op between the root and this use that vmap cannot batch: one by one
+                    per = [torch.autograd.grad(view, roots, c, retain_graph=True, allow_unused=True) for c in cot]
+                    got = [None if per[0][i] is None else torch.stack([p[i] for p in per])
+                           for i in range(len(roots))]
+            except RuntimeError as e:  # a graph the pass cannot take back (freed): the batch runs sample by sample
+                self.fail(f"its output, which all samples share, reaches a use through a graph the pass cannot take "
+                          f"back ({str(e)[:120]})")
+                return
         for r, g in zip(roots, got):
             if g is not None:
                 acc = self.per_sample.get(id(r))
@@ -98,11 +110,14 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, expanded, view, site):
-        ctx.view, ctx.site = view, site
+        ctx.view, ctx.site, ctx.version = view, site, view._version
         return expanded.view_as(expanded)
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.view._version != ctx.version:  # written in place since: its graph back to the roots is another
+            ctx.site.fail("a tensor computed from its output, which all samples share, was changed in place after "
+                          "a use")
         ctx.site._pull_back(ctx.view, grad)
         return grad, None, None
 
@@ -123,11 +138,12 @@ def _expand(t, ndim, rows, site):
     return _Gather.apply(view.expand(rows, *view.shape[1:]), view, site)
 
 
-def _batch_rows(tensors, n, ndim):
+def _batch_rows(tensors, site, ndim):
     """The rows in dim 0 of the tensors among ``tensors`` (none of them shared) that hold the batch, where one
-    does: n, or n blocks of m rows (a multiple of n); a parameter never does. None where none does."""
+    does: n, or n blocks of rows where a layer of the pass took that many so (:attr:`Site.blocks`); a parameter
+    never does. None where none does."""
     rows = {t.shape[0] for t in tensors if t.dim() == ndim and not isinstance(t, torch.nn.Parameter)}
-    rows = [r for r in rows if r > 0 and r % n == 0]
+    rows = [r for r in rows if r == site.n or r in site.blocks]
     return max(rows) if ndim > 0 and rows else None
 
 
@@ -151,7 +167,7 @@ class Shared(torch.Tensor):
             out = func(*args, **kwargs)
             t = args[0] if args else None
             if (func in _EXPAND and not others and isinstance(t, Shared) and out.dim() > 0
-                    and out.shape[0] % site.n == 0 and (t.dim() < out.dim() or t.shape[0] == 1)):
+                    and (t.dim() < out.dim() or t.shape[0] == 1) and _batch_rows([out], site, out.dim())):
                 # its dim 0 broadcast to the batch's rows by the model itself
                 site.signature.append((getattr(func, "__name__", repr(func)), (), out.shape[0] // site.n))
                 return func(_expand(t, out.dim(), out.shape[0], site), *args[1:], **kwargs)
@@ -179,11 +195,11 @@ def _with_batch(func, flat, spec, others, site):
             return func(*args, **kwargs)
         ndim = len(torch.broadcast_shapes(mask.shape, (*q.shape[:-1], k.shape[-2])))
         shared = {"attn_mask": mask} if "attn_mask" in kwargs else {3: mask}
-        rows = _batch_rows([q], n, ndim)
+        rows = _batch_rows([q], site, ndim)
     else:
         ndim = max(t.dim() for t in flat if torch.is_tensor(t))
         shared = {i: t for i, t in enumerate(flat) if isinstance(t, Shared)}
-        rows = _batch_rows(others, n, ndim)
+        rows = _batch_rows(others, site, ndim)
         if rows is not None and not (func in _BROADCAST or func in _EXPAND
                                      or (func in _IN_PLACE and not isinstance(flat[0], Shared))):
             why = (f"it is changed in place by {name} with the batch's rows" if func in _IN_PLACE else
