@@ -11,7 +11,7 @@ PYTHON := .venv/bin/python
 endif
 DEPS := numpy pytest tqdm scikit-learn matplotlib ninja setuptools wheel transformers accelerate lightning peft
 
-.PHONY: setup build test bench bench-quick peers demo clean gpu-check
+.PHONY: setup build test bench bench-families bench-quick peers demo clean gpu-check
 
 .venv/bin/python:
 	python3 -m venv .venv
@@ -45,6 +45,10 @@ peers: setup
 # Full run: CPU, plus CUDA where present (--device auto); results in benchmarks/results/.
 bench: build peers
 	$(PYTHON) -m benchmarks.bench --device auto
+
+# FusedMAS / plain on the Hugging Face families whose layers have outputs all samples share (T5, BART, MPNet, Swin).
+bench-families: build
+	$(PYTHON) -m benchmarks.families_bench
 
 # Tiny sizes, 1 repeat, results in a temp folder (what tests/test_bench_smoke.py runs).
 bench-quick: build peers

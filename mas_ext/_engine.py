@@ -1099,7 +1099,7 @@ class Engine:
                     reached = [i for i in pos if flat[i].requires_grad]
                     if not reached:
                         return None
-                    if (self.mode == "global" and in_dims is not None and _batch_dim(module) == 0
+                    if (in_dims is not None and _batch_dim(module) == 0  # g-MAS: l-MAS returned above
                             and not any(d is not None for d in (*in_dims, *out_dims))
                             and not any((*rows[0], *rows[1]))):
                         return self._share(unit, args, kwargs, flat, spec, pos, state, versions, attributes, in_dims,
@@ -1118,7 +1118,7 @@ class Engine:
                 state.block_rows.update(flat[i].shape[0] for i in pos if rows[1][i] and out_dims[i] is None)
                 if unit.blocks is None:
                     state.tentative.append(unit)
-            elif (mixed is None and block_rows is None and self.mode == "global" and self.per_sample and state.n > 1
+            elif (mixed is None and self.mode == "global" and self.per_sample and state.n > 1
                   and unit.rule.grads is _rules.generic_grads and out_dims is not None and pos
                   and all(out_dims[i] is None for i in pos) and any(flat[i].requires_grad for i in pos)):
                 # inputs that hold the batch, floating outputs that none does (BART's positions from its (n, T)

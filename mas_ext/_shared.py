@@ -3,17 +3,18 @@ positions on (T,) indices): the output is computed once for the batch and broadc
 
 The gradient that reaches such an output is the batch's sum; Ω needs each sample's. The output goes on as a
 :class:`Shared` tensor. An op that takes it with a tensor of the batch's rows (an add or ``where`` that broadcasts
-it over the batch, the ``attn_mask`` of ``scaled_dot_product_attention``) gets it expanded to the batch's n rows
-in dim 0 first, with the same values, so the op's result is bitwise the same; the gradient at those n rows is each
-sample's, and is carried back through the ops between the layer's output and that use (a permute, an unsqueeze: a
-vmapped backward) to each sample's gradient at the output. Ops with the output alone, or with tensors that do not
-hold the batch, give Shared results. Any other op that meets the batch's rows (one that could mix them) marks the
-:class:`Site` failed, as does a gradient at the output that the samples' do not sum to (a use not seen): the
-engine then runs the batch one sample at a time, which is exact.
+it over the batch, the ``attn_mask`` of ``scaled_dot_product_attention``, the model's own ``expand``) gets it
+expanded to those rows in dim 0 first, with the same values, so the op's result is bitwise the same; the gradient
+at those rows is each sample's, and is carried back through the ops between the layer's output and that use (a
+permute, an unsqueeze: a vmapped backward) to each sample's gradient at the output. Ops with the output alone, or
+with tensors that do not hold the batch, give Shared results. Any other op that meets the batch's rows (one that
+could mix them) marks the :class:`Site` failed, as does a gradient at the output that the samples' do not sum to (a
+use not seen): the engine then runs the batch one sample at a time, which is exact.
 
-Which tensors hold the batch is read from shapes (n rows in dim 0, not a parameter): the engine confirms the
-sequence of such uses (:attr:`Site.signature`) once against a run one sample at a time, and again whenever it
-changes (a tensor of T rows where T equals n would change it).
+Which tensors hold the batch is read from shapes: n rows in dim 0, or n blocks of rows where a layer of the pass
+took that many rows so (:attr:`Site.blocks`), never a parameter. The engine confirms the sequence of such uses
+(:attr:`Site.signature`), with the batch's padding, once against a run one sample at a time, and again whenever it
+changes (a tensor of T rows where T equals n changes it).
 """
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,9 @@ class Site:
         self.roots = []  # the Shared outputs of the layers, in call order
         self.per_sample = {}  # id(root) -> (n, *root.shape) float32: each sample's gradient so far
         self.failed = None  # why the samples' gradients cannot be told apart, once known
-        self.signature = []  # (op, whether it expanded) of each op that met a tensor other than the shared ones
+        # of each op that met tensors other than the shared ones: (op, where those have dims of size n, the rows per
+        # sample it expanded to, 0 where none held the batch)
+        self.signature = []
         self.live = True
 
     def share(self, t):
@@ -68,7 +71,7 @@ class Site:
         (a shared tensor of size 1 in dim 0) expanded to n blocks of m rows, sample k's the k-th."""
         if self.failed is not None:  # the batch runs again one sample at a time: no backward through other taps
             return
-        roots = [r for r in self.roots if r.requires_grad]
+        roots = self.roots  # _Tap outputs: all require grad
         cot = grads.reshape(self.n, -1, *view.shape[1:]).sum(1, keepdim=True)
         with torch._C.DisableTorchFunctionSubclass():  # the roots are Shared: autograd.grad would come to them
             try:
@@ -79,9 +82,10 @@ class Site:
                     per = [torch.autograd.grad(view, roots, c, retain_graph=True, allow_unused=True) for c in cot]
                     got = [None if per[0][i] is None else torch.stack([p[i] for p in per])
                            for i in range(len(roots))]
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError as e:  # a graph the pass cannot take back (freed): the batch runs sample by sample
-                self.fail(f"its output, which all samples share, reaches a use through a graph the pass cannot take "
-                          f"back ({str(e)[:120]})")
+                self.fail(f"a use of its output goes through a graph the pass cannot take back ({str(e)[:120]})")
                 return
         for r, g in zip(roots, got):
             if g is not None:
@@ -98,8 +102,7 @@ class Site:
             per = torch.zeros((self.n, *root.shape), device=total.device)
         tol = 1e-3 if total.element_size() >= 4 else 3e-2
         if float((per.sum(0) - total.float()).norm()) > tol * float(total.float().norm()) + 1e-30:
-            self.fail("its output, which all samples share, reaches the model's output through a use whose "
-                      "samples cannot be told apart")
+            self.fail("its output reaches the model's output through a use whose samples cannot be told apart")
             return None
         return per.to(total.dtype)
 
@@ -116,8 +119,7 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if ctx.view._version != ctx.version:  # written in place since: its graph back to the roots is another
-            ctx.site.fail("a tensor computed from its output, which all samples share, was changed in place after "
-                          "a use")
+            ctx.site.fail("a tensor computed from its output was changed in place after a use")
         ctx.site._pull_back(ctx.view, grad)
         return grad, None, None
 
@@ -151,6 +153,11 @@ class Shared(torch.Tensor):
     """A tensor that all samples of the batch share, computed from a shared layer output (see the module's
     docstring). ``_site``: the :class:`Site` of its pass."""
 
+    def __format__(self, spec):  # as a plain tensor's (a 0-dim one formats its item: a model's log line)
+        with torch._C.DisableTorchFunctionSubclass():
+            plain = self.as_subclass(torch.Tensor)
+        return plain.__format__(spec)
+
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -161,7 +168,7 @@ class Shared(torch.Tensor):
                 return func(*args, **kwargs)
             others = [t for t in flat if torch.is_tensor(t) and not isinstance(t, Shared)]
             if others:
-                out = _with_batch(func, flat, spec, others, site)
+                out = _with_batch(func, args, kwargs, flat, spec, others, site)
                 if out is not NotImplemented:
                     return out
             out = func(*args, **kwargs)
@@ -176,7 +183,7 @@ class Shared(torch.Tensor):
                         and r.is_floating_point() and not isinstance(r, Shared) else r, out)
 
 
-def _with_batch(func, flat, spec, others, site):
+def _with_batch(func, args, kwargs, flat, spec, others, site):
     """An op of shared tensors with ``others`` (tensors not shared), within DisableTorchFunctionSubclass: its
     result where one of them holds the batch (the shared ones expanded to its rows, or computed as they are and
     the site failed); NotImplemented where none does (the op's result is then shared too). Each such op adds to
@@ -185,13 +192,11 @@ def _with_batch(func, flat, spec, others, site):
     n = site.n
     name = getattr(func, "__name__", repr(func))
     entry = (name, tuple(tuple(i for i, s in enumerate(t.shape) if s == n) for t in others))
-    args, kwargs = tree_unflatten(flat, spec)
     if func is F.scaled_dot_product_attention:
         bound = dict(zip(("query", "key", "value", "attn_mask"), args), **kwargs)
         q, k, mask = bound.get("query"), bound.get("key"), bound.get("attn_mask")
         if not isinstance(mask, Shared) or any(isinstance(bound.get(x), Shared) for x in ("query", "key", "value")):
-            site.fail(f"a tensor computed from its output, which all samples share, is an input of {name} other "
-                      "than its attn_mask")
+            site.fail(f"a tensor computed from its output is an input of {name} other than its attn_mask")
             return func(*args, **kwargs)
         ndim = len(torch.broadcast_shapes(mask.shape, (*q.shape[:-1], k.shape[-2])))
         shared = {"attn_mask": mask} if "attn_mask" in kwargs else {3: mask}
@@ -202,17 +207,16 @@ def _with_batch(func, flat, spec, others, site):
         rows = _batch_rows(others, site, ndim)
         if rows is not None and not (func in _BROADCAST or func in _EXPAND
                                      or (func in _IN_PLACE and not isinstance(flat[0], Shared))):
-            why = (f"it is changed in place by {name} with the batch's rows" if func in _IN_PLACE else
-                   f"it meets the batch's rows in {name}, which may mix them")
-            site.fail(f"a tensor computed from its output, which all samples share: {why}")
+            why = (f"is changed in place by {name} with the batch's rows" if func in _IN_PLACE else
+                   f"meets the batch's rows in {name}, which may mix them")
+            site.fail(f"a tensor computed from its output {why}")
             return func(*args, **kwargs)
     site.signature.append((*entry, 0 if rows is None else rows // n))
     if rows is None:
         return NotImplemented
     grown = {key: _expand(t, ndim, rows, site) for key, t in shared.items()}
     if any(g is None for g in grown.values()):
-        site.fail(f"a tensor computed from its output, which all samples share, has rows in dim 0 where {name} "
-                  "broadcasts it over the batch")
+        site.fail(f"a tensor computed from its output has rows in dim 0 where {name} broadcasts it over the batch")
         return func(*args, **kwargs)
     if func is F.scaled_dot_product_attention:
         if "attn_mask" in grown:

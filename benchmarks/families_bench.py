@@ -1,0 +1,132 @@
+"""FusedMAS's exact per-sample g-MAS pass / a plain forward+backward of Σ‖f(x)‖², on Hugging Face families whose
+layers have an output that all samples share (T5's relative-position bias, the BART family's learned positions,
+MPNet's bias, Swin's window bias), which ran one sample at a time before 2026-12-05 (see the README).
+
+Random weights from configs (hidden 256, 8 × 128 tokens; Swin: 8 images of 64 × 64), eval mode, paired timings
+(plain and FusedMAS alternating in one process, the median of each), results as JSON and Markdown in
+benchmarks/results/<device>-<date>-families.*.
+
+    python -m benchmarks.families_bench [--device cpu|cuda] [--repeats 7] [--models t5,bart]
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+import warnings
+
+import torch
+
+import mas_ext
+
+V = 2000
+
+
+def _models():
+    import transformers as tf
+
+    t5 = dict(vocab_size=V, d_model=256, d_kv=64, d_ff=1024, num_layers=4, num_heads=4)
+    bart = dict(vocab_size=V, d_model=256, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024, max_position_embeddings=256)
+    # name: (make, input kind, what is shared)
+    return {
+        "t5-encoder": (lambda: tf.T5EncoderModel(tf.T5Config(**t5)), "encoder", "relative-position bias"),
+        "t5": (lambda: tf.T5ForConditionalGeneration(tf.T5Config(**t5)), "seq2seq", "relative-position bias"),
+        "bart": (lambda: tf.BartForConditionalGeneration(tf.BartConfig(**bart)), "seq2seq", "learned positions"),
+        "mbart": (lambda: tf.MBartForConditionalGeneration(tf.MBartConfig(**bart)), "seq2seq", "learned positions"),
+        "mpnet": (lambda: tf.MPNetForMaskedLM(tf.MPNetConfig(
+            vocab_size=V, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+            max_position_embeddings=256)), "tokens", "relative-position bias"),
+        "swin": (lambda: tf.SwinForImageClassification(tf.SwinConfig(
+            image_size=64, patch_size=4, num_channels=3, embed_dim=64, depths=[2, 2], num_heads=[2, 4], window_size=4,
+            num_labels=10)), "images", "window bias"),
+    }
+
+
+def _batch(kind, device):
+    if kind == "images":
+        return {"pixel_values": torch.randn(8, 3, 64, 64, device=device)}
+    ids = torch.randint(1, V, (8, 128), device=device)
+    return {"input_ids": ids, **({"decoder_input_ids": ids} if kind == "seq2seq" else {})}
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(name, device, repeats):
+    """{name, plain_s, fused_s, ratio, by_sample}: the medians of ``repeats`` alternating timings after a warm-up
+    (whose first batch confirms the shared outputs' uses)."""
+    make, kind, shared = _models()[name]
+    torch.manual_seed(0)
+    model = make().to(device).eval()
+    batch = _batch(kind, device)
+    pick = (lambda o: o.last_hidden_state) if kind == "encoder" else (lambda o: o.logits)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def plain():
+        torch.autograd.grad(pick(model(**batch)).pow(2).sum(), params, allow_unused=True)
+
+    mas = mas_ext.FusedMAS(model, output_fn=pick, show_progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mas.accumulate([batch])  # warm-up; confirms the uses once
+
+    def fused():
+        mas.accumulate([batch])
+
+    times = {plain: [], fused: []}
+    for f in (plain, fused):
+        f()
+    for _ in range(repeats):
+        for f in (plain, fused):
+            _sync(device)
+            t = time.perf_counter()
+            f()
+            _sync(device)
+            times[f].append(time.perf_counter() - t)
+    p, q = statistics.median(times[plain]), statistics.median(times[fused])
+    return {"model": name, "shared": shared, "plain_s": p, "fused_s": q, "ratio": q / p,
+            "by_sample": mas._engine.by_sample,
+            "warnings": [str(w.message)[:200] for w in caught if "one sample at a time" in str(w.message)]}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--models", default=",".join(_models()))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args(argv)
+    rows = [measure(m, args.device, args.repeats) for m in args.models.split(",")]
+    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        commit = ""
+    date = datetime.date.today().isoformat()
+    meta = {"device": device, "torch": torch.__version__, "date": date, "git": commit,
+            "threads": torch.get_num_threads(), "backend": mas_ext.backend()}
+    stem = os.path.join(args.out, f"{args.device}-{date}-families")
+    os.makedirs(args.out, exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    lines = [f"# FusedMAS / plain forward+backward on families with shared outputs ({args.device})", "",
+             f"{device}; torch {meta['torch']}; {meta['threads']} threads; {date}; git {commit}; "
+             f"`python -m benchmarks.families_bench --device {args.device}`, median of {args.repeats}.", "",
+             "| model | shared output | plain | FusedMAS | ratio | one sample at a time |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['model']} | {r['shared']} | {r['plain_s'] * 1e3:.0f} ms | {r['fused_s'] * 1e3:.0f} ms | "
+              f"{r['ratio']:.2f} | {'yes' if r['by_sample'] else 'no'} |" for r in rows]
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
