@@ -1073,6 +1073,14 @@ class Engine:
                         in_dims = [dim if i == first else d for i, d in enumerate(in_dims)]
                         grown = {pos[w] for w in which}
                         out_dims = [dim if j in grown else d for j, d in enumerate(out_dims)]
+            if (self.per_sample and state.n > 1 and mixed is None and unit.rule.grads is _rules.generic_grads
+                    and in_dims is not None and not any(d is not None for d in in_dims)
+                    and any(out_dims[i] is not None for i in pos)):
+                # the batch's rows out of inputs none of which holds them (ProphetNet's positions from the batch's
+                # shape, a tuple): a rerun of the module on one sample's inputs is the batch's again (it raised)
+                state.mixed.append((unit, "returns the batch's rows from inputs none of which holds them (the batch "
+                                          "size comes as a number), so its rerun cannot be cut by sample"))
+                return None
             block_rows = None
             if mixed is not None and self.per_sample and state.n > 1:
                 # n blocks of rows, one per sample (OPT's and the MoE layers' (n·T, D) tokens), confirmed once; the

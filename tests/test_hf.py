@@ -279,6 +279,12 @@ def _mixing_models():
         "mpnet": (lambda: transformers.MPNetForMaskedLM(transformers.MPNetConfig(
             vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
             max_position_embeddings=64)), None, torch.float64),
+        # positions from the batch's shape (a tuple): a layer whose rerun on one sample's inputs is the batch's again
+        "prophetnet": (lambda: transformers.ProphetNetForConditionalGeneration(transformers.ProphetNetConfig(
+            vocab_size=V, hidden_size=32, encoder_ffn_dim=48, decoder_ffn_dim=48, num_encoder_layers=1,
+            num_decoder_layers=1, num_encoder_attention_heads=4, num_decoder_attention_heads=4, ngram=2,
+            num_buckets=8, relative_max_distance=16, max_position_embeddings=64, pad_token_id=0)),
+            None, torch.float64),
         # relative attention, a layer of its own (the generic rule) reading (T', D) positions shared by the samples
         "funnel": (lambda: transformers.FunnelForMaskedLM(transformers.FunnelConfig(
             vocab_size=V, d_model=32, n_head=4, d_head=8, d_inner=48, block_sizes=[1, 1], num_decoder_layers=1)),
@@ -287,7 +293,8 @@ def _mixing_models():
 
 
 @pytest.mark.parametrize("n", [4, 8], ids=["n4", "n-equals-T"])
-@pytest.mark.parametrize("name", ["t5-encoder", "mixtral", "qwen2-moe", "opt", "bart", "deberta-v2", "mpnet", "funnel"])
+@pytest.mark.parametrize("name", ["t5-encoder", "mixtral", "qwen2-moe", "opt", "bart", "deberta-v2", "mpnet", "funnel",
+                                  "prophetnet"])
 def test_families_whose_layers_mix_the_samples(name, n):
     """T = 8 tokens in batches of n: the (T, T) buckets or BART's (T, D) positions reshaped by sample would give a
     wrong Ω, DeBERTa would fail; where n = T, the buckets, the positions and Funnel's (T', D) relative positions look
@@ -295,7 +302,8 @@ def test_families_whose_layers_mix_the_samples(name, n):
     are outputs all samples share, and the ops that broadcast them over the batch tell each sample's gradient;
     OPT's feed-forward and the MoE routers and experts on (n·T, D) tokens are confirmed as n blocks of rows on the
     first batch, and Funnel's attention reads its positions as shared: they keep the fast path. DeBERTa, which reads
-    its relative embeddings' weight directly, runs one sample at a time, with one warning, exact."""
+    its relative embeddings' weight directly, and ProphetNet, whose positions come from the batch's shape (they
+    raised), run one sample at a time, with one warning, exact."""
     make, output_fn, dtype = _mixing_models()[name]
     model = perturbed(make)
     x = torch.randint(1, V, (n + 2, 8))
@@ -318,7 +326,7 @@ def test_families_whose_layers_mix_the_samples(name, n):
             warnings.simplefilter("always")
             got = cls(model, output_fn=output_fn, show_progress=False).accumulate([x[:n], x[n:]]).task_importance
         said = [w for w in caught if "one sample at a time" in str(w.message)]
-        assert len(said) == (1 if name == "deberta-v2" else 0), [str(w.message) for w in caught]
+        assert len(said) == (1 if name in ("deberta-v2", "prophetnet") else 0), [str(w.message) for w in caught]
         # Funnel's key biases have Ω 0 in exact arithmetic (softmax ignores a shift): float32 rounding, at 1e-9 of
         # the largest Ω, is 3e-4 of the floor there
         assert_close(got, want, tol=1e-3 if name == "funnel" else 2e-4 if dtype == torch.float64 else 1e-4)
