@@ -15,6 +15,7 @@ import torch.nn.utils.prune
 
 import mas_ext
 from _oracle import add_local_grads, attributes
+from test_importance import Scale
 
 CLASSES = [mas_ext.FusedMAS, mas_ext.ReferenceMAS]
 CLS_IDS = ["fused", "reference"]
@@ -1508,7 +1509,7 @@ class ReadByItsHooks(nn.Module):
         self.emb = nn.Embedding(11, 5)
         self.emb.extra = nn.ParameterDict({"s": nn.Parameter(torch.randn(5))})
         self.emb.register_forward_hook(lambda m, a, out: out * m.extra["s"])
-        self.scale = ScaleLayer(5)
+        self.scale = Scale(5)
         self.scale.register_forward_pre_hook(lambda m, a: (a[0] * 2 + 1,))
         self.scale.register_forward_hook(lambda m, a, out: out * 3 + 1)
         self.lin = nn.Linear(5, 6)
@@ -1518,15 +1519,6 @@ class ReadByItsHooks(nn.Module):
 
     def forward(self, ids):
         return self.head(torch.tanh(self.lin(torch.tanh(self.scale(self.emb(ids))))))
-
-
-class ScaleLayer(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(c))
-
-    def forward(self, x):
-        return x * self.w
 
 
 @pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)

@@ -5,7 +5,6 @@ one-sample oracle of test_model_edge_cases in the three modes; uses that cannot 
 sample at a time, with a warning that names them, and stay exact.
 """
 import gc
-import warnings
 
 import pytest
 import torch
@@ -14,17 +13,10 @@ import torch.nn.functional as F
 
 import mas_ext
 from mas_ext import _shared
+from test_importance import _sample_by_sample_warnings
 from test_model_edge_cases import CLASSES, CLS_IDS, MODE_IDS, MODES, check
 
 V, D, H = 11, 8, 2
-
-
-def _said(cls, model, batches, **kw):
-    """(the MAS after ``batches``, the messages of its warnings that it runs one sample at a time)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        mas = cls(model, show_progress=False, **kw).accumulate(batches)
-    return mas, [str(w.message) for w in caught if "one sample at a time" in str(w.message)]
 
 
 class Buckets(nn.Module):
@@ -103,7 +95,7 @@ def test_shared_outputs_keep_the_batched_path(request, cls, mode, per_sample, ki
     model = SharedBias(kind).eval()
     batches = [torch.randint(0, V, (4, 8)), torch.randint(0, V, (3, 8)), torch.randint(0, V, (4, 4))]
     check(request, cls, model, batches, mode=mode, per_sample=per_sample)
-    mas, said = _said(cls, model, batches, mode=mode, per_sample=per_sample)
+    mas, said = _sample_by_sample_warnings(cls(model, mode=mode, per_sample=per_sample, show_progress=False), batches)
     assert bool(said) == (per_sample and mode == "local"), said
     if mode == "global" and per_sample:
         assert not mas._engine.by_sample and 1 <= len(mas._engine.shares_confirmed) <= len(batches)
@@ -139,7 +131,8 @@ def test_shared_outputs_with_padding():
             at = slice(0, len(s)) if side == "right" else slice(8 - len(s), 8)
             ids[i, at], mask[i, at] = s, 1
         for cls in CLASSES:
-            mas, said = _said(cls, wrapped, [{"input_ids": ids, "attention_mask": mask}])
+            mas, said = _sample_by_sample_warnings(cls(wrapped, show_progress=False),
+                                                   [{"input_ids": ids, "attention_mask": mask}])
             assert not said, said
             for k, v in alone.task_importance.items():
                 assert torch.allclose(mas.task_importance[k], v, rtol=1e-4, atol=1e-7), (side, k)
@@ -196,7 +189,7 @@ def test_uses_that_tell_no_samples_gradient_run_one_sample_at_a_time(request, cl
     model = UntoldUse(kind).eval()
     batches = [torch.randint(0, V, (8, 8)), torch.randint(0, V, (3, 8))]
     check(request, cls, model, batches)
-    mas, said = _said(cls, model, batches)
+    mas, said = _sample_by_sample_warnings(cls(model, show_progress=False), batches)
     assert len(said) == 1 and why in said[0] and ("'proj'" if kind == "layer" else "'bias.table'") in said[0], said
     assert mas._engine.by_sample
 
@@ -210,7 +203,7 @@ def test_a_use_that_looks_like_the_batch_later_is_confirmed_again(request):
     batches = [torch.randint(0, V, (3, 8)), torch.randint(0, V, (8, 8))]
     for cls in CLASSES:
         check(request, cls, model, batches)
-        mas, said = _said(cls, model, batches)
+        mas, said = _sample_by_sample_warnings(cls(model, show_progress=False), batches)
         assert len(said) == 1 and len(mas._engine.shares_confirmed) == 1, said
 
 
@@ -244,7 +237,7 @@ def test_left_padding_after_an_unpadded_batch(request, cls):
     model = LearnedPositions().eval()
     batches = [_padded([8, 8, 8], "right"), _padded([8, 5, 3], "right"), _padded([6, 8, 2], "left")]
     check(request, cls, model, batches, unpad=True)
-    mas, said = _said(cls, model, batches)
+    mas, said = _sample_by_sample_warnings(cls(model, show_progress=False), batches)
     assert len(said) == 1 and "left padding" in said[0] and mas._engine.by_sample, said
 
 
@@ -306,7 +299,7 @@ def test_a_shared_tensor_written_in_place_after_a_use(request, cls):
     model = WrittenAfterUse().eval()
     batches = [torch.randn(3, 8, D), torch.randn(2, 8, D)]
     check(request, cls, model, batches)
-    assert _said(cls, model, batches)[1]
+    assert _sample_by_sample_warnings(cls(model, show_progress=False), batches)[1]
 
 
 def test_no_pass_outlives_its_batch():
