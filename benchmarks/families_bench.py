@@ -1,6 +1,7 @@
 """FusedMAS's exact per-sample g-MAS pass / a plain forward+backward of Σ‖f(x)‖², on Hugging Face families whose
 layers have an output that all samples share (T5's relative-position bias, the BART family's learned positions,
-MPNet's bias, Swin's window bias), which ran one sample at a time before 2026-12-05 (see the README).
+MPNet's bias, Swin's window bias, DeBERTa-v3's projected relative embeddings), which ran one sample at a time
+before 2026-12-05, and on ALBERT, whose layers, shared across depth, run several times per pass (see the README).
 
 Random weights from configs (hidden 256, 8 × 128 tokens; Swin: 8 images of 64 × 64), eval mode, paired timings
 (plain and FusedMAS alternating in one process, the median of each), results as JSON and Markdown in
@@ -43,6 +44,14 @@ def _models():
         "swin": (lambda: tf.SwinForImageClassification(tf.SwinConfig(
             image_size=64, patch_size=4, num_channels=3, embed_dim=64, depths=[2, 2], num_heads=[2, 4], window_size=4,
             num_labels=10)), "images", "window bias"),
+        "deberta-v3": (lambda: tf.DebertaV2ForMaskedLM(tf.DebertaV2Config(
+            vocab_size=V, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+            max_position_embeddings=256, relative_attention=True, position_buckets=64, pos_att_type=["p2c", "c2p"],
+            norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False)), "tokens",
+            "projected relative embeddings"),
+        "albert": (lambda: tf.AlbertForMaskedLM(tf.AlbertConfig(
+            vocab_size=V, embedding_size=128, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+            intermediate_size=1024, max_position_embeddings=256)), "tokens", "none (layers shared across depth)"),
     }
 
 
@@ -116,7 +125,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    lines = [f"# FusedMAS / plain forward+backward on families with shared outputs ({args.device})", "",
+    lines = [f"# FusedMAS / plain forward+backward on families with shared outputs or layers ({args.device})", "",
              f"{device}; torch {meta['torch']}; {meta['threads']} threads; {date}; git {commit}; "
              f"`python -m benchmarks.families_bench --device {args.device}`, median of {args.repeats}.", "",
              "| model | shared output | plain | FusedMAS | ratio | one sample at a time |",

@@ -699,15 +699,18 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - re-raised unless an expanded input explains it
                 if not state.expanded or self.no_expand or not state.forward_failed:
                     raise
-                # The model relied on that size-1 dim (DeBERTa repeats its (1, 2k, D) relative embeddings by
-                # it): expand nothing from now on; per sample, those calls are then no sample's own rows.
+                # The model relied on that size-1 dim (DeBERTa-v2 repeats its (1, 2k, D) relative embeddings by
+                # it): expand nothing from now on. Per sample, those calls are then no sample's own rows: in g-MAS,
+                # outputs all samples share where their uses tell each sample's gradient (Engine._share), else the
+                # batch runs one sample at a time (whose warning says why); in l-MAS, one sample at a time.
                 self.no_expand = True
                 names = ", ".join(f"'{u.name}'" for u in dict.fromkeys(state.expanded))
                 why = (f"the model failed once {names} had an input of batch size 1 expanded to the batch's {n} "
                        f"({type(e).__name__}: {str(e)[:200]}); nothing is expanded from now on")
-                if self.per_sample:
+                if self.per_sample and self.mode == "local":
                     return self._by_sample_from_now(why, args, kwargs, n, bufs, where)
-                warnings.warn(why, stacklevel=4)
+                if not self.per_sample:
+                    warnings.warn(why, stacklevel=4)
                 for b in bufs.values():
                     b.zero_()
                 return self.run(args, kwargs, n, bufs, where)
@@ -910,6 +913,10 @@ class Engine:
                         called = {g for u in state.calls for g in u.names.values()}
                         outside = {g: u for u in self.units for g in u.names.values()
                                    if g in self.outside or (u not in state.calls and g not in called)}
+                        if state.shared is not None:
+                            # read only outside, by layers whose outputs all samples share (DeBERTa's relative
+                            # embeddings): their uses tell each sample's gradient at the parameter too
+                            state.shared.leaves = [self.params[g] for g in outside if g not in called]
                         grads = torch.autograd.grad(loss, [state.anchor] + [self.params[g] for g in outside],
                                                     allow_unused=True)[1:]
             else:
@@ -976,9 +983,17 @@ class Engine:
             if grad is None:
                 continue
             if self.per_sample and state.n > 1:
-                state.mixed.append((unit, f"has its parameter '{g}' used outside the module's own forward, "
-                                                 "where no per-sample gradient can be told apart"))
-                return
+                site = state.shared
+                leaf = self.params[g]
+                per = site.take(leaf, grad) if site is not None and any(p is leaf for p in site.leaves) else None
+                if per is None:
+                    state.mixed.append((unit, f"has its parameter '{g}' used outside the module's own forward, "
+                                              "where no per-sample gradient can be told apart"
+                                              + (f" ({site.failed})" if site is not None and site.failed else "")))
+                    return
+                state.bufs[g] += per.float().abs().sum(0)
+                state.sharing.append(unit)  # confirmed with the uses of the shared outputs
+                continue
             state.bufs[g].copy_(grad.float().abs())
 
     def _output(self, out, where, state=None, check=True):
@@ -1050,13 +1065,29 @@ class Engine:
                 return None
             if kwargs and unit.rule.grads is not _rules.generic_grads:  # the table's rules read call.args
                 args, kwargs = _positional(module, args, kwargs)
+            # a call reading tensors that all samples share (_shared): the rules see them as the plain tensors they are
+            reads_shared = False
+            if state.shared is not None:
+                args, kwargs, reads_shared = _shared.plain_inputs(args, kwargs)
             versions = self._versions(args)
             # A single tensor output (most layers) skips the pytree round trip.
             flat, spec = ([out], None) if torch.is_tensor(out) else torch.utils._pytree.tree_flatten(out)
             pos = [i for i, t in enumerate(flat) if torch.is_tensor(t) and t.is_floating_point()]
             mixed, in_dims, out_dims, blocks, rows, first = self._call_dims(unit, module, args, kwargs, flat, state)
+            if reads_shared:
+                if (in_dims is not None and _batch_dim(module) == 0 and not any(d is not None for d in in_dims)
+                        and not any(rows[0])):
+                    # none of its inputs holds the batch (DeBERTa-v2's query_proj on its relative embeddings): its
+                    # outputs all samples share too, and each sample's gradient at them is told by their uses
+                    if not any(flat[i].requires_grad for i in pos):
+                        return None
+                    return self._share(unit, args, kwargs, flat, spec, pos, state, versions, attributes, in_dims,
+                                       out_dims)
+                if in_dims is None or any(isinstance(flat[i], _shared.Shared) for i in pos):
+                    state.shared.fail(f"module '{unit.name}' reads a tensor computed from it beside the batch's rows "
+                                      "in a way the pass cannot follow")
             expanded = False
-            if not self.no_expand and unit.expands is not False and mixed is not None:
+            if not self.no_expand and unit.expands is not False and mixed is not None and not reads_shared:
                 args, kwargs, outs, which = _expand_broadcast(
                     module, args, kwargs, [flat[i] for i in pos], state.n,
                     learned=in_dims is not None and first is not None and in_dims[first] is not None)
@@ -1200,8 +1231,8 @@ class Engine:
         site = state.shared
         state.sharing.append(unit)
         flat_in = torch.utils._pytree.tree_flatten((args, kwargs))[0]
-        if any(isinstance(t, _shared.Shared) for t in (*flat_in, *flat)):  # a backward through another's tap
-            site.fail("it reads a tensor computed from another layer's output that all samples share")
+        # outputs computed from shared inputs (a Linear on DeBERTa-v2's relative embeddings) are Shared: made roots
+        flat = [_shared.plain(t) for t in flat]
 
         if unit.rule.grads is _rules.generic_grads:
             call = _rules.Call(n, args, kwargs, flat[0] if spec is None else torch.utils._pytree.tree_unflatten(
@@ -1220,6 +1251,8 @@ class Engine:
         first = len(site.roots)  # this call's roots: read from the site, which lets them go when the pass ends
 
         def sink(grads):
+            if site.pulling:  # a pull-back to a root upstream of this call's (its input) passes through here
+                return
             per = [site.take(r, g) for r, g in zip(site.roots[first:], grads)]
             if any(p is None for p in per):
                 state.mixed.append((unit, f"returns an output that all samples share, and {site.failed}"))
@@ -1236,7 +1269,8 @@ class Engine:
     def _tapped_forward(self, unit, *args, **kwargs):
         """The forward installed on units whose rule taps its own internals (g-MAS per sample, FusedMAS)."""
         state = self._pass
-        if state is not None and not state.busy and not unit.repeats:
+        if (state is not None and not state.busy and not unit.repeats
+                and not (state.shared is not None and _shared.plain_inputs(args, kwargs)[2])):
             def tap(outs, on_grads):  # the buffers are looked up when the gradients arrive (made then)
                 return self._tap(state.anchor, lambda grads: on_grads(
                     grads, {k: state.bufs[g] for k, g in unit.names.items()}), True, outs)
@@ -1272,7 +1306,8 @@ class Engine:
                         and unit.rule.fused(unit.module, call, local, self.per_sample)):
                     return
             elif (not any(c.whole for _, c in calls) and self._use_kernels([c.args for _, c in calls])
-                  and _rules.tied_fused(calls, bufs, self.per_sample)):
+                  and (_rules.tied_fused(calls, bufs, self.per_sample)
+                       or _rules.linear_calls_fused(calls, bufs, self.per_sample))):
                 return
             self._reduce_per_sample(calls, bufs)
         finally:

@@ -34,6 +34,10 @@ _BROADCAST = {torch.add, torch.sub, torch.mul, torch.div, torch.where, torch.max
 _IN_PLACE = _names("add_", "sub_", "mul_", "div_", "__iadd__", "__isub__", "__imul__", "__itruediv__")
 # The model's own broadcast of a shared tensor to the batch (MPNet expands its position bias to (n, H, T, T))
 _EXPAND = {torch.broadcast_to, *_names("expand", "expand_as", "broadcast_to")}
+# Its own tiling of one to the batch: DeBERTa-v2 repeats its (H, 2k, d) relative keys n times, to (n·H, 2k, d)
+_REPEAT = _names("repeat")
+# Products whose leading dims broadcast as batch dims (DeBERTa's relative keys against (n, H, T, d) queries)
+_MATMUL = {torch.matmul, *_names("matmul", "__matmul__", "__rmatmul__")}
 
 
 class Site:
@@ -41,6 +45,10 @@ class Site:
 
     def __init__(self, n, blocks):
         self.n = n
+        # parameters whose every read this pass is in the shared part of the graph (DeBERTa's relative embeddings,
+        # read as rel_embeddings.weight): each sample's gradient at them is carried back too. Set before the backward.
+        self.leaves = []
+        self.pulling = False  # a pull-back runs: the taps of layers on its way (a Linear on a shared input) skip it
         # the row counts that layers of the pass so far took as n blocks of rows, one per sample, as learned from the
         # model run on one sample (Swin's n·windows): the engine's set, which grows as the forward goes on. Rows of
         # another multiple of n (tokens routed or packed by the mask) are no sample's blocks.
@@ -71,8 +79,11 @@ class Site:
         (a shared tensor of size 1 in dim 0) expanded to n blocks of m rows, sample k's the k-th."""
         if self.failed is not None:  # the batch runs again one sample at a time: no backward through other taps
             return
-        roots = self.roots  # _Tap outputs: all require grad
+        # _Tap outputs and tracked parameters: all require grad. A root upstream of another (a LayerNorm's output
+        # before a Linear on it) gets the gradient through that one as well.
+        roots = [*self.roots, *self.leaves]
         cot = grads.reshape(self.n, -1, *view.shape[1:]).sum(1, keepdim=True)
+        self.pulling = True
         with torch._C.DisableTorchFunctionSubclass():  # the roots are Shared: autograd.grad would come to them
             try:
                 try:
@@ -87,14 +98,17 @@ class Site:
             except RuntimeError as e:  # a graph the pass cannot take back (freed): the batch runs sample by sample
                 self.fail(f"a use of its output goes through a graph the pass cannot take back ({str(e)[:120]})")
                 return
+            finally:
+                self.pulling = False
         for r, g in zip(roots, got):
             if g is not None:
                 acc = self.per_sample.get(id(r))
                 self.per_sample[id(r)] = g.float() if acc is None else acc + g.float()
 
     def take(self, root, total):
-        """Each sample's gradient at ``root`` ((n, *shape), in ``total``'s dtype), where the samples' sum to
-        ``total``, the batch's gradient there (float32 rounding; bf16/fp16: theirs); else None, and failed."""
+        """Each sample's gradient at ``root`` (a root or a leaf) ((n, *shape), in ``total``'s dtype), where the
+        samples' sum to ``total``, the batch's gradient there (float32 rounding; bf16/fp16: theirs); else None, and
+        failed."""
         per = self.per_sample.pop(id(root), None)
         if self.failed is not None:
             return None
@@ -122,6 +136,23 @@ class _Gather(torch.autograd.Function):
             ctx.site.fail("a tensor computed from its output was changed in place after a use")
         ctx.site._pull_back(ctx.view, grad)
         return grad, None, None
+
+
+def plain(t):
+    """``t`` as a plain tensor (the same data and graph) where it is Shared; anything else as it is."""
+    if isinstance(t, Shared):
+        with torch._C.DisableTorchFunctionSubclass():
+            return t.as_subclass(torch.Tensor)
+    return t
+
+
+def plain_inputs(args, kwargs):
+    """(args, kwargs, whether any was Shared), the Shared tensors among them made :func:`plain`."""
+    flat, spec = tree_flatten((args, kwargs))
+    if not any(isinstance(t, Shared) for t in flat):
+        return args, kwargs, False
+    args, kwargs = tree_unflatten([plain(t) for t in flat], spec)
+    return args, kwargs, True
 
 
 def _as_shared(t, site):
@@ -178,9 +209,25 @@ class Shared(torch.Tensor):
                 # its dim 0 broadcast to the batch's rows by the model itself
                 site.signature.append((getattr(func, "__name__", repr(func)), (), out.shape[0] // site.n))
                 return func(_expand(t, out.dim(), out.shape[0], site), *args[1:], **kwargs)
+            if func in _REPEAT and not others and isinstance(t, Shared):
+                tiled = _tile(t, args[1:] or (kwargs.get("repeats", ()),), out, site)
+                if tiled is not None:
+                    return tiled
         # results that a gradient can reach stay shared (views, reshapes, casts, adds of constants)
         return tree_map(lambda r: _as_shared(r, site) if torch.is_tensor(r) and r.requires_grad
                         and r.is_floating_point() and not isinstance(r, Shared) else r, out)
+
+
+def _tile(t, reps, out, site):
+    """``t.repeat(*reps)`` (``out``) where it tiles ``t`` n times in dim 0 and nothing else: n blocks of its rows,
+    one per sample, through :class:`_Gather` (DeBERTa-v2's relative keys, repeated by the batch size); else None."""
+    reps = tuple(reps[0]) if len(reps) == 1 and not isinstance(reps[0], int) else tuple(reps)
+    if site.n < 2 or not reps or len(reps) < t.dim() or reps[0] != site.n or any(r != 1 for r in reps[1:]):
+        return None
+    shape = (1,) * (len(reps) - t.dim()) + tuple(t.shape)  # t aligned to the dims of reps
+    view = t.reshape(1, *shape)
+    site.signature.append(("repeat", (), shape[0]))
+    return _Gather.apply(view.expand(site.n, *shape), view, site).reshape(out.shape)
 
 
 def _with_batch(func, args, kwargs, flat, spec, others, site):
@@ -201,6 +248,16 @@ def _with_batch(func, args, kwargs, flat, spec, others, site):
         ndim = len(torch.broadcast_shapes(mask.shape, (*q.shape[:-1], k.shape[-2])))
         shared = {"attn_mask": mask} if "attn_mask" in kwargs else {3: mask}
         rows = _batch_rows([q], site, ndim)
+    elif func in _MATMUL:
+        # a shared operand of 2 or more dims against a batch of 3 or more: its leading dims broadcast as batch dims
+        # (a 1-dim one is a vector, whose dim is contracted)
+        ndim = max(t.dim() for t in flat if torch.is_tensor(t))
+        shared = {i: t for i, t in enumerate(flat) if isinstance(t, Shared)}
+        rows = _batch_rows(others, site, ndim)
+        if rows is not None and (ndim < 3 or any(t.dim() < 2 for t in shared.values())):
+            site.fail(f"a tensor computed from its output meets the batch's rows in {name} other than as a stack "
+                      "of matrices")
+            return func(*args, **kwargs)
     else:
         ndim = max(t.dim() for t in flat if torch.is_tensor(t))
         shared = {i: t for i, t in enumerate(flat) if isinstance(t, Shared)}

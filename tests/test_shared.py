@@ -150,10 +150,11 @@ class AddBias(torch.autograd.Function):
         return g, g.sum(0, keepdim=True)
 
 
-class UntoldUse(nn.Module):
-    """The shared bias used as ``kind`` says, in a way that tells no sample's gradient apart: a matmul with the
-    tokens, an autograd.Function, an add with a (T, T) table of its own where T equals the batch size (its rows
-    look like the samples), or a layer (``proj``) that takes it as its input."""
+class Uses(nn.Module):
+    """The shared bias used as ``kind`` says. Uses that tell no sample's gradient apart: a matmul with the samples'
+    (n, D) rows, an autograd.Function, an add with a (T, T) table of its own where T equals the batch size (its
+    rows look like the samples). Uses that do: a matmul with the (n, T, D) tokens (its leading dim a batch dim), a
+    layer (``proj``) that takes it as its input (its output shared in turn)."""
 
     def __init__(self, kind):
         super().__init__()
@@ -167,6 +168,8 @@ class UntoldUse(nn.Module):
         b = self.bias(ids.shape[1]).sum(-1)  # (T, T)
         if self.kind == "matmul":
             s = (h @ h.transpose(1, 2)) + h @ b[: D, :D] @ h.transpose(1, 2) * 0.1
+        elif self.kind == "rows-matmul":
+            s = (h @ h.transpose(1, 2)) + (h.mean(1) @ b[:D, :D])[:, None, :] * 0.1
         elif self.kind == "function":
             s = AddBias.apply(h @ h.transpose(1, 2), b[None])
         elif self.kind == "layer":
@@ -176,30 +179,44 @@ class UntoldUse(nn.Module):
         return self.out(s.softmax(-1) @ h)
 
 
-@pytest.mark.parametrize("kind,why", [("matmul", "matmul"), ("function", "samples cannot be told apart"),
-                                      ("rows", "whose uses gave another Ω"), ("layer", "'proj' (Linear)")])
+@pytest.mark.parametrize("kind,why", [("rows-matmul", "matmul"), ("function", "samples cannot be told apart"),
+                                      ("rows", "whose uses gave another Ω")])
 @pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
 def test_uses_that_tell_no_samples_gradient_run_one_sample_at_a_time(request, cls, kind, why):
-    """A matmul with the batch's rows is no broadcast (the pass says which op); a use inside an autograd.Function
-    leaves the samples' gradients short of the batch's at the output; a (T, T) table at T = n looks like the batch's
-    rows, and the first batch, run again one sample at a time, refutes it; a layer reading it (its gradient would
-    come back through that layer's tap) is not followed. Each runs the batch one sample at a time from then on,
-    with one warning that names the layer, exact."""
+    """A matmul with the batch's (n, D) rows is no broadcast (the pass says which op); a use inside an
+    autograd.Function leaves the samples' gradients short of the batch's at the output; a (T, T) table at T = n
+    looks like the batch's rows, and the first batch, run again one sample at a time, refutes it. Each runs the
+    batch one sample at a time from then on, with one warning that names the layer, exact."""
     torch.manual_seed(7)
-    model = UntoldUse(kind).eval()
+    model = Uses(kind).eval()
     batches = [torch.randint(0, V, (8, 8)), torch.randint(0, V, (3, 8))]
     check(request, cls, model, batches)
     mas, said = _sample_by_sample_warnings(cls(model, show_progress=False), batches)
-    assert len(said) == 1 and why in said[0] and ("'proj'" if kind == "layer" else "'bias.table'") in said[0], said
+    assert len(said) == 1 and why in said[0] and "'bias.table'" in said[0], said
     assert mas._engine.by_sample
 
 
+@pytest.mark.parametrize("kind", ["matmul", "layer"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_a_matmul_or_a_layer_on_a_shared_output_keeps_the_batched_path(request, cls, kind):
+    """The shared (T, T) bias as a matrix against the (n, T, D) tokens (a matmul whose leading dim broadcasts it
+    over the batch), or as the input of a Linear (``proj``) whose output is shared in turn and added to the scores:
+    each sample's gradient at the bias comes back through that Linear, whose rule takes each sample's gradient at
+    its output. Exact, batched, with no warning (before 2026-12-05 both ran one sample at a time)."""
+    torch.manual_seed(7)
+    model = Uses(kind).eval()
+    batches = [torch.randint(0, V, (8, 8)), torch.randint(0, V, (3, 8))]
+    check(request, cls, model, batches)
+    mas, said = _sample_by_sample_warnings(cls(model, show_progress=False), batches)
+    assert not said and not mas._engine.by_sample and mas._engine.shares_confirmed, said
+
+
 def test_a_use_that_looks_like_the_batch_later_is_confirmed_again(request):
-    """The (T, T) table of UntoldUse is told apart from the batch's rows on a batch of 3 (T = 8); a later batch of
+    """The (T, T) table of Uses is told apart from the batch's rows on a batch of 3 (T = 8); a later batch of
     8 makes it look like them: the uses differ from the confirmed ones, that batch is run again one sample at a
     time, which refutes them, and the pass stays exact."""
     torch.manual_seed(8)
-    model = UntoldUse("rows").eval()
+    model = Uses("rows").eval()
     batches = [torch.randint(0, V, (3, 8)), torch.randint(0, V, (8, 8))]
     for cls in CLASSES:
         check(request, cls, model, batches)
@@ -300,6 +317,78 @@ def test_a_shared_tensor_written_in_place_after_a_use(request, cls):
     batches = [torch.randn(3, 8, D), torch.randn(2, 8, D)]
     check(request, cls, model, batches)
     assert _sample_by_sample_warnings(cls(model, show_progress=False), batches)[1]
+
+
+class RelativeKeys(nn.Module):
+    """DeBERTa-v2's disentangled attention in small: relative embeddings read as a weight, outside their Embedding,
+    normed by a LayerNorm (an output all samples share), projected by the same Linear as the tokens' keys (a layer
+    called on the batch and on a shared input), and met by the queries as ``kind`` says: ``repeat``ed n times along
+    the heads ((1, 2S, D) in, as DeBERTa-v2's: the model fails where that input is expanded to the batch), broadcast
+    by a ``matmul``, or ``tile``d otherwise than by sample (repeat(n, 2, 1)); then gathered by relative position.
+    ``direct``: the weight is also read by the batch's tokens, where its samples' gradients cannot be told apart."""
+
+    def __init__(self, kind, span=3):
+        super().__init__()
+        self.kind, self.span = kind, span
+        self.emb, self.rel, self.norm = nn.Embedding(V, D), nn.Embedding(2 * span, D), nn.LayerNorm(D)
+        self.query, self.key, self.out = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, 3)
+
+    def forward(self, ids):
+        n, t = ids.shape
+        d, k = D // H, 2 * self.span
+        h = self.emb(ids)
+        if self.kind == "direct":
+            h = h + 0.1 * torch.tanh(h @ self.rel.weight.T) @ self.rel.weight
+        heads = lambda x: x.view(x.shape[0], -1, H, d).transpose(1, 2)  # noqa: E731 - (n, H, T, d)
+        q, key = heads(self.query(h)), heads(self.key(h))
+        rel = self.key(self.norm(self.rel.weight)[None])  # (1, 2S, D)
+        if self.kind == "matmul":
+            c2p = q @ heads(rel).transpose(-1, -2)  # (n, H, T, 2S)
+        else:
+            keys = heads(rel).reshape(H, k, d)
+            keys = keys.repeat(n, 2, 1)[:, :k] if self.kind == "tile" else keys.repeat(rel.shape[0] * n, 1, 1)
+            c2p = torch.bmm(q.reshape(n * H, t, d), keys.transpose(1, 2)).view(n, H, t, k)
+        pos = torch.arange(t)
+        at = ((pos[None, :] - pos[:, None]).clamp(-self.span, self.span - 1) + self.span).expand(n, H, t, t)
+        s = q @ key.transpose(-1, -2) + torch.gather(c2p, -1, at)
+        # tanh: a shift of the scores along the keys (the key bias) is no longer lost in the softmax
+        return self.out(((3 * s.tanh()).softmax(-1) @ heads(h)).transpose(1, 2).reshape(n, t, D))
+
+
+@pytest.mark.parametrize("kind", ["repeat", "matmul"])
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_relative_keys_keep_the_batched_path(request, cls, mode, per_sample, kind):
+    """DeBERTa-v2's relative keys (RelativeKeys): the weight read outside its Embedding is a leaf whose samples'
+    gradients come back through the LayerNorm's and the Linear's shared outputs, the Linear's two calls (tokens and
+    relative keys) are summed per sample before |·| (the compiled op over their positions concatenated), and the
+    repeat by the batch size tiles the keys to n blocks of H rows, one per sample. Exact in every mode; in g-MAS per
+    sample batched with no warning (it ran one sample at a time before 2026-12-05, as in l-MAS still)."""
+    torch.manual_seed(13)
+    model = RelativeKeys(kind).eval()
+    batches = [torch.randint(0, V, (4, 8)), torch.randint(0, V, (3, 8)), torch.randint(0, V, (1, 8))]
+    check(request, cls, model, batches, mode=mode, per_sample=per_sample)
+    mas, said = _sample_by_sample_warnings(cls(model, mode=mode, per_sample=per_sample, show_progress=False), batches)
+    by_sample = per_sample and mode == "local"
+    assert bool(said) == by_sample and mas._engine.by_sample == by_sample, said
+    if mode == "global" and per_sample:
+        assert mas._engine.shares_confirmed
+
+
+@pytest.mark.parametrize("kind,why", [("direct", "'rel.weight' used outside"), ("tile", "'key' (Linear) returns an "
+                                      "output that all samples share, and a tensor computed from its output meets the "
+                                      "batch's rows in gather")])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_relative_keys_whose_samples_cannot_be_told_apart(request, cls, kind, why):
+    """The relative embeddings' weight also read by the tokens (its samples' gradients come back short of its
+    gradient), or the keys tiled twice along the positions too (no sample's blocks): one sample at a time, with one
+    warning, exact."""
+    torch.manual_seed(14)
+    model = RelativeKeys(kind).eval()
+    batches = [torch.randint(0, V, (4, 8)), torch.randint(0, V, (3, 8))]
+    check(request, cls, model, batches)
+    mas, said = _sample_by_sample_warnings(cls(model, show_progress=False), batches)
+    assert len(said) == 1 and why in said[0] and mas._engine.by_sample, said
 
 
 def test_no_pass_outlives_its_batch():

@@ -39,6 +39,26 @@ def linear_fused(module, call, bufs, per_sample):
     return True
 
 
+def linear_calls_fused(calls, bufs, per_sample):
+    """Several calls of nn.Linear layers with the same weight and bias in one pass (DeBERTa-v2's query_proj on the
+    tokens and on its relative embeddings; ALBERT's layers, shared across depth): Σ_k |Σ_calls Σ_p g_kp a_kpᵀ| by
+    one call of the compiled op over each sample's positions of all the calls, concatenated. ``calls`` are (unit,
+    Call) pairs, ``bufs`` the batch's buffers by global name; False where they are not such calls."""
+    if len(calls) < 2 or not _ops.available("linear_importance_"):
+        return False
+    unit, first = calls[0]
+    weight, bias = unit.names.get("weight"), unit.names.get("bias")
+    if weight is None or any(u.rule.grads is not linear_grads or c.whole or c.n != first.n
+                             or (u.names.get("weight"), u.names.get("bias")) != (weight, bias)
+                             or c.args[0].dtype != first.args[0].dtype or c.g.dtype != first.g.dtype
+                             for u, c in calls):
+        return False
+    operands = [_linear_operands(u.module, c) for u, c in calls]
+    linear_into(bufs[weight], None if bias is None else bufs[bias], torch.cat([a for a, _ in operands], 1),
+                torch.cat([g for _, g in operands], 1), first.n, per_sample)
+    return True
+
+
 def is_hf_conv1d(module):
     """GPT-2's Conv1D, recognised by name without importing transformers: ``y = x @ weight + bias``,
     weight (in, nf)."""
