@@ -691,3 +691,45 @@ def test_qwen3_vl_videos_with_a_run_of_tokens_per_frame():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             assert_close(cls(model, show_progress=False).accumulate([batch]).task_importance, want, tol=1e-4)
+
+
+def _dual_encoders():
+    """Models whose own parameter beside their towers (CLIP's logit_scale, SigLIP's logit_scale and logit_bias)
+    makes the whole model one layer of the generic rule in g-MAS, and whose (n, n) image-text logits all samples
+    share."""
+    text = dict(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+                max_position_embeddings=16)
+    vision = dict(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                  intermediate_size=48)
+    return {
+        "clip": lambda: transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision)),
+        "siglip": lambda: transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=vision)),
+    }
+
+
+@pytest.mark.parametrize("tower", ["vision", "text"])
+@pytest.mark.parametrize("name", list(_dual_encoders()))
+def test_dual_encoders_with_one_tower_as_the_output(name, tower):
+    """With one tower's hidden states as f(x) (its normalised embeddings have a constant norm: Ω 0), the (n, n)
+    logits that all samples share get a zero gradient, which adds nothing to any sample's: the generic rule leaves
+    them out and the batch stays batched (it ran one sample at a time, 22× a plain pass on a CLIP of hidden 256),
+    exact against the float64 loop, both classes."""
+    model = perturbed(_dual_encoders()[name])
+    torch.manual_seed(4)
+    ids, pixels = torch.randint(1, V, (5, 7)), torch.randn(5, 3, 16, 16)
+
+    def pick(o):
+        return getattr(o, f"{tower}_model_output").last_hidden_state
+
+    want = oracle(model, list(zip(ids, pixels)),
+                  lambda m, s: pick(m(input_ids=s[0][None], pixel_values=s[1][None].double())))
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        mas = cls(model, output_fn=pick, show_progress=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mas.accumulate([{"input_ids": ids[:3], "pixel_values": pixels[:3]},
+                            {"input_ids": ids[3:], "pixel_values": pixels[3:]}])
+        said = [str(w.message) for w in caught if "one sample at a time" in str(w.message)]
+        assert not said and not mas._engine.by_sample, said
+        # the key biases' Ω is 0 in exact arithmetic (softmax ignores a shift): rounding, a few 1e-9 of the largest
+        assert_close(mas.task_importance, want, tol=1e-3)

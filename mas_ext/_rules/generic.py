@@ -144,9 +144,16 @@ def generic_grads(module, call, s, e, names=None):
         out_dims = [sample_dim(tuple(flat_out[i].shape), tuple(probe[i].shape), n) if torch.is_tensor(probe[i])
                     else None for i in out_pos]
     shared_out = set(call.shared or ())
-    unbatched = next((flat_out[i] for i, d in zip(out_pos, out_dims) if d is None and i not in shared_out), None)
-    if unbatched is not None:
-        raise SharedOutput(tuple(unbatched.shape))
+    out_grads = call.grads
+    unbatched = [j for j, (i, d) in enumerate(zip(out_pos, out_dims)) if d is None and i not in shared_out]
+    if unbatched:
+        # an output whose gradient is zero adds nothing to any sample's (CLIPModel's (n, n) logits, where the model's
+        # output is its image embeddings): left out of the VJP, whether the samples share it or not
+        zero = {j for j in unbatched if out_grads[j] is None or not bool(out_grads[j].any())}
+        if len(zero) < len(unbatched):
+            raise SharedOutput(tuple(flat_out[out_pos[next(j for j in unbatched if j not in zero)]].shape))
+        out_pos, out_dims, out_grads = ([x for j, x in enumerate(xs) if j not in zero]
+                                        for xs in (out_pos, out_dims, out_grads))
     # each sample's gradient at an output that all samples share is in a dim 0 of its own
     grad_dims = [0 if i in shared_out else d for i, d in zip(out_pos, out_dims)]
     tracked, frozen = _parameters(module, names)
@@ -166,7 +173,7 @@ def generic_grads(module, call, s, e, names=None):
 
     inputs = tuple(rows(_detached(t), d) for t, d in zip(flat_in, in_dims))
     grads = tuple(rows(g if g is not None else torch.zeros_like(flat_out[i]), d)  # a shared output's never None
-                  for g, i, d in zip(call.grads, out_pos, grad_dims))
+                  for g, i, d in zip(out_grads, out_pos, grad_dims))
     if type(module) not in _NO_VMAP:
         try:
             per_sample = torch.func.vmap(one_sample, in_dims=(tuple(in_dims), tuple(grad_dims)))(inputs, grads)
