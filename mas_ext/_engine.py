@@ -217,6 +217,14 @@ def _visual_patches_differ(kwargs, n):
                for _, _, _, counts, patches in _visual_layout(kwargs, n))
 
 
+def _alike(args, kwargs, n):
+    """Whether the batch's samples are all the same: every tensor of its call with n rows in dim 0 has them equal
+    (a run of them one at a time then cannot tell whose rows a layer read)."""
+    rows = [t for t in torch.utils._pytree.tree_flatten((args, kwargs))[0]
+            if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == n]
+    return bool(rows) and all(bool((t == t[:1]).all()) for t in rows)
+
+
 def _one_sample(args, kwargs, n, k):
     """The call ``(args, kwargs)`` of a batch of n samples cut to sample k: every tensor of n rows in dim 0
     (the batch's inputs, its attention_mask) to row k, the flattened visual inputs to sample k's images
@@ -849,6 +857,8 @@ class Engine:
         one-sample Ω is the batch's, and later batches run sample by sample."""
         check = ZeroBuffers(self.params)
         self._run_sample_by_sample(args, kwargs, n, check, where)
+        # samples all alike agree with any reading of their rows: a later batch confirms it
+        vacuous = _alike(args, kwargs, n)
         # an Ω that is zero in exact arithmetic (Mixtral's router at top-1: its normalised weight is 1) is rounding
         # on both sides: below 1e-6 of the batch's largest Ω there is nothing to tell
         floor = 1e-6 * max((float(b.norm()) for b in check.values()), default=0.0)
@@ -863,11 +873,13 @@ class Engine:
                         and max(float(got.norm()), float(want.norm())) > floor):
                     wrong.append(u)
                     break
+            if vacuous and u not in wrong:
+                continue
             if u in expanded:
                 u.expands = u not in wrong
             elif u in units:
                 u.blocks = u not in wrong
-        if sharing and not wrong:
+        if sharing and not wrong and not vacuous:
             self.shares_confirmed.add(signature)
         if wrong:
             what = ("is called on an input of batch size 1 whose rows, expanded to the batch's, are not each sample's "
@@ -914,8 +926,8 @@ class Engine:
                         outside = {g: u for u in self.units for g in u.names.values()
                                    if g in self.outside or (u not in state.calls and g not in called)}
                         if state.shared is not None:
-                            # read only outside, by layers whose outputs all samples share (DeBERTa's relative
-                            # embeddings): their uses tell each sample's gradient at the parameter too
+                            # read outside modules that did not run (DeBERTa's relative embeddings): where those
+                            # reads go into shared outputs, their uses tell each sample's gradient at them too
                             state.shared.leaves = [self.params[g] for g in outside if g not in called]
                         grads = torch.autograd.grad(loss, [state.anchor] + [self.params[g] for g in outside],
                                                     allow_unused=True)[1:]
@@ -978,7 +990,9 @@ class Engine:
     def _whole_grads(self, state, outside, grads):
         """Puts |∂| of ``outside``'s parameters ({global name: a unit of it}: read outside their units' forwards)
         in place of what their rules added, where the pass is one sample (or per_sample=False: the batch's
-        gradient); with n > 1 samples per sample it cannot be split, and the batch is run again sample by sample."""
+        gradient). With n > 1 samples per sample, a parameter whose units did not run and whose reads went into
+        shared outputs (a leaf of the site) adds Σ_k |∂_k| from its samples' gradients through those, where they add
+        up to ∂; any other is not split, and the batch is run again sample by sample."""
         for (g, unit), grad in zip(outside.items(), grads):
             if grad is None:
                 continue
@@ -1234,14 +1248,23 @@ class Engine:
         # outputs computed from shared inputs (a Linear on DeBERTa-v2's relative embeddings) are Shared: made roots
         flat = [_shared.plain(t) for t in flat]
 
-        if unit.rule.grads is _rules.generic_grads:
+        # a table rule sees n samples with the same inputs: a batch of one grown to n in dim 0, or a sample dim put in
+        # front where the rule reads every dim before the last as positions (a Linear, an Embedding on (T, T)
+        # buckets); any other call (a conv or BatchNorm on a (K, C) table, whose dim 0 is their batch) takes the
+        # generic rule
+        ones = all(t.dim() > 0 and t.shape[0] == 1 for t in flat_in if torch.is_tensor(t))
+        squeeze = []  # the outputs grown so: each sample's gradient there (n, 1, ...) is read as (n, ...)
+        if unit.rule.grads is _rules.generic_grads or not (ones or _rules.leading_positions(unit.rule, module)):
             call = _rules.Call(n, args, kwargs, flat[0] if spec is None else torch.utils._pytree.tree_unflatten(
                 list(flat), spec), versions=versions, in_dims=in_dims, out_dims=out_dims, shared=pos,
                 attributes=attributes or None)
         else:
             def grow(t):
-                return t.unsqueeze(0).expand(n, *t.shape) if torch.is_tensor(t) else t
+                if not torch.is_tensor(t):
+                    return t
+                return t.expand(n, *t.shape[1:]) if ones and t.dim() > 0 else t.unsqueeze(0).expand(n, *t.shape)
 
+            squeeze = [ones and flat[i].dim() > 0 and flat[i].shape[0] == 1 for i in pos]
             grown = [grow(t) for t in flat] if unit.rule.needs_output(module) else None
             call = _rules.Call(n, *torch.utils._pytree.tree_map(grow, (args, kwargs)), None if grown is None else
                                grown[0] if spec is None else torch.utils._pytree.tree_unflatten(grown, spec),
@@ -1257,7 +1280,7 @@ class Engine:
             if any(p is None for p in per):
                 state.mixed.append((unit, f"returns an output that all samples share, and {site.failed}"))
                 return
-            call.grads = tuple(per)
+            call.grads = tuple(p.squeeze(1) if sq else p for p, sq in zip(per, squeeze or [False] * len(per)))
             unit.group.pending.append(call)
             if len(unit.group.pending) == len(unit.group.calls):
                 self._process(unit.group)
@@ -1302,10 +1325,12 @@ class Engine:
             if len(calls) == 1:
                 unit, call = calls[0]
                 local = {k: bufs[g] for k, g in unit.names.items()}
-                if (unit.rule.fused is not None and not call.whole and self._use_kernels(call.args)
+                if (unit.rule.fused is not None and not call.whole and call.shared is None
+                        and self._use_kernels(call.args)
                         and unit.rule.fused(unit.module, call, local, self.per_sample)):
                     return
-            elif (not any(c.whole for _, c in calls) and self._use_kernels([c.args for _, c in calls])
+            elif (not any(c.whole or c.shared is not None for _, c in calls)
+                  and self._use_kernels([c.args for _, c in calls])
                   and (_rules.tied_fused(calls, bufs, self.per_sample)
                        or _rules.linear_calls_fused(calls, bufs, self.per_sample))):
                 return
@@ -1318,7 +1343,7 @@ class Engine:
     @staticmethod
     def _call_grads(unit, call, s, e):
         """Per-sample gradients of samples s:e of one call (a whole call's: its own, as one sample)."""
-        if call.whole or unit.rule.grads is _rules.generic_grads:
+        if call.whole or call.shared is not None or unit.rule.grads is _rules.generic_grads:
             return _rules.generic_grads(unit.module, call, s, e, names=set(unit.names))
         return unit.rule.grads(unit.module, call, s, e)
 

@@ -3,13 +3,17 @@ positions on (T,) indices): the output is computed once for the batch and broadc
 
 The gradient that reaches such an output is the batch's sum; Ω needs each sample's. The output goes on as a
 :class:`Shared` tensor. An op that takes it with a tensor of the batch's rows (an add or ``where`` that broadcasts
-it over the batch, the ``attn_mask`` of ``scaled_dot_product_attention``, the model's own ``expand``) gets it
-expanded to those rows in dim 0 first, with the same values, so the op's result is bitwise the same; the gradient
-at those rows is each sample's, and is carried back through the ops between the layer's output and that use (a
-permute, an unsqueeze: a vmapped backward) to each sample's gradient at the output. Ops with the output alone, or
-with tensors that do not hold the batch, give Shared results. Any other op that meets the batch's rows (one that
-could mix them) marks the :class:`Site` failed, as does a gradient at the output that the samples' do not sum to (a
-use not seen): the engine then runs the batch one sample at a time, which is exact.
+it over the batch, the ``attn_mask`` of ``scaled_dot_product_attention``, a matmul whose leading dims broadcast
+it, the model's own ``expand``) gets it expanded to those rows in dim 0 first, with the same values, so the op's
+result is bitwise the same; so does the model's ``repeat`` of it by the batch size (DeBERTa-v2's relative keys, n
+blocks of its rows). The gradient at those rows is each sample's, and is carried back through the ops between the
+layer's output and that use (a permute, an unsqueeze: a vmapped backward) to each sample's gradient at the output,
+and at every root upstream of it: a layer whose inputs are all shared (DeBERTa-v2's key_proj on its normed relative
+embeddings) returns a root in turn, and the backward goes through it, and (:attr:`Site.leaves`) to parameters read
+outside their modules into shared outputs. Ops with the output alone, or with tensors that do not hold the batch,
+give Shared results. Any other op that meets the batch's rows (one that could mix them) marks the :class:`Site`
+failed, as does a gradient at the output that the samples' do not sum to (a use not seen): the engine then runs
+the batch one sample at a time, which is exact.
 
 Which tensors hold the batch is read from shapes: n rows in dim 0, or n blocks of rows where a layer of the pass
 took that many rows so (:attr:`Site.blocks`), never a parameter. The engine confirms the sequence of such uses
@@ -45,8 +49,9 @@ class Site:
 
     def __init__(self, n, blocks):
         self.n = n
-        # parameters whose every read this pass is in the shared part of the graph (DeBERTa's relative embeddings,
-        # read as rel_embeddings.weight): each sample's gradient at them is carried back too. Set before the backward.
+        # parameters read outside their modules, which did not run this pass (DeBERTa's relative embeddings, read as
+        # rel_embeddings.weight): each sample's gradient at them through the shared outputs is carried back too, and
+        # counts where it adds up to theirs. Set before the backward.
         self.leaves = []
         self.pulling = False  # a pull-back runs: the taps of layers on its way (a Linear on a shared input) skip it
         # the row counts that layers of the pass so far took as n blocks of rows, one per sample, as learned from the
@@ -72,7 +77,7 @@ class Site:
 
     def close(self):
         """Ends the pass: Shared tensors left in the model's outputs act as plain ones from now on."""
-        self.live, self.roots, self.per_sample = False, [], {}
+        self.live, self.roots, self.per_sample, self.leaves = False, [], {}, []
 
     def _pull_back(self, view, grads):
         """Adds each sample's gradient at the roots from ``grads`` (n·m, *view.shape[1:]): the gradient at ``view``
@@ -107,8 +112,8 @@ class Site:
 
     def take(self, root, total):
         """Each sample's gradient at ``root`` (a root or a leaf) ((n, *shape), in ``total``'s dtype), where the
-        samples' sum to ``total``, the batch's gradient there (float32 rounding; bf16/fp16: theirs); else None, and
-        failed."""
+        samples' sum to ``total``, the batch's gradient there (float32 rounding; bf16/fp16: theirs); else None (and,
+        for a root, failed: a leaf's other reads fail only that parameter)."""
         per = self.per_sample.pop(id(root), None)
         if self.failed is not None:
             return None
@@ -116,7 +121,8 @@ class Site:
             per = torch.zeros((self.n, *root.shape), device=total.device)
         tol = 1e-3 if total.element_size() >= 4 else 3e-2
         if float((per.sum(0) - total.float()).norm()) > tol * float(total.float().norm()) + 1e-30:
-            self.fail("its output reaches the model's output through a use whose samples cannot be told apart")
+            if not any(root is leaf for leaf in self.leaves):
+                self.fail("its output reaches the model's output through a use whose samples cannot be told apart")
             return None
         return per.to(total.dtype)
 
@@ -148,6 +154,10 @@ def plain(t):
 
 def plain_inputs(args, kwargs):
     """(args, kwargs, whether any was Shared), the Shared tensors among them made :func:`plain`."""
+    if not kwargs and all(torch.is_tensor(a) for a in args):  # most layers: no pytree walk
+        if not any(isinstance(a, Shared) for a in args):
+            return args, kwargs, False
+        return tuple(plain(a) for a in args), kwargs, True
     flat, spec = tree_flatten((args, kwargs))
     if not any(isinstance(t, Shared) for t in flat):
         return args, kwargs, False
@@ -202,32 +212,38 @@ class Shared(torch.Tensor):
                 out = _with_batch(func, args, kwargs, flat, spec, others, site)
                 if out is not NotImplemented:
                     return out
-            out = func(*args, **kwargs)
             t = args[0] if args else None
+            if func in _REPEAT and not others and isinstance(t, Shared):
+                tiled = _tile(t, args[1:] or (kwargs.get("repeats", ()),), site)
+                if tiled is not None:
+                    return tiled
+            out = func(*args, **kwargs)
             if (func in _EXPAND and not others and isinstance(t, Shared) and out.dim() > 0
                     and (t.dim() < out.dim() or t.shape[0] == 1) and _batch_rows([out], site, out.dim())):
                 # its dim 0 broadcast to the batch's rows by the model itself
                 site.signature.append((getattr(func, "__name__", repr(func)), (), out.shape[0] // site.n))
                 return func(_expand(t, out.dim(), out.shape[0], site), *args[1:], **kwargs)
-            if func in _REPEAT and not others and isinstance(t, Shared):
-                tiled = _tile(t, args[1:] or (kwargs.get("repeats", ()),), out, site)
-                if tiled is not None:
-                    return tiled
         # results that a gradient can reach stay shared (views, reshapes, casts, adds of constants)
         return tree_map(lambda r: _as_shared(r, site) if torch.is_tensor(r) and r.requires_grad
                         and r.is_floating_point() and not isinstance(r, Shared) else r, out)
 
 
-def _tile(t, reps, out, site):
-    """``t.repeat(*reps)`` (``out``) where it tiles ``t`` n times in dim 0 and nothing else: n blocks of its rows,
-    one per sample, through :class:`_Gather` (DeBERTa-v2's relative keys, repeated by the batch size); else None."""
-    reps = tuple(reps[0]) if len(reps) == 1 and not isinstance(reps[0], int) else tuple(reps)
-    if site.n < 2 or not reps or len(reps) < t.dim() or reps[0] != site.n or any(r != 1 for r in reps[1:]):
+def _tile(t, reps, site):
+    """``t.repeat(*reps)`` where it tiles ``t`` n times in dim 0 and nothing else: n blocks of its rows, one per
+    sample, through :class:`_Gather` (DeBERTa-v2's relative keys, repeated by the batch size); else None (other
+    repeats, and arguments torch rejects, are left to torch)."""
+    if len(reps) == 1 and isinstance(reps[0], (tuple, list)):  # one sequence (torch.Size is a tuple)
+        reps = tuple(reps[0])
+    try:
+        reps = tuple(int(r) for r in reps)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if site.n < 2 or len(reps) < max(t.dim(), 1) or reps[0] != site.n or any(r != 1 for r in reps[1:]):
         return None
     shape = (1,) * (len(reps) - t.dim()) + tuple(t.shape)  # t aligned to the dims of reps
     view = t.reshape(1, *shape)
     site.signature.append(("repeat", (), shape[0]))
-    return _Gather.apply(view.expand(site.n, *shape), view, site).reshape(out.shape)
+    return _Gather.apply(view.expand(site.n, *shape), view, site).reshape(site.n * shape[0], *shape[1:])
 
 
 def _with_batch(func, args, kwargs, flat, spec, others, site):

@@ -325,7 +325,8 @@ class RelativeKeys(nn.Module):
     called on the batch and on a shared input), and met by the queries as ``kind`` says: ``repeat``ed n times along
     the heads ((1, 2S, D) in, as DeBERTa-v2's: the model fails where that input is expanded to the batch), broadcast
     by a ``matmul``, or ``tile``d otherwise than by sample (repeat(n, 2, 1)); then gathered by relative position.
-    ``direct``: the weight is also read by the batch's tokens, where its samples' gradients cannot be told apart."""
+    ``direct``: the weight is also read by the batch's tokens, where its samples' gradients cannot be told apart.
+    ``raw``: repeated as ``repeat``, the weight projected without the LayerNorm (DeBERTa-v2's default config)."""
 
     def __init__(self, kind, span=3):
         super().__init__()
@@ -341,7 +342,8 @@ class RelativeKeys(nn.Module):
             h = h + 0.1 * torch.tanh(h @ self.rel.weight.T) @ self.rel.weight
         heads = lambda x: x.view(x.shape[0], -1, H, d).transpose(1, 2)  # noqa: E731 - (n, H, T, d)
         q, key = heads(self.query(h)), heads(self.key(h))
-        rel = self.key(self.norm(self.rel.weight)[None])  # (1, 2S, D)
+        # (1, 2S, D); raw: the weight itself, a batch of one that the model fails on once it is expanded to n
+        rel = self.key((self.rel.weight if self.kind == "raw" else self.norm(self.rel.weight))[None])
         if self.kind == "matmul":
             c2p = q @ heads(rel).transpose(-1, -2)  # (n, H, T, 2S)
         else:
@@ -355,21 +357,24 @@ class RelativeKeys(nn.Module):
         return self.out(((3 * s.tanh()).softmax(-1) @ heads(h)).transpose(1, 2).reshape(n, t, D))
 
 
-@pytest.mark.parametrize("kind", ["repeat", "matmul"])
+@pytest.mark.parametrize("kind", ["repeat", "matmul", "raw"])
 @pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
 def test_relative_keys_keep_the_batched_path(request, cls, mode, per_sample, kind):
     """DeBERTa-v2's relative keys (RelativeKeys): the weight read outside its Embedding is a leaf whose samples'
     gradients come back through the LayerNorm's and the Linear's shared outputs, the Linear's two calls (tokens and
     relative keys) are summed per sample before |·| (the compiled op over their positions concatenated), and the
-    repeat by the batch size tiles the keys to n blocks of H rows, one per sample. Exact in every mode; in g-MAS per
-    sample batched with no warning (it ran one sample at a time before 2026-12-05, as in l-MAS still)."""
+    repeat by the batch size tiles the keys to n blocks of H rows, one per sample. ``raw``: the model fails once the
+    key Linear's (1, 2S, D) input is expanded to the batch, and the batch is run again with nothing expanded. Exact
+    in every mode; in g-MAS per sample batched with no warning (it ran one sample at a time before 2026-12-05, as in
+    l-MAS still)."""
     torch.manual_seed(13)
     model = RelativeKeys(kind).eval()
     batches = [torch.randint(0, V, (4, 8)), torch.randint(0, V, (3, 8)), torch.randint(0, V, (1, 8))]
     check(request, cls, model, batches, mode=mode, per_sample=per_sample)
     mas, said = _sample_by_sample_warnings(cls(model, mode=mode, per_sample=per_sample, show_progress=False), batches)
-    by_sample = per_sample and mode == "local"
+    # l-MAS: the LayerNorm's output is no sample's (raw: the key Linear's input is expanded, which l-MAS confirms)
+    by_sample = per_sample and mode == "local" and kind != "raw"
     assert bool(said) == by_sample and mas._engine.by_sample == by_sample, said
     if mode == "global" and per_sample:
         assert mas._engine.shares_confirmed
@@ -389,6 +394,118 @@ def test_relative_keys_whose_samples_cannot_be_told_apart(request, cls, kind, wh
     check(request, cls, model, batches)
     mas, said = _sample_by_sample_warnings(cls(model, show_progress=False), batches)
     assert len(said) == 1 and why in said[0] and mas._engine.by_sample, said
+
+
+class Interleaved(nn.Module):
+    """A shared (K, d) table repeated n times by the batch size, then laid out head-major ((H·n, K, d) rows: copy c
+    meets the queries of sample c mod n), against sample-major queries: the copies are not the samples' blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.q, self.out = nn.Embedding(V, D), nn.Linear(D, D), nn.Linear(3, 3)
+        self.rel = nn.Linear(D // H, D // H)
+        self.register_buffer("table", torch.randn(3, D // H))
+
+    def forward(self, ids):
+        n, t = ids.shape
+        d = D // H
+        q = self.q(self.emb(ids)).view(n, t, H, d).transpose(1, 2).reshape(n * H, t, d)
+        keys = self.rel(self.table).unsqueeze(0).repeat(n, 1, 1)  # (n, K, d)
+        keys = keys.unsqueeze(1).expand(n, H, 3, d).transpose(0, 1).reshape(n * H, 3, d)
+        return self.out(torch.bmm(q, keys.transpose(1, 2)).view(n, H, t, 3).tanh().mean(1))
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_a_first_batch_of_alike_samples_confirms_nothing(request, cls):
+    """Samples all alike agree with any reading of whose rows are whose: a first batch of them (the same tokens three
+    times) confirms nothing, and the next batch, of other samples, refutes the reading of Interleaved's copies as
+    the samples' blocks (a confirmation by the first was 13% off on later batches, without a warning). Exact."""
+    torch.manual_seed(15)
+    model = Interleaved().eval()
+    batches = [torch.randint(0, V, (1, 5)).repeat(3, 1), torch.randint(0, V, (3, 5)), torch.randint(0, V, (3, 5))]
+    check(request, cls, model, batches)
+    mas, said = _sample_by_sample_warnings(cls(model, show_progress=False), batches)
+    assert len(said) == 1 and "'rel' (Linear)" in said[0] and mas._engine.by_sample, said
+
+
+class TableLayer(nn.Module):
+    """A layer of the table (``layer``) on a (1, C, ...) or (K, C) table that all samples share, from a layer of its
+    own, added to the tokens: the conv and norm rules read dim 0 as their batch and dim 1 as the channels."""
+
+    def __init__(self, layer, shape):
+        super().__init__()
+        self.layer, self.table = layer, Positions(shape[0])
+        self.table.weight = nn.Parameter(torch.randn(*shape))
+        self.lin, self.out = nn.Linear(D, D), nn.Linear(D, 3)
+
+    def forward(self, x):  # (n, K, D)
+        return self.out(torch.tanh(self.lin(x) + self.layer(self.table.weight * 1.5).reshape(-1, D)[: x.shape[1]]))
+
+
+@pytest.mark.parametrize("layer", ["conv2d", "conv1d", "batchnorm", "groupnorm"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_convs_and_norms_on_a_shared_table(request, cls, layer):
+    """A conv on a (1, C, ...) table grows it to n samples in dim 0 (a sample dim put in front of its channels
+    raised); a BatchNorm or GroupNorm on a (K, C) table, whose dim 0 is its batch, takes the generic rule (it
+    raised). Batched and exact."""
+    torch.manual_seed(16)
+    make, shape = {"conv2d": (lambda: nn.Conv2d(2, 2, 3, padding=1), (1, 2, 2, 2)),
+                   "conv1d": (lambda: nn.Conv1d(2, 2, 3, padding=1), (1, 2, 4)),
+                   "batchnorm": (lambda: nn.BatchNorm1d(D), (4, D)),
+                   "groupnorm": (lambda: nn.GroupNorm(2, D), (4, D))}[layer]
+    model = TableLayer(make(), shape).eval()
+    if layer == "batchnorm":
+        model.layer.running_mean.normal_()
+        model.layer.running_var.uniform_(0.5, 2)
+    batches = [torch.randn(3, 4, D), torch.randn(2, 4, D)]
+    check(request, cls, model, batches)
+    mas, said = _sample_by_sample_warnings(cls(model, show_progress=False), batches)
+    assert not said and not mas._engine.by_sample and mas._engine.shares_confirmed, said
+
+
+class Twice(nn.Module):
+    """A Linear called on the tokens and on their pooled mean (two calls, other position counts), and a pair of
+    bias-free Linears with one weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.a, self.b, self.out = nn.Linear(D, D), nn.Linear(D, D, bias=False), nn.Linear(D, D, bias=False), \
+            nn.Linear(D, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x) + self.lin(x.mean(1, keepdim=True)))
+        return self.out(torch.tanh(self.a(h)) + self.b(h.flip(1)))
+
+
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_a_linear_called_more_than_once(request, cls, mode, per_sample):
+    """Calls of one Linear, or of Linears with one weight, summed per sample before |·|: FusedMAS takes the compiled
+    op once over each sample's positions of all the calls (with and without a bias), in chunks of samples; the same
+    Ω as the reference and the float64 loop in every mode."""
+    torch.manual_seed(17)
+    check(request, cls, Twice().eval(), [torch.randn(4, 5, D), torch.randn(3, 5, D)], mode=mode, per_sample=per_sample)
+
+
+def test_repeat_by_the_batch_size_in_every_form():
+    """``repeat`` of a shared tensor by n in dim 0 and 1 elsewhere, however torch takes its sizes (ints, a tuple, a
+    list, torch.Size, numpy ints, a keyword, a new leading dim) is n blocks of its rows, with the same values as
+    torch's; other repeats stay torch's own."""
+    np = pytest.importorskip("numpy")
+    site = _shared.Site(4, set())
+    root = site.share(torch.randn(2, 3, requires_grad=True) * 1)
+    plain = _shared.plain(root)
+    for reps in [(4, 1), ((4, 1),), ([4, 1],), (torch.Size([4, 1]),), (np.int64(4), 1), (4, 1, 1)]:
+        got = root.repeat(*reps)
+        assert type(got) is torch.Tensor and torch.equal(got, plain.repeat(*reps)), reps
+    assert type(root.repeat(repeats=(4, 1))) is torch.Tensor
+    assert type(root[0].repeat(np.int64(4))) is torch.Tensor
+    for reps in [(2, 1), (4, 2), (1, 4)]:  # no sample's blocks: shared still, as torch computes it
+        got = root.repeat(*reps)
+        assert isinstance(got, _shared.Shared) and torch.equal(_shared.plain(got), plain.repeat(*reps)), reps
+    assert len(site.signature) == 8
+    site.close()
 
 
 def test_no_pass_outlives_its_batch():

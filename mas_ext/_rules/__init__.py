@@ -36,7 +36,8 @@ from .norm import (is_hf_rmsnorm, is_layernorm_subclass, layernorm_subclass_fuse
                    layernorm_subclass_unverified, norm_fused, norm_grads)
 
 __all__ = ["ABSENT", "CHUNK_ELEMS", "Call", "Rule", "GENERIC", "SharedOutput", "attributes", "register_rule",
-           "rule_for", "generic_grads", "sample_dim", "tied_fused", "linear_calls_fused", "linear_into", "unfold_nd"]
+           "rule_for", "generic_grads", "sample_dim", "tied_fused", "linear_calls_fused", "linear_into", "unfold_nd",
+           "leading_positions"]
 
 
 def _no_output(module):
@@ -49,6 +50,14 @@ def _rows(module):
 
 def _last_dim(module):
     return isinstance(module, (nn.LayerNorm, nn.RMSNorm))
+
+
+def leading_positions(rule, module):
+    """Whether ``rule`` reads every dim of the module's input before the last as positions of a sample (Linear,
+    GPT-2's Conv1D, Embedding, the norms over the last dim): an input with a dim of samples put in front is then
+    each sample's own."""
+    return (rule.grads in (linear_grads, conv1d_grads, linear_subclass_grads, embedding_grads)
+            or (rule.grads is norm_grads and (_last_dim(module) or is_hf_rmsnorm(module))))
 
 
 register_rule(nn.Linear, Rule(linear_grads, linear_fused, needs_output=_no_output, blocks=_rows))

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from .. import _ops
-from .base import add_abs_sum, close_to, matches_formula
+from .base import CHUNK_ELEMS, add_abs_sum, close_to, matches_formula
 from .generic import generic_grads
 
 
@@ -48,14 +48,20 @@ def linear_calls_fused(calls, bufs, per_sample):
         return False
     unit, first = calls[0]
     weight, bias = unit.names.get("weight"), unit.names.get("bias")
-    if weight is None or any(u.rule.grads is not linear_grads or c.whole or c.n != first.n
+    if weight is None or any(u.rule.grads is not linear_grads or c.n != first.n
                              or (u.names.get("weight"), u.names.get("bias")) != (weight, bias)
                              or c.args[0].dtype != first.args[0].dtype or c.g.dtype != first.g.dtype
                              for u, c in calls):
         return False
     operands = [_linear_operands(u.module, c) for u, c in calls]
-    linear_into(bufs[weight], None if bias is None else bufs[bias], torch.cat([a for a, _ in operands], 1),
-                torch.cat([g for _, g in operands], 1), first.n, per_sample)
+    n = first.n
+    # the concatenated copies, in chunks of samples of bounded size (Σ_k |·| adds up over samples; |Σ_k ·| does not)
+    per = sum(a.shape[1] * (a.shape[2] + g.shape[2]) for a, g in operands)
+    step = max(1, CHUNK_ELEMS // max(1, per)) if per_sample else n
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        linear_into(bufs[weight], None if bias is None else bufs[bias], torch.cat([a[s:e] for a, _ in operands], 1),
+                    torch.cat([g[s:e] for _, g in operands], 1), e - s, per_sample)
     return True
 
 
