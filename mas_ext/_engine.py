@@ -934,10 +934,11 @@ class Engine:
             else:
                 with torch.no_grad():
                     self._output(self._forward(state, args, kwargs), where, state)
-            for u in self.units:  # calls whose gradients never arrived contribute zero
-                if u.group.calls:
-                    self._process(u.group)
-            self._whole_grads(state, outside, grads)
+            with torch.no_grad():  # outside the backward: the rules' arithmetic records no graph into Ω
+                for u in self.units:  # calls whose gradients never arrived contribute zero
+                    if u.group.calls:
+                        self._process(u.group)
+                self._whole_grads(state, outside, grads)
         finally:
             self._pass = None
             if state.shared is not None:

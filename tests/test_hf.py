@@ -733,3 +733,25 @@ def test_dual_encoders_with_one_tower_as_the_output(name, tower):
         assert not said and not mas._engine.by_sample, said
         # the key biases' Ω is 0 in exact arithmetic (softmax ignores a shift): rounding, a few 1e-9 of the largest
         assert_close(mas.task_importance, want, tol=1e-3)
+
+
+@pytest.mark.parametrize("att", ["c2p", "p2c"])
+def test_deberta_with_one_relative_term(att):
+    """DeBERTa-v3 with c2p or p2c alone: the layers' query_proj (key_proj) still project the relative embeddings, and
+    that output reaches nothing: its call's gradient never arrives. Exact and batched against the float64 loop, and
+    ReferenceMAS's Ω holds no autograd graph (the calls processed after the backward recorded one: penalty().backward()
+    raised 'backward through the graph a second time')."""
+    model = perturbed(lambda: transformers.DebertaV2ForMaskedLM(transformers.DebertaV2Config(
+        vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=64, relative_attention=True, position_buckets=4, pos_att_type=[att],
+        norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False)))
+    torch.manual_seed(5)
+    x = torch.randint(1, V, (7, 8))
+    want = oracle(model, x)
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        mas = cls(model, show_progress=False).accumulate([x[:4], x[4:]])
+        assert not mas._engine.by_sample
+        assert not [k for k, v in mas.task_importance.items() if v.requires_grad]
+        assert_close(mas.task_importance, want)
+        mas.consolidate()
+        mas.penalty().backward()
