@@ -1,9 +1,12 @@
 """FusedMAS's exact per-sample g-MAS pass / a plain forward+backward of Σ‖f(x)‖², on Hugging Face families whose
 layers have an output that all samples share (T5's relative-position bias, the BART family's learned positions,
 MPNet's bias, Swin's window bias, DeBERTa-v3's projected relative embeddings), which ran one sample at a time
-before 2026-12-05, and on ALBERT, whose layers, shared across depth, run several times per pass (see the README).
+before 2026-12-05; on ALBERT, whose layers, shared across depth, run several times per pass; and on models with
+parameters of their own beside layers (ConvNeXt's and BEiT's layer scales, CLIP's logit_scale, wav2vec2's masked
+embedding), whose layers took the generic rule with them before 2026-12-05 (see the README).
 
-Random weights from configs (hidden 256, 8 × 128 tokens; Swin: 8 images of 64 × 64), eval mode, paired timings
+Random weights from configs (hidden 256, 8 × 128 tokens; images: 8 of 64 × 64, ConvNeXt 128 × 128; audio: 8 × 1 s
+at 16 kHz), eval mode, paired timings
 (plain and FusedMAS alternating in one process, the median of each), results as JSON and Markdown in
 benchmarks/results/<device>-<date>-families.*.
 
@@ -52,12 +55,35 @@ def _models():
         "albert": (lambda: tf.AlbertForMaskedLM(tf.AlbertConfig(
             vocab_size=V, embedding_size=128, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
             intermediate_size=1024, max_position_embeddings=256)), "tokens", "none (layers shared across depth)"),
+        "convnext": (lambda: tf.ConvNextForImageClassification(tf.ConvNextConfig(
+            num_channels=3, hidden_sizes=[48, 96, 192, 384], depths=[1, 1, 2, 1], image_size=128, num_labels=10)),
+            "images-128", "none (a layer scale beside its layers)"),
+        "beit": (lambda: tf.BeitForImageClassification(tf.BeitConfig(
+            image_size=64, patch_size=8, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+            intermediate_size=1024, use_relative_position_bias=True, layer_scale_init_value=0.1, num_labels=10)),
+            "images", "window bias (layer scales beside its layers)"),
+        "clip": (lambda: tf.CLIPModel(tf.CLIPConfig(
+            text_config=dict(vocab_size=V, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                             intermediate_size=1024, max_position_embeddings=64),
+            vision_config=dict(image_size=64, patch_size=8, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                               intermediate_size=1024))), "image-text",
+            "none (logit_scale beside its towers; f = the vision tower's hidden states)"),
+        "wav2vec2": (lambda: tf.Wav2Vec2ForCTC(tf.Wav2Vec2Config(
+            vocab_size=32, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+            conv_dim=(64, 64, 64), conv_stride=(5, 2, 2), conv_kernel=(10, 3, 3), num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=4)), "audio", "none (a masked embedding beside its layers)"),
     }
 
 
 def _batch(kind, device):
-    if kind == "images":
-        return {"pixel_values": torch.randn(8, 3, 64, 64, device=device)}
+    if kind.startswith("images"):
+        side = 128 if kind == "images-128" else 64
+        return {"pixel_values": torch.randn(8, 3, side, side, device=device)}
+    if kind == "image-text":
+        return {"pixel_values": torch.randn(8, 3, 64, 64, device=device),
+                "input_ids": torch.randint(1, V, (8, 32), device=device)}
+    if kind == "audio":
+        return {"input_values": torch.randn(8, 16000, device=device)}
     ids = torch.randint(1, V, (8, 128), device=device)
     return {"input_ids": ids, **({"decoder_input_ids": ids} if kind == "seq2seq" else {})}
 
@@ -74,7 +100,8 @@ def measure(name, device, repeats):
     torch.manual_seed(0)
     model = make().to(device).eval()
     batch = _batch(kind, device)
-    pick = (lambda o: o.last_hidden_state) if kind == "encoder" else (lambda o: o.logits)
+    pick = ((lambda o: o.last_hidden_state) if kind == "encoder" else
+            (lambda o: o.vision_model_output.last_hidden_state) if kind == "image-text" else (lambda o: o.logits))
     params = [p for p in model.parameters() if p.requires_grad]
 
     def plain():
