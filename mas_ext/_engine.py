@@ -359,28 +359,6 @@ def _input_nodes(args, kwargs):
             if torch.is_tensor(t) and t.grad_fn is not None}
 
 
-def _edges_to(out, inputs, params):
-    """{id(parameter): the number of edges to its gradient accumulator} from the autograd nodes of ``out`` back to
-    ``inputs`` (:func:`_input_nodes`, not past them), for the parameters whose ids ``params`` holds."""
-    todo = [o.grad_fn for o in torch.utils._pytree.tree_flatten(out)[0] if torch.is_tensor(o)]
-    seen, counts = {}, {}  # the nodes kept alive: their ids are not reused while the walk runs
-    while todo:
-        fn = todo.pop()
-        if fn is None or id(fn) in seen or id(fn) in inputs:
-            continue
-        seen[id(fn)] = fn
-        for nxt, _ in fn.next_functions:
-            if nxt is None:
-                continue
-            v = getattr(nxt, "variable", None)
-            if v is not None:  # a leaf's accumulator
-                if id(v) in params:
-                    counts[id(v)] = counts.get(id(v), 0) + 1
-            else:
-                todo.append(nxt)
-    return counts
-
-
 def _reaches(out, param, inputs):
     """Whether the autograd graph of an op's outputs ``out`` leads to ``param``'s node within the op: through the
     nodes it made (F.linear's transpose, einsum's views and mm), not past ``inputs``, the nodes its arguments had
@@ -437,10 +415,6 @@ class _Unit:
         self.expands = None  # its batch-size-1 input expanded to n: None until a batch confirms (refutes) it
         self.attributes = None  # generic rule: {module of its subtree: its tensor (or None) attributes} before a call
         self.raw = None  # generic rule: (args, kwargs) of the call before the module's own pre-hooks, where it has any
-        # g-MAS: the units inside this module (a module of the generic rule with parameters of its own beside them),
-        # whose parameters its forward may read outside their calls; each call of it counts such reads
-        self.guards = ()
-        self.entered = []  # the autograd nodes of the inputs of each call of the module now running (nested calls)
 
 
 class _Group:
@@ -475,9 +449,6 @@ class _Pass:
         self.shared = None  # the _shared.Site of the outputs that all samples share (g-MAS per sample), once one shows
         self.sharing = []  # the units whose outputs those are
         self.block_rows = set()  # the row counts of the calls read as n blocks of rows, one per sample, so far
-        # (guard unit, {id(parameter): edges to it from its units' calls}) of the guards' calls now running
-        self.guarding = []
-        self.own_all = set()  # the guards' modules that read a weight of a layer inside them outside its calls
 
 
 def _holds_only(module):
@@ -505,16 +476,14 @@ def user_pre_hooks(module):
     return [h for h in module._forward_pre_hooks.values() if not getattr(h, "mas_ext", False)]
 
 
-def plan_units(net, params, local=False, owns_all=()):
+def plan_units(net, params, local=False):
     """The units of ``net`` for the tracked ``params`` ({global name: parameter}), each in its group.
 
     Table modules own their direct parameters; a table rule that reads its submodules' weights itself (MHA) and a
-    parametrized layer own all their parameters. Any other module with direct parameters owns only those, and the
-    layers inside it are units of their own (ConvNeXt's layer scale, ViT's class token, Swin's relative position
-    table, CLIP's logit_scale beside their Linear and conv children). In g-MAS (not ``local``) such a module
-    guards them (:attr:`_Unit.guards`): its forward may read a layer's weight outside that layer's call, which the
-    layer's rule would not see, and each call of it counts those reads (:meth:`Engine._exit`); where there are
-    any, it owns all its parameters (``owns_all``), and its generic rule covers them all."""
+    parametrized layer own all their parameters. Any other module with direct parameters owns all its parameters
+    in g-MAS (its forward may read a submodule's weight directly, and the generic rule over it is exact for all),
+    and only its own in l-MAS (``local``), where every layer inside it takes its own output (ConvNeXt's layer scale,
+    ViT's class token, Swin's relative position table beside their Linear and conv children)."""
     ids = {id(p): n for n, p in params.items()}
     units, seen = [], set()
 
@@ -547,21 +516,16 @@ def plan_units(net, params, local=False, owns_all=()):
         children = {id(p) for c in module.children() for p in c.parameters()} - {id(p) for _, p in held}
         direct = [] if holder else [(k, p) for k, p in (*module.named_parameters(recurse=False), *held)
                                     if id(p) not in children]
-        whole = ((rule is None and (parametrized or (module in owns_all and not local)))
-                 or (rule is not None and rule.owns_children))
+        whole = (rule is None and (parametrized or (direct and not local))) or (rule is not None and rule.owns_children)
         owned = module.named_parameters(remove_duplicate=False) if whole else direct
         names = {local: ids[id(p)] for local, p in owned if id(p) in ids}
-        unit = _Unit(prefix.rstrip("."), module, rule or _rules.GENERIC, names) if names else None
-        if unit is not None:
-            units.append(unit)
+        if names:
+            units.append(_Unit(prefix.rstrip("."), module, rule or _rules.GENERIC, names))
         if whole:
             seen.update(module.modules())
         else:
-            below = len(units)
             for child_name, child in module.named_children():
                 visit(f"{prefix}{child_name}.", child, _holds_only(child))
-            if unit is not None and rule is None and not local and len(units) > below:
-                unit.guards = units[below:]
 
     visit("", net)
     # Group units that share a parameter (tied weights): their per-sample gradients add up.
@@ -611,10 +575,6 @@ class Engine:
         self.one_out, self.out_dim = None, _UNKNOWN
         self._pass = None  # the _Pass of the batch now running
         self._probing = False  # learn_dims is running the model
-        self._installed = None  # the hooks and tapped forwards of the units (session), while installed
-        # the modules with parameters of their own beside layers that own all their parameters all the same (g-MAS):
-        # their forwards read a layer's weight outside its call (Engine._exit)
-        self.owns_all = set()
 
     @property
     def running(self):
@@ -629,7 +589,7 @@ class Engine:
         """The units of the current mode (:func:`plan_units`), planned again where the mode changed."""
         local = self.mode == "local"
         if self._plan is None or self._plan[0] != local:
-            self._plan = (local, plan_units(self.net, self.params, local, self.owns_all))
+            self._plan = (local, plan_units(self.net, self.params, local))
             self.one, self.dims = None, {}  # learned per unit
         return self._plan[1]
 
@@ -655,33 +615,6 @@ class Engine:
         eagerly."""
         modes = [(m, m.training) for m in self.net.modules()]
         fastpath = torch.backends.mha.get_fastpath_enabled()
-        self._install()
-        if any(training for _, training in modes):
-            self.net.eval()
-        torch.backends.mha.set_fastpath_enabled(False)
-        # The pass reads no cache, and a layer that the generic rule runs again would advance one a second time
-        # (Mamba's mixer updates its conv state in place: an error under torch.func). Configs are restored as modes.
-        configs = {id(c): c for m in self.net.modules() for c in [getattr(m, "config", None)]
-                   if getattr(c, "use_cache", None) is True}
-        for c in configs.values():
-            c.use_cache = False
-        # Compiled submodules run eagerly: a compiled graph does not run the taps' backward as eager does
-        # (g-MAS through a torch.compile'd forward gave wrong Ω).
-        eager = getattr(torch.compiler, "set_stance", None)
-        try:
-            with eager("force_eager") if eager is not None else contextlib.nullcontext():
-                yield
-        finally:
-            self._uninstall()
-            torch.backends.mha.set_fastpath_enabled(fastpath)
-            for c in configs.values():
-                c.use_cache = True
-            for m, training in modes:
-                if m.training != training:
-                    m.training = training
-
-    def _install(self):
-        """The units' hooks and tapped forwards (:meth:`session`), kept for :meth:`_uninstall`."""
         # First among the module's forward hooks: a user's hook that changes the output (accelerate's, a mask)
         # comes after the tap, so the gradient the rule gets is the one at the layer's own output.
         handles = [u.module.register_forward_hook(self._hook_for(u), with_kwargs=True, prepend=True)
@@ -705,35 +638,32 @@ class Engine:
         # RG-LRU keeps its last recurrent state on itself, which a second run would start from)
         handles += [u.module.register_forward_pre_hook(self._attributes_before(u), prepend=True, with_kwargs=True)
                     for u in self.units if u.rule.grads is _rules.generic_grads]
-        if self.mode == "global":  # registered last and prepended: the first hooks of the call, before and after
-            watched = {v: None for u in self.units for v in (u, *u.guards) if u.guards}
-            for u in watched:
-                handles += [u.module.register_forward_pre_hook(self._enter(u), prepend=True, with_kwargs=True),
-                            u.module.register_forward_hook(self._exit(u), prepend=True, always_call=True)]
-        self._installed = (handles, tapped)
-
-    def _uninstall(self):
-        handles, tapped = self._installed or ((), ())
-        self._installed = None
-        for u in tapped:
-            del u.module.forward
-        for h in handles:
-            h.remove()
-
-    def _own_all(self, modules):
-        """``modules`` (guards whose forwards read their layers' weights outside those layers' calls: Mamba's mixer
-        hands its conv's weight to a function) own all their parameters from now on, through the generic rule,
-        which sees every read: the units are planned again, their hooks installed again, and the forward scanned again
-        for reads outside them."""
-        self.owns_all |= set(modules)
-        # reads outside a unit are found again for the new units (a read of a layer's weight by its module is not)
-        self.outside, self.scanned = set(), set()
-        installed = self._installed is not None
-        if installed:
-            self._uninstall()
-        self._plan = None
-        if installed:
-            self._install()
+        if any(training for _, training in modes):
+            self.net.eval()
+        torch.backends.mha.set_fastpath_enabled(False)
+        # The pass reads no cache, and a layer that the generic rule runs again would advance one a second time
+        # (Mamba's mixer updates its conv state in place: an error under torch.func). Configs are restored as modes.
+        configs = {id(c): c for m in self.net.modules() for c in [getattr(m, "config", None)]
+                   if getattr(c, "use_cache", None) is True}
+        for c in configs.values():
+            c.use_cache = False
+        # Compiled submodules run eagerly: a compiled graph does not run the taps' backward as eager does
+        # (g-MAS through a torch.compile'd forward gave wrong Ω).
+        eager = getattr(torch.compiler, "set_stance", None)
+        try:
+            with eager("force_eager") if eager is not None else contextlib.nullcontext():
+                yield
+        finally:
+            for u in tapped:
+                del u.module.forward
+            for h in handles:
+                h.remove()
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+            for c in configs.values():
+                c.use_cache = True
+            for m, training in modes:
+                if m.training != training:
+                    m.training = training
 
     def run(self, args, kwargs, n, bufs, where):
         """One batch of n samples, the model called as ``net(*args, **kwargs)``, inside :meth:`session`: its
@@ -766,8 +696,7 @@ class Engine:
         # with padding, the totals of the flattened visual patches (equal per sample here): rows of the vision tower
         patches = {sum(layout[4]) for layout in _visual_layout(kwargs, n)} if mask is not None and kwargs else set()
         learned_again = False
-        for attempt in range(4):  # a retry once the dims are learned again, one once the units that repeat are marked,
-            # one once guards that read their layers' weights own them
+        for attempt in range(3):  # a retry once the dims are learned again, one once the units that repeat are marked
             if attempt:
                 for b in bufs.values():
                     b.zero_()
@@ -793,11 +722,6 @@ class Engine:
                 for b in bufs.values():
                     b.zero_()
                 return self.run(args, kwargs, n, bufs, where)
-            if state.own_all:  # planned again, with those modules owning all their parameters: the batch again
-                self._own_all(state.own_all)
-                if n > 1:
-                    self.learn_dims(args, kwargs, n, where)
-                continue
             unlike = self._calls_unlike_probe(calls) if n > 1 and self.per_sample else None
             if unlike is not None:
                 state.unlike_probe = True
@@ -1132,44 +1056,6 @@ class Engine:
                 unit.attributes = {m: _rules.attributes(m) for m in module.modules()}
                 if unit.rule is _rules.GENERIC and user_pre_hooks(module):
                     unit.raw = (args, kwargs)
-        return hook
-
-    def _enter(self, unit):
-        """A pre-hook of a guard (:attr:`_Unit.guards`) or a unit inside one: the autograd nodes of the call's inputs,
-        where a g-MAS pass runs (else None), and for a guard a count of the reads of its units' parameters by the
-        calls of those units within it."""
-        @ours
-        def hook(module, args, kwargs):
-            state = self._pass
-            active = state is not None and not state.busy
-            unit.entered.append(_input_nodes(args, kwargs) if active else None)
-            if active and unit.guards:
-                state.guarding.append((unit, {}))
-        return hook
-
-    def _exit(self, unit):
-        """The forward hook of :meth:`_enter`'s calls, before the unit's own: counts the edges from the autograd
-        nodes the call made (between its inputs and its outputs) to its own parameters, for each guard running
-        around it; a guard's call compares, for each parameter of its units, all such edges it made with those its
-        units' calls made: more are reads outside their calls, which their rules do not see, and the guard is to
-        own all its parameters (:meth:`_own_all`; the batch runs again)."""
-        @ours
-        def hook(module, args, out):
-            inputs = unit.entered.pop() if unit.entered else None
-            state = self._pass
-            if inputs is None or state is None or state.busy or out is None:
-                if inputs is not None and unit.guards and state is not None and state.guarding:
-                    state.guarding.pop()
-                return None
-            own = {id(self.params[g]): g for g in unit.names.values()}
-            guarded = {id(self.params[g]): g for v in unit.guards for g in v.names.values()} if unit.guards else {}
-            counts = _edges_to(out, inputs, {**own, **guarded})
-            counted = state.guarding.pop()[1] if unit.guards else None
-            for _, legit in state.guarding:  # the guards around this call: its reads of its own parameters are legit
-                for i in own:
-                    legit[i] = legit.get(i, 0) + counts.get(i, 0)
-            if counted is not None and any(counts.get(i, 0) > counted.get(i, 0) for i in guarded if i not in own):
-                state.own_all.add(module)
         return hook
 
     def _hook_for(self, unit):

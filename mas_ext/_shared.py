@@ -243,7 +243,8 @@ def _tile(t, reps, site):
     shape = (1,) * (len(reps) - t.dim()) + tuple(t.shape)  # t aligned to the dims of reps
     view = t.reshape(1, *shape)
     site.signature.append(("repeat", (), shape[0]))
-    return _Gather.apply(view.expand(site.n, *shape), view, site).reshape(site.n * shape[0], *shape[1:])
+    # contiguous, as torch's repeat is (a (1, ...) tensor tiled is a stride-0 view of it else: WavLM views it)
+    return _Gather.apply(view.expand(site.n, *shape), view, site).reshape(site.n * shape[0], *shape[1:]).contiguous()
 
 
 def _with_batch(func, args, kwargs, flat, spec, others, site):

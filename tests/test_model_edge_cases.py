@@ -874,9 +874,8 @@ class ReadsChildWeight(nn.Module):
 
 @pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
 def test_a_module_reading_its_childs_weight_keeps_the_fast_path(request, cls):
-    """g-MAS: the first batch shows such a module reading its child's weight outside the child's call (Mamba's mixer
-    hands its conv's weight to a function); from then on it owns its children's parameters, so its generic rule
-    covers the direct read, exact, without running batches sample by sample."""
+    """g-MAS: such a module owns its children's parameters, so its generic rule covers the direct read, exact, without
+    running batches sample by sample."""
     torch.manual_seed(47)
     model = nn.Sequential(ReadsChildWeight(), nn.Linear(5, 3)).eval()
     x = torch.randn(7, 5)
@@ -888,7 +887,7 @@ def test_a_module_reading_its_childs_weight_keeps_the_fast_path(request, cls):
 
 
 class _Project(torch.autograd.Function):
-    """x Wᵀ in an autograd.Function: the scan of a forward does not see the read inside it."""
+    """x Wᵀ in an autograd.Function: a scan of the forward does not see the read inside it."""
 
     @staticmethod
     def forward(ctx, x, w):
@@ -898,7 +897,7 @@ class _Project(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
-        return g @ w, g.transpose(-1, -2) @ x if g.dim() == 2 else (g.transpose(-1, -2) @ x).sum(0)
+        return g @ w, g.transpose(-1, -2) @ x
 
 
 class ReadsChildWeightSometimes(nn.Module):
@@ -921,36 +920,20 @@ class ReadsChildWeightSometimes(nn.Module):
 @pytest.mark.parametrize("how", ["function", "data"])
 @pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
 def test_a_module_reading_its_layers_weight_outside_their_calls(request, cls, how):
-    """A module with a parameter of its own guards the layers inside it, which are units of their own (their rules
-    fused): each of its calls counts the autograd edges into their weights outside their calls. A read inside an
-    autograd.Function, or one that only a later batch makes, shows there, and from then on the module owns all its
-    parameters (the generic rule, which sees every read), the batch run again: exact, batched, no warning."""
+    """A module with a parameter of its own owns its layers' parameters in g-MAS (its generic rule sees every read):
+    a read of a layer's weight inside an autograd.Function, or one that only a later batch makes, is exact, batched,
+    with no warning. (Layers of their own inside it, guarded by counting the reads on every batch, were tried on
+    2026-12-05 and reverted: a reviewer found reads the count let through, 19-100% off; see the README.)"""
     torch.manual_seed(53)
     model = nn.Sequential(ReadsChildWeightSometimes(how), nn.Linear(5, 3)).eval()
     x = torch.randn(7, 5)
     x[:4, 0] = x[:4, 0].clamp(max=1.0)
     x[4:, 0] = 3.0  # the second batch, each of its samples, reads the weight outside the Linear's call
     check(request, cls, model, [x[:4], x[4:]])
-    mas, said = None, []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        mas = cls(model, show_progress=False).accumulate([x[:4]])
-        assert not mas._engine.owns_all if how == "data" else mas._engine.owns_all
-        mas.accumulate([x[4:]])
-    assert not [w for w in caught if "one sample at a time" in str(w.message)]
-    assert mas._engine.owns_all == {model[0]} and not mas._engine.by_sample
-
-
-def test_layers_inside_a_module_with_parameters_of_its_own_are_fused():
-    """ConvNeXt's layer (Scaled): the depthwise conv and the Linear inside it are units of their own, with their
-    compiled rules, and the layer scale's generic rule covers only itself (it owned them all: ConvNeXt 2.7x a plain
-    pass on CPU, 1.9x now)."""
-    torch.manual_seed(59)
-    model = ParentsWithChildren().eval()
-    mas = mas_ext.FusedMAS(model, show_progress=False).accumulate([torch.randn(4, 3, 8)])
-    units = {u.name: u for u in mas._engine.units}
-    assert set(units["block"].names) == {"gamma"} and units["block.pw"].rule.fused is not None
-    assert {u.name for u in units["block"].guards} == {"block.dw", "block.pw"} and not mas._engine.owns_all
+        mas = cls(model, show_progress=False).accumulate([x[:4], x[4:]])
+    assert not [w for w in caught if "one sample at a time" in str(w.message)] and not mas._engine.by_sample
 
 
 class EncoderDecoder(nn.Module):
@@ -1431,8 +1414,8 @@ def test_parameters_held_in_containers_and_calls_without_gradient(request, cls, 
         warnings.simplefilter("always")
         mas = cls(model, mode=mode, per_sample=per_sample, show_progress=False).accumulate([x[:4], x[4:]])
     units = {u.name: sorted(u.names) for u in mas._engine.units}
-    # the held parameters are the reading layer's; its Linear is a unit of its own (in g-MAS guarded by the layer)
-    assert units["held"] == ["scale.default", "shift.0"] and units["held.base"] == ["bias", "weight"]
+    assert units["held"] == (["base.bias", "base.weight", "scale.default", "shift.0"] if mode == "global"
+                             else ["scale.default", "shift.0"])
     assert "held.scale" not in units and "held.shift" not in units
     # In l-MAS the identity call's own output is its gradient; in g-MAS the undetached one is shared by the samples.
     by_sample = per_sample and mode == "local"
@@ -1561,8 +1544,8 @@ def test_the_model_is_left_intact(request, cls, mode, per_sample, kind):
     model(x).pow(2).sum().backward()
     assert all(p.grad is not None for p in before.values())
     copy.deepcopy(model)
-    if kind == "shared-bank":  # each layer owns the bank it reads (a tied group); its Linear is a unit of its own
-        assert sorted(u.name for u in mas._engine.units) == ["head", "l1", "l1.lin", "l2", "l2.lin"]
+    if kind == "shared-bank":
+        assert sorted(u.name for u in mas._engine.units) == ["head", "l1", "l2"]
 
 
 class ReadByItsHooks(nn.Module):

@@ -499,12 +499,15 @@ def test_repeat_by_the_batch_size_in_every_form():
     for reps in [(4, 1), ((4, 1),), ([4, 1],), (torch.Size([4, 1]),), (np.int64(4), 1), (4, 1, 1)]:
         got = root.repeat(*reps)
         assert type(got) is torch.Tensor and torch.equal(got, plain.repeat(*reps)), reps
+        assert got.is_contiguous()  # as torch's: a model may view it
     assert type(root.repeat(repeats=(4, 1))) is torch.Tensor
     assert type(root[0].repeat(np.int64(4))) is torch.Tensor
+    one = root[:1].repeat(4, 1)  # n blocks of one row: a stride-0 view, were it not made contiguous
+    assert one.is_contiguous() and one.view(-1).shape == (12,)
     for reps in [(2, 1), (4, 2), (1, 4)]:  # no sample's blocks: shared still, as torch computes it
         got = root.repeat(*reps)
         assert isinstance(got, _shared.Shared) and torch.equal(_shared.plain(got), plain.repeat(*reps)), reps
-    assert len(site.signature) == 8
+    assert len(site.signature) == 9
     site.close()
 
 
