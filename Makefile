@@ -46,7 +46,8 @@ peers: setup
 bench: build peers
 	$(PYTHON) -m benchmarks.bench --device auto
 
-# FusedMAS / plain on the Hugging Face families whose layers have outputs all samples share (T5, BART, MPNet, Swin).
+# FusedMAS / plain on the Hugging Face families with outputs all samples share (T5, BART, MPNet, Swin, DeBERTa-v3),
+# layers run several times (ALBERT) or parameters beside layers (ConvNeXt, BEiT, CLIP, wav2vec2).
 bench-families: build
 	$(PYTHON) -m benchmarks.families_bench
 
