@@ -1254,7 +1254,7 @@ class Engine:
         # buckets); any other call (a conv or BatchNorm on a (K, C) table, whose dim 0 is their batch) takes the
         # generic rule
         ones = all(t.dim() > 0 and t.shape[0] == 1 for t in flat_in if torch.is_tensor(t))
-        squeeze = []  # the outputs grown so: each sample's gradient there (n, 1, ...) is read as (n, ...)
+        squeeze = [False] * len(pos)  # the outputs grown so: each sample's gradient (n, 1, ...) there is (n, ...)
         if unit.rule.grads is _rules.generic_grads or not (ones or _rules.leading_positions(unit.rule, module)):
             call = _rules.Call(n, args, kwargs, flat[0] if spec is None else torch.utils._pytree.tree_unflatten(
                 list(flat), spec), versions=versions, in_dims=in_dims, out_dims=out_dims, shared=pos,
@@ -1281,7 +1281,7 @@ class Engine:
             if any(p is None for p in per):
                 state.mixed.append((unit, f"returns an output that all samples share, and {site.failed}"))
                 return
-            call.grads = tuple(p.squeeze(1) if sq else p for p, sq in zip(per, squeeze or [False] * len(per)))
+            call.grads = tuple(p.squeeze(1) if sq else p for p, sq in zip(per, squeeze))
             unit.group.pending.append(call)
             if len(unit.group.pending) == len(unit.group.calls):
                 self._process(unit.group)

@@ -265,22 +265,19 @@ def _with_batch(func, args, kwargs, flat, spec, others, site):
         ndim = len(torch.broadcast_shapes(mask.shape, (*q.shape[:-1], k.shape[-2])))
         shared = {"attn_mask": mask} if "attn_mask" in kwargs else {3: mask}
         rows = _batch_rows([q], site, ndim)
-    elif func in _MATMUL:
-        # a shared operand of 2 or more dims against a batch of 3 or more: its leading dims broadcast as batch dims
-        # (a 1-dim one is a vector, whose dim is contracted)
-        ndim = max(t.dim() for t in flat if torch.is_tensor(t))
-        shared = {i: t for i, t in enumerate(flat) if isinstance(t, Shared)}
-        rows = _batch_rows(others, site, ndim)
-        if rows is not None and (ndim < 3 or any(t.dim() < 2 for t in shared.values())):
-            site.fail(f"a tensor computed from its output meets the batch's rows in {name} other than as a stack "
-                      "of matrices")
-            return func(*args, **kwargs)
     else:
         ndim = max(t.dim() for t in flat if torch.is_tensor(t))
         shared = {i: t for i, t in enumerate(flat) if isinstance(t, Shared)}
         rows = _batch_rows(others, site, ndim)
-        if rows is not None and not (func in _BROADCAST or func in _EXPAND
-                                     or (func in _IN_PLACE and not isinstance(flat[0], Shared))):
+        if rows is not None and func in _MATMUL:
+            # a shared operand of 2 or more dims against a batch of 3 or more: its leading dims broadcast as batch
+            # dims (a 1-dim one is a vector, whose dim is contracted)
+            if ndim < 3 or any(t.dim() < 2 for t in shared.values()):
+                site.fail(f"a tensor computed from its output meets the batch's rows in {name} other than as a "
+                          "stack of matrices")
+                return func(*args, **kwargs)
+        elif rows is not None and not (func in _BROADCAST or func in _EXPAND
+                                       or (func in _IN_PLACE and not isinstance(flat[0], Shared))):
             why = (f"is changed in place by {name} with the batch's rows" if func in _IN_PLACE else
                    f"meets the batch's rows in {name}, which may mix them")
             site.fail(f"a tensor computed from its output {why}")
