@@ -11,7 +11,8 @@ and ``run()`` per batch; what a batch adds is committed (or not) by its caller.
 
 Two things are learned, not read from shapes: where each call's inputs and outputs hold the batch (the first
 batch's first sample run alone, :meth:`Engine.learn_dims`), and which parameters are read outside their units'
-forwards (a scan of the first g-MAS forward of each input shape, :class:`_ReadsOutside`). A call whose outputs
+calls (in g-MAS, one walk of each batch's autograd graph, each call's nodes told by their sequence numbers,
+:meth:`Engine._read_outside`). A call whose outputs
 all samples share (T5's position bias) gives the model shared tensors whose broadcasts over the batch tell each
 sample's gradient (:mod:`_shared`, :meth:`Engine._share`). Other calls whose rows are no sample's own, and such
 parameters, make the batch run one sample at a time: exact, and slower.
@@ -353,54 +354,28 @@ class _Tap(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-def _input_nodes(args, kwargs):
-    """{id: node} of the autograd nodes of a call's tensor arguments (kept alive with their ids)."""
-    return {id(t.grad_fn): t.grad_fn for t in torch.utils._pytree.tree_flatten((args, kwargs))[0]
-            if torch.is_tensor(t) and t.grad_fn is not None}
+# The next autograd sequence number of this thread (the profiler's): every node the forward makes takes the next one,
+# so a call's nodes are those numbered from its start up to its end
+_next_sequence_nr = torch._C._autograd._get_sequence_nr
 
 
-def _reaches(out, param, inputs):
-    """Whether the autograd graph of an op's outputs ``out`` leads to ``param``'s node within the op: through the
-    nodes it made (F.linear's transpose, einsum's views and mm), not past ``inputs``, the nodes its arguments had
-    before it ran (:func:`_input_nodes`)."""
-    todo = [o.grad_fn for o in torch.utils._pytree.tree_flatten(out)[0] if torch.is_tensor(o)]
-    seen = {}
+def _param_reads(root, params):
+    """[(id of a parameter among ``params``' ids, the sequence number of an autograd node that reads it)] for every edge
+    into a parameter's gradient accumulator in the graph of ``root`` (a loss's node): one walk of the whole graph."""
+    todo, seen, reads = [root], {id(root): root}, []  # the nodes kept alive: their ids are not reused while it runs
     while todo:
         fn = todo.pop()
-        if fn is None or id(fn) in seen or id(fn) in inputs:
-            continue
-        seen[id(fn)] = fn
-        if getattr(fn, "variable", None) is param:
-            return True
-        todo.extend(f for f, _ in fn.next_functions)
-    return False
-
-
-class _ReadsOutside(torch.overrides.TorchFunctionMode):
-    """Records the tracked parameters that an op reads, on a path a gradient can take, while none of the units
-    owning them runs: a tied head written as ``h @ emb.weight.T``, DeBERTa's relative embeddings read from
-    ``rel_embeddings.weight``. The rule of the owning unit does not see that use. ``active`` counts, per unit,
-    the calls of its module now running; ``owners`` maps a parameter's id to (its global name, its units)."""
-
-    def __init__(self, owners, active):
-        super().__init__()
-        self.owners, self.active, self.found = owners, active, {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        # The arguments, and the items of list or tuple arguments (torch.cat's): no pytree walk on every op.
-        read = [(t, owner) for t in (x for a in (*args, *(kwargs or {}).values())
-                                     for x in (a if isinstance(a, (list, tuple)) else (a,)))
-                if isinstance(t, torch.nn.Parameter) and (owner := self.owners.get(id(t))) is not None
-                and owner[0] not in self.found and not any(self.active.get(u) for u in owner[1])]
-        # the nodes of the op's inputs, taken before it runs (an in-place op gives its input a new one)
-        inputs = _input_nodes(args, kwargs) if read else None
-        out = func(*args, **(kwargs or {}))
-        for t, owner in read:
-            # Reads that pass no gradient to the parameter (its dtype or shape, type_as, a no_grad op) do not count:
-            # the op's graph must lead from an output to the parameter's node.
-            if _reaches(out, t, inputs):
-                self.found[owner[0]] = func
-        return out
+        for nxt, _ in fn.next_functions:
+            if nxt is None:
+                continue
+            v = getattr(nxt, "variable", None)
+            if v is not None:  # a leaf's accumulator
+                if id(v) in params:
+                    reads.append((id(v), fn._sequence_nr()))
+            elif id(nxt) not in seen:
+                seen[id(nxt)] = nxt
+                todo.append(nxt)
+    return reads
 
 
 class _Unit:
@@ -449,6 +424,9 @@ class _Pass:
         self.shared = None  # the _shared.Site of the outputs that all samples share (g-MAS per sample), once one shows
         self.sharing = []  # the units whose outputs those are
         self.block_rows = set()  # the row counts of the calls read as n blocks of rows, one per sample, so far
+        # unit -> [(start, end)] of its calls' autograd sequence numbers (the nodes each call made), and the starts of
+        # its calls now running
+        self.spans, self.started = {}, {}
 
 
 def _holds_only(module):
@@ -558,15 +536,13 @@ class Engine:
         self.entry = net
         self.mode, self.per_sample, self.output_fn = mode, per_sample, output_fn
         self._plan = None  # (local, the units planned for that mode)
+        self._owners = {}  # id(tracked parameter) -> (its global name, its units), planned with them
         self.no_expand = False  # set once the model failed on an expanded batch-size-1 input
         # the signatures (_shared.Site.signature) of the uses of shared outputs confirmed by a one-sample run
         self.shares_confirmed = set()
         self.pad_by_sample = False  # set once padding showed in a layout that cannot be told: padded batches by sample
         self.by_sample = False  # set once a batch showed rows that are no sample's own: one-sample passes from then
         self.visual_said = False  # the warning for batches whose samples have different numbers of visual patches
-        # names of parameters read outside their units' forwards, found by scanning the first g-MAS forward of each
-        # sample shape (a model may read a weight directly only at some sequence lengths), and those shapes
-        self.outside, self.scanned = set(), set()
         # learn_dims: {unit: [(input shapes, output shapes) of each call]} in a run of one sample alone (False where the
         # model failed so: batch dims are read from shapes then), and {unit: [(in_dims, out_dims, rows) of each call]}
         self.one, self.dims = None, {}
@@ -591,6 +567,10 @@ class Engine:
         if self._plan is None or self._plan[0] != local:
             self._plan = (local, plan_units(self.net, self.params, local))
             self.one, self.dims = None, {}  # learned per unit
+            self._owners = {}  # id(parameter) -> (its global name, its units)
+            for u in self._plan[1]:
+                for g in u.names.values():
+                    self._owners.setdefault(id(self.params[g]), (g, []))[1].append(u)
         return self._plan[1]
 
     def batch_size(self, args, kwargs, where):
@@ -638,6 +618,12 @@ class Engine:
         # RG-LRU keeps its last recurrent state on itself, which a second run would start from)
         handles += [u.module.register_forward_pre_hook(self._attributes_before(u), prepend=True, with_kwargs=True)
                     for u in self.units if u.rule.grads is _rules.generic_grads]
+        # Each call's span of autograd sequence numbers (g-MAS: Engine._read_outside), from the first of the module's
+        # pre-hooks where the generic rule runs it again (from the call's arguments before them), else from its forward,
+        # to its own output (before the tap and the user's forward hooks, which its rule does not see)
+        handles += [h for u in self.units for h in (
+            u.module.register_forward_pre_hook(self._started(u), prepend=u.rule is _rules.GENERIC),
+            u.module.register_forward_hook(self._ended(u), prepend=True, always_call=True))]
         if any(training for _, training in modes):
             self.net.eval()
         torch.backends.mha.set_fastpath_enabled(False)
@@ -919,12 +905,11 @@ class Engine:
                     if not torch.isfinite(loss):  # one scalar to test; the output itself only when it fails
                         self._check_finite(out, where)
                     if loss.requires_grad:
-                        # Parameters read outside their units' forwards (a head reading emb.weight directly, DeBERTa's
-                        # relative embeddings), or whose units were not called (unused, or read so): their rules do
-                        # not see all of their gradient, which is taken whole here.
+                        # Parameters read outside their units' calls (a head reading emb.weight directly, DeBERTa's
+                        # relative embeddings, a read that only some inputs make): their rules do not see all of their
+                        # gradient, which is taken whole here.
                         called = {g for u in state.calls for g in u.names.values()}
-                        outside = {g: u for u in self.units for g in u.names.values()
-                                   if g in self.outside or (u not in state.calls and g not in called)}
+                        outside = self._read_outside(loss, state)
                         if state.shared is not None:
                             # read outside modules that did not run (DeBERTa's relative embeddings): where those
                             # reads go into shared outputs, their uses tell each sample's gradient at them too
@@ -947,46 +932,23 @@ class Engine:
 
     def _forward(self, state, args, kwargs):
         try:
-            if self.mode == "global":
-                x = _sample_tensor(args, kwargs)
-                shape = tuple(x.shape[1:]) if x is not None else ()  # a sample's: the batch size changes nothing
-                if shape not in self.scanned:
-                    return self._scanned_forward(args, kwargs, shape)
             return self.entry(*args, **kwargs)
         except Exception:
             state.forward_failed = True
             raise
 
-    def _scanned_forward(self, args, kwargs, shape):
-        """The model's forward, watched by :class:`_ReadsOutside`: adds to ``self.outside``, and ``shape`` (a sample's,
-        as its input has it) to the shapes scanned (a forward that fails leaves them for the next)."""
-        owners, active = {}, {}
-        for u in self.units:
-            for g in u.names.values():
-                owners.setdefault(id(self.params[g]), (g, []))[1].append(u)
-
-        def count(u, by):
-            @ours
-            def hook(*_):
-                active[u] = active.get(u, 0) + by
-            return hook
-
-        # A unit runs from the first of its module's pre-hooks where the generic rule runs it again (from the call's
-        # arguments before them: Engine._attributes_before), else from its forward; it ends with its own output,
-        # before the user's forward hooks, which a rule does not see.
-        handles = [h for u in self.units for h in (
-            u.module.register_forward_pre_hook(count(u, 1), prepend=u.rule is _rules.GENERIC),
-            u.module.register_forward_hook(count(u, -1), prepend=True, always_call=True))]
-        watch = _ReadsOutside(owners, active)
-        try:
-            with watch:
-                out = self.entry(*args, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-        self.outside |= set(watch.found)
-        self.scanned.add(shape)
-        return out
+    def _read_outside(self, loss, state):
+        """{global name: a unit of it} of the tracked parameters that this batch's graph reads outside their units'
+        calls: an edge into a parameter from a node made outside every call of its units (by its sequence number),
+        found by one walk of the whole graph of ``loss``. Only edges count, so only reads a gradient takes (not a
+        weight's dtype, shape, a detached copy or a read under no_grad); every batch is walked, so a read that only
+        some inputs make (a head that reads the embedding's weight where some token is present) counts where made."""
+        found = {}
+        for i, seq in _param_reads(loss.grad_fn, self._owners):
+            g, units = self._owners[i]
+            if g not in found and not any(s <= seq < e for u in units for s, e in state.spans.get(u, ())):
+                found[g] = units[0]
+        return found
 
     def _whole_grads(self, state, outside, grads):
         """Puts |∂| of ``outside``'s parameters ({global name: a unit of it}: read outside their units' forwards)
@@ -1056,6 +1018,25 @@ class Engine:
                 unit.attributes = {m: _rules.attributes(m) for m in module.modules()}
                 if unit.rule is _rules.GENERIC and user_pre_hooks(module):
                     unit.raw = (args, kwargs)
+        return hook
+
+    def _started(self, unit):
+        """A pre-hook: the autograd sequence number where a call of the unit starts, in a g-MAS pass."""
+        @ours
+        def hook(module, args):
+            state = self._pass
+            if state is not None and not state.busy and self.mode == "global":
+                state.started.setdefault(unit, []).append(_next_sequence_nr())
+        return hook
+
+    def _ended(self, unit):
+        """A forward hook (before the unit's tap): the call's span of sequence numbers (:meth:`_started`)."""
+        @ours
+        def hook(module, args, out):
+            state = self._pass
+            started = state.started.get(unit) if state is not None and not state.busy else None
+            if started:
+                state.spans.setdefault(unit, []).append((started.pop(), _next_sequence_nr()))
         return hook
 
     def _hook_for(self, unit):
