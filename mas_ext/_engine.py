@@ -390,6 +390,10 @@ class _Unit:
         self.expands = None  # its batch-size-1 input expanded to n: None until a batch confirms (refutes) it
         self.attributes = None  # generic rule: {module of its subtree: its tensor (or None) attributes} before a call
         self.raw = None  # generic rule: (args, kwargs) of the call before the module's own pre-hooks, where it has any
+        self.whole = False  # it owns all the parameters of its module's subtree
+        # the units whose modules hold its module: those owning their subtrees (its calls within theirs are theirs),
+        # and g-MAS guards, modules of the generic rule with parameters of their own beside it (plan_units)
+        self.within, self.guards = [], []
 
 
 class _Group:
@@ -427,6 +431,7 @@ class _Pass:
         # unit -> [(start, end)] of its calls' autograd sequence numbers (the nodes each call made), and the starts of
         # its calls now running
         self.spans, self.started = {}, {}
+        self.own_all = set()  # the modules of guards whose forwards read their units' weights outside their calls
 
 
 def _holds_only(module):
@@ -454,14 +459,16 @@ def user_pre_hooks(module):
     return [h for h in module._forward_pre_hooks.values() if not getattr(h, "mas_ext", False)]
 
 
-def plan_units(net, params, local=False):
+def plan_units(net, params, local=False, owns_all=()):
     """The units of ``net`` for the tracked ``params`` ({global name: parameter}), each in its group.
 
     Table modules own their direct parameters; a table rule that reads its submodules' weights itself (MHA) and a
-    parametrized layer own all their parameters. Any other module with direct parameters owns all its parameters
-    in g-MAS (its forward may read a submodule's weight directly, and the generic rule over it is exact for all),
-    and only its own in l-MAS (``local``), where every layer inside it takes its own output (ConvNeXt's layer scale,
-    ViT's class token, Swin's relative position table beside their Linear and conv children)."""
+    parametrized layer own all their parameters. Any other module with direct parameters owns only those, and the
+    layers inside it are units of their own (ConvNeXt's layer scale, ViT's class token, Swin's relative position
+    table, CLIP's logit_scale beside their Linear and conv children): in l-MAS (``local``) each takes its own output;
+    in g-MAS the module is a *guard* of the units inside it (:attr:`_Unit.guards`), whose forward may read their
+    weights outside their calls, unseen by their rules. Every batch's graph tells (:meth:`Engine._read_outside`);
+    where it does, the module owns all its parameters from then on (``owns_all``: its generic rule sees every read)."""
     ids = {id(p): n for n, p in params.items()}
     units, seen = [], set()
 
@@ -494,11 +501,13 @@ def plan_units(net, params, local=False):
         children = {id(p) for c in module.children() for p in c.parameters()} - {id(p) for _, p in held}
         direct = [] if holder else [(k, p) for k, p in (*module.named_parameters(recurse=False), *held)
                                     if id(p) not in children]
-        whole = (rule is None and (parametrized or (direct and not local))) or (rule is not None and rule.owns_children)
+        whole = ((rule is None and (parametrized or (module in owns_all and not local)))
+                 or (rule is not None and rule.owns_children))
         owned = module.named_parameters(remove_duplicate=False) if whole else direct
         names = {local: ids[id(p)] for local, p in owned if id(p) in ids}
         if names:
             units.append(_Unit(prefix.rstrip("."), module, rule or _rules.GENERIC, names))
+            units[-1].whole = whole
         if whole:
             seen.update(module.modules())
         else:
@@ -506,6 +515,15 @@ def plan_units(net, params, local=False):
                 visit(f"{prefix}{child_name}.", child, _holds_only(child))
 
     visit("", net)
+    # The units inside another's module (a module registered under two parents is inside both): a guard's (g-MAS), and
+    # one owning its subtree, whose rule takes the calls made within its own
+    by_module = {u.module: u for u in units}
+    for w in units:
+        if w.whole or (not local and w.rule is _rules.GENERIC):
+            for m in w.module.modules():
+                u = by_module.get(m)
+                if u is not None and u is not w:
+                    (u.within if w.whole else u.guards).append(w)
     # Group units that share a parameter (tied weights): their per-sample gradients add up.
     owner = {}
     for u in units:
@@ -537,6 +555,10 @@ class Engine:
         self.mode, self.per_sample, self.output_fn = mode, per_sample, output_fn
         self._plan = None  # (local, the units planned for that mode)
         self._owners = {}  # id(tracked parameter) -> (its global name, its units), planned with them
+        # the guards (plan_units) that own all their parameters all the same (g-MAS): their forwards read a weight of a
+        # unit inside them outside its calls (Engine._read_outside)
+        self.owns_all = set()
+        self._installed = None  # the hooks and tapped forwards of the units (session), while installed
         self.no_expand = False  # set once the model failed on an expanded batch-size-1 input
         # the signatures (_shared.Site.signature) of the uses of shared outputs confirmed by a one-sample run
         self.shares_confirmed = set()
@@ -565,7 +587,7 @@ class Engine:
         """The units of the current mode (:func:`plan_units`), planned again where the mode changed."""
         local = self.mode == "local"
         if self._plan is None or self._plan[0] != local:
-            self._plan = (local, plan_units(self.net, self.params, local))
+            self._plan = (local, plan_units(self.net, self.params, local, self.owns_all))
             self.one, self.dims = None, {}  # learned per unit
             self._owners = {}  # id(parameter) -> (its global name, its units)
             for u in self._plan[1]:
@@ -595,6 +617,33 @@ class Engine:
         eagerly."""
         modes = [(m, m.training) for m in self.net.modules()]
         fastpath = torch.backends.mha.get_fastpath_enabled()
+        self._install()
+        if any(training for _, training in modes):
+            self.net.eval()
+        torch.backends.mha.set_fastpath_enabled(False)
+        # The pass reads no cache, and a layer that the generic rule runs again would advance one a second time
+        # (Mamba's mixer updates its conv state in place: an error under torch.func). Configs are restored as modes.
+        configs = {id(c): c for m in self.net.modules() for c in [getattr(m, "config", None)]
+                   if getattr(c, "use_cache", None) is True}
+        for c in configs.values():
+            c.use_cache = False
+        # Compiled submodules run eagerly: a compiled graph does not run the taps' backward as eager does
+        # (g-MAS through a torch.compile'd forward gave wrong Ω).
+        eager = getattr(torch.compiler, "set_stance", None)
+        try:
+            with eager("force_eager") if eager is not None else contextlib.nullcontext():
+                yield
+        finally:
+            self._uninstall()
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+            for c in configs.values():
+                c.use_cache = True
+            for m, training in modes:
+                if m.training != training:
+                    m.training = training
+
+    def _install(self):
+        """The units' hooks and tapped forwards (:meth:`session`), kept for :meth:`_uninstall`."""
         # First among the module's forward hooks: a user's hook that changes the output (accelerate's, a mask)
         # comes after the tap, so the gradient the rule gets is the one at the layer's own output.
         handles = [u.module.register_forward_hook(self._hook_for(u), with_kwargs=True, prepend=True)
@@ -624,32 +673,27 @@ class Engine:
         handles += [h for u in self.units for h in (
             u.module.register_forward_pre_hook(self._started(u), prepend=u.rule is _rules.GENERIC),
             u.module.register_forward_hook(self._ended(u), prepend=True, always_call=True))]
-        if any(training for _, training in modes):
-            self.net.eval()
-        torch.backends.mha.set_fastpath_enabled(False)
-        # The pass reads no cache, and a layer that the generic rule runs again would advance one a second time
-        # (Mamba's mixer updates its conv state in place: an error under torch.func). Configs are restored as modes.
-        configs = {id(c): c for m in self.net.modules() for c in [getattr(m, "config", None)]
-                   if getattr(c, "use_cache", None) is True}
-        for c in configs.values():
-            c.use_cache = False
-        # Compiled submodules run eagerly: a compiled graph does not run the taps' backward as eager does
-        # (g-MAS through a torch.compile'd forward gave wrong Ω).
-        eager = getattr(torch.compiler, "set_stance", None)
-        try:
-            with eager("force_eager") if eager is not None else contextlib.nullcontext():
-                yield
-        finally:
-            for u in tapped:
-                del u.module.forward
-            for h in handles:
-                h.remove()
-            torch.backends.mha.set_fastpath_enabled(fastpath)
-            for c in configs.values():
-                c.use_cache = True
-            for m, training in modes:
-                if m.training != training:
-                    m.training = training
+        self._installed = (handles, tapped)
+
+    def _uninstall(self):
+        handles, tapped = self._installed or ((), ())
+        self._installed = None
+        for u in tapped:
+            del u.module.forward
+        for h in handles:
+            h.remove()
+
+    def _own_all(self, modules):
+        """``modules``, guards whose forwards read a weight of a unit inside them outside its calls (Mamba's mixer
+        hands its conv's weight to a function), own all their parameters from now on, through the generic rule, which
+        sees every read: the units are planned again, their hooks installed again."""
+        self.owns_all |= set(modules)
+        installed = self._installed is not None
+        if installed:
+            self._uninstall()
+        self._plan = None
+        if installed:
+            self._install()
 
     def run(self, args, kwargs, n, bufs, where):
         """One batch of n samples, the model called as ``net(*args, **kwargs)``, inside :meth:`session`: its
@@ -690,6 +734,12 @@ class Engine:
                                                requires_grad=True), mask, out_mask, patches)
             try:
                 calls = self._forward_backward(args, kwargs, where, state)
+                while state.own_all:  # guards that read their units' weights outside their calls own them: again
+                    self._own_all(state.own_all)
+                    if n > 1:
+                        self.learn_dims(args, kwargs, n, where)
+                    state = _Pass(n, bufs, state.anchor, mask, out_mask, patches)
+                    calls = self._forward_backward(args, kwargs, where, state)
             except Exception as e:  # noqa: BLE001 - re-raised unless an expanded input explains it
                 if not state.expanded or self.no_expand or not state.forward_failed:
                     raise
@@ -910,6 +960,8 @@ class Engine:
                         # gradient, which is taken whole here.
                         called = {g for u in state.calls for g in u.names.values()}
                         outside = self._read_outside(loss, state)
+                        if state.own_all:  # planned again, the batch runs again (Engine.run): no backward
+                            return state.calls
                         if state.shared is not None:
                             # read outside modules that did not run (DeBERTa's relative embeddings): where those
                             # reads go into shared outputs, their uses tell each sample's gradient at them too
@@ -942,13 +994,21 @@ class Engine:
         calls: an edge into a parameter from a node made outside every call of its units (by its sequence number),
         found by one walk of the whole graph of ``loss``. Only edges count, so only reads a gradient takes (not a
         weight's dtype, shape, a detached copy or a read under no_grad); every batch is walked, so a read that only
-        some inputs make (a head that reads the embedding's weight where some token is present) counts where made."""
+        some inputs make (a head that reads the embedding's weight where some token is present) counts where made.
+        A read made within a call of a guard of its units (plan_units), outside their own calls, is the guard's: the
+        guard (the innermost call around it) goes into ``state.own_all``, to own all its parameters, and the batch is to
+        run again (nothing is returned then)."""
         found = {}
         for i, seq in _param_reads(loss.grad_fn, self._owners):
             g, units = self._owners[i]
-            if g not in found and not any(s <= seq < e for u in units for s, e in state.spans.get(u, ())):
+            if g in found or any(s <= seq < e for u in units for s, e in state.spans.get(u, ())):
+                continue
+            around = [(s, w) for u in units for w in u.guards for s, e in state.spans.get(w, ()) if s <= seq < e]
+            if around:
+                state.own_all.add(max(around, key=lambda a: a[0])[1].module)
+            else:
                 found[g] = units[0]
-        return found
+        return {} if state.own_all else found
 
     def _whole_grads(self, state, outside, grads):
         """Puts |∂| of ``outside``'s parameters ({global name: a unit of it}: read outside their units' forwards)
@@ -1021,11 +1081,11 @@ class Engine:
         return hook
 
     def _started(self, unit):
-        """A pre-hook: the autograd sequence number where a call of the unit starts, in a g-MAS pass."""
+        """A pre-hook: the autograd sequence number where a call of the unit starts, in a pass."""
         @ours
         def hook(module, args):
             state = self._pass
-            if state is not None and not state.busy and self.mode == "global":
+            if state is not None and not state.busy:
                 state.started.setdefault(unit, []).append(_next_sequence_nr())
         return hook
 
@@ -1045,6 +1105,9 @@ class Engine:
             if state is None or state.busy:
                 return None
             state.calls[unit] = state.calls.get(unit, 0) + 1
+            if any(state.started.get(w) for w in unit.within):  # a call within a unit's that owns its parameters too
+                unit.raw = unit.attributes = None
+                return None
             if unit.raw is not None:  # the generic rule reads the call from before the module's own pre-hooks
                 (args, kwargs), unit.raw = unit.raw, None
             attributes = held = None
