@@ -3,7 +3,7 @@ layers have an output that all samples share (T5's relative-position bias, the B
 MPNet's bias, Swin's window bias, DeBERTa-v3's projected relative embeddings), which ran one sample at a time
 before 2026-12-05; on ALBERT, whose layers, shared across depth, run several times per pass; and on models with
 parameters of their own beside layers (ConvNeXt's and BEiT's layer scales, CLIP's logit_scale, wav2vec2's masked
-embedding), whose layers took the generic rule with them before 2026-12-05 (see the README).
+embedding), whose layers took the generic rule with them until 2026-12-05 (see the README).
 
 Random weights from configs (hidden 256, 8 × 128 tokens; images: 8 of 64 × 64, ConvNeXt 128 × 128; audio: 8 × 1 s
 at 16 kHz), eval mode, paired timings
