@@ -432,6 +432,9 @@ class _Pass:
         # its calls now running
         self.spans, self.started = {}, {}
         self.own_all = set()  # the modules of guards whose forwards read their units' weights outside their calls
+        # the units called whose parameters the batch's graph does not read, and those parameters of the units called
+        # (g-MAS: Engine._read_outside)
+        self.idle, self.unread = set(), set()
 
 
 def _holds_only(module):
@@ -976,6 +979,9 @@ class Engine:
                     if u.group.calls:
                         self._process(u.group)
                 self._whole_grads(state, outside, grads)
+                for g in state.unread:  # no gradient reaches it: what a rule added is another tensor's (functional_call)
+                    if g in state.bufs:
+                        state.bufs[g].zero_()
         finally:
             self._pass = None
             if state.shared is not None:
@@ -997,9 +1003,17 @@ class Engine:
         some inputs make (a head that reads the embedding's weight where some token is present) counts where made.
         A read made within a call of a guard of its units (plan_units), outside their own calls, is the guard's: the
         guard (the innermost call around it) goes into ``state.own_all``, to own all its parameters, and the batch is to
-        run again (nothing is returned then)."""
+        run again (nothing is returned then). The units none of whose parameters the graph reads go into
+        ``state.idle``: their calls add nothing (a gradient that reaches their outputs passes by their parameters:
+        CLIP's logit_scale, wav2vec2's masked_spec_embed in eval mode), and their rules are not run; the parameters
+        it does not read, of the units called, go into ``state.unread``: their Ω from this batch is zero (a layer
+        called through torch.func.functional_call with another weight: its rule takes the gradient at that one)."""
         found = {}
-        for i, seq in _param_reads(loss.grad_fn, self._owners):
+        reads = _param_reads(loss.grad_fn, self._owners)
+        read = {i for i, _ in reads}
+        state.unread = {g for u in state.calls for g in u.names.values() if id(self.params[g]) not in read}
+        state.idle = {u for u in state.calls if all(g in state.unread for g in u.names.values())}
+        for i, seq in reads:
             g, units = self._owners[i]
             if g in found or any(s <= seq < e for u in units for s, e in state.spans.get(u, ())):
                 continue
@@ -1248,6 +1262,8 @@ class Engine:
                 return out if expanded else None
 
             def sink(grads):
+                if unit in state.idle:
+                    return
                 call.grads = grads
                 unit.group.pending.append(call)
                 if len(unit.group.pending) == len(unit.group.calls):
@@ -1319,7 +1335,7 @@ class Engine:
         first = len(site.roots)  # this call's roots: read from the site, which lets them go when the pass ends
 
         def sink(grads):
-            if site.pulling:  # a pull-back to a root upstream of this call's (its input) passes through here
+            if site.pulling or unit in state.idle:  # a pull-back to a root upstream of this call's passes through here
                 return
             per = [site.take(r, g) for r, g in zip(site.roots[first:], grads)]
             if any(p is None for p in per):
@@ -1340,7 +1356,7 @@ class Engine:
         if (state is not None and not state.busy and not unit.repeats
                 and not (state.shared is not None and _shared.plain_inputs(args, kwargs)[2])):
             def tap(outs, on_grads):  # the buffers are looked up when the gradients arrive (made then)
-                return self._tap(state.anchor, lambda grads: on_grads(
+                return self._tap(state.anchor, lambda grads: None if unit in state.idle else on_grads(
                     grads, {k: state.bufs[g] for k, g in unit.names.items()}), True, outs)
 
             out = unit.rule.tapped_forward(unit.module, tap, *args, **kwargs)

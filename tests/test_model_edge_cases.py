@@ -1021,6 +1021,60 @@ def test_a_layer_under_two_parents(request, cls, mode, per_sample, read):
     check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
 
 
+class SwapsAWeight(nn.Module):
+    """``b`` is called through torch.func.functional_call with a buffer in place of its weight: its own weight gets
+    no gradient at all (its bias does)."""
+
+    def __init__(self, d=5):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, 3)
+        self.register_buffer("other", torch.randn(d, d))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = torch.func.functional_call(self.b, {"weight": self.other, "bias": self.b.bias}, (h,))
+        return self.out(torch.tanh(h))
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_a_layer_called_with_another_weight(request, cls):
+    """b's rule took the gradient at the weight its call used, a buffer, as b.weight's: Ω of a weight that no
+    gradient reaches was |Σ ∂| of another tensor, with no warning. The batch's graph has no edge into b.weight: its
+    Ω is zero."""
+    torch.manual_seed(67)
+    model = SwapsAWeight().eval()
+    x = torch.randn(7, 5)
+    mas = check(request, cls, model, [x[:4], x[4:]])
+    assert float(mas.task_importance["b.weight"].abs().sum()) == 0.0
+
+
+class UnusedInEval(nn.Module):
+    """A parameter of its own used only in training mode (wav2vec2's masked_spec_embed) beside a Linear; counts the
+    runs of its forward."""
+
+    def __init__(self, d=5):
+        super().__init__()
+        self.lin, self.mask_emb, self.runs = nn.Linear(d, d), nn.Parameter(torch.randn(d)), 0
+
+    def forward(self, x):
+        self.runs += 1
+        h = self.lin(x)
+        return h + self.mask_emb if self.training else torch.tanh(h)
+
+
+def test_a_module_whose_own_parameters_get_no_gradient_is_not_rerun():
+    """g-MAS: no edge of a batch's graph reaches the module's own parameter, so its generic rule, which reran the
+    module (wav2vec2, HuBERT and WavLM reran the whole model for masked_spec_embed: 1.3x a plain pass on CPU), is
+    not run: the module runs only in the batches' forwards and the one-sample probe of the first."""
+    torch.manual_seed(71)
+    inner = UnusedInEval()
+    model = nn.Sequential(inner, nn.Linear(5, 3)).eval()
+    x = torch.randn(7, 5)
+    mas = mas_ext.FusedMAS(model, show_progress=False).accumulate([x[:4], x[4:]])
+    assert inner.runs == 3
+    assert_close(mas.task_importance, oracle(model, [x[:4], x[4:]]), tol=TOL)
+
+
 class EncoderDecoder(nn.Module):
     """A tiny encoder-decoder: the decoder's tokens read the encoder's masked mean; the output is the decoder's."""
 
