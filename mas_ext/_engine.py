@@ -565,6 +565,7 @@ class Engine:
         self.no_expand = False  # set once the model failed on an expanded batch-size-1 input
         # the signatures (_shared.Site.signature) of the uses of shared outputs confirmed by a one-sample run
         self.shares_confirmed = set()
+        self.pads_confirmed = set()  # the padding layouts (inputs', output's) whose first batch agreed with its samples'
         self.pad_by_sample = False  # set once padding showed in a layout that cannot be told: padded batches by sample
         self.by_sample = False  # set once a batch showed rows that are no sample's own: one-sample passes from then
         self.visual_said = False  # the warning for batches whose samples have different numbers of visual patches
@@ -792,9 +793,13 @@ class Engine:
                          _padding_layout(mask), _padding_layout(out_mask))
             if signature not in self.shares_confirmed:
                 sharing = list(dict.fromkeys(state.sharing))
-        if state.tentative or sharing:
+        # the first batch of each padding layout: is each padded sample's output the sample's alone (SPEC §1)?
+        layout = (_padding_layout(mask), _padding_layout(out_mask))
+        padding = (layout if n > 1 and self.per_sample and layout != (None, None) and layout not in self.pads_confirmed
+                   else None)
+        if state.tentative or sharing or padding:
             self._confirm_blocks(args, kwargs, n, bufs, where, list(dict.fromkeys(state.tentative)),
-                                 set(state.expanded), signature, sharing)
+                                 set(state.expanded), signature, sharing, padding)
 
     def learn_dims(self, args, kwargs, n, where):
         """Runs the batch's first sample alone (without gradients) and keeps the shapes of each unit's calls there:
@@ -885,10 +890,14 @@ class Engine:
             b.zero_()
         self._run_sample_by_sample(args, kwargs, n, bufs, where)
 
-    def _confirm_blocks(self, args, kwargs, n, bufs, where, units, expanded=(), signature=None, sharing=()):
+    def _confirm_blocks(self, args, kwargs, n, bufs, where, units, expanded=(), signature=None, sharing=(),
+                        padding=None):
         """The first batch that reads a unit's n·m-row input as n blocks of rows, or expands its batch-size-1 input to
         the batch's n (``units``, ``expanded`` among them), or tells each sample's gradient at the outputs of
-        ``sharing``, which all samples share, by their uses (the first batch with that ``signature``), runs again one
+        ``sharing``, which all samples share, by their uses (the first batch with that ``signature``), or is the first
+        with its ``padding`` layout ((inputs', output's): every unit is checked then; a model whose output for a padded
+        sample is not the sample's alone, without its padding, such as sinusoidal or rotary positions that ignore the
+        mask under left padding, has padded batches run one sample at a time from then on), runs again one
         sample at a time: where its Ω agrees (float32 rounding; bf16/fp16: their rounding, and a third of it for the
         shared outputs' uses, which can be off by a few per cent) the blocks (the expanded rows, the uses) are each
         sample's and later batches keep the fast path; where not, the rows are no sample's own (the model mixes the
@@ -902,7 +911,7 @@ class Engine:
         # on both sides: below 1e-6 of the batch's largest Ω there is nothing to tell
         floor = 1e-6 * max((float(b.norm()) for b in check.values()), default=0.0)
         wrong = []
-        for u in dict.fromkeys([*units, *sharing]):
+        for u in dict.fromkeys([*units, *sharing, *(self.units if padding else ())]):
             for g in u.names.values():
                 want, got = check.get(g), bufs.get(g)
                 want = want if want is not None else torch.zeros_like(self.params[g], dtype=torch.float32)
@@ -920,7 +929,15 @@ class Engine:
                 u.blocks = u not in wrong
         if sharing and not wrong and not vacuous:
             self.shares_confirmed.add(signature)
-        if wrong:
+        if padding and not wrong:
+            self.pads_confirmed.add(padding)
+        if wrong and not any(u in units or u in sharing for u in wrong):  # only the padding shows
+            warnings.warn(f"module '{wrong[0].name}' ({type(wrong[0].module).__name__}) has another Ω in a batch padded "
+                          f"so ({', '.join(str(x) for x in padding if x)} padding) than with its samples run alone, "
+                          "without their padding (the model's output for a padded sample is not the sample's: positions "
+                          f"that ignore the mask, a pooling over padded positions): {_PADDED_BY_SAMPLE}", stacklevel=5)
+            self.pad_by_sample = True
+        elif wrong:
             what = ("is called on an input of batch size 1 whose rows, expanded to the batch's, are not each sample's "
                     "own" if wrong[0] in expanded else f"is called on an input whose rows are not {n} blocks of one "
                     "sample each" if wrong[0] in units else "returns an output all samples share, whose uses gave "
@@ -929,6 +946,7 @@ class Engine:
             warnings.warn(f"module '{wrong[0].name}' ({type(wrong[0].module).__name__}) {what}: {_BY_SAMPLE}",
                           stacklevel=5)
             self.by_sample = True
+        if wrong:
             for g, b in bufs.items():
                 b.zero_()
             for g, b in check.items():
