@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.utils.parametrize
 
-from . import _rules, _shared
+from . import _graph, _rules, _shared
 
 
 _SAMPLE_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
@@ -354,30 +354,6 @@ class _Tap(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-# The next autograd sequence number of this thread (the profiler's): every node the forward makes takes the next one,
-# so a call's nodes are those numbered from its start up to its end
-_next_sequence_nr = torch._C._autograd._get_sequence_nr
-
-
-def _param_reads(root, params):
-    """[(id of a parameter among ``params``' ids, the sequence number of an autograd node that reads it)] for every edge
-    into a parameter's gradient accumulator in the graph of ``root`` (a loss's node): one walk of the whole graph."""
-    todo, seen, reads = [root], {id(root): root}, []  # the nodes kept alive: their ids are not reused while it runs
-    while todo:
-        fn = todo.pop()
-        for nxt, _ in fn.next_functions:
-            if nxt is None:
-                continue
-            v = getattr(nxt, "variable", None)
-            if v is not None:  # a leaf's accumulator
-                if id(v) in params:
-                    reads.append((id(v), fn._sequence_nr()))
-            elif id(nxt) not in seen:
-                seen[id(nxt)] = nxt
-                todo.append(nxt)
-    return reads
-
-
 class _Unit:
     """A module with tracked parameters, its rule, and the global names of those parameters."""
 
@@ -428,9 +404,11 @@ class _Pass:
         self.shared = None  # the _shared.Site of the outputs that all samples share (g-MAS per sample), once one shows
         self.sharing = []  # the units whose outputs those are
         self.block_rows = set()  # the row counts of the calls read as n blocks of rows, one per sample, so far
-        # unit -> [(start, end)] of its calls' autograd sequence numbers (the nodes each call made), and the starts of
-        # its calls now running
-        self.spans, self.started = {}, {}
+        # unit -> the _graph.Span of each of its calls (the autograd nodes each made), and the starts of its calls now
+        # running; the span of the call that has just ended (its seam is the tap the engine puts after it), and the
+        # sequence numbers of the taps' nodes
+        self.spans, self.started, self.last, self.taps = {}, {}, None, set()
+        self.escaped = set()  # names of parameters taken whole as a gradient reaches them past their rules
         self.own_all = set()  # the modules of guards whose forwards read their units' weights outside their calls
         # the units called whose parameters the batch's graph does not read, and those parameters of the units called
         # (g-MAS: Engine._read_outside)
@@ -652,8 +630,11 @@ class Engine:
         # comes after the tap, so the gradient the rule gets is the one at the layer's own output.
         handles = [u.module.register_forward_hook(self._hook_for(u), with_kwargs=True, prepend=True)
                    for u in self.units]
+        # global forward hooks (register_module_forward_hook) run within every call, before the engine's: a table rule
+        # would not see what they compute (a term added to the output from the layer's weight; 33% off)
+        hooked = bool(torch.nn.modules.module._global_forward_hooks)
         for u in self.units:  # a forward patched on the instance may compute something else than its class's rule
-            if "forward" in u.module.__dict__ and u.rule is not _rules.GENERIC and not _moves_only(u.module):
+            if (("forward" in u.module.__dict__ and not _moves_only(u.module)) or hooked) and u.rule is not _rules.GENERIC:
                 u.rule = _rules.GENERIC
             # a table rule whose reference path is the generic rule (MHA, the MoE experts): where the module has
             # pre-hooks of its own, both paths take the generic rule, which runs them again from the call's arguments
@@ -937,6 +918,11 @@ class Engine:
                           "without their padding (the model's output for a padded sample is not the sample's: positions "
                           f"that ignore the mask, a pooling over padded positions): {_PADDED_BY_SAMPLE}", stacklevel=5)
             self.pad_by_sample = True
+        elif wrong and all(u.guards for u in wrong):
+            # layers inside modules with parameters of their own (Swinv2's position-bias MLP on a table all samples
+            # share, read back through a view over all its rows): each such module owns all its parameters from now on,
+            # its generic rule over the whole (a later batch confirms that in turn)
+            self._own_all({u.guards[-1].module for u in wrong})
         elif wrong:
             what = ("is called on an input of batch size 1 whose rows, expanded to the batch's, are not each sample's "
                     "own" if wrong[0] in expanded else f"is called on an input whose rows are not {n} blocks of one "
@@ -1014,32 +1000,53 @@ class Engine:
             raise
 
     def _read_outside(self, loss, state):
-        """{global name: a unit of it} of the tracked parameters that this batch's graph reads outside their units'
-        calls: an edge into a parameter from a node made outside every call of its units (by its sequence number),
-        found by one walk of the whole graph of ``loss``. Only edges count, so only reads a gradient takes (not a
-        weight's dtype, shape, a detached copy or a read under no_grad); every batch is walked, so a read that only
-        some inputs make (a head that reads the embedding's weight where some token is present) counts where made.
-        A read made within a call of a guard of its units (plan_units), outside their own calls, is the guard's: the
-        guard (the innermost call around it) goes into ``state.own_all``, to own all its parameters, and the batch is to
-        run again (nothing is returned then). The units none of whose parameters the graph reads go into
-        ``state.idle``: their calls add nothing (a gradient that reaches their outputs passes by their parameters:
-        CLIP's logit_scale, wav2vec2's masked_spec_embed in eval mode), and their rules are not run; the parameters
-        it does not read, of the units called, go into ``state.unread``: their Ω from this batch is zero (a layer
-        called through torch.func.functional_call with another weight: its rule takes the gradient at that one)."""
+        """{global name: a unit of it} of the tracked parameters whose gradient this batch's graph takes, in part,
+        where none of their units' rules sees it (:mod:`_graph`, one walk of the whole graph of ``loss``): a read
+        outside every call of their units (a tied head; only edges count, so only reads a gradient takes, not a
+        weight's dtype, shape, a detached copy or a read under no_grad; every batch is walked, so a read that only some
+        inputs make counts where made), a gradient into a call other than through its outputs, a layer's call that
+        read another tensor in place of its parameter. Where that happens within a call of a guard of their units
+        (plan_units), the guard (the innermost call around it) goes into ``state.own_all``, to own all its parameters,
+        and the batch is to run again (nothing is returned then); ``state.escaped`` gets the names taken for the
+        second and third reasons.
+
+        The units none of whose parameters the graph reads go into ``state.idle``: their calls add nothing (a
+        gradient that reaches their outputs passes by their parameters: CLIP's logit_scale, wav2vec2's
+        masked_spec_embed in eval mode), and their rules are not run; the parameters it does not read, of the units
+        called, go into ``state.unread``: their Ω from this batch is zero."""
         found = {}
-        reads = _param_reads(loss.grad_fn, self._owners)
-        read = {i for i, _ in reads}
+        graph = _graph.Graph(loss.grad_fn, self._owners)
+        read = {i for i, _ in graph.reads}
         state.unread = {g for u in state.calls for g in u.names.values() if id(self.params[g]) not in read}
         state.idle = {u for u in state.calls if all(g in state.unread for g in u.names.values())}
-        for i, seq in reads:
-            g, units = self._owners[i]
-            if g in found or any(s <= seq < e for u in units for s, e in state.spans.get(u, ())):
-                continue
-            around = [(s, w) for u in units for w in u.guards for s, e in state.spans.get(w, ()) if s <= seq < e]
+        calls = _graph.Calls([sp for spans in state.spans.values() for sp in spans])
+
+        def guard_or_found(units, at, within=None, names=()):
+            # the innermost call of a guard of the units around sequence number `at` (and the call `within`)
+            around = [sp for sp in calls.around(at) if any(sp.unit in u.guards for u in units)
+                      and (within is None or sp.start <= within.start < sp.seam)]
             if around:
-                state.own_all.add(max(around, key=lambda a: a[0])[1].module)
+                state.own_all.add(around[0].unit.module)
             else:
-                found[g] = units[0]
+                for g in names:
+                    found.setdefault(g, units[0])
+                return True
+            return False
+
+        for i, seq in graph.reads:
+            g, units = self._owners[i]
+            if g not in found and not any(sp.start <= seq < sp.end for u in units for sp in state.spans.get(u, ())):
+                guard_or_found(units, seq, names=[g])
+        ids = {u: {id(self.params[g]) for g in u.names.values()} for u in state.calls}
+        for sp, at in calls.escapes(graph, state.taps, ids.get).items():
+            names = [g for g in sp.unit.names.values() if id(self.params[g]) in read]
+            if guard_or_found([sp.unit], at, sp, names):
+                state.escaped.update(names)
+        for sp, i in calls.substituted(graph, state.taps, lambda u: u.rule.grads is not _rules.generic_grads,
+                                       ids.get):
+            g = self._owners[i][0]
+            if i in read and guard_or_found([sp.unit], sp.start, sp, [g]):
+                state.escaped.add(g)
         return {} if state.own_all else found
 
     def _whole_grads(self, state, outside, grads):
@@ -1056,8 +1063,10 @@ class Engine:
                 leaf = self.params[g]
                 per = site.take(leaf, grad) if site is not None and any(p is leaf for p in site.leaves) else None
                 if per is None:
-                    state.mixed.append((unit, f"has its parameter '{g}' used outside the module's own forward, "
-                                              "where no per-sample gradient can be told apart"
+                    how = ("reached by a gradient other than through the module's outputs" if g in state.escaped
+                           else "used outside the module's own forward")
+                    state.mixed.append((unit, f"has its parameter '{g}' {how}, where no per-sample gradient can be "
+                                              "told apart"
                                               + (f" ({site.failed})" if site is not None and site.failed else "")))
                     return
                 state.bufs[g] += per.float().abs().sum(0)
@@ -1118,7 +1127,7 @@ class Engine:
         def hook(module, args):
             state = self._pass
             if state is not None and not state.busy:
-                state.started.setdefault(unit, []).append(_next_sequence_nr())
+                state.started.setdefault(unit, []).append(_graph.next_sequence_nr())
         return hook
 
     def _ended(self, unit):
@@ -1128,176 +1137,192 @@ class Engine:
             state = self._pass
             started = state.started.get(unit) if state is not None and not state.busy else None
             if started:
-                state.spans.setdefault(unit, []).append((started.pop(), _next_sequence_nr()))
+                state.last = _graph.Span(unit, started.pop(), _graph.next_sequence_nr())
+                state.spans.setdefault(unit, []).append(state.last)
         return hook
 
     def _hook_for(self, unit):
+        """The forward hook of a unit's calls (:meth:`_record`), which closes the call's span after its own nodes."""
         def hook(module, args, kwargs, out):
+            result = self._record(unit, module, args, kwargs, out)
             state = self._pass
-            if state is None or state.busy:
-                return None
-            state.calls[unit] = state.calls.get(unit, 0) + 1
-            if any(state.started.get(w) for w in unit.within):  # a call within a unit's that owns its parameters too
-                unit.raw = unit.attributes = None
-                return None
-            if unit.raw is not None:  # the generic rule reads the call from before the module's own pre-hooks
-                (args, kwargs), unit.raw = unit.raw, None
-            attributes = held = None
-            if unit.attributes is not None:  # its modules' tensor attributes as they were before the call
-                attributes, unit.attributes = unit.attributes, None
-                held = _batch_state(attributes, state.n) if state.n > 1 else None
-                if held is not None and self.per_sample:  # the batch runs again sample by sample
-                    state.mixed.append((unit, held))
-                    return None
-                for m, before in attributes.items():  # and those the call added, to be absent
-                    before.update({k: _ABSENT for k, v in vars(m).items() if torch.is_tensor(v) and k not in before})
-            if unit.handled:  # its tapped forward has already seen to this call
-                unit.handled = False
-                return None
-            if kwargs and unit.rule.grads is not _rules.generic_grads:  # the table's rules read call.args
-                args, kwargs = _positional(module, args, kwargs)
-            # a call reading tensors that all samples share (_shared): the rules see them as the plain tensors they are
-            reads_shared = False
-            if state.shared is not None:
-                args, kwargs, reads_shared = _shared.plain_inputs(args, kwargs)
-            versions = self._versions(args)
-            # A single tensor output (most layers) skips the pytree round trip.
-            flat, spec = ([out], None) if torch.is_tensor(out) else torch.utils._pytree.tree_flatten(out)
-            pos = [i for i, t in enumerate(flat) if torch.is_tensor(t) and t.is_floating_point()]
-            mixed, in_dims, out_dims, blocks, rows, first = self._call_dims(unit, module, args, kwargs, flat, state)
-            if reads_shared:
-                if (in_dims is not None and _batch_dim(module) == 0 and not any(d is not None for d in in_dims)
-                        and not any(rows[0])):
-                    # none of its inputs holds the batch (DeBERTa-v2's query_proj on its relative embeddings): its
-                    # outputs all samples share too, and each sample's gradient at them is told by their uses
-                    if not any(flat[i].requires_grad for i in pos):
-                        return None
-                    return self._share(unit, args, kwargs, flat, spec, pos, state, versions, attributes, in_dims,
-                                       out_dims)
-                if in_dims is None or any(isinstance(flat[i], _shared.Shared) for i in pos):
-                    state.shared.fail(f"module '{unit.name}' reads a tensor computed from it beside the batch's rows "
-                                      "in a way the pass cannot follow")
-            expanded = False
-            if not self.no_expand and unit.expands is not False and mixed is not None and not reads_shared:
-                args, kwargs, outs, which = _expand_broadcast(
-                    module, args, kwargs, [flat[i] for i in pos], state.n,
-                    learned=in_dims is not None and first is not None and in_dims[first] is not None)
-                if which is not None:  # the broadcast input and the outputs it made are every sample's own (SPEC §1)
-                    state.expanded.append(unit)
-                    if unit.expands is None and self.per_sample:
-                        state.tentative.append(unit)  # confirmed once, as n blocks of rows are
-                    expanded = True
-                    for i, t in zip(pos, outs):
-                        flat[i] = t
-                    out = flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
-                    mixed, dim = None, _batch_dim(module)
-                    if in_dims is not None:
-                        in_dims = [dim if i == first else d for i, d in enumerate(in_dims)]
-                        grown = {pos[w] for w in which}
-                        out_dims = [dim if j in grown else d for j, d in enumerate(out_dims)]
-            if (self.per_sample and state.n > 1 and mixed is None and unit.rule.grads is _rules.generic_grads
-                    and in_dims is not None and not any(d is not None for d in in_dims)
-                    and any(out_dims[i] is not None for i in pos)):
-                # the batch's rows out of inputs none of which holds them (ProphetNet's positions from the batch's
-                # shape, a tuple): a rerun of the module on one sample's inputs is the batch's again (it raised)
-                state.mixed.append((unit, "returns the batch's rows from inputs none of which holds them (the batch "
-                                          "size comes as a number), so its rerun cannot be cut by sample"))
-                return None
-            block_rows = None
-            if mixed is not None and self.per_sample and state.n > 1:
-                # n blocks of rows, one per sample (OPT's and the MoE layers' (n·T, D) tokens), confirmed once; the
-                # generic rule reads them where it knows which of the call's tensors hold them
-                # (with padding, only the batch's (n, T) positions flattened, or the visual patches (merged or not) of
-                # a batch whose samples have as many: tokens packed by the mask are not)
-                if (blocks and unit.blocks is not False and mixed and mixed[0] % state.n == 0
-                        and (state.mask is None or mixed[0] == state.mask.numel() or (
-                            mixed[0] != int(state.mask.sum()) and any(p % mixed[0] == 0 for p in state.patches)))
-                        and _batch_dim(module) == 0 and unit.rule.blocks(module)
-                        and (rows is not None or unit.rule.grads is not _rules.generic_grads)):
-                    state.block_rows.add(mixed[0])
-                    mixed, block_rows = None, rows
-                    if unit.blocks is None:
-                        state.tentative.append(unit)
-                else:
-                    # the batch runs again sample by sample, in g-MAS only where a gradient reaches the call's output
-                    # (DoRA's weight norm calls its LoRA layers on an identity matrix, then detaches the result)
-                    why = (unit, f"is called on an input of shape {mixed}, whose rows are not the batch's {state.n} "
-                                 "samples (it mixes them, or all share it)")
-                    if self.mode == "local":  # its own output is its gradient
-                        state.mixed.append(why)
-                        return None
-                    reached = [i for i in pos if flat[i].requires_grad]
-                    if not reached:
-                        return None
-                    if (in_dims is not None and _batch_dim(module) == 0  # g-MAS: l-MAS returned above
-                            and not any(d is not None for d in (*in_dims, *out_dims))
-                            and not any((*rows[0], *rows[1]))):
-                        return self._share(unit, args, kwargs, flat, spec, pos, state, versions, attributes, in_dims,
-                                           out_dims)
-                    tapped = self._tap(state.anchor, lambda grads: state.mixed.append(why), False,
-                                       [flat[i] for i in reached])
-                    for i, t in zip(reached, tapped):
-                        flat[i] = t
-                    return flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
-            elif (rows is not None and self.per_sample and state.n > 1 and unit.blocks is not False
-                  and unit.rule.grads is _rules.generic_grads and _flattens_samples(in_dims, out_dims, rows, flat, pos,
-                                                                                   state)):
-                # an input with the batch in dim 0 and an output of the samples' rows flattened (DeepSeek-V3's
-                # router: (n, T, D) in, (n·T, E) logits out), confirmed once as the blocks above
-                block_rows = rows
-                state.block_rows.update(flat[i].shape[0] for i in pos if rows[1][i] and out_dims[i] is None)
-                if unit.blocks is None:
-                    state.tentative.append(unit)
-            elif (mixed is None and self.mode == "global" and self.per_sample and state.n > 1
-                  and unit.rule.grads is _rules.generic_grads and out_dims is not None and pos
-                  and all(out_dims[i] is None for i in pos) and any(flat[i].requires_grad for i in pos)):
-                # inputs that hold the batch, floating outputs that none does (BART's positions from its (n, T)
-                # input_ids): the outputs all samples share
-                return self._share(unit, args, kwargs, flat, spec, pos, state, versions, attributes, in_dims, out_dims)
-            # The whole call is one sample's (a one-sample pass) or the batch's (per_sample=False): its rule is
-            # the module's own gradient, through the generic rule, which keeps its output.
-            whole = mixed is not None or held is not None  # per_sample=False: a batch state, rerun whole
-            keep = self.mode == "local" or whole or unit.rule.needs_output(module)
-            if self.mode == "local":  # the output itself is the gradient, but at the padded positions
-                local = tuple(_mask_positions(flat[i].detach(), state.mask,
-                                              out_dims[i] if out_dims is not None else None,
-                                              rows is not None and rows[1][i]) for i in pos)
-                if any(g is None for g in local):
-                    state.unmasked = f"the output of module '{unit.name}' ({type(module).__name__})"
-                    return None
-            call = _rules.Call(1 if whole else state.n, args, kwargs, out if keep else None, versions=versions,
-                               whole=whole, in_dims=in_dims, out_dims=out_dims, rows=block_rows,
-                               attributes=attributes or None)
-            unit.group.calls.append((unit, call))
-            if self.mode == "local":
-                call.grads = local
-                if unit.group.simple and not unit.repeats:
-                    self._process(unit.group)  # now, before any in-place op changes the output
-                else:
-                    call.grads = tuple(g.clone() for g in call.grads)
-                return None
-            if not any(flat[i].requires_grad for i in pos):
-                return out if expanded else None
-
-            def sink(grads):
-                if unit in state.idle:
-                    return
-                call.grads = grads
-                unit.group.pending.append(call)
-                if len(unit.group.pending) == len(unit.group.calls):
-                    self._process(unit.group)
-
-            tapped = self._tap(state.anchor, sink, unit.rule.grads is not _rules.generic_grads, [flat[i] for i in pos])
-            if torch.is_tensor(call.out):  # as the tap left it (passed on in place, its version moved on)
-                call.out_version = call.out._version
-            for i, t in zip(pos, tapped):
-                flat[i] = t
-            return flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
+            if state is not None and state.last is not None and state.last.unit is unit:
+                state.last.seam, state.last = _graph.next_sequence_nr(), None
+            return result
 
         return hook
 
-    @staticmethod
-    def _tap(anchor, sink, in_place, outs):
+    def _record(self, unit, module, args, kwargs, out):
+        """A call of the unit ending: its inputs and output kept for its rule, its output tapped (g-MAS)."""
+        state = self._pass
+        if state is None or state.busy:
+            return None
+        state.calls[unit] = state.calls.get(unit, 0) + 1
+        if self.mode == "global" and any(state.started.get(w) for w in unit.within):
+            # a call within one of a unit that owns its parameters too, whose rule covers it (in l-MAS each layer
+            # takes its own output); its dims are learned all the same, as the next call's index counts it
+            unit.raw = unit.attributes = None
+            flat = [out] if torch.is_tensor(out) else torch.utils._pytree.tree_flatten(out)[0]
+            self._call_dims(unit, module, args, kwargs, flat, state)
+            if state.last is not None and state.last.unit is unit:  # its nodes are that unit's
+                state.spans[unit].remove(state.last)
+                state.last = None
+            return None
+        if unit.raw is not None:  # the generic rule reads the call from before the module's own pre-hooks
+            (args, kwargs), unit.raw = unit.raw, None
+        attributes = held = None
+        if unit.attributes is not None:  # its modules' tensor attributes as they were before the call
+            attributes, unit.attributes = unit.attributes, None
+            held = _batch_state(attributes, state.n) if state.n > 1 else None
+            if held is not None and self.per_sample:  # the batch runs again sample by sample
+                state.mixed.append((unit, held))
+                return None
+            for m, before in attributes.items():  # and those the call added, to be absent
+                before.update({k: _ABSENT for k, v in vars(m).items() if torch.is_tensor(v) and k not in before})
+        if unit.handled:  # its tapped forward has already seen to this call
+            unit.handled = False
+            return None
+        if kwargs and unit.rule.grads is not _rules.generic_grads:  # the table's rules read call.args
+            args, kwargs = _positional(module, args, kwargs)
+        # a call reading tensors that all samples share (_shared): the rules see them as the plain tensors they are
+        reads_shared = False
+        if state.shared is not None:
+            args, kwargs, reads_shared = _shared.plain_inputs(args, kwargs)
+        versions = self._versions(args)
+        # A single tensor output (most layers) skips the pytree round trip.
+        flat, spec = ([out], None) if torch.is_tensor(out) else torch.utils._pytree.tree_flatten(out)
+        pos = [i for i, t in enumerate(flat) if torch.is_tensor(t) and t.is_floating_point()]
+        mixed, in_dims, out_dims, blocks, rows, first = self._call_dims(unit, module, args, kwargs, flat, state)
+        if reads_shared:
+            if (in_dims is not None and _batch_dim(module) == 0 and not any(d is not None for d in in_dims)
+                    and not any(rows[0])):
+                # none of its inputs holds the batch (DeBERTa-v2's query_proj on its relative embeddings): its
+                # outputs all samples share too, and each sample's gradient at them is told by their uses
+                if not any(flat[i].requires_grad for i in pos):
+                    return None
+                return self._share(unit, args, kwargs, flat, spec, pos, state, versions, attributes, in_dims,
+                                   out_dims)
+            if in_dims is None or any(isinstance(flat[i], _shared.Shared) for i in pos):
+                state.shared.fail(f"module '{unit.name}' reads a tensor computed from it beside the batch's rows "
+                                  "in a way the pass cannot follow")
+        expanded = False
+        if not self.no_expand and unit.expands is not False and mixed is not None and not reads_shared:
+            args, kwargs, outs, which = _expand_broadcast(
+                module, args, kwargs, [flat[i] for i in pos], state.n,
+                learned=in_dims is not None and first is not None and in_dims[first] is not None)
+            if which is not None:  # the broadcast input and the outputs it made are every sample's own (SPEC §1)
+                state.expanded.append(unit)
+                if unit.expands is None and self.per_sample:
+                    state.tentative.append(unit)  # confirmed once, as n blocks of rows are
+                expanded = True
+                for i, t in zip(pos, outs):
+                    flat[i] = t
+                out = flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
+                mixed, dim = None, _batch_dim(module)
+                if in_dims is not None:
+                    in_dims = [dim if i == first else d for i, d in enumerate(in_dims)]
+                    grown = {pos[w] for w in which}
+                    out_dims = [dim if j in grown else d for j, d in enumerate(out_dims)]
+        if (self.per_sample and state.n > 1 and mixed is None and unit.rule.grads is _rules.generic_grads
+                and in_dims is not None and not any(d is not None for d in in_dims)
+                and any(out_dims[i] is not None for i in pos)):
+            # the batch's rows out of inputs none of which holds them (ProphetNet's positions from the batch's
+            # shape, a tuple): a rerun of the module on one sample's inputs is the batch's again (it raised)
+            state.mixed.append((unit, "returns the batch's rows from inputs none of which holds them (the batch "
+                                      "size comes as a number), so its rerun cannot be cut by sample"))
+            return None
+        block_rows = None
+        if mixed is not None and self.per_sample and state.n > 1:
+            # n blocks of rows, one per sample (OPT's and the MoE layers' (n·T, D) tokens), confirmed once; the
+            # generic rule reads them where it knows which of the call's tensors hold them
+            # (with padding, only the batch's (n, T) positions flattened, or the visual patches (merged or not) of
+            # a batch whose samples have as many: tokens packed by the mask are not)
+            if (blocks and unit.blocks is not False and mixed and mixed[0] % state.n == 0
+                    and (state.mask is None or mixed[0] == state.mask.numel() or (
+                        mixed[0] != int(state.mask.sum()) and any(p % mixed[0] == 0 for p in state.patches)))
+                    and _batch_dim(module) == 0 and unit.rule.blocks(module)
+                    and (rows is not None or unit.rule.grads is not _rules.generic_grads)):
+                state.block_rows.add(mixed[0])
+                mixed, block_rows = None, rows
+                if unit.blocks is None:
+                    state.tentative.append(unit)
+            else:
+                # the batch runs again sample by sample, in g-MAS only where a gradient reaches the call's output
+                # (DoRA's weight norm calls its LoRA layers on an identity matrix, then detaches the result)
+                why = (unit, f"is called on an input of shape {mixed}, whose rows are not the batch's {state.n} "
+                             "samples (it mixes them, or all share it)")
+                if self.mode == "local":  # its own output is its gradient
+                    state.mixed.append(why)
+                    return None
+                reached = [i for i in pos if flat[i].requires_grad]
+                if not reached:
+                    return None
+                if (in_dims is not None and _batch_dim(module) == 0  # g-MAS: l-MAS returned above
+                        and not any(d is not None for d in (*in_dims, *out_dims))
+                        and not any((*rows[0], *rows[1]))):
+                    return self._share(unit, args, kwargs, flat, spec, pos, state, versions, attributes, in_dims,
+                                       out_dims)
+                tapped = self._tap(state.anchor, lambda grads: state.mixed.append(why), False,
+                                   [flat[i] for i in reached])
+                for i, t in zip(reached, tapped):
+                    flat[i] = t
+                return flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
+        elif (rows is not None and self.per_sample and state.n > 1 and unit.blocks is not False
+              and unit.rule.grads is _rules.generic_grads and _flattens_samples(in_dims, out_dims, rows, flat, pos,
+                                                                               state)):
+            # an input with the batch in dim 0 and an output of the samples' rows flattened (DeepSeek-V3's
+            # router: (n, T, D) in, (n·T, E) logits out), confirmed once as the blocks above
+            block_rows = rows
+            state.block_rows.update(flat[i].shape[0] for i in pos if rows[1][i] and out_dims[i] is None)
+            if unit.blocks is None:
+                state.tentative.append(unit)
+        elif (mixed is None and self.mode == "global" and self.per_sample and state.n > 1
+              and unit.rule.grads is _rules.generic_grads and out_dims is not None and pos
+              and all(out_dims[i] is None for i in pos) and any(flat[i].requires_grad for i in pos)):
+            # inputs that hold the batch, floating outputs that none does (BART's positions from its (n, T)
+            # input_ids): the outputs all samples share
+            return self._share(unit, args, kwargs, flat, spec, pos, state, versions, attributes, in_dims, out_dims)
+        # The whole call is one sample's (a one-sample pass) or the batch's (per_sample=False): its rule is
+        # the module's own gradient, through the generic rule, which keeps its output.
+        whole = mixed is not None or held is not None  # per_sample=False: a batch state, rerun whole
+        keep = self.mode == "local" or whole or unit.rule.needs_output(module)
+        if self.mode == "local":  # the output itself is the gradient, but at the padded positions
+            local = tuple(_mask_positions(flat[i].detach(), state.mask,
+                                          out_dims[i] if out_dims is not None else None,
+                                          rows is not None and rows[1][i]) for i in pos)
+            if any(g is None for g in local):
+                state.unmasked = f"the output of module '{unit.name}' ({type(module).__name__})"
+                return None
+        call = _rules.Call(1 if whole else state.n, args, kwargs, out if keep else None, versions=versions,
+                           whole=whole, in_dims=in_dims, out_dims=out_dims, rows=block_rows,
+                           attributes=attributes or None)
+        unit.group.calls.append((unit, call))
+        if self.mode == "local":
+            call.grads = local
+            if unit.group.simple and not unit.repeats:
+                self._process(unit.group)  # now, before any in-place op changes the output
+            else:
+                call.grads = tuple(g.clone() for g in call.grads)
+            return None
+        if not any(flat[i].requires_grad for i in pos):
+            return out if expanded else None
+
+        def sink(grads):
+            if unit in state.idle:
+                return
+            call.grads = grads
+            unit.group.pending.append(call)
+            if len(unit.group.pending) == len(unit.group.calls):
+                self._process(unit.group)
+
+        tapped = self._tap(state.anchor, sink, unit.rule.grads is not _rules.generic_grads, [flat[i] for i in pos])
+        if torch.is_tensor(call.out):  # as the tap left it (passed on in place, its version moved on)
+            call.out_version = call.out._version
+        for i, t in zip(pos, tapped):
+            flat[i] = t
+        return flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
+
+    def _tap(self, anchor, sink, in_place, outs):
         """``outs`` through a _Tap; ``sink`` gets the gradients at them, shaped like them. With ``in_place``
         an output that only reshapes its base (Linear on 3-D input) is tapped through that base, uncopied."""
         def reshaped_base(t):
@@ -1309,6 +1334,8 @@ class Engine:
         shapes = [o.shape for o in outs]  # not the outputs themselves: the graph would keep them alive
         tapped = _Tap.apply(anchor, lambda grads: sink(tuple(g.view(s) for g, s in zip(grads, shapes))),
                             in_place, *targets)
+        if self._pass is not None and tapped and tapped[0].grad_fn is not None:  # the call's outputs are read here
+            self._pass.taps.add(tapped[0].grad_fn._sequence_nr())
         return [t.view(s) if t.shape != s else t for s, t in zip(shapes, tapped)]
 
     def _share(self, unit, args, kwargs, flat, spec, pos, state, versions, attributes, in_dims, out_dims):
