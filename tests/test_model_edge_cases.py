@@ -323,16 +323,18 @@ def test_parameter_read_outside_its_module(request, cls, how, mode):
 
 
 class LateDirectRead(nn.Module):
-    """Reads emb.weight directly only when the sequence is longer than 3."""
+    """Reads emb.weight directly, as a second head, only where ``when(ids)`` holds (by default: when the sequence is
+    longer than 3)."""
 
-    def __init__(self, v=11, d=6):
+    def __init__(self, v=11, d=6, when=lambda ids: ids.shape[1] > 3):
         super().__init__()
         self.emb, self.mix, self.head = nn.Embedding(v, d), nn.Linear(d, d), nn.Linear(d, 3)
+        self.when = when
 
     def forward(self, ids):
         h = torch.tanh(self.mix(self.emb(ids)))
         out = self.head(h)
-        if ids.shape[1] > 3:
+        if self.when(ids):
             out = out + F.linear(h, self.emb.weight)[..., :3]
         return out
 
@@ -347,29 +349,13 @@ def test_parameter_read_outside_its_module_only_on_later_batches(request, cls):
     check(request, cls, model, batches)
 
 
-class TokenTriggeredRead(nn.Module):
-    """Reads emb.weight directly, as a second head, only in batches where token 0 is present (a data-dependent
-    branch: the same shapes with or without it)."""
-
-    def __init__(self, v=11, d=6):
-        super().__init__()
-        self.emb, self.mix, self.head = nn.Embedding(v, d), nn.Linear(d, d), nn.Linear(d, 3)
-
-    def forward(self, ids):
-        h = torch.tanh(self.mix(self.emb(ids)))
-        out = self.head(h)
-        if bool((ids == 0).any()):
-            out = out + F.linear(h, self.emb.weight)[..., :3]
-        return out
-
-
 @pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
 def test_parameter_read_outside_its_module_on_some_inputs(request, cls):
     """A read of emb.weight outside the Embedding that only some inputs make, at the same shapes: the first batch has
     no token 0, the second has one in every sample (each sample alone reads it too). A scan of the first forward of
     each shape missed it: 69% off on the second batch, with no warning. Every batch's graph is walked now."""
     torch.manual_seed(14)
-    model = TokenTriggeredRead().eval()
+    model = LateDirectRead(when=lambda ids: bool((ids == 0).any())).eval()  # the same shapes with or without it
     first = torch.randint(1, 11, (4, 5))
     second = torch.randint(1, 11, (4, 5))
     second[torch.arange(4), torch.randint(0, 5, (4,))] = 0
