@@ -19,6 +19,7 @@ parameters, make the batch run one sample at a time: exact, and slower.
 """
 import contextlib
 import functools
+import gc
 import inspect
 import warnings
 from collections.abc import Mapping
@@ -408,11 +409,24 @@ class _Pass:
         # running; the span of the call that has just ended (its seam is the tap the engine puts after it), and the
         # sequence numbers of the taps' nodes
         self.spans, self.started, self.last, self.taps = {}, {}, None, set()
+        self.since = _graph.next_sequence_nr()  # the first sequence number of the pass's nodes
         self.escaped = set()  # names of parameters taken whole as a gradient reaches them past their rules
         self.own_all = set()  # the modules of guards whose forwards read their units' weights outside their calls
         # the units called whose parameters the batch's graph does not read, and those parameters of the units called
         # (g-MAS: Engine._read_outside)
         self.idle, self.unread = set(), set()
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Python's cyclic garbage collector off within (where it was on)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _holds_only(module):
@@ -966,7 +980,8 @@ class Engine:
                         # relative embeddings, a read that only some inputs make): their rules do not see all of their
                         # gradient, which is taken whole here.
                         called = {g for u in state.calls for g in u.names.values()}
-                        outside = self._read_outside(loss, state)
+                        with _gc_paused():  # the walk's many small objects set off the collector (most of its cost)
+                            outside = self._read_outside(loss, state)
                         if state.own_all:  # planned again, the batch runs again (Engine.run): no backward
                             return state.calls
                         if state.shared is not None:
@@ -1015,7 +1030,7 @@ class Engine:
         masked_spec_embed in eval mode), and their rules are not run; the parameters it does not read, of the units
         called, go into ``state.unread``: their Ω from this batch is zero."""
         found = {}
-        graph = _graph.Graph(loss.grad_fn, self._owners)
+        graph = _graph.Graph(loss.grad_fn, self._owners, state.since)
         read = {i for i, _ in graph.reads}
         state.unread = {g for u in state.calls for g in u.names.values() if id(self.params[g]) not in read}
         state.idle = {u for u in state.calls if all(g in state.unread for g in u.names.values())}
@@ -1035,13 +1050,17 @@ class Engine:
 
         for i, seq in graph.reads:
             g, units = self._owners[i]
-            if g not in found and not any(sp.start <= seq < sp.end for u in units for sp in state.spans.get(u, ())):
+            if g not in found and not any(sp.unit in units and seq < sp.end for sp in calls.around(seq)):
                 guard_or_found(units, seq, names=[g])
         ids = {u: {id(self.params[g]) for g in u.names.values()} for u in state.calls}
         for sp, at in calls.escapes(graph, state.taps, ids.get).items():
             names = [g for g in sp.unit.names.values() if id(self.params[g]) in read]
             if guard_or_found([sp.unit], at, sp, names):
                 state.escaped.update(names)
+        for sp in calls.spans:  # a call of the generic rule that did not read a parameter takes no gradient for it
+            if sp.call is not None and (sp.unit.rule.grads is _rules.generic_grads or sp.call.whole):
+                sp.call.unread = frozenset(k for k, g in sp.unit.names.items()
+                                           if not graph.reads_in(id(self.params[g]), sp.start, sp.end))
         for sp, i in calls.substituted(graph, state.taps, lambda u: u.rule.grads is not _rules.generic_grads,
                                        ids.get):
             g = self._owners[i][0]
@@ -1297,6 +1316,10 @@ class Engine:
                            whole=whole, in_dims=in_dims, out_dims=out_dims, rows=block_rows,
                            attributes=attributes or None)
         unit.group.calls.append((unit, call))
+        if state.last is not None and state.last.unit is unit:  # the graph walk tells which parameters it read
+            state.last.call = call
+        if unit.rule.grads is not _rules.generic_grads:
+            call.settings = _rules.settings(module)
         if self.mode == "local":
             call.grads = local
             if unit.group.simple and not unit.repeats:
@@ -1426,16 +1449,23 @@ class Engine:
                                        "the importance needs it unchanged (use inplace=False there)")
         recorded, calls = calls, [(u, c) for u, c in calls if c.grads is not None]
         group.calls, group.pending = [], []
+        for unit, call in calls:
+            if call.settings is not None and call.settings != _rules.settings(unit.module):
+                # its settings changed since (a conv run at two dilations): the generic rule reruns it with them
+                call.attributes = {**(call.attributes or {}), unit.module: call.settings}
+                call.rerun = True
+                if call.out is None:  # a layer of the table returns one tensor, shaped and typed as its gradient
+                    call.out = call.grads[0]
         self._pass.busy = True
         try:
             if len(calls) == 1:
                 unit, call = calls[0]
                 local = {k: bufs[g] for k, g in unit.names.items()}
-                if (unit.rule.fused is not None and not call.whole and call.shared is None
+                if (unit.rule.fused is not None and not call.whole and call.shared is None and not call.rerun
                         and self._use_kernels(call.args)
                         and unit.rule.fused(unit.module, call, local, self.per_sample)):
                     return
-            elif (not any(c.whole or c.shared is not None for _, c in calls)
+            elif (not any(c.whole or c.shared is not None or c.rerun for _, c in calls)
                   and self._use_kernels([c.args for _, c in calls])
                   and (_rules.tied_fused(calls, bufs, self.per_sample)
                        or _rules.linear_calls_fused(calls, bufs, self.per_sample))):
@@ -1449,8 +1479,9 @@ class Engine:
     @staticmethod
     def _call_grads(unit, call, s, e):
         """Per-sample gradients of samples s:e of one call (a whole call's: its own, as one sample)."""
-        if call.whole or call.shared is not None or unit.rule.grads is _rules.generic_grads:
-            return _rules.generic_grads(unit.module, call, s, e, names=set(unit.names))
+        if call.whole or call.shared is not None or call.rerun or unit.rule.grads is _rules.generic_grads:
+            names = set(unit.names) - call.unread
+            return _rules.generic_grads(unit.module, call, s, e, names=names) if names else {}
         return unit.rule.grads(unit.module, call, s, e)
 
     def _reduce_per_sample(self, calls, bufs):

@@ -30,10 +30,11 @@ class Span:
     """A call of a unit: ``[start, end)`` the sequence numbers of the nodes its module made, ``[end, seam)`` those of
     the engine's own after it (the tap on its outputs, the expansion of a batch-size-1 output)."""
 
-    __slots__ = ("unit", "start", "end", "seam")
+    __slots__ = ("unit", "start", "end", "seam", "call")
 
     def __init__(self, unit, start, end):
         self.unit, self.start, self.end, self.seam = unit, start, end, end
+        self.call = None  # the rule's record of it (the engine's _rules.Call), where the generic rule takes it
 
 
 def _cast_of(fn, params):
@@ -62,10 +63,11 @@ class Graph:
     """One walk of the whole graph of ``root`` (a loss's node), for the parameters whose ids ``params`` holds:
     ``reads`` [(parameter id, sequence number of a node that reads it)], ``edges`` [(the sequence number of a node,
     that of a node it reads, the latter)] between the nodes that are not leaves' accumulators or casts of a tracked
-    parameter, ``seqs`` the sequence numbers of the nodes walked. The nodes are kept alive while it is: their ids are
-    not reused."""
+    parameter, ``seqs`` the sequence numbers of the nodes walked. A cast made from ``since`` on (in this pass) is a
+    read where it was made as well as where it is read; one made before (autocast's, kept from an earlier batch) only
+    where it is read. The nodes are kept alive while it is: their ids are not reused."""
 
-    def __init__(self, root, params):
+    def __init__(self, root, params, since=0):
         self.reads, self.edges = [], []
         seq = {id(root): root._sequence_nr()}
         todo, self._nodes = [root], {id(root): root}
@@ -83,6 +85,10 @@ class Graph:
                 cast = _cast_of(nxt, params)
                 if cast is not None:
                     self.reads.append((cast, s))
+                    made = nxt._sequence_nr()
+                    if made >= since:  # and a node of the call that made it, read by this one
+                        self.reads.append((cast, made))
+                        self.edges.append((s, made, nxt))
                     continue
                 if id(nxt) not in seq:
                     seq[id(nxt)] = nxt._sequence_nr()
@@ -90,6 +96,19 @@ class Graph:
                     todo.append(nxt)
                 self.edges.append((s, seq[id(nxt)], nxt))
         self.seqs = set(seq.values())
+        self._by_param = None
+
+    def reads_in(self, i, start, end):
+        """Whether a node numbered from ``start`` to ``end`` reads the parameter whose id is ``i``."""
+        if self._by_param is None:
+            self._by_param = {}
+            for j, s in self.reads:
+                self._by_param.setdefault(j, []).append(s)
+            for v in self._by_param.values():
+                v.sort()
+        at = self._by_param.get(i, ())
+        k = bisect.bisect_left(at, start)
+        return k < len(at) and at[k] < end
 
 
 class Calls:
@@ -160,11 +179,6 @@ class Calls:
         rule takes its weight to be the one its call read) whose taps the walk reached, and that read that parameter of
         theirs nowhere in the call."""
         reached = sorted(taps & graph.seqs)
-        reads = {}
-        for i, s in graph.reads:
-            reads.setdefault(i, []).append(s)
-        for v in reads.values():
-            v.sort()
         out = []
         for sp in self.spans:
             if not table(sp.unit):
@@ -172,9 +186,5 @@ class Calls:
             k = bisect.bisect_left(reached, sp.start)
             if k == len(reached) or reached[k] >= sp.seam:
                 continue  # no gradient reaches its outputs
-            for i in ids_of(sp.unit):
-                at = reads.get(i, ())
-                j = bisect.bisect_left(at, sp.start)
-                if j == len(at) or at[j] >= sp.end:
-                    out.append((sp, i))
+            out += [(sp, i) for i in ids_of(sp.unit) if not graph.reads_in(i, sp.start, sp.end)]
         return out

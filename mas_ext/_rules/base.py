@@ -55,6 +55,13 @@ class Call:
     # The flattened outputs that all samples share (BART's positions): their gradients carry each sample's in a dim 0
     # of their own (the engine's _shared), and a rule reruns the module to the output as it is.
     shared: Optional[list] = None
+    # Generic rule: the local names of the unit's parameters that the call did not read, as the batch's graph shows
+    # (torch.func.functional_call with another tensor in their place): the rule takes no gradient for them.
+    unread: frozenset = frozenset()
+    # A layer of the table: its settings (generic.settings) when called. Where they changed since (a conv run at two
+    # dilations), the generic rule reruns the call with them instead of the table's rule.
+    settings: Optional[dict] = None
+    rerun: bool = False
 
     @property
     def g(self):

@@ -63,9 +63,20 @@ class SharedOutput(Exception):
 ABSENT = object()  # in Call.attributes: an attribute the call added
 
 
+def _plain(v):
+    return isinstance(v, (bool, int, float, str, type(None))) or (isinstance(v, tuple) and all(map(_plain, v)))
+
+
+def settings(module):
+    """The module's plain attributes that are values: numbers, strings, None and tuples of them (a conv's dilation, a
+    scale its caller sets before each call)."""
+    return {k: v for k, v in vars(module).items() if _plain(v)}
+
+
 def attributes(module):
-    """The module's plain attributes that are tensors or None (a state its forward may keep on it)."""
-    return {k: v for k, v in vars(module).items() if v is None or torch.is_tensor(v)}
+    """The module's plain attributes that are tensors (a state its forward may keep on it) or values
+    (:func:`settings`)."""
+    return {k: v for k, v in vars(module).items() if torch.is_tensor(v) or _plain(v)}
 
 
 def _rerun(module, call, params, args, kwargs):
