@@ -1177,9 +1177,12 @@ class Engine:
         if state is None or state.busy:
             return None
         state.calls[unit] = state.calls.get(unit, 0) + 1
-        if self.mode == "global" and any(state.started.get(w) for w in unit.within):
+        if self.mode == "global" and (any(state.started.get(w) for w in unit.within) or (
+                state.started.get(unit) and unit.rule.grads is _rules.generic_grads)):
             # a call within one of a unit that owns its parameters too, whose rule covers it (in l-MAS each layer
-            # takes its own output); its dims are learned all the same, as the next call's index counts it
+            # takes its own output), or within one of its own (a layer of the generic rule that maps itself over a
+            # list by calling itself: its rule reruns the outer call, inner calls and all); its dims are learned all
+            # the same, as the next call's index counts it
             unit.raw = unit.attributes = None
             flat = [out] if torch.is_tensor(out) else torch.utils._pytree.tree_flatten(out)[0]
             self._call_dims(unit, module, args, kwargs, flat, state)

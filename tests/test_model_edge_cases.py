@@ -1375,6 +1375,40 @@ def test_a_layer_called_otherwise_each_time(request, cls, mode, per_sample, kind
     check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
 
 
+class MapsItself(nn.Module):
+    """A layer of the generic rule that maps itself over a list input by calling itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 6) * 0.4)
+
+    def forward(self, x):
+        if isinstance(x, (list, tuple)):
+            return [self(e) for e in x]
+        return torch.tanh(x @ self.w)
+
+
+class OverAList(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.m, self.out = MapsItself(), nn.Linear(6, 3)
+
+    def forward(self, x):
+        a, b = self.m([x, x * 2])
+        return self.out(a + b)
+
+
+@pytest.mark.parametrize("mode,per_sample", [m for m in MODES if m[0] == "global"], ids=["global", "global-batch"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_a_layer_that_calls_itself(request, cls, mode, per_sample):
+    """The rerun of the outer call runs the inner ones too, which counted on their own as well: Ω was 2x. In g-MAS a
+    generic layer's call within one of its own is the outer call's."""
+    torch.manual_seed(107)
+    model = OverAList().eval()
+    x = torch.randn(7, 6)
+    check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
+
+
 class EncoderDecoder(nn.Module):
     """A tiny encoder-decoder: the decoder's tokens read the encoder's masked mean; the output is the decoder's."""
 
