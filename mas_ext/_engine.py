@@ -412,6 +412,7 @@ class _Pass:
         self.since = _graph.next_sequence_nr()  # the first sequence number of the pass's nodes
         self.escaped = set()  # names of parameters taken whole as a gradient reaches them past their rules
         self.own_all = set()  # the modules of guards whose forwards read their units' weights outside their calls
+        self.backward = False  # its backward runs (g-MAS)
         # the units called whose parameters the batch's graph does not read, and those parameters of the units called
         # (g-MAS: Engine._read_outside)
         self.idle, self.unread = set(), set()
@@ -988,6 +989,7 @@ class Engine:
                             # read outside modules that did not run (DeBERTa's relative embeddings): where those
                             # reads go into shared outputs, their uses tell each sample's gradient at them too
                             state.shared.leaves = [self.params[g] for g in outside if g not in called]
+                        state.backward = True  # a module run again in it (a checkpoint's recompute) is no call
                         grads = torch.autograd.grad(loss, [state.anchor] + [self.params[g] for g in outside],
                                                     allow_unused=True)[1:]
             else:
@@ -1134,7 +1136,7 @@ class Engine:
         of the unit), the call's arguments before them: the rule runs the module again from those, hooks and all."""
         @ours
         def hook(module, args, kwargs):
-            if self._pass is not None and not self._pass.busy:
+            if self._pass is not None and not self._pass.busy and not self._pass.backward:
                 unit.attributes = {m: _rules.attributes(m) for m in module.modules()}
                 if unit.rule is _rules.GENERIC and user_pre_hooks(module):
                     unit.raw = (args, kwargs)
@@ -1145,7 +1147,7 @@ class Engine:
         @ours
         def hook(module, args):
             state = self._pass
-            if state is not None and not state.busy:
+            if state is not None and not state.busy and not state.backward:
                 state.started.setdefault(unit, []).append(_graph.next_sequence_nr())
         return hook
 
@@ -1154,7 +1156,7 @@ class Engine:
         @ours
         def hook(module, args, out):
             state = self._pass
-            started = state.started.get(unit) if state is not None and not state.busy else None
+            started = state.started.get(unit) if state is not None and not state.busy and not state.backward else None
             if started:
                 state.last = _graph.Span(unit, started.pop(), _graph.next_sequence_nr())
                 state.spans.setdefault(unit, []).append(state.last)
@@ -1174,7 +1176,7 @@ class Engine:
     def _record(self, unit, module, args, kwargs, out):
         """A call of the unit ending: its inputs and output kept for its rule, its output tapped (g-MAS)."""
         state = self._pass
-        if state is None or state.busy:
+        if state is None or state.busy or state.backward:
             return None
         state.calls[unit] = state.calls.get(unit, 0) + 1
         if self.mode == "global" and (any(state.started.get(w) for w in unit.within) or (
@@ -1424,7 +1426,7 @@ class Engine:
     def _tapped_forward(self, unit, *args, **kwargs):
         """The forward installed on units whose rule taps its own internals (g-MAS per sample, FusedMAS)."""
         state = self._pass
-        if (state is not None and not state.busy and not unit.repeats
+        if (state is not None and not state.busy and not state.backward and not unit.repeats
                 and not (state.shared is not None and _shared.plain_inputs(args, kwargs)[2])):
             def tap(outs, on_grads):  # the buffers are looked up when the gradients arrive (made then)
                 return self._tap(state.anchor, lambda grads: None if unit in state.idle else on_grads(

@@ -4,6 +4,7 @@ models and fresh random inputs. The oracle takes tensors and dicts of keyword ar
 sample alone with its padding removed (SPEC §1 Padding)."""
 import copy
 import dataclasses
+import enum
 import functools
 import math
 import warnings
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.prune
+import torch.utils.checkpoint
 
 import mas_ext
 from _oracle import add_local_grads, attributes
@@ -1407,6 +1409,61 @@ def test_a_layer_that_calls_itself(request, cls, mode, per_sample):
     model = OverAList().eval()
     x = torch.randn(7, 6)
     check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
+
+
+class _Mode(enum.Enum):
+    ONE, THREE = 1, 3
+
+
+class _Scaled(nn.Module):
+    """A layer of the generic rule scaled by an Enum its caller sets on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.mode = nn.Parameter(torch.randn(6)), _Mode.ONE
+
+    def forward(self, x):
+        return torch.tanh(x * self.w) * self.mode.value
+
+
+class AroundAGenericLayer(nn.Module):
+    """``how``: "enum" sets an Enum on the layer before each of its two calls; "backward-hook" registers a full
+    backward pre-hook on it that triples the gradient at its output; "checkpoint" runs two Linears in a non-reentrant
+    torch.utils.checkpoint."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.a, self.g, self.c, self.b = how, nn.Linear(6, 6), _Scaled(), nn.Linear(6, 6), nn.Linear(6, 2)
+        if how == "backward-hook":
+            self.g.register_full_backward_pre_hook(lambda m, go: (go[0] * 3,))
+
+    def forward(self, x):
+        if self.how == "checkpoint":
+            return self.b(torch.utils.checkpoint.checkpoint(
+                lambda y: torch.tanh(self.c(torch.tanh(self.a(y)))), x, use_reentrant=False))
+        if self.how == "enum":
+            self.g.mode = _Mode.THREE
+            y = self.g(self.a(x))
+            self.g.mode = _Mode.ONE
+            return self.b(self.g(y))
+        return self.b(self.g(torch.tanh(self.a(x))))
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("how", ["enum", "backward-hook", "checkpoint"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_what_surrounds_a_layers_call(request, cls, how):
+    """An Enum set on a generic layer before each call (its rerun took the last: 31% off), a full backward pre-hook on
+    it (its rerun applied it again: 9x for 3x), a non-reentrant checkpoint (its recompute in the backward counted as
+    more calls: every batch one sample at a time): exact and batched now."""
+    torch.manual_seed(109)
+    model = AroundAGenericLayer(how).eval()
+    x = torch.randn(7, 6)
+    check(request, cls, model, [x[:4], x[4:]])
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        mas = cls(model, show_progress=False).accumulate([x[:4], x[4:]])
+    assert not [w for w in said if "one sample at a time" in str(w.message)] and not mas._engine.by_sample
 
 
 class EncoderDecoder(nn.Module):

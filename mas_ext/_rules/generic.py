@@ -1,6 +1,7 @@
 """Any other module with parameters: exact per-sample gradients over that module alone (torch.func's vmap, else
 autograd one sample at a time)."""
 import collections
+import enum
 import inspect
 import warnings
 
@@ -64,7 +65,8 @@ ABSENT = object()  # in Call.attributes: an attribute the call added
 
 
 def _plain(v):
-    return isinstance(v, (bool, int, float, str, type(None))) or (isinstance(v, tuple) and all(map(_plain, v)))
+    return (isinstance(v, (bool, int, float, str, type(None), enum.Enum))
+            or (isinstance(v, tuple) and all(map(_plain, v))))
 
 
 def settings(module):
@@ -91,14 +93,17 @@ def _rerun(module, call, params, args, kwargs):
     # instead of its parameter, and the model was left with a dead functorch tensor
     held = [(m, k, p) for m in module.modules() for k, p in m._parameters.items()] if params is not None else []
     # its own output, as the engine's tap took it: without the forward hooks that come after the tap (a user's hook
-    # that scales the output); its pre-hooks run, as on the call (the engine keeps its arguments from before them)
-    hooks, module._forward_hooks = module._forward_hooks, collections.OrderedDict()
+    # that scales the output), nor its backward hooks, whose change to the gradient at the output the tap has already
+    # taken (a full backward pre-hook applied twice: 3x was 9x); its pre-hooks run, as on the call (the engine keeps
+    # its arguments from before them)
+    hooks = module._forward_hooks, module._backward_pre_hooks, module._backward_hooks
+    module._forward_hooks, module._backward_pre_hooks, module._backward_hooks = (collections.OrderedDict() for _ in hooks)
     try:
         if params is None:
             return module(*args, **kwargs)
         return torch.func.functional_call(module, params, tuple(args), kwargs)
     finally:
-        module._forward_hooks = hooks
+        module._forward_hooks, module._backward_pre_hooks, module._backward_hooks = hooks
         for m, values in after.items():
             _assign(vars(m), values)
         for m, k, p in held:
