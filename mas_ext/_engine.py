@@ -371,6 +371,7 @@ class _Unit:
         # the units whose modules hold its module: those owning their subtrees (its calls within theirs are theirs),
         # and g-MAS guards, modules of the generic rule with parameters of their own beside it (plan_units)
         self.within, self.guards = [], []
+        self.versions = None  # generic rule: the versions of the call's inputs before it (Engine._attributes_before)
 
 
 class _Group:
@@ -410,7 +411,9 @@ class _Pass:
         # sequence numbers of the taps' nodes
         self.spans, self.started, self.last, self.taps = {}, {}, None, set()
         self.since = _graph.next_sequence_nr()  # the first sequence number of the pass's nodes
-        self.escaped = set()  # names of parameters taken whole as a gradient reaches them past their rules
+        # {name: why} of parameters taken whole as a gradient reaches them past their rules
+        self.escaped = {}
+        self.modified = []  # the spans of generic calls that modified their own inputs in place (their reruns cannot)
         self.own_all = set()  # the modules of guards whose forwards read their units' weights outside their calls
         self.backward = False  # its backward runs (g-MAS)
         # the units called whose parameters the batch's graph does not read, and those parameters of the units called
@@ -1058,7 +1061,13 @@ class Engine:
         for sp, at in calls.escapes(graph, state.taps, ids.get).items():
             names = [g for g in sp.unit.names.values() if id(self.params[g]) in read]
             if guard_or_found([sp.unit], at, sp, names):
-                state.escaped.update(names)
+                state.escaped.update(dict.fromkeys(names, "reached by a gradient other than through the module's "
+                                                          "outputs"))
+        for sp in state.modified:
+            names = [g for g in sp.unit.names.values() if id(self.params[g]) in read]
+            if guard_or_found([sp.unit], sp.start, sp, names):
+                state.escaped.update(dict.fromkeys(names, "read by a call that modified its input in place, which "
+                                                          "its rule cannot run again"))
         for sp in calls.spans:  # a call of the generic rule that did not read a parameter takes no gradient for it
             if sp.call is not None and (sp.unit.rule.grads is _rules.generic_grads or sp.call.whole):
                 sp.call.unread = frozenset(k for k, g in sp.unit.names.items()
@@ -1067,7 +1076,7 @@ class Engine:
                                        ids.get):
             g = self._owners[i][0]
             if i in read and guard_or_found([sp.unit], sp.start, sp, [g]):
-                state.escaped.add(g)
+                state.escaped[g] = "not read by a call of its module, which read another tensor in its place"
         return {} if state.own_all else found
 
     def _whole_grads(self, state, outside, grads):
@@ -1084,8 +1093,7 @@ class Engine:
                 leaf = self.params[g]
                 per = site.take(leaf, grad) if site is not None and any(p is leaf for p in site.leaves) else None
                 if per is None:
-                    how = ("reached by a gradient other than through the module's outputs" if g in state.escaped
-                           else "used outside the module's own forward")
+                    how = state.escaped.get(g, "used outside the module's own forward")
                     state.mixed.append((unit, f"has its parameter '{g}' {how}, where no per-sample gradient can be "
                                               "told apart"
                                               + (f" ({site.failed})" if site is not None and site.failed else "")))
@@ -1138,6 +1146,7 @@ class Engine:
         def hook(module, args, kwargs):
             if self._pass is not None and not self._pass.busy and not self._pass.backward:
                 unit.attributes = {m: _rules.attributes(m) for m in module.modules()}
+                unit.versions = self._versions(args)  # an input the call modifies in place cannot be run again
                 if unit.rule is _rules.GENERIC and user_pre_hooks(module):
                     unit.raw = (args, kwargs)
         return hook
@@ -1185,7 +1194,7 @@ class Engine:
             # takes its own output), or within one of its own (a layer of the generic rule that maps itself over a
             # list by calling itself: its rule reruns the outer call, inner calls and all); its dims are learned all
             # the same, as the next call's index counts it
-            unit.raw = unit.attributes = None
+            unit.raw = unit.attributes = unit.versions = None
             flat = [out] if torch.is_tensor(out) else torch.utils._pytree.tree_flatten(out)[0]
             self._call_dims(unit, module, args, kwargs, flat, state)
             if state.last is not None and state.last.unit is unit:  # its nodes are that unit's
@@ -1194,6 +1203,10 @@ class Engine:
             return None
         if unit.raw is not None:  # the generic rule reads the call from before the module's own pre-hooks
             (args, kwargs), unit.raw = unit.raw, None
+        before, unit.versions = unit.versions, None
+        if (before is not None and any(t._version != v for t, v in before) and state.last is not None
+                and state.last.unit is unit):  # it modified its input in place: its rule cannot run it again
+            state.modified.append(state.last)
         attributes = held = None
         if unit.attributes is not None:  # its modules' tensor attributes as they were before the call
             attributes, unit.attributes = unit.attributes, None
