@@ -1055,7 +1055,7 @@ class Engine:
 
         for i, seq in graph.reads:
             g, units = self._owners[i]
-            if g not in found and not any(sp.unit in units and seq < sp.end for sp in calls.around(seq)):
+            if g not in found and not calls.made_by(seq, units):
                 guard_or_found(units, seq, names=[g])
         ids = {u: {id(self.params[g]) for g in u.names.values()} for u in state.calls}
         for sp, at in calls.escapes(graph, state.taps, ids.get).items():

@@ -124,17 +124,35 @@ class Calls:
                 stack.pop()
             self.parent.append(stack[-1] if stack else -1)
             stack.append(i)
+        self._inner = {}
+
+    def _innermost(self, seq):
+        """The index of the innermost span around node number ``seq`` (its seam included), -1 where none is."""
+        i = self._inner.get(seq)
+        if i is None:
+            i = bisect.bisect_right(self.starts, seq) - 1
+            while i >= 0 and not seq < self.spans[i].seam:
+                i = self.parent[i]
+            self._inner[seq] = i
+        return i
 
     def around(self, seq):
         """The spans of the calls that made node number ``seq`` (their seams included), innermost first."""
-        i = bisect.bisect_right(self.starts, seq) - 1
-        while i >= 0 and not seq < self.spans[i].seam:
-            i = self.parent[i]
-        out = []
+        i, out = self._innermost(seq), []
         while i >= 0:
             out.append(self.spans[i])
             i = self.parent[i]
         return out
+
+    def made_by(self, seq, units):
+        """Whether node number ``seq`` was made by a call of one of ``units`` (not in its seam)."""
+        i = self._innermost(seq)
+        while i >= 0:
+            sp = self.spans[i]
+            if sp.unit in units and seq < sp.end:
+                return True
+            i = self.parent[i]
+        return False
 
     def escapes(self, graph, taps, ids_of):
         """{span: the sequence number of a node made outside its call that reads one made inside it} of the calls
@@ -142,18 +160,20 @@ class Calls:
         call's outputs are read through its taps (``taps``: their nodes' sequence numbers) or the engine's nodes in
         its seam; any other edge into it from outside that leads, within the call, to its unit's parameters is an
         escape."""
-        out, cache = {}, {}
+        out = {}
         for s_fn, s_nxt, nxt in graph.edges:
-            inner = cache.get(s_nxt)
-            if inner is None:
-                inner = cache[s_nxt] = self.around(s_nxt)
-            for k, sp in enumerate(inner):
+            i = self._innermost(s_nxt)
+            if i < 0 or self._innermost(s_fn) == i:
+                continue  # made by no call, or by the reader's innermost call too (most edges)
+            first = True
+            while i >= 0:
+                sp = self.spans[i]
                 if sp.start <= s_fn < sp.seam:
                     break  # it and the calls around it made the reader too
-                if k == 0 and (s_nxt >= sp.end or s_nxt in taps):
-                    continue  # the call's own outputs, through the engine's tap
-                if sp not in out and self._leads_to(nxt, sp, ids_of(sp.unit), taps):
+                if not (first and (s_nxt >= sp.end or s_nxt in taps)) and sp not in out and self._leads_to(
+                        nxt, sp, ids_of(sp.unit), taps):  # not the call's own outputs, through the engine's tap
                     out[sp] = s_fn
+                i, first = self.parent[i], False
         return out
 
     def _leads_to(self, node, sp, ids, taps):
@@ -169,7 +189,7 @@ class Calls:
                 if nxt is None or id(nxt) in seen or getattr(nxt, "variable", None) is not None:
                     continue
                 s = nxt._sequence_nr()
-                if sp.start <= s < sp.seam and not (s in taps and self.around(s)[0] is sp):
+                if sp.start <= s < sp.seam and not (s in taps and self.spans[self._innermost(s)] is sp):
                     seen.add(id(nxt))
                     todo.append(nxt)
         return False
