@@ -1035,7 +1035,7 @@ class Engine:
         masked_spec_embed in eval mode), and their rules are not run; the parameters it does not read, of the units
         called, go into ``state.unread``: their Ω from this batch is zero."""
         found = {}
-        graph = _graph.Graph(loss.grad_fn, self._owners, state.since)
+        graph = _graph.Graph(loss.grad_fn, self._owners, state.since, _Tap._backward_cls)
         read = {i for i, _ in graph.reads}
         state.unread = {g for u in state.calls for g in u.names.values() if id(self.params[g]) not in read}
         state.idle = {u for u in state.calls if all(g in state.unread for g in u.names.values())}

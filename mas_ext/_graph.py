@@ -65,36 +65,49 @@ class Graph:
     that of a node it reads, the latter)] between the nodes that are not leaves' accumulators or casts of a tracked
     parameter, ``seqs`` the sequence numbers of the nodes walked. A cast made from ``since`` on (in this pass) is a
     read where it was made as well as where it is read; one made before (autocast's, kept from an earlier batch) only
-    where it is read. The nodes are kept alive while it is: their ids are not reused."""
+    where it is read. Through a node of class ``tap`` (the engine's), only the inputs whose outputs are read lead on.
+    The nodes are kept alive while it is: their ids are not reused."""
 
-    def __init__(self, root, params, since=0):
+    def __init__(self, root, params, since=0, tap=None):
         self.reads, self.edges = [], []
         seq = {id(root): root._sequence_nr()}
-        todo, self._nodes = [root], {id(root): root}
+        todo, self._nodes, taps = [root], {id(root): root}, set()
+
+        def follow(s, nxt, k):  # the edge from the node numbered s to output k of nxt
+            v = getattr(nxt, "variable", None)
+            if v is not None:  # a leaf's accumulator
+                if id(v) in params:
+                    self.reads.append((id(v), s))
+                return
+            cast = _cast_of(nxt, params)
+            if cast is not None:
+                self.reads.append((cast, s))
+                made = nxt._sequence_nr()
+                if made >= since:  # and a node of the call that made it, read by this one
+                    self.reads.append((cast, made))
+                    self.edges.append((s, made, nxt))
+                return
+            if id(nxt) not in seq:
+                seq[id(nxt)] = nxt._sequence_nr()
+                self._nodes[id(nxt)] = nxt
+                if type(nxt) is not tap:
+                    todo.append(nxt)
+            self.edges.append((s, seq[id(nxt)], nxt))
+            # the engine's tap (``tap``: its node's class) passes each output's gradient to its input of the same place,
+            # after the anchor: only the outputs read lead on (CLIP's logits, tapped with the image states but not
+            # read, do not lead to logit_scale)
+            if type(nxt) is tap and (id(nxt), k) not in taps:
+                taps.add((id(nxt), k))
+                target, j = nxt.next_functions[1 + k]
+                if target is not None:
+                    follow(seq[id(nxt)], target, j)
+
         while todo:
             fn = todo.pop()
             s = seq[id(fn)]
-            for nxt, _ in fn.next_functions:
-                if nxt is None:
-                    continue
-                v = getattr(nxt, "variable", None)
-                if v is not None:  # a leaf's accumulator
-                    if id(v) in params:
-                        self.reads.append((id(v), s))
-                    continue
-                cast = _cast_of(nxt, params)
-                if cast is not None:
-                    self.reads.append((cast, s))
-                    made = nxt._sequence_nr()
-                    if made >= since:  # and a node of the call that made it, read by this one
-                        self.reads.append((cast, made))
-                        self.edges.append((s, made, nxt))
-                    continue
-                if id(nxt) not in seq:
-                    seq[id(nxt)] = nxt._sequence_nr()
-                    self._nodes[id(nxt)] = nxt
-                    todo.append(nxt)
-                self.edges.append((s, seq[id(nxt)], nxt))
+            for nxt, k in fn.next_functions:
+                if nxt is not None:
+                    follow(s, nxt, k)
         self.seqs = set(seq.values())
         self._by_param = None
 
