@@ -48,7 +48,6 @@ MODELS = {
     "bert": _bert,
 }
 CAUSAL = ("llama", "qwen2-tied", "mistral", "gpt2")  # left padding keeps a real token's output: RoPE is relative
-ROPE = ("llama", "qwen2-tied", "mistral")
 
 
 def make_model(name, seed=0):
@@ -120,9 +119,9 @@ def test_exact_on_ragged_batches(name, cls):
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_padding_gives_the_unpadded_importance(name, side, cls):
-    if side == "left" and name not in ROPE:
-        pytest.skip("absolute position embeddings: a left-padded sample is another input unless position_ids "
-                    "are passed (see test_gpt2_left_padding_with_position_ids)")
+    """Left padding too: with absolute position embeddings a left-padded sample is another input (unless position_ids
+    are passed: test_gpt2_left_padding_with_position_ids), which the first padded batch's check against its samples
+    run alone shows: such batches run one sample at a time, with a warning, and Ω is the unpadded samples'."""
     model = make_model(name, seed=1)
     torch.manual_seed(2)
     sequences = [torch.randint(1, V, (length,)) for length in (T, 4, 7, 1, 6)]
@@ -131,6 +130,27 @@ def test_padding_gives_the_unpadded_importance(name, side, cls):
     mas.accumulate([{"input_ids": ids[:2], "attention_mask": mask[:2]},
                     {"input_ids": ids[2:], "attention_mask": mask[2:], "labels": ids[2:]}])
     assert_close(mas.task_importance, oracle(model, sequences))
+
+
+@pytest.mark.parametrize("cls", [mas_ext.ReferenceMAS, mas_ext.FusedMAS], ids=["reference", "fused"])
+def test_rotary_positions_that_ignore_the_mask_under_left_padding(cls):
+    """RoFormer's rotary positions count the pads of a left-padded sample, and no layer with parameters shows it: Ω
+    was that of the padded samples, 16% off the unpadded ones with no warning. The first padded batch of a layout is
+    checked against its samples run alone: padded batches then run one sample at a time, with a warning."""
+    torch.manual_seed(5)
+    model = transformers.RoFormerModel(transformers.RoFormerConfig(
+        vocab_size=V, hidden_size=16, embedding_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sequences = [torch.randint(1, V, (length,)) for length in (5, 3, 4)]
+    ids, mask = padded(sequences, "left")
+    with pytest.warns(UserWarning, match="than with its samples run alone"):
+        mas = cls(model, show_progress=False, output_fn=lambda out: out.last_hidden_state).accumulate(
+            [{"input_ids": ids, "attention_mask": mask}])
+    assert_close(mas.task_importance,
+                 oracle(model, sequences, forward=lambda m, x: m(input_ids=x[None]).last_hidden_state))
 
 
 def test_gpt2_left_padding_with_position_ids():
