@@ -1058,13 +1058,16 @@ class Engine:
             if g not in found and not calls.made_by(seq, units):
                 guard_or_found(units, seq, names=[g])
         ids = {u: {id(self.params[g]) for g in u.names.values()} for u in state.calls}
+        def read_names(unit):  # of a unit called
+            return [g for g in unit.names.values() if g not in state.unread]
+
         for sp, at in calls.escapes(graph, state.taps, ids.get).items():
-            names = [g for g in sp.unit.names.values() if id(self.params[g]) in read]
+            names = read_names(sp.unit)
             if guard_or_found([sp.unit], at, sp, names):
                 state.escaped.update(dict.fromkeys(names, "reached by a gradient other than through the module's "
                                                           "outputs"))
         for sp in state.modified:
-            names = [g for g in sp.unit.names.values() if id(self.params[g]) in read]
+            names = read_names(sp.unit)
             if guard_or_found([sp.unit], sp.start, sp, names):
                 state.escaped.update(dict.fromkeys(names, "read by a call that modified its input in place, which "
                                                           "its rule cannot run again"))
@@ -1188,6 +1191,7 @@ class Engine:
         if state is None or state.busy or state.backward:
             return None
         state.calls[unit] = state.calls.get(unit, 0) + 1
+        span = state.last if state.last is not None and state.last.unit is unit else None  # this call's (_ended)
         if self.mode == "global" and (any(state.started.get(w) for w in unit.within) or (
                 state.started.get(unit) and unit.rule.grads is _rules.generic_grads)):
             # a call within one of a unit that owns its parameters too, whose rule covers it (in l-MAS each layer
@@ -1197,16 +1201,15 @@ class Engine:
             unit.raw = unit.attributes = unit.versions = None
             flat = [out] if torch.is_tensor(out) else torch.utils._pytree.tree_flatten(out)[0]
             self._call_dims(unit, module, args, kwargs, flat, state)
-            if state.last is not None and state.last.unit is unit:  # its nodes are that unit's
-                state.spans[unit].remove(state.last)
+            if span is not None:  # its nodes are that unit's
+                state.spans[unit].remove(span)
                 state.last = None
             return None
         if unit.raw is not None:  # the generic rule reads the call from before the module's own pre-hooks
             (args, kwargs), unit.raw = unit.raw, None
         before, unit.versions = unit.versions, None
-        if (before is not None and any(t._version != v for t, v in before) and state.last is not None
-                and state.last.unit is unit):  # it modified its input in place: its rule cannot run it again
-            state.modified.append(state.last)
+        if span is not None and before is not None and any(t._version != v for t, v in before):
+            state.modified.append(span)  # it modified its input in place: its rule cannot run it again
         attributes = held = None
         if unit.attributes is not None:  # its modules' tensor attributes as they were before the call
             attributes, unit.attributes = unit.attributes, None
@@ -1334,8 +1337,8 @@ class Engine:
                            whole=whole, in_dims=in_dims, out_dims=out_dims, rows=block_rows,
                            attributes=attributes or None)
         unit.group.calls.append((unit, call))
-        if state.last is not None and state.last.unit is unit:  # the graph walk tells which parameters it read
-            state.last.call = call
+        if span is not None:  # the graph walk tells which parameters it read
+            span.call = call
         if unit.rule.grads is not _rules.generic_grads:
             call.settings = _rules.settings(module)
         if self.mode == "local":

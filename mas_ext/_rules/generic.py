@@ -70,8 +70,8 @@ def _plain(v):
 
 
 def settings(module):
-    """The module's plain attributes that are values: numbers, strings, None and tuples of them (a conv's dilation, a
-    scale its caller sets before each call)."""
+    """The module's plain attributes that are values: numbers, strings, None, Enums and tuples of them (a conv's
+    dilation, a scale its caller sets before each call)."""
     return {k: v for k, v in vars(module).items() if _plain(v)}
 
 
