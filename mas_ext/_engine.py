@@ -351,7 +351,8 @@ class _Tap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        ctx.sink(grads)
+        if ctx.sink is not None:  # None once its pass has ended (a graph the model keeps on itself)
+            ctx.sink(grads)
         return (None, None, None, *grads)
 
 
@@ -372,6 +373,9 @@ class _Unit:
         # and g-MAS guards, modules of the generic rule with parameters of their own beside it (plan_units)
         self.within, self.guards = [], []
         self.versions = None  # generic rule: the versions of the call's inputs before it (Engine._attributes_before)
+        # g-MAS generic rule: False once a batch run one sample at a time refuted each sample's gradient at its
+        # parameters as their uses told it (Engine._swap_params); it runs the module again for them from then on
+        self.shares_params = None
 
 
 class _Group:
@@ -385,6 +389,13 @@ class _Group:
     @property
     def simple(self):
         return len(self.units) == 1 and len(self.calls) == 1
+
+
+def _ready(group):
+    """Whether the gradients of all of the group's calls have arrived, and its rules can run now: not while a call's
+    parameters read as shared tensors wait for the rest of the backward (the group runs after it)."""
+    return len(group.pending) == len(group.calls) and not any(
+        c.params is not None and c.params.site is not None for _, c in group.calls)
 
 
 class _Pass:
@@ -419,6 +430,29 @@ class _Pass:
         # the units called whose parameters the batch's graph does not read, and those parameters of the units called
         # (g-MAS: Engine._read_outside)
         self.idle, self.unread = set(), set()
+        # the parameters of generic calls read as shared tensors (Engine._swap_params): the _Swap of each call now
+        # running, that of the call that has just ended (for its record), the sites of all, and (unit, the uses'
+        # signature) of the calls whose uses told each sample's gradient
+        self.swapped, self.param_entry, self.param_sites, self.params_used = [], None, [], []
+        # the nodes of its taps and the boxes of its parameters' batch gradients (_Swap), which the pass lets go of when
+        # it ends: a graph the model keeps on itself (RecurrentGemma's recurrent state) kept the pass and its buffers
+        self.tap_nodes, self.boxes = [], []
+
+
+class _Swap:
+    """A call of the generic rule whose module's own parameters (``originals``, {local name: parameter}) read as the
+    roots of ``site`` (``roots``); ``box`` gets the batch's gradient at each, ``seqs`` the sequence numbers of the
+    roots' nodes."""
+
+    __slots__ = ("unit", "module", "originals", "site", "roots", "box", "seqs")
+
+    def __init__(self, unit, module, originals, site, roots, box, seqs):
+        self.unit, self.module, self.originals, self.site, self.roots, self.box, self.seqs = \
+            unit, module, originals, site, roots, box, seqs
+
+    def restore(self):
+        for k, p in self.originals.items():
+            self.module._parameters[k] = p
 
 
 @contextlib.contextmanager
@@ -784,21 +818,25 @@ class Engine:
                 break
             for u in repeats:
                 u.repeats = True
-        sharing, signature = [], None
-        if state.shared is not None:
-            # the uses of the shared outputs, and the batch's padding: positions read by the samples' shape (learned
-            # absolute ones) are other inputs under left padding, which an unpadded batch cannot have confirmed
-            signature = (tuple(u.name for u in state.sharing), tuple(state.shared.signature),
-                         _padding_layout(mask), _padding_layout(out_mask))
+        sharing, signature, params = [], None, []
+        if state.shared is not None or state.params_used:
+            # the uses of the shared outputs and of the parameters read as shared tensors, and the batch's padding:
+            # positions read by the samples' shape (learned absolute ones) are other inputs under left padding, which
+            # an unpadded batch cannot have confirmed
+            signature = (tuple(u.name for u in state.sharing),
+                         tuple(state.shared.signature) if state.shared is not None else (),
+                         _padding_layout(mask), _padding_layout(out_mask),
+                         tuple((u.name, used) for u, used in state.params_used))
             if signature not in self.shares_confirmed:
                 sharing = list(dict.fromkeys(state.sharing))
+                params = list(dict.fromkeys(u for u, _ in state.params_used))
         # the first batch of each padding layout: is each padded sample's output the sample's alone (SPEC §1)?
         layout = (_padding_layout(mask), _padding_layout(out_mask))
         padding = (layout if n > 1 and self.per_sample and layout != (None, None) and layout not in self.pads_confirmed
                    else None)
-        if state.tentative or sharing or padding:
+        if state.tentative or sharing or padding or params:
             self._confirm_blocks(args, kwargs, n, bufs, where, list(dict.fromkeys(state.tentative)),
-                                 set(state.expanded), signature, sharing, padding)
+                                 set(state.expanded), signature, sharing, padding, params)
 
     def learn_dims(self, args, kwargs, n, where):
         """Runs the batch's first sample alone (without gradients) and keeps the shapes of each unit's calls there:
@@ -890,7 +928,7 @@ class Engine:
         self._run_sample_by_sample(args, kwargs, n, bufs, where)
 
     def _confirm_blocks(self, args, kwargs, n, bufs, where, units, expanded=(), signature=None, sharing=(),
-                        padding=None):
+                        padding=None, params=()):
         """The first batch that reads a unit's n·m-row input as n blocks of rows, or expands its batch-size-1 input to
         the batch's n (``units``, ``expanded`` among them), or tells each sample's gradient at the outputs of
         ``sharing``, which all samples share, by their uses (the first batch with that ``signature``), or is the first
@@ -901,7 +939,9 @@ class Engine:
         shared outputs' uses, which can be off by a few per cent) the blocks (the expanded rows, the uses) are each
         sample's and later batches keep the fast path; where not, the rows are no sample's own (the model mixes the
         expanded rows: Swinv2's position-bias MLP on a shared table, read back through a view over all rows), the
-        one-sample Ω is the batch's, and later batches run sample by sample."""
+        one-sample Ω is the batch's, and later batches run sample by sample. The units of ``params``, generic calls
+        whose parameters' uses told each sample's gradient at them (:meth:`_swap_params`), are checked with the
+        shared outputs; one that disagrees runs its module again for them from then on (only that)."""
         check = ZeroBuffers(self.params)
         self._run_sample_by_sample(args, kwargs, n, check, where)
         # samples all alike agree with any reading of their rows: a later batch confirms it
@@ -910,12 +950,13 @@ class Engine:
         # on both sides: below 1e-6 of the batch's largest Ω there is nothing to tell
         floor = 1e-6 * max((float(b.norm()) for b in check.values()), default=0.0)
         wrong = []
-        for u in dict.fromkeys([*units, *sharing, *(self.units if padding else ())]):
+        for u in dict.fromkeys([*units, *sharing, *params, *(self.units if padding else ())]):
             for g in u.names.values():
                 want, got = check.get(g), bufs.get(g)
                 want = want if want is not None else torch.zeros_like(self.params[g], dtype=torch.float32)
                 got = got if got is not None else torch.zeros_like(want)
-                tol = 1e-4 if self.params[g].element_size() >= 4 else 1e-2 if u in sharing else 3e-2
+                tol = (1e-4 if self.params[g].element_size() >= 4 else 1e-2 if u in sharing or u in params
+                       else 3e-2)
                 if (float((got - want).norm()) > tol * float(want.norm()) + 1e-30
                         and max(float(got.norm()), float(want.norm())) > floor):
                     wrong.append(u)
@@ -926,9 +967,13 @@ class Engine:
                 u.expands = u not in wrong
             elif u in units:
                 u.blocks = u not in wrong
-        if sharing and not wrong and not vacuous:
+        refuted = [u for u in wrong if u in params and u not in units and u not in sharing]
+        for u in refuted:  # its rule runs its module again from now on: the batch's Ω is the one-sample run's
+            u.shares_params = False
+        every_wrong, wrong = wrong, [u for u in wrong if u not in refuted]
+        if (sharing or params) and not every_wrong and not vacuous:
             self.shares_confirmed.add(signature)
-        if padding and not wrong:
+        if padding and not every_wrong:
             self.pads_confirmed.add(padding)
         if wrong and not any(u in units or u in sharing for u in wrong):  # only the padding shows
             warnings.warn(f"module '{wrong[0].name}' ({type(wrong[0].module).__name__}) has another Ω in a batch padded "
@@ -950,7 +995,7 @@ class Engine:
             warnings.warn(f"module '{wrong[0].name}' ({type(wrong[0].module).__name__}) {what}: {_BY_SAMPLE}",
                           stacklevel=5)
             self.by_sample = True
-        if wrong:
+        if every_wrong:
             for g, b in bufs.items():
                 b.zero_()
             for g, b in check.items():
@@ -988,6 +1033,15 @@ class Engine:
                             outside = self._read_outside(loss, state)
                         if state.own_all:  # planned again, the batch runs again (Engine.run): no backward
                             return state.calls
+                        if not (self.per_sample and state.n > 1):
+                            # one sample's pass, or the batch's gradient: a module of the generic rule takes its
+                            # parameters' gradient whole from the backward, which sees every read (its rule's rerun
+                            # sees only those by name), and is not run again
+                            for u in state.calls:
+                                if u.rule is _rules.GENERIC and u not in state.idle:
+                                    state.idle.add(u)
+                                    outside.update({g: u for g in u.names.values()
+                                                    if g not in state.unread and g not in outside})
                         if state.shared is not None:
                             # read outside modules that did not run (DeBERTa's relative embeddings): where those
                             # reads go into shared outputs, their uses tell each sample's gradient at them too
@@ -1008,6 +1062,19 @@ class Engine:
                         state.bufs[g].zero_()
         finally:
             self._pass = None
+            for u in self.units:  # a pass left before its backward (planned again): its calls let their tensors go
+                for _, call in u.group.calls:
+                    call.release()
+                u.group.calls, u.group.pending = [], []
+            while state.swapped:  # the forward raised within such a call
+                state.swapped.pop().restore()
+            for site in state.param_sites:
+                site.close()
+            for node in state.tap_nodes:
+                node.sink = None
+            for box in state.boxes:
+                box.clear()
+            state.param_sites = state.tap_nodes = state.boxes = []
             if state.shared is not None:
                 state.shared.close()
         return state.calls
@@ -1071,6 +1138,18 @@ class Engine:
             if guard_or_found([sp.unit], sp.start, sp, names):
                 state.escaped.update(dict.fromkeys(names, "read by a call that modified its input in place, which "
                                                           "its rule cannot run again"))
+        for sp in calls.spans:
+            # a parameter that a generic call reads other than by its name (a reference kept elsewhere), which the
+            # rule's rerun (on parameters put in by name) would not see: taken whole (Engine._swap_params)
+            entry = sp.call.params if sp.call is not None else None
+            if entry is not None and any(graph.reads_in(id(p), sp.start, sp.end, entry.seqs)
+                                         for p in entry.originals.values()):
+                if entry.site is not None:
+                    entry.site.fail("its forward reads a parameter other than by its name")
+                for k in entry.originals:
+                    g = sp.unit.names[k]
+                    found.setdefault(g, sp.unit)
+                    state.escaped[g] = "read by its module's forward other than by its name (a reference kept elsewhere)"
         for sp in calls.spans:  # a call of the generic rule that did not read a parameter takes no gradient for it
             if sp.call is not None and (sp.unit.rule.grads is _rules.generic_grads or sp.call.whole):
                 sp.call.unread = frozenset(k for k, g in sp.unit.names.items()
@@ -1161,13 +1240,63 @@ class Engine:
             state = self._pass
             if state is not None and not state.busy and not state.backward:
                 state.started.setdefault(unit, []).append(_graph.next_sequence_nr())
+                if unit.rule is _rules.GENERIC and not unit.whole:
+                    self._swap_params(unit, module, state)
         return hook
+
+    def _swap_params(self, unit, module, state):
+        """Within a call of the generic rule (g-MAS, per sample), the module's own parameters read as shared tensors
+        (:mod:`_shared`, a site of their own): an op that broadcasts one over the batch's rows (ConvNeXt's and BEiT's
+        layer scales, a class token expanded to the batch) tells each sample's gradient at it, so that the rule need
+        not run the module again, layers and all. Where a use cannot tell (an op that may mix the rows, an input of a
+        layer inside it), the site fails and the rule runs the module again as before. Parameters whose per-sample
+        gradients would take more than a quarter of the reference path's chunk, and those of a module whose uses a
+        one-sample run refuted, are read as plain tensors through a node of their own. Either way the graph walk
+        (:meth:`_read_outside`) tells a read other than by the name (a reference kept elsewhere, which a rerun on
+        parameters put in by name would not see either): that parameter is taken whole."""
+        if (self.mode != "global" or not self.per_sample or state.n < 2
+                or len(state.started[unit]) > 1 or any(state.started.get(w) for w in unit.within)):
+            return
+        own = module._parameters
+        originals = {k: self.params[g] for k, g in unit.names.items() if own.get(k) is self.params[g]}
+        if len(originals) != len(unit.names):
+            return
+        # too large, or refuted: plain roots, which only tell a read not by the name (_read_outside)
+        shares = (unit.shares_params is not False
+                  and state.n * sum(p.numel() for p in originals.values()) <= _rules.CHUNK_ELEMS // 4)
+        site, box = _shared.Site(state.n, state.block_rows, params=True) if shares else None, {}
+        made = {k: _shared.param_root(site, state.anchor, p, box, k) for k, p in originals.items()}
+        roots = {k: r for k, (r, _) in made.items()}
+        own.update(roots)
+        state.boxes.append(box)
+        state.swapped.append(_Swap(unit, module, originals, site, roots, box, {s for _, s in made.values()}))
+        if site is not None:
+            state.param_sites.append(site)
+
+    def _unshare(self, args, kwargs, state):
+        """``(args, kwargs)`` with the tensors computed from the parameters of a generic call without the batch's rows
+        (:meth:`_swap_params`) made plain, and their sites failed: a layer's input, which that call cannot follow."""
+        if not state.param_sites:
+            return args, kwargs
+        flat, spec = ((list(args), None) if not kwargs and all(torch.is_tensor(a) for a in args)
+                      else torch.utils._pytree.tree_flatten((args, kwargs)))
+        hit = False
+        for i, t in enumerate(flat):
+            if isinstance(t, _shared.Shared) and t._site.params:
+                t._site.fail("a tensor computed from its parameters is an input of a layer inside it")
+                flat[i], hit = _shared.plain(t), True
+        if not hit:
+            return args, kwargs
+        return (tuple(flat), kwargs) if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
 
     def _ended(self, unit):
         """A forward hook (before the unit's tap): the call's span of sequence numbers (:meth:`_started`)."""
         @ours
         def hook(module, args, out):
             state = self._pass
+            if state is not None and state.swapped and state.swapped[-1].module is module:
+                state.param_entry = state.swapped.pop()  # its parameters back in place, for the call's record
+                state.param_entry.restore()
             started = state.started.get(unit) if state is not None and not state.busy and not state.backward else None
             if started:
                 state.last = _graph.Span(unit, started.pop(), _graph.next_sequence_nr())
@@ -1179,6 +1308,10 @@ class Engine:
         def hook(module, args, kwargs, out):
             result = self._record(unit, module, args, kwargs, out)
             state = self._pass
+            if state is not None and state.param_entry is not None and state.param_entry.unit is unit:
+                if state.param_entry.site is not None:  # its rule runs it again
+                    state.param_entry.site.fail("the call is not one of the rule's own")
+                state.param_entry = None
             if state is not None and state.last is not None and state.last.unit is unit:
                 state.last.seam, state.last = _graph.next_sequence_nr(), None
             return result
@@ -1191,6 +1324,7 @@ class Engine:
         if state is None or state.busy or state.backward:
             return None
         state.calls[unit] = state.calls.get(unit, 0) + 1
+        args, kwargs = self._unshare(args, kwargs, state)
         span = state.last if state.last is not None and state.last.unit is unit else None  # this call's (_ended)
         if self.mode == "global" and (any(state.started.get(w) for w in unit.within) or (
                 state.started.get(unit) and unit.rule.grads is _rules.generic_grads)):
@@ -1339,6 +1473,9 @@ class Engine:
         unit.group.calls.append((unit, call))
         if span is not None:  # the graph walk tells which parameters it read
             span.call = call
+        entry = state.param_entry
+        if entry is not None and entry.unit is unit and not whole:
+            call.params, state.param_entry = entry, None  # its uses may tell each sample's gradient at them
         if unit.rule.grads is not _rules.generic_grads:
             call.settings = _rules.settings(module)
         if self.mode == "local":
@@ -1356,7 +1493,7 @@ class Engine:
                 return
             call.grads = grads
             unit.group.pending.append(call)
-            if len(unit.group.pending) == len(unit.group.calls):
+            if _ready(unit.group):
                 self._process(unit.group)
 
         tapped = self._tap(state.anchor, sink, unit.rule.grads is not _rules.generic_grads, [flat[i] for i in pos])
@@ -1380,6 +1517,7 @@ class Engine:
                             in_place, *targets)
         if self._pass is not None and tapped and tapped[0].grad_fn is not None:  # the call's outputs are read here
             self._pass.taps.add(tapped[0].grad_fn._sequence_nr())
+            self._pass.tap_nodes.append(tapped[0].grad_fn)
         return [t.view(s) if t.shape != s else t for s, t in zip(shapes, tapped)]
 
     def _share(self, unit, args, kwargs, flat, spec, pos, state, versions, attributes, in_dims, out_dims):
@@ -1424,7 +1562,7 @@ class Engine:
         first = len(site.roots)  # this call's roots: read from the site, which lets them go when the pass ends
 
         def sink(grads):
-            if site.pulling or unit in state.idle:  # a pull-back to a root upstream of this call's passes through here
+            if _shared.pulling() or unit in state.idle:  # a pull-back to a root upstream of this call's passes through here
                 return
             per = [site.take(r, g) for r, g in zip(site.roots[first:], grads)]
             if any(p is None for p in per):
@@ -1432,7 +1570,7 @@ class Engine:
                 return
             call.grads = tuple(p.squeeze(1) if sq else p for p, sq in zip(per, squeeze))
             unit.group.pending.append(call)
-            if len(unit.group.pending) == len(unit.group.calls):
+            if _ready(unit.group):
                 self._process(unit.group)
 
         for i, t in zip(pos, self._tap(state.anchor, sink, False, [flat[i] for i in pos])):
@@ -1442,6 +1580,8 @@ class Engine:
     def _tapped_forward(self, unit, *args, **kwargs):
         """The forward installed on units whose rule taps its own internals (g-MAS per sample, FusedMAS)."""
         state = self._pass
+        if state is not None and not state.busy:
+            args, kwargs = self._unshare(args, kwargs, state)
         if (state is not None and not state.busy and not state.backward and not unit.repeats
                 and not (state.shared is not None and _shared.plain_inputs(args, kwargs)[2])):
             def tap(outs, on_grads):  # the buffers are looked up when the gradients arrive (made then)
@@ -1471,6 +1611,9 @@ class Engine:
         recorded, calls = calls, [(u, c) for u, c in calls if c.grads is not None]
         group.calls, group.pending = [], []
         for unit, call in calls:
+            if call.params is not None:
+                self._take_params(unit, call)
+        for unit, call in calls:
             if call.settings is not None and call.settings != _rules.settings(unit.module):
                 # its settings changed since (a conv run at two dilations): the generic rule reruns it with them
                 call.attributes = {**(call.attributes or {}), unit.module: call.settings}
@@ -1497,9 +1640,30 @@ class Engine:
             for _, call in recorded:  # the graph outlives this: let the activations go now
                 call.release()
 
+    def _take_params(self, unit, call):
+        """Each sample's gradient at the parameters of a generic call read as shared tensors (:meth:`_swap_params`)
+        into ``call.param_grads``, where their uses told it (the samples' adding up to the batch's); else the rule
+        runs the module again for them."""
+        entry, call.params = call.params, None
+        if entry.site is None or entry.site.failed is not None:
+            return
+        per = {}
+        for k, root in entry.roots.items():
+            if k in call.unread:
+                continue
+            total = entry.box.get(k)
+            got = entry.site.take(root, total if total is not None else torch.zeros_like(entry.originals[k]))
+            if got is None:
+                return
+            per[k] = got
+        call.param_grads = per
+        self._pass.params_used.append((unit, tuple(entry.site.signature)))
+
     @staticmethod
     def _call_grads(unit, call, s, e):
         """Per-sample gradients of samples s:e of one call (a whole call's: its own, as one sample)."""
+        if call.param_grads is not None:  # told by the uses of its parameters (Engine._swap_params)
+            return {k: g[s:e] for k, g in call.param_grads.items()}
         if call.whole or call.shared is not None or call.rerun or unit.rule.grads is _rules.generic_grads:
             names = set(unit.names) - call.unread
             return _rules.generic_grads(unit.module, call, s, e, names=names) if names else {}

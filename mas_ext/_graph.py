@@ -111,8 +111,9 @@ class Graph:
         self.seqs = set(seq.values())
         self._by_param = None
 
-    def reads_in(self, i, start, end):
-        """Whether a node numbered from ``start`` to ``end`` reads the parameter whose id is ``i``."""
+    def reads_in(self, i, start, end, besides=()):
+        """Whether a node numbered from ``start`` to ``end``, other than those numbered as in ``besides``, reads the
+        parameter whose id is ``i``."""
         if self._by_param is None:
             self._by_param = {}
             for j, s in self.reads:
@@ -121,7 +122,11 @@ class Graph:
                 v.sort()
         at = self._by_param.get(i, ())
         k = bisect.bisect_left(at, start)
-        return k < len(at) and at[k] < end
+        while k < len(at) and at[k] < end:
+            if at[k] not in besides:
+                return True
+            k += 1
+        return False
 
 
 class Calls:

@@ -15,6 +15,12 @@ give Shared results. Any other op that meets the batch's rows (one that could mi
 failed, as does a gradient at the output that the samples' do not sum to (a use not seen): the engine then runs
 the batch one sample at a time, which is exact.
 
+The same mechanism reads a module's own parameters within a call of the generic rule (``Site(params=True)``, one
+site per call, ``Engine._swap_params``): each parameter is a root itself (:func:`param_root`), so that an op that
+broadcasts it over the batch's rows (ConvNeXt's layer scale, a class token expanded to the batch) tells each
+sample's gradient at it without running the module again. A failure there ends only that site: its call's rule
+runs the module again.
+
 Which tensors hold the batch is read from shapes: n rows in dim 0, or n blocks of rows where a layer of the pass
 took that many rows so (:attr:`Site.blocks`), never a parameter. The engine confirms the sequence of such uses
 (:attr:`Site.signature`), with the batch's padding, once against a run one sample at a time, and again whenever it
@@ -47,13 +53,15 @@ _MATMUL = {torch.matmul, *_names("matmul", "__matmul__", "__rmatmul__")}
 class Site:
     """The shared outputs of one batch's pass (its roots) and each sample's gradient at them, as it arrives."""
 
-    def __init__(self, n, blocks):
+    def __init__(self, n, blocks, params=False):
         self.n = n
+        # the parameters of one generic call (Engine._swap_params), whose roots are those parameters themselves, none
+        # upstream of another: a failure ends the site at once (that call's rule runs the module again instead)
+        self.params = params
         # parameters read outside their modules, which did not run this pass (DeBERTa's relative embeddings, read as
         # rel_embeddings.weight): each sample's gradient at them through the shared outputs is carried back too, and
         # counts where it adds up to theirs. Set before the backward.
         self.leaves = []
-        self.pulling = False  # a pull-back runs: the taps of layers on its way (a Linear on a shared input) skip it
         # the row counts that layers of the pass so far took as n blocks of rows, one per sample, as learned from the
         # model run on one sample (Swin's n·windows): the engine's set, which grows as the forward goes on. Rows of
         # another multiple of n (tokens routed or packed by the mask) are no sample's blocks.
@@ -65,6 +73,7 @@ class Site:
         # sample it expanded to, 0 where none held the batch)
         self.signature = []
         self.live = True
+        self._gathers = []  # the nodes of its uses (_Gather), whose references to it close() cuts
 
     def share(self, t):
         """``t`` (an output of a layer whose call all samples share) as a root."""
@@ -74,21 +83,33 @@ class Site:
 
     def fail(self, why):
         self.failed = self.failed or why
+        if self.params:  # its tensors act as plain ones from now on
+            self.live = False
 
     def close(self):
-        """Ends the pass: Shared tensors left in the model's outputs act as plain ones from now on."""
+        """Ends the pass: Shared tensors left in the model's outputs act as plain ones from now on, and a graph the
+        model keeps (RecurrentGemma's recurrent state on its layer) keeps none of the site's."""
         self.live, self.roots, self.per_sample, self.leaves = False, [], {}, []
+        for ctx in self._gathers:
+            ctx.view = ctx.root = ctx.site = None
+        self._gathers = []
 
-    def _pull_back(self, view, grads):
+    def _pull_back(self, view, grads, root=None):
         """Adds each sample's gradient at the roots from ``grads`` (n·m, *view.shape[1:]): the gradient at ``view``
-        (a shared tensor of size 1 in dim 0) expanded to n blocks of m rows, sample k's the k-th."""
+        (a shared tensor of size 1 in dim 0) expanded to n blocks of m rows, sample k's the k-th. ``root``: the root
+        that ``view`` only reshapes, in a site of parameters (no root upstream of another): its gradient, reshaped."""
         if self.failed is not None:  # the batch runs again one sample at a time: no backward through other taps
+            return
+        if root is not None:
+            g = grads.reshape(self.n, -1, *view.shape[1:]).sum(1).reshape(self.n, *root.shape).float()
+            acc = self.per_sample.get(id(root))
+            self.per_sample[id(root)] = g if acc is None else acc + g
             return
         # _Tap outputs and tracked parameters: all require grad. A root upstream of another (a LayerNorm's output
         # before a Linear on it) gets the gradient through that one as well.
         roots = [*self.roots, *self.leaves]
         cot = grads.reshape(self.n, -1, *view.shape[1:]).sum(1, keepdim=True)
-        self.pulling = True
+        _PULLS[0] += 1
         with torch._C.DisableTorchFunctionSubclass():  # the roots are Shared: autograd.grad would come to them
             try:
                 try:
@@ -104,7 +125,7 @@ class Site:
                 self.fail(f"a use of its output goes through a graph the pass cannot take back ({str(e)[:120]})")
                 return
             finally:
-                self.pulling = False
+                _PULLS[0] -= 1
         for r, g in zip(roots, got):
             if g is not None:
                 acc = self.per_sample.get(id(r))
@@ -127,21 +148,58 @@ class Site:
         return per.to(total.dtype)
 
 
+_PULLS = [0]  # the pull-backs (Site._pull_back) now running, one within another's backward
+
+
+def pulling():
+    """Whether a pull-back runs: the backward it runs through the ops between a root and a use passes by the taps of
+    layers on its way (a Linear on a shared input) and by other uses (a tensor expanded to the batch's rows, summed,
+    then met again): the gradients there are the pull-back's own, one per sample, not the batch's."""
+    return _PULLS[0] > 0
+
+
 class _Gather(torch.autograd.Function):
     """Identity on a shared tensor expanded to the batch's rows; its backward hands the gradient at those rows to
     the site, which carries it back to each sample's gradient at the roots."""
 
     @staticmethod
-    def forward(ctx, expanded, view, site):
-        ctx.view, ctx.site, ctx.version = view, site, view._version
+    def forward(ctx, expanded, view, site, root=None):
+        ctx.view, ctx.site, ctx.version, ctx.root = view, site, view._version, root
+        site._gathers.append(ctx)
         return expanded.view_as(expanded)
 
     @staticmethod
     def backward(ctx, grad):
+        if pulling() or ctx.site is None:  # within another use's pull-back (an identity on the way to the roots),
+            return grad, None, None, None  # or after its pass
         if ctx.view._version != ctx.version:  # written in place since: its graph back to the roots is another
             ctx.site.fail("a tensor computed from its output was changed in place after a use")
-        ctx.site._pull_back(ctx.view, grad)
-        return grad, None, None
+        ctx.site._pull_back(ctx.view, grad, ctx.root)
+        return grad, None, None, None
+
+
+class _ParamRoot(torch.autograd.Function):
+    """Identity on a parameter, after the pass's anchor (so that the backward runs through it): the root of a site of
+    parameters; its backward keeps the batch's gradient there in ``box[key]`` and passes it on to the parameter."""
+
+    @staticmethod
+    def forward(ctx, anchor, param, box, key):
+        ctx.box, ctx.key = box, key
+        return param.view_as(param)
+
+    @staticmethod
+    def backward(ctx, grad):
+        got = ctx.box.get(ctx.key)
+        ctx.box[ctx.key] = grad if got is None else got + grad
+        return None, grad, None, None
+
+
+def param_root(site, anchor, param, box, key):
+    """``param`` as a root of ``site`` (a site of parameters; None: a plain tensor): (a Shared tensor of its values, whose uses with the
+    batch's rows tell each sample's gradient at it, and whose backward puts the batch's in ``box[key]``; the
+    sequence number of the node that reads ``param``)."""
+    t = _ParamRoot.apply(anchor, param, box, key)
+    return t if site is None else site.share(t), t.grad_fn._sequence_nr() if t.grad_fn is not None else None
 
 
 def plain(t):
@@ -178,7 +236,8 @@ def _expand(t, ndim, rows, site):
     view = t.reshape((1,) * (ndim - t.dim()) + tuple(t.shape)) if t.dim() < ndim else t
     if view.dim() != ndim or view.shape[0] != 1:
         return None
-    return _Gather.apply(view.expand(rows, *view.shape[1:]), view, site)
+    root = t if site.params and any(t is r for r in site.roots) else None  # its gradient needs no backward
+    return _Gather.apply(view.expand(rows, *view.shape[1:]), view, site, root)
 
 
 def _batch_rows(tensors, site, ndim):

@@ -553,6 +553,20 @@ def test_use_cache_in_a_batch_is_turned_off(name):
     assert_close(mas_ext.FusedMAS(model, show_progress=False).accumulate(batches).task_importance, want)
 
 
+def test_no_pass_outlives_a_model_that_keeps_its_graph():
+    """RecurrentGemma's RG-LRU keeps its last recurrent state on itself, graph and all: through the taps' backward
+    that graph kept the whole pass (its Ω buffers, its calls' activations) until the next forward. A pass lets go of
+    its taps, its calls and its shared sites when it ends."""
+    import gc
+
+    make, _, _ = _more_families()["recurrent-gemma"]
+    model = perturbed(make)
+    mas = mas_ext.FusedMAS(model, show_progress=False).accumulate([torch.randint(1, V, (3, 8))])
+    gc.collect()
+    kept = [o for o in gc.get_objects() if isinstance(o, (mas_ext._engine._Pass, mas_ext._rules.Call))]
+    assert not kept and mas.num_samples == 3
+
+
 def test_moe_top1_keeps_the_batched_path():
     """Mixtral routing each token to one expert with its weight normalised to 1: the router's Ω is zero in exact
     arithmetic, and the first batch's check of the n blocks compared rounding noise on both sides (every batch then

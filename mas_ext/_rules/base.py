@@ -62,6 +62,11 @@ class Call:
     # dilations), the generic rule reruns the call with them instead of the table's rule.
     settings: Optional[dict] = None
     rerun: bool = False
+    # Generic rule, g-MAS: the engine's record of the module's parameters read as shared tensors in the call, until the
+    # backward ends; then, where their uses told it, each sample's gradient at them ({local name: (n, *shape)}), which
+    # the rule takes instead of running the module again.
+    params: object = None
+    param_grads: Optional[dict] = None
 
     @property
     def g(self):
@@ -70,6 +75,7 @@ class Call:
     def release(self):
         """Drops the tensors, once the call's importance is added."""
         self.args, self.kwargs, self.out, self.grads, self.versions, self.attributes = None, None, None, None, [], None
+        self.params = self.param_grads = None
 
 
 @dataclass
