@@ -1397,14 +1397,20 @@ class Engine:
                     in_dims = [dim if i == first else d for i, d in enumerate(in_dims)]
                     grown = {pos[w] for w in which}
                     out_dims = [dim if j in grown else d for j, d in enumerate(out_dims)]
+        no_rerun = None
         if (self.per_sample and state.n > 1 and mixed is None and unit.rule.grads is _rules.generic_grads
                 and in_dims is not None and not any(d is not None for d in in_dims)
                 and any(out_dims[i] is not None for i in pos)):
             # the batch's rows out of inputs none of which holds them (ProphetNet's positions from the batch's
-            # shape, a tuple): a rerun of the module on one sample's inputs is the batch's again (it raised)
-            state.mixed.append((unit, "returns the batch's rows from inputs none of which holds them (the batch "
-                                      "size comes as a number), so its rerun cannot be cut by sample"))
-            return None
+            # shape, a tuple): a rerun of the module on one sample's inputs is the batch's again (it raised). Where
+            # its parameters are read as shared tensors (Perceiver's latents expanded to the batch size), their uses
+            # may tell each sample's gradient without a rerun; where they do not, the batch runs sample by sample.
+            no_rerun = ("returns the batch's rows from inputs none of which holds them (the batch size comes as a "
+                        "number), so its rerun cannot be cut by sample")
+            entry = state.param_entry
+            if entry is None or entry.unit is not unit or entry.site is None or entry.site.failed is not None:
+                state.mixed.append((unit, no_rerun))
+                return None
         block_rows = None
         if mixed is not None and self.per_sample and state.n > 1:
             # n blocks of rows, one per sample (OPT's and the MoE layers' (n·T, D) tokens), confirmed once; the
@@ -1476,6 +1482,7 @@ class Engine:
         entry = state.param_entry
         if entry is not None and entry.unit is unit and not whole:
             call.params, state.param_entry = entry, None  # its uses may tell each sample's gradient at them
+            call.no_rerun = no_rerun
         if unit.rule.grads is not _rules.generic_grads:
             call.settings = _rules.settings(module)
         if self.mode == "local":
@@ -1608,11 +1615,11 @@ class Engine:
                 if t._version != version:
                     raise RuntimeError(f"module '{unit.name}': its input was modified in place after its forward; "
                                        "the importance needs it unchanged (use inplace=False there)")
-        recorded, calls = calls, [(u, c) for u, c in calls if c.grads is not None]
         group.calls, group.pending = [], []
         for unit, call in calls:
-            if call.params is not None:
+            if call.params is not None and call.grads is not None:
                 self._take_params(unit, call)
+        recorded, calls = calls, [(u, c) for u, c in calls if c.grads is not None]
         for unit, call in calls:
             if call.settings is not None and call.settings != _rules.settings(unit.module):
                 # its settings changed since (a conv run at two dilations): the generic rule reruns it with them
@@ -1645,17 +1652,20 @@ class Engine:
         into ``call.param_grads``, where their uses told it (the samples' adding up to the batch's); else the rule
         runs the module again for them."""
         entry, call.params = call.params, None
-        if entry.site is None or entry.site.failed is not None:
-            return
         per = {}
         for k, root in entry.roots.items():
-            if k in call.unread:
+            if k in call.unread or entry.site is None or entry.site.failed is not None:
                 continue
             total = entry.box.get(k)
             got = entry.site.take(root, total if total is not None else torch.zeros_like(entry.originals[k]))
             if got is None:
-                return
+                break
             per[k] = got
+        if entry.site is None or entry.site.failed is not None:
+            if call.no_rerun is not None:  # nor can it be run again: the batch runs sample by sample
+                self._pass.mixed.append((unit, f"{call.no_rerun} ({entry.site.failed if entry.site else 'too large'})"))
+                call.grads = None
+            return
         call.param_grads = per
         self._pass.params_used.append((unit, tuple(entry.site.signature)))
 

@@ -2464,3 +2464,40 @@ def test_a_generic_call_that_raises_puts_its_parameters_back():
     assert all(type(p) is nn.Parameter for p in model.parameters())
     mas.accumulate([torch.randn(3, 5, 6)])
     assert mas.num_samples == 3
+
+
+class Latents(nn.Module):
+    """Perceiver's latents: a table of its own expanded to the batch size, which comes as a number (``mix``: then
+    summed along the batch, so that each row is no sample's own)."""
+
+    def __init__(self, mix):
+        super().__init__()
+        self.mix, self.latents = mix, nn.Parameter(torch.randn(3, 6))
+
+    def forward(self, batch_size):
+        z = self.latents.expand(batch_size, -1, -1)
+        return z.cumsum(0) if self.mix else z
+
+
+class LatentNet(nn.Module):
+    def __init__(self, mix):
+        super().__init__()
+        self.lat, self.proj, self.head = Latents(mix), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lat(x.shape[0]) + self.proj(x).mean(1, keepdim=True)))
+
+
+@pytest.mark.parametrize("mix", [False, True], ids=["own-rows", "mixed-rows"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_a_table_expanded_to_the_batch_size(request, cls, mix):
+    """A module whose output holds the batch's rows while its inputs do not (the batch size as a number) cannot be
+    run again on one sample: every batch ran one sample at a time. Its parameters' uses now tell each sample's
+    gradient (batched, exact); where its rows are no sample's own (summed along the batch), the first batch's check
+    refutes that, and batches run one sample at a time as before (exact)."""
+    torch.manual_seed(227)
+    model = LatentNet(mix).eval()
+    xs = [torch.randn(4, 5, 6) for _ in range(3)]
+    mas = check(request, cls, model, xs)
+    unit = next(u for u in mas._engine.units if u.module is model.lat)
+    assert mas._engine.by_sample == mix and (unit.shares_params is False) == mix
