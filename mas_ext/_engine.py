@@ -434,24 +434,27 @@ class _Pass:
         # running, that of the call that has just ended (for its record), the sites of all, and (unit, the uses'
         # signature) of the calls whose uses told each sample's gradient
         self.swapped, self.param_entry, self.param_sites, self.params_used = [], None, [], []
-        # the nodes of its taps and the boxes of its parameters' batch gradients (_Swap), which the pass lets go of when
-        # it ends: a graph the model keeps on itself (RecurrentGemma's recurrent state) kept the pass and its buffers
-        self.tap_nodes, self.boxes = [], []
+        # the nodes of its taps, which the pass lets go of when it ends (a graph the model keeps on itself,
+        # RecurrentGemma's recurrent state, kept the pass and its buffers), and the _Swap of each call whose parameters
+        # a site reads (the backward takes the batch's gradient at their views)
+        self.tap_nodes, self.entries = [], []
 
 
 class _Swap:
     """A call of the generic rule whose module's own parameters (``originals``, {local name: parameter}) read as the
-    roots of ``site`` (``roots``); ``box`` gets the batch's gradient at each, ``seqs`` the sequence numbers of the
-    roots' nodes."""
+    roots of ``site`` (``roots``: Shared where the site is not None), views of them (``views``, plain: the backward's
+    inputs), made by the nodes numbered ``seqs``; ``box`` gets the batch's gradient at each after the backward.
+    ``names``: every name of the module's parameters that holds one of them (a parameter registered twice)."""
 
-    __slots__ = ("unit", "module", "originals", "site", "roots", "box", "seqs")
+    __slots__ = ("unit", "module", "originals", "site", "roots", "views", "box", "seqs", "names")
 
-    def __init__(self, unit, module, originals, site, roots, box, seqs):
-        self.unit, self.module, self.originals, self.site, self.roots, self.box, self.seqs = \
-            unit, module, originals, site, roots, box, seqs
+    def __init__(self, unit, module, originals, site, roots, views, seqs, names):
+        self.unit, self.module, self.originals, self.site, self.roots, self.views, self.seqs, self.names = \
+            unit, module, originals, site, roots, views, seqs, names
+        self.box = {}
 
     def restore(self):
-        for k, p in self.originals.items():
+        for k, p in self.names.items():
             self.module._parameters[k] = p
 
 
@@ -970,32 +973,32 @@ class Engine:
         refuted = [u for u in wrong if u in params and u not in units and u not in sharing]
         for u in refuted:  # its rule runs its module again from now on: the batch's Ω is the one-sample run's
             u.shares_params = False
-        every_wrong, wrong = wrong, [u for u in wrong if u not in refuted]
-        if (sharing or params) and not every_wrong and not vacuous:
+        rest = [u for u in wrong if u not in refuted]  # what else the check refuted
+        if (sharing or params) and not wrong and not vacuous:
             self.shares_confirmed.add(signature)
-        if padding and not every_wrong:
+        if padding and not wrong:
             self.pads_confirmed.add(padding)
-        if wrong and not any(u in units or u in sharing for u in wrong):  # only the padding shows
-            warnings.warn(f"module '{wrong[0].name}' ({type(wrong[0].module).__name__}) has another Ω in a batch padded "
+        if rest and not any(u in units or u in sharing for u in rest):  # only the padding shows
+            warnings.warn(f"module '{rest[0].name}' ({type(rest[0].module).__name__}) has another Ω in a batch padded "
                           f"so ({', '.join(str(x) for x in padding if x)} padding) than with its samples run alone, "
                           "without their padding (the model's output for a padded sample is not the sample's: positions "
                           f"that ignore the mask, a pooling over padded positions): {_PADDED_BY_SAMPLE}", stacklevel=5)
             self.pad_by_sample = True
-        elif wrong and all(u.guards for u in wrong):
+        elif rest and all(u.guards for u in rest):
             # layers inside modules with parameters of their own (Swinv2's position-bias MLP on a table all samples
             # share, read back through a view over all its rows): each such module owns all its parameters from now on,
             # its generic rule over the whole (a later batch confirms that in turn)
-            self._own_all({u.guards[-1].module for u in wrong})
-        elif wrong:
+            self._own_all({u.guards[-1].module for u in rest})
+        elif rest:
             what = ("is called on an input of batch size 1 whose rows, expanded to the batch's, are not each sample's "
-                    "own" if wrong[0] in expanded else f"is called on an input whose rows are not {n} blocks of one "
-                    "sample each" if wrong[0] in units else "returns an output all samples share, whose uses gave "
+                    "own" if rest[0] in expanded else f"is called on an input whose rows are not {n} blocks of one "
+                    "sample each" if rest[0] in units else "returns an output all samples share, whose uses gave "
                     "another Ω than the samples run alone (learned absolute positions under left padding, or uses "
                     "the pass misread)")
-            warnings.warn(f"module '{wrong[0].name}' ({type(wrong[0].module).__name__}) {what}: {_BY_SAMPLE}",
+            warnings.warn(f"module '{rest[0].name}' ({type(rest[0].module).__name__}) {what}: {_BY_SAMPLE}",
                           stacklevel=5)
             self.by_sample = True
-        if every_wrong:
+        if wrong:
             for g, b in bufs.items():
                 b.zero_()
             for g, b in check.items():
@@ -1033,22 +1036,21 @@ class Engine:
                             outside = self._read_outside(loss, state)
                         if state.own_all:  # planned again, the batch runs again (Engine.run): no backward
                             return state.calls
-                        if not (self.per_sample and state.n > 1):
-                            # one sample's pass, or the batch's gradient: a module of the generic rule takes its
-                            # parameters' gradient whole from the backward, which sees every read (its rule's rerun
-                            # sees only those by name), and is not run again
-                            for u in state.calls:
-                                if u.rule is _rules.GENERIC and u not in state.idle:
-                                    state.idle.add(u)
-                                    outside.update({g: u for g in u.names.values()
-                                                    if g not in state.unread and g not in outside})
                         if state.shared is not None:
                             # read outside modules that did not run (DeBERTa's relative embeddings): where those
                             # reads go into shared outputs, their uses tell each sample's gradient at them too
                             state.shared.leaves = [self.params[g] for g in outside if g not in called]
                         state.backward = True  # a module run again in it (a checkpoint's recompute) is no call
-                        grads = torch.autograd.grad(loss, [state.anchor] + [self.params[g] for g in outside],
-                                                    allow_unused=True)[1:]
+                        # the batch's gradient at the parameters that sites read (_swap_params): at their views, the
+                        # backward's inputs too, through which it runs to their uses
+                        at = [(e, k) for e in state.entries if e.site.failed is None for k in e.views
+                              if e.views[k].requires_grad]
+                        grads = torch.autograd.grad(loss, [state.anchor] + [self.params[g] for g in outside]
+                                                    + [e.views[k] for e, k in at], allow_unused=True)[1:]
+                        for (e, k), g in zip(at, grads[len(outside):]):
+                            if g is not None:
+                                e.box[k] = g
+                        grads = grads[:len(outside)]
             else:
                 with torch.no_grad():
                     self._output(self._forward(state, args, kwargs), where, state)
@@ -1072,9 +1074,9 @@ class Engine:
                 site.close()
             for node in state.tap_nodes:
                 node.sink = None
-            for box in state.boxes:
-                box.clear()
-            state.param_sites = state.tap_nodes = state.boxes = []
+            for entry in state.entries:
+                entry.box.clear()
+            state.param_sites, state.tap_nodes, state.entries = [], [], []
             if state.shared is not None:
                 state.shared.close()
         return state.calls
@@ -1254,24 +1256,30 @@ class Engine:
         one-sample run refuted, are read as plain tensors through a node of their own. Either way the graph walk
         (:meth:`_read_outside`) tells a read other than by the name (a reference kept elsewhere, which a rerun on
         parameters put in by name would not see either): that parameter is taken whole."""
-        if (self.mode != "global" or not self.per_sample or state.n < 2
-                or len(state.started[unit]) > 1 or any(state.started.get(w) for w in unit.within)):
+        if (self.mode != "global" or len(state.started[unit]) > 1 or any(state.started.get(w) for w in unit.within)
+                # a checkpoint (its recompute in the backward reads them plain, and must save what the call saved)
+                or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
             return
         own = module._parameters
         originals = {k: self.params[g] for k, g in unit.names.items() if own.get(k) is self.params[g]}
         if len(originals) != len(unit.names):
             return
-        # too large, or refuted: plain roots, which only tell a read not by the name (_read_outside)
-        shares = (unit.shares_params is not False
+        # one sample's pass, the batch's gradient, too large, or refuted: plain roots, which only tell a read other
+        # than by the name (_read_outside)
+        shares = (self.per_sample and state.n > 1 and unit.shares_params is not False
                   and state.n * sum(p.numel() for p in originals.values()) <= _rules.CHUNK_ELEMS // 4)
-        site, box = _shared.Site(state.n, state.block_rows, params=True) if shares else None, {}
-        made = {k: _shared.param_root(site, state.anchor, p, box, k) for k, p in originals.items()}
-        roots = {k: r for k, (r, _) in made.items()}
-        own.update(roots)
-        state.boxes.append(box)
-        state.swapped.append(_Swap(unit, module, originals, site, roots, box, {s for _, s in made.values()}))
+        site = _shared.Site(state.n, set(), params=True) if shares else None
+        made = {k: _shared.param_root(site, p) for k, p in originals.items()}
+        roots = {k: r for k, (r, _, _) in made.items()}
+        of = {id(p): roots[k] for k, p in originals.items()}
+        names = {k: v for k, v in own.items() if v is not None and id(v) in of}  # every name of each
+        own.update({k: of[id(v)] for k, v in names.items()})
+        entry = _Swap(unit, module, originals, site, roots, {k: v for k, (_, v, _) in made.items()},
+                      {s for _, _, s in made.values() if s is not None}, names)
+        state.swapped.append(entry)
         if site is not None:
             state.param_sites.append(site)
+            state.entries.append(entry)
 
     def _unshare(self, args, kwargs, state):
         """``(args, kwargs)`` with the tensors computed from the parameters of a generic call without the batch's rows
@@ -1290,7 +1298,9 @@ class Engine:
         return (tuple(flat), kwargs) if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
 
     def _ended(self, unit):
-        """A forward hook (before the unit's tap): the call's span of sequence numbers (:meth:`_started`)."""
+        """A forward hook (before the unit's tap; also where the forward raised): the module's own parameters put back
+        where :meth:`_swap_params` read them otherwise (the record of the call gets that), and the call's span of
+        sequence numbers (:meth:`_started`)."""
         @ours
         def hook(module, args, out):
             state = self._pass
@@ -1324,7 +1334,6 @@ class Engine:
         if state is None or state.busy or state.backward:
             return None
         state.calls[unit] = state.calls.get(unit, 0) + 1
-        args, kwargs = self._unshare(args, kwargs, state)
         span = state.last if state.last is not None and state.last.unit is unit else None  # this call's (_ended)
         if self.mode == "global" and (any(state.started.get(w) for w in unit.within) or (
                 state.started.get(unit) and unit.rule.grads is _rules.generic_grads)):
@@ -1341,6 +1350,7 @@ class Engine:
             return None
         if unit.raw is not None:  # the generic rule reads the call from before the module's own pre-hooks
             (args, kwargs), unit.raw = unit.raw, None
+        args, kwargs = self._unshare(args, kwargs, state)
         before, unit.versions = unit.versions, None
         if span is not None and before is not None and any(t._version != v for t, v in before):
             state.modified.append(span)  # it modified its input in place: its rule cannot run it again
@@ -1379,6 +1389,19 @@ class Engine:
             if in_dims is None or any(isinstance(flat[i], _shared.Shared) for i in pos):
                 state.shared.fail(f"module '{unit.name}' reads a tensor computed from it beside the batch's rows "
                                   "in a way the pass cannot follow")
+        moved = None
+        if (mixed is not None and self.mode == "global" and self.per_sample and in_dims is not None
+                and first is not None and not reads_shared and not kwargs and len(args) == len(in_dims)
+                and torch.is_tensor(out) and _rules.leading_positions(unit.rule, module)):
+            # the batch in another dim than the layer's (Longformer's and LED's (T, n, D) projections), as learned
+            # from the model run on one sample: moved in front for the rule, which reads the other dims as positions
+            d = in_dims[first]
+            if (d is not None and d != _batch_dim(module) and not any(rows[0]) and not any(rows[1])
+                    and all(e in (d, None) for e in in_dims) and all(out_dims[i] == d for i in pos)):
+                moved, mixed = d, None
+                args = tuple(a.movedim(d, 0) if torch.is_tensor(a) and e == d else a for a, e in zip(args, in_dims))
+                in_dims = [0 if e == d else e for e in in_dims]
+                out_dims = [0 if e == d else e for e in out_dims]
         expanded = False
         if not self.no_expand and unit.expands is not False and mixed is not None and not reads_shared:
             args, kwargs, outs, which = _expand_broadcast(
@@ -1473,6 +1496,8 @@ class Engine:
             if any(g is None for g in local):
                 state.unmasked = f"the output of module '{unit.name}' ({type(module).__name__})"
                 return None
+        if moved is not None and keep:
+            out = out.movedim(moved, 0)
         call = _rules.Call(1 if whole else state.n, args, kwargs, out if keep else None, versions=versions,
                            whole=whole, in_dims=in_dims, out_dims=out_dims, rows=block_rows,
                            attributes=attributes or None)
@@ -1498,7 +1523,7 @@ class Engine:
         def sink(grads):
             if unit in state.idle:
                 return
-            call.grads = grads
+            call.grads = grads if moved is None else tuple(g.movedim(moved, 0) for g in grads)
             unit.group.pending.append(call)
             if _ready(unit.group):
                 self._process(unit.group)
@@ -1587,7 +1612,7 @@ class Engine:
     def _tapped_forward(self, unit, *args, **kwargs):
         """The forward installed on units whose rule taps its own internals (g-MAS per sample, FusedMAS)."""
         state = self._pass
-        if state is not None and not state.busy:
+        if state is not None and not state.busy and not state.backward:
             args, kwargs = self._unshare(args, kwargs, state)
         if (state is not None and not state.busy and not state.backward and not unit.repeats
                 and not (state.shared is not None and _shared.plain_inputs(args, kwargs)[2])):

@@ -26,6 +26,8 @@ took that many rows so (:attr:`Site.blocks`), never a parameter. The engine conf
 (:attr:`Site.signature`), with the batch's padding, once against a run one sample at a time, and again whenever it
 changes (a tensor of T rows where T equals n changes it).
 """
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
@@ -109,7 +111,7 @@ class Site:
         # before a Linear on it) gets the gradient through that one as well.
         roots = [*self.roots, *self.leaves]
         cot = grads.reshape(self.n, -1, *view.shape[1:]).sum(1, keepdim=True)
-        _PULLS[0] += 1
+        _PULLS.count = getattr(_PULLS, "count", 0) + 1
         with torch._C.DisableTorchFunctionSubclass():  # the roots are Shared: autograd.grad would come to them
             try:
                 try:
@@ -125,7 +127,7 @@ class Site:
                 self.fail(f"a use of its output goes through a graph the pass cannot take back ({str(e)[:120]})")
                 return
             finally:
-                _PULLS[0] -= 1
+                _PULLS.count -= 1
         for r, g in zip(roots, got):
             if g is not None:
                 acc = self.per_sample.get(id(r))
@@ -148,14 +150,14 @@ class Site:
         return per.to(total.dtype)
 
 
-_PULLS = [0]  # the pull-backs (Site._pull_back) now running, one within another's backward
+_PULLS = threading.local()  # .count: the pull-backs (Site._pull_back) now running in this thread
 
 
 def pulling():
-    """Whether a pull-back runs: the backward it runs through the ops between a root and a use passes by the taps of
-    layers on its way (a Linear on a shared input) and by other uses (a tensor expanded to the batch's rows, summed,
-    then met again): the gradients there are the pull-back's own, one per sample, not the batch's."""
-    return _PULLS[0] > 0
+    """Whether a pull-back runs in this thread: the backward it runs through the ops between a root and a use passes
+    by the taps of layers on its way (a Linear on a shared input) and by other uses (a tensor expanded to the batch's
+    rows, summed, then met again): the gradients there are the pull-back's own, one per sample, not the batch's."""
+    return getattr(_PULLS, "count", 0) > 0
 
 
 class _Gather(torch.autograd.Function):
@@ -178,28 +180,12 @@ class _Gather(torch.autograd.Function):
         return grad, None, None, None
 
 
-class _ParamRoot(torch.autograd.Function):
-    """Identity on a parameter, after the pass's anchor (so that the backward runs through it): the root of a site of
-    parameters; its backward keeps the batch's gradient there in ``box[key]`` and passes it on to the parameter."""
-
-    @staticmethod
-    def forward(ctx, anchor, param, box, key):
-        ctx.box, ctx.key = box, key
-        return param.view_as(param)
-
-    @staticmethod
-    def backward(ctx, grad):
-        got = ctx.box.get(ctx.key)
-        ctx.box[ctx.key] = grad if got is None else got + grad
-        return None, grad, None, None
-
-
-def param_root(site, anchor, param, box, key):
-    """``param`` as a root of ``site`` (a site of parameters; None: a plain tensor): (a Shared tensor of its values, whose uses with the
-    batch's rows tell each sample's gradient at it, and whose backward puts the batch's in ``box[key]``; the
-    sequence number of the node that reads ``param``)."""
-    t = _ParamRoot.apply(anchor, param, box, key)
-    return t if site is None else site.share(t), t.grad_fn._sequence_nr() if t.grad_fn is not None else None
+def param_root(site, param):
+    """(``param`` as a root of ``site``, a site of parameters: a Shared view of it, whose uses with the batch's rows
+    tell each sample's gradient at it; None: a plain view; the plain view, at which the backward takes the batch's
+    gradient; the sequence number of the node that reads ``param``, None under no_grad)."""
+    t = param.view_as(param)
+    return (t if site is None else site.share(t)), t, (t.grad_fn._sequence_nr() if t.grad_fn is not None else None)
 
 
 def plain(t):
@@ -262,9 +248,21 @@ class Shared(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         flat, spec = tree_flatten((args, kwargs))
-        site = next(t._site for t in flat if isinstance(t, Shared))
+        sites = {id(t._site): t._site for t in flat if isinstance(t, Shared)}
+        for other in sites.values():
+            if not other.params:
+                continue
+            if len(sites) > 1:  # a parameter's tensor with another site's (a shared layer output): that one goes on
+                other.fail("a tensor computed from it meets one computed from another shared tensor")
+            elif torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+                # within a checkpoint, whose recompute reads the parameter plain: what the op saves must be the same
+                other.fail("a tensor computed from it is used within a checkpoint")
+        if any(not st.live for st in sites.values()) and len(sites) > 1:  # those of ended sites as plain ones
+            flat = [plain(t) if isinstance(t, Shared) and not t._site.live else t for t in flat]
+            args, kwargs = tree_unflatten(flat, spec)
+        site = next((t._site for t in flat if isinstance(t, Shared)), None)
         with torch._C.DisableTorchFunctionSubclass():
-            if not site.live:
+            if site is None or not site.live:
                 return func(*args, **kwargs)
             others = [t for t in flat if torch.is_tensor(t) and not isinstance(t, Shared)]
             if others:

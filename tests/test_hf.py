@@ -306,6 +306,14 @@ def _mixing_models():
             num_decoder_layers=1, num_encoder_attention_heads=4, num_decoder_attention_heads=4, ngram=2,
             num_buckets=8, relative_max_distance=16, max_position_embeddings=64, pad_token_id=0)),
             None, torch.float64),
+        # sliding-window attention on (T, n, D) hidden states: its projections hold the batch in dim 1
+        "longformer": (lambda: transformers.LongformerForMaskedLM(transformers.LongformerConfig(
+            vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+            max_position_embeddings=64, attention_window=[4, 4], pad_token_id=0)), None, torch.float64),
+        "led": (lambda: transformers.LEDForConditionalGeneration(transformers.LEDConfig(
+            vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_encoder_position_embeddings=64,
+            max_decoder_position_embeddings=64, attention_window=[4], pad_token_id=0)), None, torch.float64),
         # relative attention, a layer of its own (the generic rule) reading (T', D) positions shared by the samples
         "funnel": (lambda: transformers.FunnelForMaskedLM(transformers.FunnelConfig(
             vocab_size=V, d_model=32, n_head=4, d_head=8, d_inner=48, block_sizes=[1, 1], num_decoder_layers=1)),
@@ -315,7 +323,7 @@ def _mixing_models():
 
 @pytest.mark.parametrize("n", [4, 8], ids=["n4", "n-equals-T"])
 @pytest.mark.parametrize("name", ["t5-encoder", "mixtral", "qwen2-moe", "opt", "bart", "deberta-v2", "mpnet", "funnel",
-                                  "prophetnet"])
+                                  "prophetnet", "longformer", "led"])
 def test_families_whose_layers_mix_the_samples(name, n):
     """T = 8 tokens in batches of n: the (T, T) buckets or BART's (T, D) positions reshaped by sample would give a
     wrong Ω, DeBERTa would fail; where n = T, the buckets, the positions and Funnel's (T', D) relative positions look
@@ -325,8 +333,9 @@ def test_families_whose_layers_mix_the_samples(name, n):
     first batch, and Funnel's attention reads its positions as shared: they keep the fast path. So does DeBERTa-v2
     (it failed once its (1, 2k, D) relative embeddings were expanded, and then ran one sample at a time): the
     outputs of its position projections on them are shared, their weight read directly a leaf whose samples'
-    gradients come back through them. ProphetNet, whose positions come from the batch's shape (it raised), runs one
-    sample at a time, with one warning, exact."""
+    gradients come back through them. Longformer's and LED's projections on (T, n, D) hidden states (the batch in
+    dim 1) ran every batch one sample at a time: the batch dim is moved in front for their rule. ProphetNet, whose
+    positions come from the batch's shape (it raised), runs one sample at a time, with one warning, exact."""
     make, output_fn, dtype = _mixing_models()[name]
     model = perturbed(make)
     x = torch.randint(1, V, (n + 2, 8))

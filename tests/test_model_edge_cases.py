@@ -2376,7 +2376,11 @@ class ScaleBeside(nn.Module):
     position table added), ``alias`` (the scale also read through a reference kept on the module: a read not by its
     name), ``einsum`` (the scale in an op that may mix the batch's rows), ``layer`` (a table of its
     own through a Linear inside it), ``rows`` (the scale first meets a tensor with as many rows as the batch has
-    samples, which are not samples: the batch's split is the table's), ``raise`` (its forward raises)."""
+    samples, which are not samples: the batch's split is the table's), ``raise`` (its forward raises), ``twice`` (the
+    scale registered under a second name too), ``checkpoint`` (the scale, its module under a non-reentrant
+    checkpoint, whose recompute must save what the call saved), ``inner-checkpoint`` (its own checkpoint of a
+    closure that reads the scale), ``positions`` (the scale times a position Embedding's output, which all samples
+    share: two shared tensors meet, the scale's first)."""
 
     def __init__(self, how):
         super().__init__()
@@ -2386,6 +2390,10 @@ class ScaleBeside(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, 5, 6))
         if how == "alias":
             self.alias = [self.gamma]
+        if how == "twice":
+            self.again = self.gamma
+        if how == "positions":
+            self.posemb = nn.Embedding(5, 6)
 
     def forward(self, x):
         h = torch.tanh(self.lin(x))
@@ -2393,6 +2401,12 @@ class ScaleBeside(nn.Module):
             raise ValueError("two")
         if self.how == "alias":
             return self.gamma * h + self.alias[0] * h.pow(2)
+        if self.how == "twice":
+            return self.gamma * h + self.again * h.pow(2)
+        if self.how == "inner-checkpoint":
+            return torch.utils.checkpoint.checkpoint(lambda t: self.gamma * t, h, use_reentrant=False)
+        if self.how == "positions":
+            return h + self.gamma * self.posemb(torch.arange(h.shape[1]))
         if self.how == "einsum":
             return h * torch.einsum("ntd,d->nt", h, self.gamma)[..., None]
         if self.how == "layer":
@@ -2411,6 +2425,8 @@ class ScaledNet(nn.Module):
         self.block, self.head = ScaleBeside(how), nn.Linear(6, 3)
 
     def forward(self, x):
+        if self.block.how == "checkpoint":
+            return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False))
         return self.head(self.block(x))
 
 
@@ -2427,7 +2443,8 @@ def _reruns(monkeypatch):
     return counts
 
 
-@pytest.mark.parametrize("how", ["scale", "token", "alias", "einsum", "layer", "rows"])
+@pytest.mark.parametrize("how", ["scale", "token", "alias", "einsum", "layer", "rows", "twice", "checkpoint",
+                                 "inner-checkpoint", "positions"])
 @pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
 def test_a_generic_calls_parameters_told_by_their_uses(request, monkeypatch, cls, how):
     """g-MAS: the parameters of a module of the generic rule, read as tensors all samples share, take each sample's
@@ -2435,8 +2452,9 @@ def test_a_generic_calls_parameters_told_by_their_uses(request, monkeypatch, cls
     1.83 → 1.34 on this CPU). Where a use cannot tell (an op that may mix the rows, a layer's input), the rule runs
     the module again as before; where the uses misread the batch (a table whose rows number the samples), the first
     batch's one-sample check refutes them, and the module runs again from then on. A read through another reference,
-    which a rerun would not see either (27% off before), has the batch run one sample at a time, each sample's
-    gradient taken whole. Exact against the float64 loop in every case, over batches after the first."""
+    which a rerun would not see either (27% off before), has the batch run one sample at a time, that parameter's
+    gradient taken whole in each (with per_sample=False, the batch's). Exact against the float64 loop in every case,
+    over batches after the first."""
     torch.manual_seed(211)
     model = ScaledNet(how).eval()
     xs = [torch.randn(3, 5, 6) for _ in range(3)]
@@ -2448,8 +2466,23 @@ def test_a_generic_calls_parameters_told_by_their_uses(request, monkeypatch, cls
     mas.accumulate(xs[1:])
     unit = next(u for u in mas._engine.units if u.module is model.block)
     assert (unit.shares_params is False) == (how == "rows")
-    assert mas._engine.by_sample == (how == "alias")  # then one sample at a time, each taken whole: no rerun either
-    assert bool(counts.get("ScaleBeside")) == (how in ("einsum", "layer", "rows")), counts
+    assert mas._engine.by_sample == (how == "alias")  # then one sample at a time, the parameter taken whole
+    slow = ("einsum", "layer", "rows", "alias", "checkpoint", "inner-checkpoint", "positions")
+    assert bool(counts.get("ScaleBeside")) == (how in slow), counts
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_a_hook_on_a_parameter_changes_no_omega_with_the_batch_size(cls):
+    """A tensor hook on a parameter of a module of the generic rule (a gradient mask) is not applied by the rule's
+    rerun, nor by the uses that tell each sample's gradient: Ω is the same in batches of one and of three (it took the
+    hook at one, and a mix of both at three, while one-sample passes took gradients whole)."""
+    torch.manual_seed(229)
+    model = ScaledNet("scale").eval()
+    model.block.gamma.register_hook(lambda g: 3 * g)
+    x = torch.randn(3, 5, 6)
+    one = run(cls, model, [x[:1], x[1:2], x[2:]]).task_importance
+    three = run(cls, model, [x]).task_importance
+    assert_close(three, {k: v.double() for k, v in one.items()})
 
 
 def test_a_generic_call_that_raises_puts_its_parameters_back():
@@ -2501,3 +2534,31 @@ def test_a_table_expanded_to_the_batch_size(request, cls, mix):
     mas = check(request, cls, model, xs)
     unit = next(u for u in mas._engine.units if u.module is model.lat)
     assert mas._engine.by_sample == mix and (unit.shares_params is False) == mix
+
+
+class RenormedEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e, self.head = nn.Embedding(10, 6, max_norm=1.0), nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.e(ids)))
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_a_parameter_renormed_in_place_by_its_forward(request, cls):
+    """An Embedding with max_norm renorms its rows in place in its forward; with a global forward hook it takes the
+    generic rule, whose call reads its weight as a view: the in-place renorm on that view raised (a custom autograd
+    node's output). Exact, and the renorm reaches the parameter itself."""
+    torch.manual_seed(233)
+    model = RenormedEmbedding().eval()
+    with torch.no_grad():
+        model.e.weight.mul_(3)
+    ids = [torch.randint(0, 10, (3, 4)) for _ in range(2)]
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        check(request, cls, model, ids)
+    finally:
+        handle.remove()
+    used = torch.cat([i.flatten() for i in ids]).unique()
+    assert float(model.e.weight[used].norm(dim=1).max()) <= 1.0 + 1e-5
