@@ -2448,8 +2448,8 @@ def _reruns(monkeypatch):
 @pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
 def test_a_generic_calls_parameters_told_by_their_uses(request, monkeypatch, cls, how):
     """g-MAS: the parameters of a module of the generic rule, read as tensors all samples share, take each sample's
-    gradient from their uses with the batch's rows, without running the module again (ConvNeXt 1.78 → 1.41, BEiT
-    1.83 → 1.34 on this CPU). Where a use cannot tell (an op that may mix the rows, a layer's input), the rule runs
+    gradient from their uses with the batch's rows, without running the module again (ConvNeXt 1.78 → 1.4-1.6, BEiT
+    1.83 → 1.3-1.4 on this CPU). Where a use cannot tell (an op that may mix the rows, a layer's input), the rule runs
     the module again as before; where the uses misread the batch (a table whose rows number the samples), the first
     batch's one-sample check refutes them, and the module runs again from then on. A read through another reference,
     which a rerun would not see either (27% off before), has the batch run one sample at a time, that parameter's
