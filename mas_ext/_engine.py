@@ -391,6 +391,10 @@ class _Group:
         return len(self.units) == 1 and len(self.calls) == 1
 
 
+# the layers whose calls may have their batch dim moved in front (Engine._record)
+_LAYOUT_FREE = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm, torch.nn.RMSNorm)
+
+
 def _ready(group):
     """Whether the gradients of all of the group's calls have arrived, and its rules can run now: not while a call's
     parameters read as shared tensors wait for the rest of the backward (the group runs after it)."""
@@ -438,6 +442,9 @@ class _Pass:
         # RecurrentGemma's recurrent state, kept the pass and its buffers), and the _Swap of each call whose parameters
         # a site reads (the backward takes the batch's gradient at their views)
         self.tap_nodes, self.entries = [], []
+        # parameters read as shared tensors for the whole pass ({global name: (module, {name: parameter}, root)}), and
+        # those to be so in the batch's next try (Engine._swap_leaves)
+        self.leaf_roots, self.new_leaves = {}, set()
 
 
 class _Swap:
@@ -598,6 +605,10 @@ class Engine:
         self.no_expand = False  # set once the model failed on an expanded batch-size-1 input
         # the signatures (_shared.Site.signature) of the uses of shared outputs confirmed by a one-sample run
         self.shares_confirmed = set()
+        # parameters of units that a pass did not call, read outside them into the batch's rows (DeBERTa's relative
+        # embeddings, read as rel_embeddings.weight): read as shared tensors from the pass's start (_swap_leaves),
+        # their uses tell each sample's gradient; and those whose uses could not
+        self.leaves, self.leaves_refuted = set(), set()
         self.pads_confirmed = set()  # the padding layouts (inputs', output's) whose first batch agreed with its samples'
         self.pad_by_sample = False  # set once padding showed in a layout that cannot be told: padded batches by sample
         self.by_sample = False  # set once a batch showed rows that are no sample's own: one-sample passes from then
@@ -774,10 +785,16 @@ class Engine:
                                                requires_grad=True), mask, out_mask, patches)
             try:
                 calls = self._forward_backward(args, kwargs, where, state)
-                while state.own_all:  # guards that read their units' weights outside their calls own them: again
-                    self._own_all(state.own_all)
-                    if n > 1:
-                        self.learn_dims(args, kwargs, n, where)
+                while state.own_all or state.new_leaves:
+                    # guards that read their units' weights outside their calls own them; parameters read outside
+                    # units that did not run are read as shared tensors: again
+                    if state.own_all:
+                        self._own_all(state.own_all)
+                        if n > 1:
+                            self.learn_dims(args, kwargs, n, where)
+                    self.leaves |= state.new_leaves
+                    for b in bufs.values():
+                        b.zero_()
                     state = _Pass(n, bufs, state.anchor, mask, out_mask, patches)
                     calls = self._forward_backward(args, kwargs, where, state)
             except Exception as e:  # noqa: BLE001 - re-raised unless an expanded input explains it
@@ -1039,7 +1056,8 @@ class Engine:
                         if state.shared is not None:
                             # read outside modules that did not run (DeBERTa's relative embeddings): where those
                             # reads go into shared outputs, their uses tell each sample's gradient at them too
-                            state.shared.leaves = [self.params[g] for g in outside if g not in called]
+                            state.shared.leaves = [self.params[g] for g in outside
+                                                   if g not in called and g not in state.leaf_roots]
                         state.backward = True  # a module run again in it (a checkpoint's recompute) is no call
                         # the batch's gradient at the parameters that sites read (_swap_params): at their views, the
                         # backward's inputs too, through which it runs to their uses
@@ -1082,11 +1100,37 @@ class Engine:
         return state.calls
 
     def _forward(self, state, args, kwargs):
+        if self.leaves and self.mode == "global" and self.per_sample and state.n > 1:
+            self._swap_leaves(state)
         try:
             return self.entry(*args, **kwargs)
         except Exception:
             state.forward_failed = True
             raise
+        finally:
+            self._restore_leaves(state)
+
+    def _swap_leaves(self, state):
+        """The parameters of :attr:`leaves`, read as roots of the pass's shared site for its forward: where the model
+        reads one outside its unit into the batch's rows (sliced, projected by a layer, broadcast or repeated by the
+        batch size), its uses tell each sample's gradient at it (:meth:`_whole_grads`)."""
+        if state.shared is None:
+            state.shared = _shared.Site(state.n, state.block_rows)
+        for g in self.leaves:
+            p = self.params[g]
+            for u in self._owners[id(p)][1]:
+                own = u.module._parameters
+                names = {k: v for k, v in own.items() if v is p}
+                if names:
+                    root = state.shared.share(p.view_as(p))
+                    own.update(dict.fromkeys(names, root))
+                    state.leaf_roots[g] = (u.module, names, root)
+                    break
+
+    @staticmethod
+    def _restore_leaves(state):
+        for module, names, _ in state.leaf_roots.values():
+            module._parameters.update(names)
 
     def _read_outside(self, loss, state):
         """{global name: a unit of it} of the tracked parameters whose gradient this batch's graph takes, in part,
@@ -1168,14 +1212,25 @@ class Engine:
         in place of what their rules added, where the pass is one sample (or per_sample=False: the batch's
         gradient). With n > 1 samples per sample, a parameter whose units did not run and whose reads went into
         shared outputs (a leaf of the site) adds Σ_k |∂_k| from its samples' gradients through those, where they add
-        up to ∂; any other is not split, and the batch is run again sample by sample."""
+        up to ∂; any other is not split, and the batch is run again sample by sample, but for a parameter whose units
+        did not run, tried first as one of :attr:`leaves` (read as a shared tensor from the pass's start)."""
+        called = {g for u in state.calls for g in u.names.values()}
         for (g, unit), grad in zip(outside.items(), grads):
             if grad is None:
                 continue
             if self.per_sample and state.n > 1:
                 site = state.shared
                 leaf = self.params[g]
-                per = site.take(leaf, grad) if site is not None and any(p is leaf for p in site.leaves) else None
+                if g in state.leaf_roots:
+                    per = site.take(state.leaf_roots[g][2], grad)
+                else:
+                    per = site.take(leaf, grad) if site is not None and any(p is leaf for p in site.leaves) else None
+                if per is None and g not in called and g not in self.leaves | self.leaves_refuted:
+                    state.new_leaves.add(g)  # the batch runs again, this parameter read as a shared tensor
+                    continue
+                if per is None and g in self.leaves:
+                    self.leaves.discard(g)
+                    self.leaves_refuted.add(g)
                 if per is None:
                     how = state.escaped.get(g, "used outside the module's own forward")
                     state.mixed.append((unit, f"has its parameter '{g}' {how}, where no per-sample gradient can be "
@@ -1391,10 +1446,13 @@ class Engine:
                                   "in a way the pass cannot follow")
         moved = None
         if (mixed is not None and self.mode == "global" and self.per_sample and in_dims is not None
-                and first is not None and not reads_shared and not kwargs and len(args) == len(in_dims)
-                and torch.is_tensor(out) and _rules.leading_positions(unit.rule, module)):
+                and first is not None and not reads_shared and not kwargs and len(args) == len(in_dims) == 1
+                and torch.is_tensor(out) and type(module) in _LAYOUT_FREE and "forward" not in module.__dict__
+                and _rules.leading_positions(unit.rule, module)):
             # the batch in another dim than the layer's (Longformer's and LED's (T, n, D) projections), as learned
-            # from the model run on one sample: moved in front for the rule, which reads the other dims as positions
+            # from the model run on one sample: moved in front for the rule, which reads the other dims as positions.
+            # Only torch's own layers, whose forwards read every dim before the last alike: a subclass or a
+            # same-named class that the table's rule hands to the generic one would run again on moved inputs
             d = in_dims[first]
             if (d is not None and d != _batch_dim(module) and not any(rows[0]) and not any(rows[1])
                     and all(e in (d, None) for e in in_dims) and all(out_dims[i] == d for i in pos)):
@@ -1606,7 +1664,7 @@ class Engine:
                 self._process(unit.group)
 
         for i, t in zip(pos, self._tap(state.anchor, sink, False, [flat[i] for i in pos])):
-            flat[i] = site.share(t)
+            flat[i] = site.share(t, copy=True)
         return flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
 
     def _tapped_forward(self, unit, *args, **kwargs):

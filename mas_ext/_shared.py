@@ -77,10 +77,12 @@ class Site:
         self.live = True
         self._gathers = []  # the nodes of its uses (_Gather), whose references to it close() cuts
 
-    def share(self, t):
-        """``t`` (an output of a layer whose call all samples share) as a root."""
-        root = _as_shared(t, self)
-        self.roots.append(root)
+    def share(self, t, copy=False):
+        """``t`` (an output of a layer whose call all samples share) as a root; with ``copy``, the model gets a copy
+        of it, and ``t`` stays the root: an op the model makes on it in place (DeBERTa's ``pos_query_layer /=
+        scale``) changes the copy, not the tensor whose gradient the layer's rule takes."""
+        root = _as_shared(t.clone() if copy else t, self)
+        self.roots.append(t if copy else root)
         return root
 
     def fail(self, why):

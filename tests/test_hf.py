@@ -310,6 +310,12 @@ def _mixing_models():
         "longformer": (lambda: transformers.LongformerForMaskedLM(transformers.LongformerConfig(
             vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
             max_position_embeddings=64, attention_window=[4, 4], pad_token_id=0)), None, torch.float64),
+        # DeBERTa v1: its relative embeddings' weight read outside the Embedding (never called), sliced, projected by
+        # the attention's own Linears, whose outputs it scales in place
+        "deberta": (lambda: transformers.DebertaForMaskedLM(transformers.DebertaConfig(
+            vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+            max_position_embeddings=64, relative_attention=True, max_relative_positions=16,
+            pos_att_type=["c2p", "p2c"])), None, torch.float64),
         # fairseq's layout: (T, n, D) hidden states throughout. use_cache=False: with the cache on and the whole
         # decoder_input_ids given, its decoder takes no causal mask (the pass turns the cache off, as training does);
         # float32: its causal mask cannot be built in float64
@@ -330,7 +336,7 @@ def _mixing_models():
 
 @pytest.mark.parametrize("n", [4, 8], ids=["n4", "n-equals-T"])
 @pytest.mark.parametrize("name", ["t5-encoder", "mixtral", "qwen2-moe", "opt", "bart", "deberta-v2", "mpnet", "funnel",
-                                  "prophetnet", "longformer", "led", "fsmt"])
+                                  "prophetnet", "longformer", "led", "fsmt", "deberta"])
 def test_families_whose_layers_mix_the_samples(name, n):
     """T = 8 tokens in batches of n: the (T, T) buckets or BART's (T, D) positions reshaped by sample would give a
     wrong Ω, DeBERTa would fail; where n = T, the buckets, the positions and Funnel's (T', D) relative positions look
@@ -342,7 +348,8 @@ def test_families_whose_layers_mix_the_samples(name, n):
     outputs of its position projections on them are shared, their weight read directly a leaf whose samples'
     gradients come back through them. Longformer's and LED's projections on (T, n, D) hidden states (the batch in
     dim 1), and FSMT's, time-major throughout, ran every batch one sample at a time: the batch dim is moved in front
-    for their rule. ProphetNet, whose
+    for their rule. So did DeBERTa v1, which reads its relative embeddings' weight outside the Embedding: that
+    weight is read as a shared tensor from the pass's start, after a first try. ProphetNet, whose
     positions come from the batch's shape (it raised), runs one sample at a time, with one warning, exact."""
     make, output_fn, dtype = _mixing_models()[name]
     model = perturbed(make)

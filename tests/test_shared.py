@@ -357,7 +357,7 @@ class RelativeKeys(nn.Module):
         return self.out(((3 * s.tanh()).softmax(-1) @ heads(h)).transpose(1, 2).reshape(n, t, D))
 
 
-@pytest.mark.parametrize("kind", ["repeat", "matmul", "raw"])
+@pytest.mark.parametrize("kind", ["repeat", "matmul", "raw", "direct"])
 @pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
 def test_relative_keys_keep_the_batched_path(request, cls, mode, per_sample, kind):
@@ -367,7 +367,9 @@ def test_relative_keys_keep_the_batched_path(request, cls, mode, per_sample, kin
     repeat by the batch size tiles the keys to n blocks of H rows, one per sample. ``raw``: the model fails once the
     key Linear's (1, 2S, D) input is expanded to the batch, and the batch is run again with nothing expanded. Exact
     in every mode; in g-MAS per sample batched with no warning (it ran one sample at a time before 2026-12-05, as in
-    l-MAS still)."""
+    l-MAS still). ``direct``: the weight also read by the batch's tokens, in a matmul that broadcasts it over them;
+    read as a shared tensor from the pass's start (Engine.leaves, after a first try), that use tells each sample's
+    gradient too (it ran one sample at a time until the afternoon of 2026-12-05)."""
     torch.manual_seed(13)
     model = RelativeKeys(kind).eval()
     batches = [torch.randint(0, V, (4, 8)), torch.randint(0, V, (3, 8)), torch.randint(0, V, (1, 8))]
@@ -380,14 +382,12 @@ def test_relative_keys_keep_the_batched_path(request, cls, mode, per_sample, kin
         assert mas._engine.shares_confirmed
 
 
-@pytest.mark.parametrize("kind,why", [("direct", "'rel.weight' used outside"), ("tile", "'key' (Linear) returns an "
-                                      "output that all samples share, and a tensor computed from its output meets the "
-                                      "batch's rows in gather")])
+@pytest.mark.parametrize("kind,why", [("tile", "'key' (Linear) returns an output that all samples share, and a tensor "
+                                      "computed from its output meets the batch's rows in gather")])
 @pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
 def test_relative_keys_whose_samples_cannot_be_told_apart(request, cls, kind, why):
-    """The relative embeddings' weight also read by the tokens (its samples' gradients come back short of its
-    gradient), or the keys tiled twice along the positions too (no sample's blocks): one sample at a time, with one
-    warning, exact."""
+    """The keys tiled twice along the positions too (no sample's blocks): one sample at a time, with one warning,
+    exact."""
     torch.manual_seed(14)
     model = RelativeKeys(kind).eval()
     batches = [torch.randint(0, V, (4, 8)), torch.randint(0, V, (3, 8))]
