@@ -72,6 +72,10 @@ def _models():
             vocab_size=32, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
             conv_dim=(64, 64, 64), conv_stride=(5, 2, 2), conv_kernel=(10, 3, 3), num_conv_pos_embeddings=16,
             num_conv_pos_embedding_groups=4)), "audio", "none (a masked embedding beside its layers)"),
+        "deberta-v1": (lambda: tf.DebertaForMaskedLM(tf.DebertaConfig(
+            vocab_size=V, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+            max_position_embeddings=256, relative_attention=True, max_relative_positions=64,
+            pos_att_type=["c2p", "p2c"])), "tokens", "relative embeddings read as a weight, projected"),
         "longformer": (lambda: tf.LongformerForMaskedLM(tf.LongformerConfig(
             vocab_size=V, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
             max_position_embeddings=256, attention_window=[32] * 4, pad_token_id=0)), "tokens",

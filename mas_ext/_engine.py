@@ -618,7 +618,7 @@ class Engine:
         self.one, self.dims = None, {}
         # the shape of the model's output (what _output picks) in that run, and where the output holds the batch,
         # learned from it on the first padded batch (_UNKNOWN until then)
-        self.one_out, self.out_dim = None, _UNKNOWN
+        self.one_out, self.out_dim, self.one_lens = None, _UNKNOWN, set()
         self._pass = None  # the _Pass of the batch now running
         self._probing = False  # learn_dims is running the model
 
@@ -887,6 +887,9 @@ class Engine:
                 one_args, one_kwargs = _one_sample(args, kwargs, n, 0)
                 out = self._output(self.entry(*one_args, **one_kwargs), where, check=False)
             self.one, self.dims, self.one_out, self.out_dim = seen, {}, tuple(out.shape), _UNKNOWN
+            # the lengths of the sample's inputs (dim 1): an output whose dim 1 is none of them holds no positions
+            self.one_lens = {t.shape[1] for t in torch.utils._pytree.tree_flatten((one_args, one_kwargs))[0]
+                             if torch.is_tensor(t) and t.dim() > 1}
         except Exception as e:  # noqa: BLE001 - the pass itself says what is wrong with the batch
             warnings.warn(f"batch {where}: the model did not run on one sample alone ({type(e).__name__}: "
                           f"{str(e)[:200]}); where its layers' inputs hold the batch is read from their shapes, "
@@ -1263,7 +1266,13 @@ class Engine:
                 dims = ([i for i, (a, b) in enumerate(zip(out.shape, self.one_out)) if a == state.n and b == 1]
                         if out.dim() == len(self.one_out) else [])
                 self.out_dim = dims[0] if len(dims) == 1 else None
-            masked = _mask_positions(out, state.out_mask, None if self.out_dim is _UNKNOWN else self.out_dim)
+            if (self.one and self.out_dim in (0, None, _UNKNOWN) and out.dim() == len(self.one_out) > 1
+                    and self.one_out[1] not in self.one_lens):
+                # (n, K, ...) where the sample's own output had K in dim 1, not its length: no positions (a
+                # classifier's logits; masked where K equalled the padded length, 5% off without a warning)
+                masked = out
+            else:
+                masked = _mask_positions(out, state.out_mask, None if self.out_dim is _UNKNOWN else self.out_dim)
             if masked is None:
                 state.unmasked = "the model's output"
             out = out if masked is None else masked

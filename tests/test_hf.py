@@ -813,3 +813,20 @@ def test_deberta_with_one_relative_term(att):
         assert_close(mas.task_importance, want)
         mas.consolidate()
         mas.penalty().backward()
+
+
+@pytest.mark.parametrize("cls", [mas_ext.ReferenceMAS, mas_ext.FusedMAS], ids=["reference", "fused"])
+def test_a_classifier_whose_labels_number_the_padded_length(cls):
+    """A sequence classifier's (n, 3) logits in a padded batch of 3 tokens: the padding mask (n, T) has their shape,
+    and the padded sample's last logit was masked as a padded position (DeBERTa-v2: 5% off, no warning). An output
+    whose dim 1 was none of the sample's input lengths in the one-sample run holds no positions."""
+    torch.manual_seed(3)
+    model = perturbed(lambda: transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=64, num_labels=3)))
+    first = [torch.randint(1, V, (length,)) for length in (7, 5, 7)]
+    second = [torch.randint(1, V, (length,)) for length in (3, 3, 2)]
+    batches = [dict(zip(("input_ids", "attention_mask"), padded(s, "right"))) for s in (first, second)]
+    want = oracle(model, first + second)
+    got = cls(model, show_progress=False).accumulate(batches).task_importance
+    assert_close(got, want)
