@@ -1012,9 +1012,11 @@ class Engine:
         elif rest:
             what = ("is called on an input of batch size 1 whose rows, expanded to the batch's, are not each sample's "
                     "own" if rest[0] in expanded else f"is called on an input whose rows are not {n} blocks of one "
-                    "sample each" if rest[0] in units else "returns an output all samples share, whose uses gave "
-                    "another Ω than the samples run alone (learned absolute positions under left padding, or uses "
-                    "the pass misread)")
+                    "sample each" if rest[0] in units else "has its weight read outside it (it did not run), and the "
+                    "uses of that read gave another Ω than the samples run alone"
+                    if any(g in self.leaves for g in rest[0].names.values()) else "returns an output all samples "
+                    "share, whose uses gave another Ω than the samples run alone (learned absolute positions under "
+                    "left padding, or uses the pass misread)")
             warnings.warn(f"module '{rest[0].name}' ({type(rest[0].module).__name__}) {what}: {_BY_SAMPLE}",
                           stacklevel=5)
             self.by_sample = True
