@@ -1684,7 +1684,10 @@ class Engine:
         if state is not None and not state.busy and not state.backward:
             args, kwargs = self._unshare(args, kwargs, state)
         if (state is not None and not state.busy and not state.backward and not unit.repeats
-                and not (state.shared is not None and _shared.plain_inputs(args, kwargs)[2])):
+                and not (state.shared is not None and _shared.plain_inputs(args, kwargs)[2])
+                # not under a checkpoint, whose recompute in the backward runs the module's own forward: the two must
+                # save the same tensors
+                and torch._C._autograd._top_saved_tensors_default_hooks(False) is None):
             def tap(outs, on_grads):  # the buffers are looked up when the gradients arrive (made then)
                 return self._tap(state.anchor, lambda grads: None if unit in state.idle else on_grads(
                     grads, {k: state.bufs[g] for k, g in unit.names.items()}), True, outs)

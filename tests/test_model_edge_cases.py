@@ -2562,3 +2562,27 @@ def test_a_parameter_renormed_in_place_by_its_forward(request, cls):
         handle.remove()
     used = torch.cat([i.flatten() for i in ids]).unique()
     assert float(model.e.weight[used].norm(dim=1).max()) <= 1.0 + 1e-5
+
+
+class CheckpointedEncoderLayer(nn.Module):
+    def __init__(self, batch_first):
+        super().__init__()
+        self.batch_first = batch_first
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = x if self.batch_first else x.transpose(0, 1)
+        h = torch.utils.checkpoint.checkpoint(self.layer, h, use_reentrant=False)
+        return self.head(h if self.batch_first else h.transpose(0, 1))
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_attention_under_a_checkpoint(request, cls, batch_first):
+    """nn.TransformerEncoderLayer under a non-reentrant checkpoint: FusedMAS's decomposed attention saved other
+    tensors than the recompute in the backward, which runs the module's own forward (CheckpointError). Under a
+    checkpoint the attention runs its own forward, and its rule takes the call."""
+    torch.manual_seed(239)
+    model = CheckpointedEncoderLayer(batch_first).eval()
+    check(request, cls, model, [torch.randn(3, 5, 8), torch.randn(2, 5, 8)])
