@@ -435,12 +435,12 @@ class _Pass:
         # (g-MAS: Engine._read_outside)
         self.idle, self.unread = set(), set()
         # the parameters of generic calls read as shared tensors (Engine._swap_params): the _Swap of each call now
-        # running, that of the call that has just ended (for its record), the sites of all, and (unit, the uses'
-        # signature) of the calls whose uses told each sample's gradient
-        self.swapped, self.param_entry, self.param_sites, self.params_used = [], None, [], []
+        # running, that of the call that has just ended (for its record), and (unit, the uses' signature) of the calls
+        # whose uses told each sample's gradient
+        self.swapped, self.param_entry, self.params_used = [], None, []
         # the nodes of its taps, which the pass lets go of when it ends (a graph the model keeps on itself,
         # RecurrentGemma's recurrent state, kept the pass and its buffers), and the _Swap of each call whose parameters
-        # a site reads (the backward takes the batch's gradient at their views)
+        # a site reads (the backward takes the batch's gradient at their views; the pass closes their sites)
         self.tap_nodes, self.entries = [], []
         # parameters read as shared tensors for the whole pass ({global name: (module, {name: parameter}, root)}), and
         # those to be so in the batch's next try (Engine._swap_leaves)
@@ -1093,13 +1093,12 @@ class Engine:
                 u.group.calls, u.group.pending = [], []
             while state.swapped:  # the forward raised within such a call
                 state.swapped.pop().restore()
-            for site in state.param_sites:
-                site.close()
             for node in state.tap_nodes:
                 node.sink = None
             for entry in state.entries:
+                entry.site.close()
                 entry.box.clear()
-            state.param_sites, state.tap_nodes, state.entries = [], [], []
+            state.tap_nodes, state.entries = [], []
             if state.shared is not None:
                 state.shared.close()
         return state.calls
@@ -1230,7 +1229,7 @@ class Engine:
                     per = site.take(state.leaf_roots[g][2], grad)
                 else:
                     per = site.take(leaf, grad) if site is not None and any(p is leaf for p in site.leaves) else None
-                if per is None and g not in called and g not in self.leaves | self.leaves_refuted:
+                if per is None and g not in called and g not in self.leaves and g not in self.leaves_refuted:
                     state.new_leaves.add(g)  # the batch runs again, this parameter read as a shared tensor
                     continue
                 if per is None and g in self.leaves:
@@ -1344,13 +1343,12 @@ class Engine:
                       {s for _, _, s in made.values() if s is not None}, names)
         state.swapped.append(entry)
         if site is not None:
-            state.param_sites.append(site)
             state.entries.append(entry)
 
     def _unshare(self, args, kwargs, state):
         """``(args, kwargs)`` with the tensors computed from the parameters of a generic call without the batch's rows
         (:meth:`_swap_params`) made plain, and their sites failed: a layer's input, which that call cannot follow."""
-        if not state.param_sites:
+        if not state.entries:
             return args, kwargs
         flat, spec = ((list(args), None) if not kwargs and all(torch.is_tensor(a) for a in args)
                       else torch.utils._pytree.tree_flatten((args, kwargs)))
@@ -1681,9 +1679,10 @@ class Engine:
     def _tapped_forward(self, unit, *args, **kwargs):
         """The forward installed on units whose rule taps its own internals (g-MAS per sample, FusedMAS)."""
         state = self._pass
-        if state is not None and not state.busy and not state.backward:
+        live = state is not None and not state.busy and not state.backward
+        if live:
             args, kwargs = self._unshare(args, kwargs, state)
-        if (state is not None and not state.busy and not state.backward and not unit.repeats
+        if (live and not unit.repeats
                 and not (state.shared is not None and _shared.plain_inputs(args, kwargs)[2])
                 # not under a checkpoint, whose recompute in the backward runs the module's own forward: the two must
                 # save the same tensors
@@ -1749,22 +1748,20 @@ class Engine:
         into ``call.param_grads``, where their uses told it (the samples' adding up to the batch's); else the rule
         runs the module again for them."""
         entry, call.params = call.params, None
-        per = {}
+        site, per = entry.site, {}
         for k, root in entry.roots.items():
-            if k in call.unread or entry.site is None or entry.site.failed is not None:
-                continue
-            total = entry.box.get(k)
-            got = entry.site.take(root, total if total is not None else torch.zeros_like(entry.originals[k]))
-            if got is None:
+            if site is None or site.failed is not None:  # take() fails the site where the samples' do not add up
                 break
-            per[k] = got
-        if entry.site is None or entry.site.failed is not None:
+            if k not in call.unread:
+                total = entry.box.get(k)
+                per[k] = site.take(root, total if total is not None else torch.zeros_like(entry.originals[k]))
+        if site is None or site.failed is not None:
             if call.no_rerun is not None:  # nor can it be run again: the batch runs sample by sample
-                self._pass.mixed.append((unit, f"{call.no_rerun} ({entry.site.failed if entry.site else 'too large'})"))
+                self._pass.mixed.append((unit, f"{call.no_rerun} ({site.failed if site else 'too large'})"))
                 call.grads = None
             return
         call.param_grads = per
-        self._pass.params_used.append((unit, tuple(entry.site.signature)))
+        self._pass.params_used.append((unit, tuple(site.signature)))
 
     @staticmethod
     def _call_grads(unit, call, s, e):
