@@ -6,7 +6,7 @@ The gradient that reaches such an output is the batch's sum; Ω needs each sampl
 it over the batch, the ``attn_mask`` of ``scaled_dot_product_attention``, a matmul whose leading dims broadcast
 it, the model's own ``expand``) gets it expanded to those rows in dim 0 first, with the same values, so the op's
 result is bitwise the same; so does the model's ``repeat`` of it by the batch size (DeBERTa-v2's relative keys, n
-blocks of its rows). The gradient at those rows is each sample's, and is carried back through the ops between the
+blocks of its rows; Mask2Former's queries, over dim 1 of its time-major (Q, n, D) hidden states). The gradient at those rows is each sample's, and is carried back through the ops between the
 layer's output and that use (a permute, an unsqueeze: a vmapped backward) to each sample's gradient at the output,
 and at every root upstream of it: a layer whose inputs are all shared (DeBERTa-v2's key_proj on its normed relative
 embeddings) returns a root in turn, and the backward goes through it, and (:attr:`Site.leaves`) to parameters read
@@ -288,22 +288,27 @@ class Shared(torch.Tensor):
 
 
 def _tile(t, reps, site):
-    """``t.repeat(*reps)`` where it tiles ``t`` n times in dim 0 and nothing else: n blocks of its rows, one per
-    sample, through :class:`_Gather` (DeBERTa-v2's relative keys, repeated by the batch size); else None (other
-    repeats, and arguments torch rejects, are left to torch)."""
+    """``t.repeat(*reps)`` where it tiles ``t`` n times in one dim d and nothing else: n blocks of its rows there,
+    one per sample, through :class:`_Gather` (DeBERTa-v2's relative keys, repeated by the batch size in dim 0;
+    Mask2Former's (Q, 1, D) queries, in dim 1 of its time-major decoder); else None (other repeats, and arguments
+    torch rejects, are left to torch)."""
     if len(reps) == 1 and isinstance(reps[0], (tuple, list)):  # one sequence (torch.Size is a tuple)
         reps = tuple(reps[0])
     try:
         reps = tuple(int(r) for r in reps)
     except (TypeError, ValueError, RuntimeError):
         return None
-    if site.n < 2 or len(reps) < max(t.dim(), 1) or reps[0] != site.n or any(r != 1 for r in reps[1:]):
+    tiled = [d for d, r in enumerate(reps) if r != 1]
+    if site.n < 2 or len(reps) < max(t.dim(), 1) or len(tiled) != 1 or reps[tiled[0]] != site.n:
         return None
+    d = tiled[0]
     shape = (1,) * (len(reps) - t.dim()) + tuple(t.shape)  # t aligned to the dims of reps
     view = t.reshape(1, *shape)
-    site.signature.append(("repeat", (), shape[0]))
-    # contiguous, as torch's repeat is (a (1, ...) tensor tiled is a stride-0 view of it else: WavLM views it)
-    return _Gather.apply(view.expand(site.n, *shape), view, site).reshape(site.n * shape[0], *shape[1:]).contiguous()
+    site.signature.append(("repeat", (d,), shape[d]))
+    # sample k's copy moved to dim d, before the rows it tiles: (.., n, m, ..) merged to n·m there. Contiguous, as
+    # torch's repeat is (a (1, ...) tensor tiled is a stride-0 view of it else: WavLM views it)
+    grown = _Gather.apply(view.expand(site.n, *shape), view, site).movedim(0, d)
+    return grown.reshape(*shape[:d], site.n * shape[d], *shape[d + 1:]).contiguous()
 
 
 def _with_batch(func, args, kwargs, flat, spec, others, site):

@@ -830,3 +830,32 @@ def test_a_classifier_whose_labels_number_the_padded_length(cls):
     want = oracle(model, first + second)
     got = cls(model, show_progress=False).accumulate(batches).task_importance
     assert_close(got, want)
+
+
+@pytest.mark.parametrize("cls", [mas_ext.ReferenceMAS, mas_ext.FusedMAS], ids=["reference", "fused"])
+def test_mask2former_masked_attention_and_time_major_queries(cls):
+    """Mask2Former's decoder: its queries are Embedding weights read outside the (never called) Embedding and
+    repeated over the batch in dim 1 of (Q, n, D) time-major hidden states; nn.MultiheadAttention's attn_mask is
+    per sample, (n·heads, Q, HW). Batched (no sample-by-sample fallback, and ReferenceMAS's generic rule on the
+    attention once crashed on the mask), against a float64 loop."""
+    swin = transformers.SwinConfig(image_size=64, patch_size=4, num_channels=3, embed_dim=16, depths=[1, 1, 1, 1],
+                                   num_heads=[1, 1, 1, 1], window_size=2,
+                                   out_features=["stage1", "stage2", "stage3", "stage4"])
+    model = perturbed(lambda: transformers.Mask2FormerModel(transformers.Mask2FormerConfig(
+        backbone_config=swin, feature_size=32, mask_feature_size=32, hidden_dim=16, num_queries=4,
+        encoder_feedforward_dim=16, dim_feedforward=16, decoder_layers=3, encoder_layers=1, num_attention_heads=2,
+        num_labels=3, common_stride=4, use_auxiliary_loss=False))).eval()
+    pick = lambda o: o.transformer_decoder_last_hidden_state  # noqa: E731
+    x = torch.randn(5, 3, 64, 64)
+    want = oracle(model, x, lambda m, xk: pick(m(pixel_values=xk[None].double())))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mas = cls(model, output_fn=pick, show_progress=False)
+        got = mas.accumulate([{"pixel_values": x[:3]}, {"pixel_values": x[3:]}]).task_importance
+    assert not [w for w in caught if "one sample at a time" in str(w.message)], [str(w.message) for w in caught]
+    # the biases of convs before a GroupNorm of one channel per group have Ω 0 in exact arithmetic: float32
+    # rounding there (as a float32 loop's) is ~1e-8 of the largest Ω
+    top = max(w.norm().item() for w in want.values())
+    zero = {k for k, w in want.items() if w.norm().item() < 1e-12 * top}
+    assert all(got[k].norm().item() < 1e-6 * top for k in zero)
+    assert_close({k: v for k, v in got.items() if k not in zero}, {k: v for k, v in want.items() if k not in zero})

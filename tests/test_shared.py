@@ -504,11 +504,65 @@ def test_repeat_by_the_batch_size_in_every_form():
     assert type(root[0].repeat(np.int64(4))) is torch.Tensor
     one = root[:1].repeat(4, 1)  # n blocks of one row: a stride-0 view, were it not made contiguous
     assert one.is_contiguous() and one.view(-1).shape == (12,)
-    for reps in [(2, 1), (4, 2), (1, 4)]:  # no sample's blocks: shared still, as torch computes it
+    for reps in [(1, 4), (1, 4, 1)]:  # by n in another dim: n blocks of its columns there (a time-major batch)
+        got = root.repeat(*reps)
+        assert type(got) is torch.Tensor and got.is_contiguous() and torch.equal(got, plain.repeat(*reps)), reps
+    for reps in [(2, 1), (4, 2), (4, 4)]:  # no sample's blocks: shared still, as torch computes it
         got = root.repeat(*reps)
         assert isinstance(got, _shared.Shared) and torch.equal(_shared.plain(got), plain.repeat(*reps)), reps
-    assert len(site.signature) == 9
+    assert len(site.signature) == 11
     site.close()
+
+
+class TimeMajorQueries(nn.Module):
+    """Mask2Former's decoder in small: learned queries, an Embedding's weight read outside it (the Embedding never
+    runs), repeated over the batch in dim 1 of (Q, n, D) time-major hidden states (``tile``: (Q, 2, D) rows per
+    sample, two copies of them each; ``columns``: the (Q, D) table repeated to (Q, n·D), n blocks of D columns,
+    viewed as (Q, n, D));
+    a time-major nn.MultiheadAttention over the tokens whose 3-dim attn_mask (n·heads, Q, T) is each sample's own,
+    from its tokens; LayerNorms on the (Q, n, D) rows (their batch dim moved in front for their rule)."""
+
+    def __init__(self, kind="queries"):
+        super().__init__()
+        self.kind = kind
+        self.emb, self.queries = nn.Embedding(V, D), nn.Embedding(3, D)
+        self.attn, self.norm = nn.MultiheadAttention(D, H), nn.LayerNorm(D)
+        self.mask, self.out = nn.Linear(D, 3), nn.Linear(D, 3)
+
+    def forward(self, ids):
+        n, t = ids.shape
+        tokens = self.emb(ids).transpose(0, 1)  # (T, n, D)
+        if self.kind == "tile":
+            q = self.queries.weight.view(3, 1, D).expand(3, 2, D).repeat(1, n, 1).view(3, n, 2, D).mean(2)
+        elif self.kind == "columns":
+            q = self.queries.weight.repeat(1, n).view(3, n, D)
+        else:
+            q = self.queries.weight.unsqueeze(1).repeat(1, n, 1)
+        hidden = self.norm(q)
+        for _ in range(2):
+            # which tokens each query may see: each sample's own (n·H, Q, T), from its tokens and the queries
+            blocked = (self.mask(tokens).permute(1, 2, 0) < -0.3).repeat_interleave(H, 0)  # (n·H, 3, T)
+            blocked[..., 0] = False  # every query sees one token at least
+            att, _ = self.attn(hidden, tokens, tokens, attn_mask=blocked, need_weights=False)
+            hidden = self.norm(hidden + att)
+        return self.out(hidden).transpose(0, 1)  # (n, Q, 3)
+
+
+@pytest.mark.parametrize("kind", ["queries", "tile", "columns"])
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_time_major_queries_repeated_over_the_batch(request, cls, mode, per_sample, kind):
+    """Mask2Former's decoder (TimeMajorQueries): exact in every mode; in g-MAS per sample batched, the queries'
+    repeat over dim 1 being n blocks there (it ran one sample at a time before 2026-12-05, the repeat left the
+    queries shared) and the attention's per-sample mask (n·heads, Q, T) cut by sample in the generic rule
+    (ReferenceMAS's rerun of the attention took it as shared, and crashed)."""
+    torch.manual_seed(15)
+    model = TimeMajorQueries(kind).eval()
+    batches = [torch.randint(0, V, (4, 6)), torch.randint(0, V, (3, 6)), torch.randint(0, V, (2, 6))]
+    check(request, cls, model, batches, mode=mode, per_sample=per_sample)
+    mas, said = _sample_by_sample_warnings(cls(model, mode=mode, per_sample=per_sample, show_progress=False), batches)
+    if mode == "global" and per_sample:
+        assert not said and not mas._engine.by_sample, said
 
 
 def test_no_pass_outlives_its_batch():

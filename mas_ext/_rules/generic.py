@@ -35,6 +35,18 @@ def sample_dim(full, one, n, preferred=0):
 _SHARED_ARGUMENTS = {nn.MultiheadAttention: ("attn_mask",)}
 
 
+def _head_blocks(module, call):
+    """nn.MultiheadAttention's 3-dim ``attn_mask`` of (n·heads, L, S): n blocks of rows, one per sample
+    (Mask2Former's masked attention), which no dim of size n tells; None for any other call."""
+    if type(module) is not nn.MultiheadAttention:
+        return None
+    bound = inspect.signature(type(module).forward).bind(module, *call.args, **call.kwargs).arguments
+    mask = bound.get("attn_mask")
+    if torch.is_tensor(mask) and mask.dim() == 3 and mask.shape[0] == call.n * module.num_heads:
+        return mask
+    return None
+
+
 def _parameters(module, names):
     """(tracked, frozen): the module's parameters named in ``names`` (all where None), detached; the others and its
     buffers, which functional_call keeps as they are."""
@@ -149,13 +161,23 @@ def generic_grads(module, call, s, e, names=None):
         if kwargs.get(name) is not None:
             at = next(i for i, t in enumerate(flat_in) if t is kwargs[name])
             in_dims[at] = None
+    # inputs of n blocks of rows in dim 0: taken as (n, rows, ...), each sample's block merged back for its rerun
+    merged = set()
+    mask = _head_blocks(module, call)
+    if mask is not None:
+        at = next(i for i, t in enumerate(flat_in) if t is mask)
+        flat_in[at], in_dims[at] = mask.view(n, -1, *mask.shape[1:]), 0
+        merged.add(at)
+
+    def merge(xs):
+        return [x.flatten(0, 1) if i in merged else x for i, x in enumerate(xs)]
     flat_out, out_pos = _floating_outputs(call)
     if call.out_dims is not None:
         out_dims = [call.out_dims[i] for i in out_pos]
     else:
         with torch.no_grad():
             first = [t.narrow(d, 0, 1) if d is not None else t for t, d in zip(flat_in, in_dims)]
-            args, kwargs = tree_unflatten(first, spec_in)
+            args, kwargs = tree_unflatten(merge(first), spec_in)
             probe = tree_flatten(_rerun(module, call, None, args, kwargs))[0]
         out_dims = [sample_dim(tuple(flat_out[i].shape), tuple(probe[i].shape), n) if torch.is_tensor(probe[i])
                     else None for i in out_pos]
@@ -176,7 +198,7 @@ def generic_grads(module, call, s, e, names=None):
 
     def outputs(theta, *inputs_k):
         inputs = [x.unsqueeze(d) if d is not None else x for x, d in zip(inputs_k, in_dims)]
-        args, kwargs = tree_unflatten(inputs, spec_in)
+        args, kwargs = tree_unflatten(merge(inputs), spec_in)
         out = tree_flatten(_rerun(module, call, {**theta, **frozen}, args, kwargs))[0]
         return tuple(out[i].squeeze(d) if d is not None else out[i] for i, d in zip(out_pos, out_dims))
 
