@@ -3,7 +3,8 @@ layers have an output that all samples share (T5's relative-position bias, the B
 MPNet's bias, Swin's window bias, DeBERTa-v3's projected relative embeddings), which ran one sample at a time
 before 2026-12-05; on ALBERT, whose layers, shared across depth, run several times per pass; and on models with
 parameters of their own beside layers (ConvNeXt's and BEiT's layer scales, CLIP's logit_scale, wav2vec2's masked
-embedding), whose layers took the generic rule with them until 2026-12-05 (see the README).
+embedding), whose layers took the generic rule with them until 2026-12-05 (see the README); on Mask2Former, whose
+time-major decoder ran one sample at a time until the evening of 2026-12-05.
 
 Random weights from configs (hidden 256, 8 × 128 tokens; images: 8 of 64 × 64, ConvNeXt 128 × 128; audio: 8 × 1 s
 at 16 kHz), eval mode, paired timings
@@ -80,11 +81,18 @@ def _models():
             vocab_size=V, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
             max_position_embeddings=256, attention_window=[32] * 4, pad_token_id=0)), "tokens",
             "none (projections on (T, n, D) hidden states)"),
+        "mask2former": (lambda: tf.Mask2FormerForUniversalSegmentation(tf.Mask2FormerConfig(
+            backbone_config=tf.SwinConfig(image_size=64, patch_size=4, embed_dim=64, depths=[1, 1, 2, 1],
+                                          num_heads=[2, 2, 4, 4], window_size=4,
+                                          out_features=["stage1", "stage2", "stage3", "stage4"]),
+            feature_size=128, mask_feature_size=128, hidden_dim=128, num_queries=50, encoder_feedforward_dim=512,
+            dim_feedforward=512, decoder_layers=4, encoder_layers=2, num_attention_heads=4, num_labels=10)),
+            "segmentation", "learned queries repeated over dim 1 of (Q, n, D) (f = the mask logits)"),
     }
 
 
 def _batch(kind, device):
-    if kind.startswith("images"):
+    if kind.startswith("images") or kind == "segmentation":
         side = 128 if kind == "images-128" else 64
         return {"pixel_values": torch.randn(8, 3, side, side, device=device)}
     if kind == "image-text":
@@ -109,7 +117,8 @@ def measure(name, device, repeats):
     model = make().to(device).eval()
     batch = _batch(kind, device)
     pick = ((lambda o: o.last_hidden_state) if kind == "encoder" else
-            (lambda o: o.vision_model_output.last_hidden_state) if kind == "image-text" else (lambda o: o.logits))
+            (lambda o: o.vision_model_output.last_hidden_state) if kind == "image-text" else
+            (lambda o: o.masks_queries_logits) if kind == "segmentation" else (lambda o: o.logits))
     params = [p for p in model.parameters() if p.requires_grad]
 
     def plain():
