@@ -335,11 +335,13 @@ class _Tap(torch.autograd.Function):
 
     Outputs that no backward of their own saves (``in_place``: those of the table's layers) are passed
     on in place, without a copy; others are copied, since marking them dirty would invalidate a saved
-    tensor (a module ending in sigmoid saves its output). Views are always copied."""
+    tensor (a module ending in sigmoid saves its output). Views are always copied. ``layout``: the gradients
+    go on in their outputs' memory formats (:func:`_layouts`)."""
 
     @staticmethod
-    def forward(ctx, anchor, sink, in_place, *outs):
+    def forward(ctx, anchor, sink, in_place, layout, *outs):
         ctx.sink = sink
+        ctx.formats = _layouts(outs) if layout else None
         res = []
         for o in outs:
             if in_place and not o._is_view():
@@ -353,7 +355,24 @@ class _Tap(torch.autograd.Function):
     def backward(ctx, *grads):
         if ctx.sink is not None:  # None once its pass has ended (a graph the model keeps on itself)
             ctx.sink(grads)
-        return (None, None, None, *grads)
+        if ctx.formats is not None:
+            grads = tuple(g if f is None or g is None else g.contiguous(memory_format=f)
+                          for g, f in zip(grads, ctx.formats))
+        return (None, None, None, None, *grads)
+
+
+def _layouts(outs):
+    """The memory format of each 4-dim or 5-dim output (None for the others). torch 2.13's CPU backward of an
+    eval-mode BatchNorm2d on one sample gives wrong gradients (its weight's, bias's and input's) where the gradient
+    arriving at its output is channels-last and the output is not (LeViT's patch embedding: its output flattened
+    and transposed): a batch run one sample at a time, or a batch of one, was 30-85% off there. The tap after a
+    BatchNorm hands its backward the gradient in the output's own format."""
+    def fmt(t):
+        if t.dim() not in (4, 5) or t.is_contiguous():
+            return torch.contiguous_format if t.dim() in (4, 5) else None
+        last = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+        return last if t.is_contiguous(memory_format=last) else None
+    return tuple(fmt(t) for t in outs)
 
 
 class _Unit:
@@ -964,7 +983,10 @@ class Engine:
         expanded rows: Swinv2's position-bias MLP on a shared table, read back through a view over all rows), the
         one-sample Ω is the batch's, and later batches run sample by sample. The units of ``params``, generic calls
         whose parameters' uses told each sample's gradient at them (:meth:`_swap_params`), are checked with the
-        shared outputs; one that disagrees runs its module again for them from then on (only that)."""
+        shared outputs; one that disagrees runs its module again for them from then on (only that). In a padded
+        batch a difference may be the padding's (ConvBERT's conv over padded positions) as well as the reading's:
+        it is laid on the padding (padded batches one sample at a time), and a batch without padding settles the
+        blocks, expansions and uses that disagreed."""
         check = ZeroBuffers(self.params)
         self._run_sample_by_sample(args, kwargs, n, check, where)
         # samples all alike agree with any reading of their rows: a later batch confirms it
@@ -984,7 +1006,9 @@ class Engine:
                         and max(float(got.norm()), float(want.norm())) > floor):
                     wrong.append(u)
                     break
-            if vacuous and u not in wrong:
+            if (vacuous and u not in wrong) or (padding and u in wrong):
+                # padded: what differs may be the padding (a conv over the padded positions), not the reading of
+                # the rows, which a batch without padding settles
                 continue
             if u in expanded:
                 u.expands = u not in wrong
@@ -998,7 +1022,7 @@ class Engine:
             self.shares_confirmed.add(signature)
         if padding and not wrong:
             self.pads_confirmed.add(padding)
-        if rest and not any(u in units or u in sharing for u in rest):  # only the padding shows
+        if rest and (padding or not any(u in units or u in sharing for u in rest)):  # the padding shows, or may
             warnings.warn(f"module '{rest[0].name}' ({type(rest[0].module).__name__}) has another Ω in a batch padded "
                           f"so ({', '.join(str(x) for x in padding if x)} padding) than with its samples run alone, "
                           "without their padding (the model's output for a padded sample is not the sample's: positions "
@@ -1595,16 +1619,18 @@ class Engine:
             if _ready(unit.group):
                 self._process(unit.group)
 
-        tapped = self._tap(state.anchor, sink, unit.rule.grads is not _rules.generic_grads, [flat[i] for i in pos])
+        tapped = self._tap(state.anchor, sink, unit.rule.grads is not _rules.generic_grads, [flat[i] for i in pos],
+                           layout=isinstance(module, torch.nn.modules.batchnorm._BatchNorm))
         if torch.is_tensor(call.out):  # as the tap left it (passed on in place, its version moved on)
             call.out_version = call.out._version
         for i, t in zip(pos, tapped):
             flat[i] = t
         return flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
 
-    def _tap(self, anchor, sink, in_place, outs):
+    def _tap(self, anchor, sink, in_place, outs, layout=False):
         """``outs`` through a _Tap; ``sink`` gets the gradients at them, shaped like them. With ``in_place``
-        an output that only reshapes its base (Linear on 3-D input) is tapped through that base, uncopied."""
+        an output that only reshapes its base (Linear on 3-D input) is tapped through that base, uncopied. With
+        ``layout``, the gradients go on in the outputs' memory formats (a BatchNorm's: :func:`_layouts`)."""
         def reshaped_base(t):
             b = t._base
             return (in_place and b is not None and not b._is_view() and t.is_contiguous() and b.is_contiguous()
@@ -1613,7 +1639,7 @@ class Engine:
         targets = [o._base if reshaped_base(o) else o for o in outs]
         shapes = [o.shape for o in outs]  # not the outputs themselves: the graph would keep them alive
         tapped = _Tap.apply(anchor, lambda grads: sink(tuple(g.view(s) for g, s in zip(grads, shapes))),
-                            in_place, *targets)
+                            in_place, layout, *targets)
         if self._pass is not None and tapped and tapped[0].grad_fn is not None:  # the call's outputs are read here
             self._pass.taps.add(tapped[0].grad_fn._sequence_nr())
             self._pass.tap_nodes.append(tapped[0].grad_fn)
@@ -1795,6 +1821,16 @@ class Engine:
                         return
                     call.whole = True  # per_sample=False: the call's gradient whole is the batch's
                     grads = self._call_grads(unit, call, 0, 1)
+                except RuntimeError as e:
+                    if call.rows is None or isinstance(e, torch.OutOfMemoryError):
+                        raise
+                    # its module cannot run on one sample's block of rows (JetMoe's experts on rows sorted by expert,
+                    # with the batch's expert sizes as a list): they are no sample's, and the batch runs sample by
+                    # sample (not yet confirmed, these blocks are not taken again)
+                    unit.blocks = False
+                    self._pass.mixed.append((unit, f"is called on an input whose rows are not {call.n} blocks of one "
+                                                   f"sample each (its module raised on one sample's: {str(e)[:120]})"))
+                    return
                 # per_sample=False: a whole call's gradient joins the batch's sum as it is (its n is not the chunk's)
                 into = total if call.whole and not self.per_sample else per_sample
                 for local, pg in grads.items():

@@ -2586,3 +2586,134 @@ def test_attention_under_a_checkpoint(request, cls, batch_first):
     torch.manual_seed(239)
     model = CheckpointedEncoderLayer(batch_first).eval()
     check(request, cls, model, [torch.randn(3, 5, 8), torch.randn(2, 5, 8)])
+
+
+class NormedTokens(nn.Module):
+    """LeViT's patch embedding and MLP in small: a conv, an eval-mode BatchNorm2d whose output is flattened and
+    transposed to (n, T, C) tokens (the gradient arriving there is channels-last), then BatchNorm1d and GroupNorm on
+    the (n·T, C) tokens flattened, n blocks of rows. ``manual``: the same function with the BatchNorms written out
+    (for the oracle: torch 2.13's CPU backward of BatchNorm2d on one sample is wrong on such a gradient)."""
+
+    def __init__(self, manual=False):
+        super().__init__()
+        self.manual = manual
+        self.conv, self.bn2d = nn.Conv2d(3, 8, 2, stride=2), nn.BatchNorm2d(8)
+        self.fc, self.bn1d, self.gn, self.out = nn.Linear(8, 8), nn.BatchNorm1d(8), nn.GroupNorm(2, 8), nn.Linear(8, 3)
+        with torch.no_grad():
+            for bn in (self.bn2d, self.bn1d):
+                bn.running_mean.normal_()
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.normal_()
+                bn.bias.normal_()
+
+    def _bn(self, bn, x):
+        if not self.manual:
+            return bn(x)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        scale = (bn.weight * torch.rsqrt(bn.running_var + bn.eps)).view(shape)
+        return (x - bn.running_mean.view(shape)) * scale + bn.bias.view(shape)
+
+    def forward(self, x):
+        tokens = self._bn(self.bn2d, self.conv(x)).flatten(2).transpose(1, 2)  # (n, T, C)
+        n, t, c = tokens.shape
+        rows = self.fc(tokens).reshape(n * t, c)
+        rows = self.gn(torch.tanh(self._bn(self.bn1d, rows)))
+        return self.out(rows.view(n, t, c))
+
+
+@pytest.mark.parametrize("per_sample", [True, False], ids=["global", "global-batch"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_batchnorm_on_flattened_tokens_and_a_channels_last_gradient(cls, per_sample):
+    """LeViT (a sweep's find): its BatchNorm1d on (n·T, C) tokens ran every batch one sample at a time (the norms
+    took n blocks of rows only over the last dim; eval-mode BatchNorm and GroupNorm normalise each row on their own
+    too), and every one-sample pass (that fallback, a batch of one) met torch's wrong BatchNorm2d backward: the
+    patch embedding's conv and BatchNorm 30-85% off. Now batched, and the tap after a BatchNorm hands its backward
+    the gradient in its output's layout. Against the float64 oracle of the model with its BatchNorms written out."""
+    torch.manual_seed(241)
+    model = NormedTokens().eval()
+    batches = [torch.randn(4, 3, 8, 8), torch.randn(1, 3, 8, 8), torch.randn(3, 3, 8, 8)]
+    manual = copy.deepcopy(model)
+    manual.manual = True
+    want = oracle(manual, batches, per_sample=per_sample)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mas = cls(model, per_sample=per_sample, show_progress=False)
+        mas.accumulate(batches)
+    assert not [w for w in caught if "one sample at a time" in str(w.message)], [str(w.message) for w in caught]
+    assert_close(mas.task_importance, want, TOL)
+
+
+class ConvOverPadding(nn.Module):
+    """ConvBERT in small: learned positions on (1, T) ids expanded to the batch (a batch-size-1 input), then a conv
+    over the positions that reads the padded ones beside a sample's last tokens: a padded sample's output is not the
+    sample's alone."""
+
+    def __init__(self, v=11, d=6):
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(v, d), nn.Embedding(8, d)
+        self.conv, self.head = nn.Conv1d(d, d, 3, padding=1), nn.Linear(d, 3)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids) + self.pos(torch.arange(input_ids.shape[1])[None])
+        return self.head(torch.tanh(self.conv(h.transpose(1, 2)).transpose(1, 2)))
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_padding_that_shows_leaves_unpadded_batches_batched(request, cls):
+    """A first batch padded, where the padding changes the samples' output (a conv over the padded positions) and
+    the check one sample at a time also confirms an expanded input: the difference was laid on the expansion, and
+    every later batch ran one sample at a time (ConvBERT, YOSO, CANINE, BigBird right-padded; GPT-Neo left-padded:
+    a sweep's find). It is laid on the padding: padded batches run one sample at a time, an unpadded one confirms the
+    expansion and keeps the batched path. Exact throughout against the samples run alone without their padding."""
+    torch.manual_seed(243)
+    model = ConvOverPadding().eval()
+    batches = [_padded(4, 6, [6, 4, 5, 2]), _padded(3, 6, [6, 6, 6]), _padded(3, 5, [3, 5, 1])]
+    check(request, cls, model, batches, unpad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mas = cls(model, show_progress=False)
+        mas.accumulate(batches)
+    said = [str(w.message) for w in caught if "one sample at a time" in str(w.message)]
+    assert len(said) == 1 and "padded" in said[0], said
+    assert mas._engine.pad_by_sample and not mas._engine.by_sample
+
+
+class SortedExperts(nn.Module):
+    """JetMoe's parallel experts in small: a weight of its own per expert, called on the batch's (n·T, D) tokens
+    sorted by expert, with the expert sizes as a list of ints (the batch's)."""
+
+    def __init__(self, experts=3, d=6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(experts, d, d) / d ** 0.5)
+
+    def forward(self, rows, sizes):
+        return torch.cat([r @ w for r, w in zip(rows.split(sizes), self.weight)])
+
+
+class SortedMoE(nn.Module):
+    def __init__(self, v=11, d=6):
+        super().__init__()
+        self.emb, self.router, self.experts, self.head = nn.Embedding(v, d), nn.Linear(d, 3), SortedExperts(), \
+            nn.Linear(d, 3)
+
+    def forward(self, ids):
+        n, t = ids.shape
+        h = self.emb(ids).reshape(n * t, -1)
+        expert = self.router(h).argmax(-1)
+        order = expert.argsort(stable=True)
+        sizes = torch.bincount(expert, minlength=3).tolist()
+        out = torch.empty_like(h).index_copy(0, order, self.experts(h[order], sizes))
+        return self.head(torch.tanh(out)).view(n, t, -1)
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_rows_sorted_by_expert_with_the_batchs_sizes(request, cls):
+    """JetMoe (a sweep's find): a module of the generic rule on n·T rows sorted by expert, with the batch's expert
+    sizes as a list, was read as n blocks of T rows, and its rerun on one sample's block raised (split sizes that sum
+    to the batch's rows) out of the pass. Its rows are no sample's: the batch runs one sample at a time, exact."""
+    torch.manual_seed(244)
+    model = SortedMoE().eval()
+    batches = [torch.randint(0, 11, (4, 5)), torch.randint(0, 11, (3, 5))]
+    check(request, cls, model, batches)
+    mas = run(cls, model, batches)
+    assert mas._engine.by_sample

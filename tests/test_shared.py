@@ -249,13 +249,14 @@ def _padded(lengths, side, t=8):
 def test_left_padding_after_an_unpadded_batch(request, cls):
     """The uses of a shared output are confirmed with the batch's padding: an unpadded first batch does not confirm
     a later left-padded one, whose learned absolute positions are not the unpadded samples' (Ω was 34–54% off on
-    MPNet and mBART, without a warning). That batch runs again one sample at a time, and so do later ones."""
+    MPNet and mBART, without a warning). That batch runs again one sample at a time, and so do later padded ones
+    (every later one until 2026-12-05: the difference was laid on the uses, not the padding)."""
     torch.manual_seed(9)
     model = LearnedPositions().eval()
     batches = [_padded([8, 8, 8], "right"), _padded([8, 5, 3], "right"), _padded([6, 8, 2], "left")]
     check(request, cls, model, batches, unpad=True)
     mas, said = _sample_by_sample_warnings(cls(model, show_progress=False), batches)
-    assert len(said) == 1 and "left padding" in said[0] and mas._engine.by_sample, said
+    assert len(said) == 1 and "padded" in said[0] and mas._engine.pad_by_sample and not mas._engine.by_sample, said
 
 
 class Routed(nn.Module):

@@ -52,6 +52,13 @@ def _last_dim(module):
     return isinstance(module, (nn.LayerNorm, nn.RMSNorm))
 
 
+def _row_wise(module):
+    """A norm that normalises each row of its input on its own: all but a BatchNorm on batch statistics (training
+    mode, or no running ones). n blocks of rows are then each sample's (LeViT's BatchNorm1d on (n·T, C) tokens)."""
+    return not isinstance(module, nn.modules.batchnorm._BatchNorm) or (
+        not module.training and module.running_mean is not None)
+
+
 def leading_positions(rule, module):
     """Whether ``rule`` reads every dim of the module's input before the last as positions of a sample (Linear,
     GPT-2's Conv1D, Embedding, the norms over the last dim): an input with a dim of samples put in front is then
@@ -71,7 +78,7 @@ register_rule(nn.Embedding, Rule(embedding_grads, embedding_fused, lambda m, c: 
 register_rule(is_hf_scaled_embedding, Rule(embedding_grads, embedding_fused, lambda m, c: m.weight.numel(),
                                            needs_output=unverified, blocks=_rows))
 for _norm in (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.RMSNorm):
-    register_rule(_norm, Rule(norm_grads, norm_fused, needs_output=_no_output, blocks=_last_dim))
+    register_rule(_norm, Rule(norm_grads, norm_fused, needs_output=_no_output, blocks=_row_wise))
 register_rule(is_hf_rmsnorm, Rule(norm_grads, norm_fused, needs_output=unverified, blocks=_rows))  # over the last dim
 register_rule(is_layernorm_subclass, Rule(layernorm_subclass_grads, layernorm_subclass_fused,
                                           needs_output=layernorm_subclass_unverified))

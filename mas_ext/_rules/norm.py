@@ -141,11 +141,13 @@ def norm_grads(module, call, s, e):
         x, g = call.args[0].reshape(shape)[s:e].float(), call.g.reshape(shape)[s:e].float()
         xhat = _normalised(module, x, last)
         out = {"weight": (g * xhat).sum(1), "bias": g.sum(1)}
-    else:  # per channel (dim 1), positions after it
-        x, g = call.args[0][s:e].float(), call.g[s:e].float()
+    else:  # per channel (dim 1), positions after it; by sample: n blocks of rows (LeViT's (n·T, C) tokens)
+        x, g = call.args[0], call.g
+        rows = x.shape[0] // call.n
+        x, g = x[s * rows:e * rows].float(), g[s * rows:e * rows].float()
         xhat = _normalised(module, x, last)
         c = x.shape[1]
-        out = {"weight": (g * xhat).reshape(m, c, -1).sum(2), "bias": g.reshape(m, c, -1).sum(2)}
+        out = {"weight": (g * xhat).reshape(m, rows, c, -1).sum((1, 3)), "bias": g.reshape(m, rows, c, -1).sum((1, 3))}
     return {k: v for k, v in out.items() if getattr(module, k, None) is not None}
 
 
