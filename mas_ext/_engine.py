@@ -392,6 +392,7 @@ class _Unit:
         # and g-MAS guards, modules of the generic rule with parameters of their own beside it (plan_units)
         self.within, self.guards = [], []
         self.versions = None  # generic rule: the versions of the call's inputs before it (Engine._attributes_before)
+        self.rng = None  # generic rule: the random number generators' states before it (Engine._attributes_before)
         # g-MAS generic rule: False once a batch run one sample at a time refuted each sample's gradient at its
         # parameters as their uses told it (Engine._swap_params); it runs the module again for them from then on
         self.shares_params = None
@@ -1320,6 +1321,7 @@ class Engine:
             if self._pass is not None and not self._pass.busy and not self._pass.backward:
                 unit.attributes = {m: _rules.attributes(m) for m in module.modules()}
                 unit.versions = self._versions(args)  # an input the call modifies in place cannot be run again
+                unit.rng = _rules.rng_state()  # a forward that draws random numbers: its rerun draws the same
                 if unit.rule is _rules.GENERIC and user_pre_hooks(module):
                     unit.raw = (args, kwargs)
         return hook
@@ -1429,7 +1431,7 @@ class Engine:
             # takes its own output), or within one of its own (a layer of the generic rule that maps itself over a
             # list by calling itself: its rule reruns the outer call, inner calls and all); its dims are learned all
             # the same, as the next call's index counts it
-            unit.raw = unit.attributes = unit.versions = None
+            unit.raw = unit.attributes = unit.versions = unit.rng = None
             flat = [out] if torch.is_tensor(out) else torch.utils._pytree.tree_flatten(out)[0]
             self._call_dims(unit, module, args, kwargs, flat, state)
             if span is not None:  # its nodes are that unit's
@@ -1451,6 +1453,9 @@ class Engine:
                 return None
             for m, before in attributes.items():  # and those the call added, to be absent
                 before.update({k: _ABSENT for k, v in vars(m).items() if torch.is_tensor(v) and k not in before})
+        rng, unit.rng = unit.rng, None
+        if rng is not None and _rules.same_rng(rng, _rules.rng_state()):
+            rng = None  # it drew no random number (else its rule's rerun draws the same: generic.RandomForward)
         if unit.handled:  # its tapped forward has already seen to this call
             unit.handled = False
             return None
@@ -1591,7 +1596,7 @@ class Engine:
             out = out.movedim(moved, 0)
         call = _rules.Call(1 if whole else state.n, args, kwargs, out if keep else None, versions=versions,
                            whole=whole, in_dims=in_dims, out_dims=out_dims, rows=block_rows,
-                           attributes=attributes or None)
+                           attributes=attributes or None, rng=rng)
         unit.group.calls.append((unit, call))
         if span is not None:  # the graph walk tells which parameters it read
             span.call = call

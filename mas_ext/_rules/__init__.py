@@ -29,7 +29,8 @@ from .base import CHUNK_ELEMS, Call, Rule, register_rule, rule_for, unverified
 from .conv import conv_cost, conv_fused, conv_grads, unfold_nd
 from .experts import experts_fused, is_hf_experts
 from .embedding import embedding_fused, embedding_grads, is_hf_scaled_embedding, tied_fused
-from .generic import ABSENT, GENERIC, SharedOutput, attributes, generic_grads, sample_dim, settings
+from .generic import (ABSENT, GENERIC, SharedOutput, attributes, generic_grads, rng_state, same_rng, sample_dim,
+                      settings)
 from .linear import (conv1d_fused, conv1d_grads, is_hf_conv1d, is_linear_subclass, linear_calls_fused, linear_fused,
                      linear_grads, linear_into, linear_subclass_fused, linear_subclass_grads)
 from .norm import (is_hf_rmsnorm, is_layernorm_subclass, layernorm_subclass_fused, layernorm_subclass_grads,
@@ -37,7 +38,7 @@ from .norm import (is_hf_rmsnorm, is_layernorm_subclass, layernorm_subclass_fuse
 
 __all__ = ["ABSENT", "CHUNK_ELEMS", "Call", "Rule", "GENERIC", "SharedOutput", "attributes", "settings", "register_rule",
            "rule_for", "generic_grads", "sample_dim", "tied_fused", "linear_calls_fused", "linear_into", "unfold_nd",
-           "leading_positions"]
+           "leading_positions", "rng_state", "same_rng"]
 
 
 def _no_output(module):

@@ -67,6 +67,9 @@ class Call:
     # the rule takes instead of running the module again.
     params: object = None
     param_grads: Optional[dict] = None
+    # Generic rule: the random number generators' states (generic.rng_state) before a call whose forward drew from
+    # them (ViLT's patches sampled by torch.multinomial): its rerun draws the same numbers.
+    rng: object = None
     # why the rule cannot run the call again (its output holds the batch's rows, its inputs none), where its
     # parameters' uses must tell each sample's gradient instead
     no_rerun: Optional[str] = None

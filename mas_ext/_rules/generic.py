@@ -73,6 +73,17 @@ class SharedOutput(Exception):
         self.shape = shape
 
 
+class RandomForward(SharedOutput):
+    """A call of n > 1 samples whose forward drew random numbers (ViLT takes its patches in an order drawn by
+    torch.multinomial, in eval mode too): a rerun on one sample's inputs draws others, and would pair the batch's
+    gradients at the output with other rows (6-9% off). The engine runs the batch one sample at a time, as for a
+    :class:`SharedOutput`; a rerun of a whole call draws the call's numbers again (:attr:`Call.rng`)."""
+
+    def __init__(self):
+        Exception.__init__(self, "draws random numbers in its forward, which a rerun on one sample's inputs cannot "
+                                 "draw again")
+
+
 ABSENT = object()  # in Call.attributes: an attribute the call added
 
 
@@ -93,6 +104,23 @@ def attributes(module):
     return {k: v for k, v in vars(module).items() if torch.is_tensor(v) or _plain(v)}
 
 
+def rng_state():
+    """The states of the CPU's random number generator and, where CUDA runs, the current device's."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.random.get_rng_state(), cuda
+
+
+def same_rng(a, b):
+    """Whether two :func:`rng_state` are the same: no random number was drawn in between."""
+    return torch.equal(a[0], b[0]) and (a[1] is None) == (b[1] is None) and (a[1] is None or torch.equal(a[1], b[1]))
+
+
+def _set_rng(state):
+    torch.random.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
+
+
 def _rerun(module, call, params, args, kwargs):
     """The module's forward once more, on ``params`` (functional_call; None: its own), each time with its modules'
     tensor attributes as they were before the call (``Call.attributes``), and put back as they are after."""
@@ -110,11 +138,18 @@ def _rerun(module, call, params, args, kwargs):
     # its arguments from before them)
     hooks = module._forward_hooks, module._backward_pre_hooks, module._backward_hooks
     module._forward_hooks, module._backward_pre_hooks, module._backward_hooks = (collections.OrderedDict() for _ in hooks)
+    # a forward that draws random numbers draws those of the call, and the generators go on as they were
+    drawn = None
+    if call.rng is not None:
+        drawn = rng_state()
+        _set_rng(call.rng)
     try:
         if params is None:
             return module(*args, **kwargs)
         return torch.func.functional_call(module, params, tuple(args), kwargs)
     finally:
+        if drawn is not None:
+            _set_rng(drawn)
         module._forward_hooks, module._backward_pre_hooks, module._backward_hooks = hooks
         for m, values in after.items():
             _assign(vars(m), values)
@@ -147,6 +182,8 @@ def generic_grads(module, call, s, e, names=None):
     n = call.n
     if call.whole or n == 1:  # the call is one sample's (or, whole, the batch's with per_sample=False)
         return _whole_call_grads(module, call, names)
+    if call.rng is not None:
+        raise RandomForward()
     if call.rows is not None:
         return _block_grads(module, call, s, e, names)
     preferred = 1 if getattr(module, "batch_first", True) is False else 0
