@@ -311,6 +311,37 @@ def _tile(t, reps, site):
     return grown.reshape(*shape[:d], site.n * shape[d], *shape[d + 1:]).contiguous()
 
 
+def _einsum(args, kwargs, site, entry):
+    """``torch.einsum(equation, *operands)`` of shared operands with others (within DisableTorchFunctionSubclass):
+    where an operand not shared has the batch's n rows in dim 0, under a letter that leads the output's subscript
+    (Wav2Vec2-BERT's "bhld,lrd->bhlr", its relative position embeddings against the queries), each shared operand
+    gets that letter in front and is expanded to the n rows, the same values; NotImplemented where no operand holds
+    the batch; else the site fails."""
+    equation, operands = args[0], list(args[1:])
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    lhs, arrow, out = equation.replace(" ", "").partition("->")
+    subs = lhs.split(",")
+    shared = [i for i, t in enumerate(operands) if isinstance(t, Shared)]
+    batch = [i for i, t in enumerate(operands) if i not in shared and torch.is_tensor(t) and t.dim() > 0
+             and t.shape[0] == site.n and len(subs[i]) == t.dim()]
+    if not batch and not any(torch.is_tensor(t) and i not in shared and t.dim() > 0 and t.shape[0] in site.blocks
+                             for i, t in enumerate(operands)):
+        site.signature.append((*entry, 0))
+        return NotImplemented
+    letter = subs[batch[0]][0] if batch else None
+    if (kwargs or not arrow or "." in equation or len(subs) != len(operands) or letter is None
+            or not out.startswith(letter) or any(letter in subs[i] for i in shared)):
+        site.fail("a tensor computed from its output meets the batch's rows in einsum other than along a batch "
+                  "subscript that leads the output")
+        return torch.einsum(*args, **kwargs)
+    site.signature.append((*entry, 1))
+    for i in shared:
+        operands[i] = _expand(operands[i], operands[i].dim() + 1, site.n, site)
+        subs[i] = letter + subs[i]
+    return torch.einsum(",".join(subs) + "->" + out, *operands)
+
+
 def _with_batch(func, args, kwargs, flat, spec, others, site):
     """An op of shared tensors with ``others`` (tensors not shared), within DisableTorchFunctionSubclass: its
     result where one of them holds the batch (the shared ones expanded to its rows, or computed as they are and
@@ -320,6 +351,8 @@ def _with_batch(func, args, kwargs, flat, spec, others, site):
     n = site.n
     name = getattr(func, "__name__", repr(func))
     entry = (name, tuple(tuple(i for i, s in enumerate(t.shape) if s == n) for t in others))
+    if func is torch.einsum:
+        return _einsum(args, kwargs, site, entry)
     if func is F.scaled_dot_product_attention:
         bound = dict(zip(("query", "key", "value", "attn_mask"), args), **kwargs)
         q, k, mask = bound.get("query"), bound.get("key"), bound.get("attn_mask")

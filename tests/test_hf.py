@@ -859,3 +859,22 @@ def test_mask2former_masked_attention_and_time_major_queries(cls):
     zero = {k for k, w in want.items() if w.norm().item() < 1e-12 * top}
     assert all(got[k].norm().item() < 1e-6 * top for k in zero)
     assert_close({k: v for k, v in got.items() if k not in zero}, {k: v for k, v in want.items() if k not in zero})
+
+
+def test_wav2vec2_bert_relative_positions_in_einsum():
+    """Wav2Vec2-BERT (w2v-BERT 2.0) with relative_key positions: its distance Embedding's (T, T, d) output, all
+    samples' alike, meets the queries in torch.einsum("bhld,lrd->bhlr"): batched (it ran every batch one sample at
+    a time), both classes exact against a float64 loop."""
+    model = perturbed(lambda: transformers.Wav2Vec2BertForSequenceClassification(transformers.Wav2Vec2BertConfig(
+        vocab_size=12, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        feature_projection_input_dim=16, conv_depthwise_kernel_size=3, num_labels=3, classifier_proj_size=16,
+        position_embeddings_type="relative_key", left_max_position_embeddings=8, right_max_position_embeddings=4)))
+    x = torch.randn(5, 10, 16)
+    want = oracle(model, x, lambda m, xk: m(input_features=xk[None].double()).logits)
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mas = cls(model, show_progress=False)
+            got = mas.accumulate([{"input_features": x[:3]}, {"input_features": x[3:]}]).task_importance
+        assert not [w for w in caught if "one sample at a time" in str(w.message)], [str(w.message) for w in caught]
+        assert_close(got, want)

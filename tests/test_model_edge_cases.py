@@ -2374,7 +2374,8 @@ class ScaleBeside(nn.Module):
     """A module with parameters of its own beside its layers, used as ``how`` says: ``scale`` (ConvNeXt's and BEiT's
     layer scale, broadcast over the batch), ``token`` (a class token expanded to the batch and concatenated, then a
     position table added), ``alias`` (the scale also read through a reference kept on the module: a read not by its
-    name), ``einsum`` (the scale in an op that may mix the batch's rows), ``layer`` (a table of its
+    name), ``einsum`` (the scale in an op that may mix the batch's rows: an einsum whose output does not lead with
+    the batch's subscript; ``einsum-leading``: one that does, where the scale gets that subscript too), ``layer`` (a table of its
     own through a Linear inside it), ``rows`` (the scale first meets a tensor with as many rows as the batch has
     samples, which are not samples: the batch's split is the table's), ``raise`` (its forward raises), ``twice`` (the
     scale registered under a second name too), ``checkpoint`` (the scale, its module under a non-reentrant
@@ -2408,6 +2409,8 @@ class ScaleBeside(nn.Module):
         if self.how == "positions":
             return h + self.gamma * self.posemb(torch.arange(h.shape[1]))
         if self.how == "einsum":
+            return h * torch.einsum("ntd,d->tn", h, self.gamma).T[..., None]
+        if self.how == "einsum-leading":
             return h * torch.einsum("ntd,d->nt", h, self.gamma)[..., None]
         if self.how == "layer":
             return h + self.lin(self.token) * self.gamma
@@ -2443,8 +2446,8 @@ def _reruns(monkeypatch):
     return counts
 
 
-@pytest.mark.parametrize("how", ["scale", "token", "alias", "einsum", "layer", "rows", "twice", "checkpoint",
-                                 "inner-checkpoint", "positions"])
+@pytest.mark.parametrize("how", ["scale", "token", "alias", "einsum", "einsum-leading", "layer", "rows", "twice",
+                                 "checkpoint", "inner-checkpoint", "positions"])
 @pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
 def test_a_generic_calls_parameters_told_by_their_uses(request, monkeypatch, cls, how):
     """g-MAS: the parameters of a module of the generic rule, read as tensors all samples share, take each sample's

@@ -575,3 +575,43 @@ def test_no_pass_outlives_its_batch():
     gc.collect()
     assert not [o for o in gc.get_objects() if isinstance(o, (_shared.Site, _shared.Shared))]
 
+
+
+class RelativeEinsum(nn.Module):
+    """Wav2Vec2-BERT's relative position attention in small: an Embedding on the (T, T) distances (an output all
+    samples share) met by the queries in ``torch.einsum(equation, query, positions)``."""
+
+    def __init__(self, equation="bhld,lrd->bhlr"):
+        super().__init__()
+        self.equation = equation
+        self.emb, self.dist, self.q, self.out = nn.Embedding(V, D), nn.Embedding(15, D // H), nn.Linear(D, D), \
+            nn.Linear(D, 3)
+
+    def forward(self, ids):
+        n, t = ids.shape
+        h = self.emb(ids)
+        q = self.q(h).view(n, t, H, D // H).transpose(1, 2)  # (n, H, T, d)
+        pos = torch.arange(t)
+        rel = self.dist(pos[:, None] - pos[None, :] + 7)  # (T, T, d)
+        scores = torch.einsum(self.equation, q, rel)
+        if self.equation.endswith("->hblr"):
+            scores = scores.transpose(0, 1)
+        att = (scores / 2).softmax(-1)  # (n, H, T, T)
+        ctx = (att @ h.view(n, t, H, D // H).transpose(1, 2)).transpose(1, 2).reshape(n, t, D)
+        return self.out(torch.tanh(ctx))
+
+
+@pytest.mark.parametrize("equation", ["bhld,lrd->bhlr", "bhld,lrd->hblr"], ids=["leading", "not-leading"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_relative_positions_met_in_einsum(request, cls, equation):
+    """A shared output met by the batch's queries in einsum (Wav2Vec2-BERT, which ran every batch one sample at a
+    time): where the batch's subscript leads the output, the shared operand gets it in front, expanded to the n rows,
+    and each sample's gradient is told, batched; elsewhere (the queries' subscripts read in another order) the batch
+    runs one sample at a time, with one warning. Exact either way."""
+    torch.manual_seed(16)
+    model = RelativeEinsum(equation).eval()
+    batches = [torch.randint(0, V, (4, 6)), torch.randint(0, V, (3, 6))]
+    check(request, cls, model, batches)
+    mas, said = _sample_by_sample_warnings(cls(model, show_progress=False), batches)
+    leading = equation.endswith("->bhlr")
+    assert bool(said) == (not leading) and mas._engine.by_sample == (not leading), said
