@@ -435,6 +435,9 @@ class _Pass:
         self.mixed = []  # (unit, why) of calls whose rows are no sample's own (per_sample, n > 1)
         self.expanded = []  # units whose batch-size-1 input (and outputs) were expanded to n
         self.tentative = []  # units whose n·m-row input was read as n blocks of rows, not yet confirmed
+        # the calls of hosts (Engine._hosts): [module, the sequence numbers where it started and ended (None until
+        # then)], in the order they started
+        self.host_spans = []
         self.forward_failed = False  # the model's forward itself raised
         self.unlike_probe = False  # a call unlike any of the probe's (see Engine.learn_dims): learn again
         self.unmasked = None  # what holds the padded positions where they cannot be told (local mode, the output)
@@ -621,6 +624,9 @@ class Engine:
         # the guards (plan_units) that own all their parameters all the same (g-MAS): their forwards read a weight of a
         # unit inside them outside its calls (Engine._read_outside)
         self.owns_all = set()
+        # global name -> the innermost host (Engine._hosts) around a read of it outside its units, which did not run
+        # (LFM2's conv weight): it owns the parameter where a shared read of it cannot tell each sample's gradient
+        self.host_of = {}
         self._installed = None  # the hooks and tapped forwards of the units (session), while installed
         self.no_expand = False  # set once the model failed on an expanded batch-size-1 input
         # the signatures (_shared.Site.signature) of the uses of shared outputs confirmed by a one-sample run
@@ -744,7 +750,38 @@ class Engine:
         handles += [h for u in self.units for h in (
             u.module.register_forward_pre_hook(self._started(u), prepend=u.rule is _rules.GENERIC),
             u.module.register_forward_hook(self._ended(u), prepend=True, always_call=True))]
+        if self.mode == "global" and self.per_sample:
+            handles += [h for m in self._hosts() for h in (
+                m.register_forward_pre_hook(self._host_started, prepend=True),
+                m.register_forward_hook(self._host_ended, always_call=True))]
         self._installed = (handles, tapped)
+
+    def _hosts(self):
+        """The modules with a forward that hold units without being units (nor the model): LFM2's short conv, which
+        hands its Conv1d's weight to a function. A unit's weight read within such a call, outside the unit's own, has
+        the innermost one own all its parameters (:meth:`_read_outside`), as a guard does."""
+        units = {u.module for u in self.units}
+        hosts = {}
+        for m in self.net.modules():
+            if m is self.net or m is self.entry or m in units or type(m).forward is torch.nn.Module.forward:
+                continue
+            if any(c in units for c in m.modules() if c is not m):
+                hosts[m] = None
+        return list(hosts)
+
+    @ours
+    def _host_started(self, module, args):
+        state = self._pass
+        if state is not None and not state.busy and not state.backward:
+            state.host_spans.append([module, _graph.next_sequence_nr(), None])
+
+    @ours
+    def _host_ended(self, module, args, out):
+        state = self._pass
+        if state is not None and not state.busy and not state.backward:
+            span = next((sp for sp in reversed(state.host_spans) if sp[0] is module and sp[2] is None), None)
+            if span is not None:
+                span[2] = _graph.next_sequence_nr()
 
     def _uninstall(self):
         handles, tapped = self._installed or ((), ())
@@ -943,7 +980,10 @@ class Engine:
                        for t, d in (*zip(flat_in, in_dims), *zip(flat_out, out_dims)))):
             state.unlike_probe = True
             return (tuple(flat_in[first].shape) if first is not None else ()), None, None, False, None, None
-        own = first is None or in_dims[first] == _batch_dim(module)
+        # the generic rule reads each input's batch dim where it was learned (Gemma3n's decoder layer on its
+        # (altup inputs, n, T, D) hidden states); the table's rules, in the layer's own batch dim
+        own = first is None or in_dims[first] == _batch_dim(module) or (
+            in_dims[first] is not None and unit.rule.grads is _rules.generic_grads)
         blocks = first is not None and rows[0][first]
         return (None if own else tuple(flat_in[first].shape)), in_dims, out_dims, blocks, rows, first
 
@@ -1183,22 +1223,31 @@ class Engine:
         state.idle = {u for u in state.calls if all(g in state.unread for g in u.names.values())}
         calls = _graph.Calls([sp for spans in state.spans.values() for sp in spans])
 
-        def guard_or_found(units, at, within=None, names=()):
-            # the innermost call of a guard of the units around sequence number `at` (and the call `within`)
+        def guard_or_found(units, at, within=None, names=(), hosts=False):
+            # the innermost call of a guard of the units around sequence number `at` (and the call `within`); with
+            # `hosts`, else of a host (Engine._hosts) holding one of them that was called (a batch of n > 1)
             around = [sp for sp in calls.around(at) if any(sp.unit in u.guards for u in units)
                       and (within is None or sp.start <= within.start < sp.seam)]
             if around:
                 state.own_all.add(around[0].unit.module)
-            else:
-                for g in names:
-                    found.setdefault(g, units[0])
-                return True
-            return False
+                return False
+            if hosts and state.n > 1:
+                held = {u.module for u in units}
+                host = next((m for m, start, end in reversed(state.host_spans)
+                             if start <= at and (end is None or at < end) and any(c in held for c in m.modules())), None)
+                if host is not None and any(u in state.calls for u in units):
+                    state.own_all.add(host)
+                    return False
+                if host is not None:  # its units did not run: a shared read is tried first (_whole_grads)
+                    self.host_of.update(dict.fromkeys(names, host))
+            for g in names:
+                found.setdefault(g, units[0])
+            return True
 
         for i, seq in graph.reads:
             g, units = self._owners[i]
             if g not in found and not calls.made_by(seq, units):
-                guard_or_found(units, seq, names=[g])
+                guard_or_found(units, seq, names=[g], hosts=True)
         ids = {u: {id(self.params[g]) for g in u.names.values()} for u in state.calls}
         def read_names(unit):  # of a unit called
             return [g for g in unit.names.values() if g not in state.unread]
@@ -1260,6 +1309,9 @@ class Engine:
                 if per is None and g in self.leaves:
                     self.leaves.discard(g)
                     self.leaves_refuted.add(g)
+                if per is None and g in self.host_of:  # the host around its read owns it from now on: again
+                    state.own_all.add(self.host_of[g])
+                    return
                 if per is None:
                     how = state.escaped.get(g, "used outside the module's own forward")
                     state.mixed.append((unit, f"has its parameter '{g}' {how}, where no per-sample gradient can be "

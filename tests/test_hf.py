@@ -533,6 +533,18 @@ def _more_families():
             first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
             v_head_dim=8, n_group=1, topk_group=1, **dec)), torch.float32,
             {"DeepseekV3TopkRouter", "DeepseekV3Experts"}),
+        # a short conv without parameters of its own that hands its Conv1d's weight to a function: it owns them
+        "lfm2": (lambda: transformers.Lfm2ForCausalLM(transformers.Lfm2Config(
+            num_key_value_heads=2, layer_types=["conv", "full_attention"], conv_L_cache=3, block_ff_dim=48,
+            block_auto_adjust_ff_dim=False, **dec)), torch.float64, {"Lfm2ShortConv"}),
+        # AltUp's parameters read by the decoder layer outside their module's forward, on (2, n, T, D) hidden states:
+        # the layers own them
+        "gemma3n": (lambda: transformers.Gemma3nForCausalLM(transformers.Gemma3nTextConfig(
+            num_key_value_heads=2, head_dim=8, vocab_size_per_layer_input=V, hidden_size_per_layer_input=8,
+            intermediate_size=[48, 48], layer_types=["sliding_attention", "full_attention"], sliding_window=4,
+            num_kv_shared_layers=0, activation_sparsity_pattern=[0.0, 0.0], altup_num_inputs=2, laurel_rank=4,
+            **{k: v for k, v in dec.items() if k != "intermediate_size"})), torch.float64,
+            {"Gemma3nTextDecoderLayer"}),
         # attention and feed-forward blocks with parameters of their own, a recurrent state in the model's cache
         "rwkv": (lambda: transformers.RwkvForCausalLM(transformers.RwkvConfig(
             vocab_size=V, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32, intermediate_size=48,
@@ -541,13 +553,14 @@ def _more_families():
 
 
 @pytest.mark.parametrize("name", ["gemma", "gemma3", "qwen3", "phi3", "gpt-neox", "falcon", "mamba", "recurrent-gemma",
-                                  "deepseek-v3", "rwkv"])
+                                  "deepseek-v3", "rwkv", "lfm2", "gemma3n"])
 def test_more_decoder_families_against_a_float64_loop(name):
     """Ω of every parameter against a one-sample float64 loop, ReferenceMAS and FusedMAS, in batches of 3 and 2, with
     no batch run one sample at a time; FusedMAS leaves only the listed classes to the generic rule. Before: Mamba and
     RecurrentGemma crashed (the rerun of the mixer advanced the model's cache; the RG-LRU's rerun started from the
     state the batch left on it), DeepSeek-V3 ran every batch one sample at a time, Gemma's embedding and the tied head
-    took the generic rule (N × V × D per-sample gradients), and so did Falcon's every Linear (N × out × in)."""
+    took the generic rule (N × V × D per-sample gradients), and so did Falcon's every Linear (N × out × in); LFM2 and
+    Gemma3n ran every batch one sample at a time until 2026-12-05."""
     make, dtype, generic = _more_families()[name]
     model = perturbed(make)
     x = torch.randint(1, V, (5, 8))

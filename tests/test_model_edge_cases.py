@@ -2770,3 +2770,81 @@ def test_a_forward_that_draws_random_numbers(request, cls, per_sample, gather):
     state = torch.random.get_rng_state()
     run(cls, model, batches[1:2], per_sample=per_sample)
     assert not torch.equal(torch.random.get_rng_state(), state)  # the generators go on: the rerun put them back
+
+
+class ShortConv(nn.Module):
+    """LFM2's short conv in small: no parameters of its own; it hands its depthwise Conv1d's weight to a function
+    (the Conv1d never runs), between two Linears; ``called``: the Conv1d runs too, on the same input."""
+
+    def __init__(self, called, d=6):
+        super().__init__()
+        self.called = called
+        self.inp, self.conv, self.outp = nn.Linear(d, d), nn.Conv1d(d, d, 3, groups=d, padding=2), nn.Linear(d, d)
+
+    def forward(self, h):
+        x = self.inp(h).transpose(1, 2)  # (n, D, T)
+        y = F.conv1d(x, self.conv.weight, self.conv.bias, padding=2, groups=x.shape[1])[..., :x.shape[-1]]
+        if self.called:
+            y = y + 0.5 * self.conv(x)[..., :x.shape[-1]]
+        return self.outp(torch.tanh(y).transpose(1, 2))
+
+
+class ShortConvNet(nn.Module):
+    def __init__(self, called, v=11, d=6):
+        super().__init__()
+        self.emb, self.mixer, self.head = nn.Embedding(v, d), ShortConv(called), nn.Linear(d, 3)
+
+    def forward(self, ids):
+        return self.head(self.mixer(self.emb(ids)))
+
+
+@pytest.mark.parametrize("called", [False, True], ids=["weight-only", "called-too"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_a_layer_weight_handed_to_a_function_by_a_module_without_parameters(request, cls, called):
+    """LFM2 (LFM2-MoE alike; a sweep's find): a module without parameters of its own reads its Conv1d's weight in
+    a function, outside the Conv1d's calls. Only modules with parameters of their own (guards: Mamba's mixer) took
+    such a read into their generic rule; here every batch ran one sample at a time. The innermost module around
+    the read that holds the layer (a host) now owns its parameters, and the batch keeps the batched path. Exact in
+    g-MAS against the float64 oracle."""
+    torch.manual_seed(247)
+    model = ShortConvNet(called).eval()
+    batches = [torch.randint(0, 11, (4, 7)), torch.randint(0, 11, (3, 7))]
+    check(request, cls, model, batches)
+    mas = run(cls, model, batches)
+    assert not mas._engine.by_sample and mas._engine.owns_all == {model.mixer}
+
+
+class StackedInputs(nn.Module):
+    """Gemma3n's decoder layer in small: its own mixing coefficients over a stack of k = 2 predictions of the hidden
+    states, (k, n, T, D): the batch in dim 1, a Linear inside."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.coef = nn.Parameter(torch.randn(2, 2))
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, stack):
+        mixed = torch.einsum("kntd,jk->jntd", stack, self.coef.softmax(-1))
+        return mixed + torch.tanh(self.lin(mixed))
+
+
+class StackedNet(nn.Module):
+    def __init__(self, v=11, d=6):
+        super().__init__()
+        self.emb, self.layer, self.head = nn.Embedding(v, d), StackedInputs(), nn.Linear(d, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return self.head(self.layer(torch.stack([h, h.tanh()])).sum(0))
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_a_generic_module_on_inputs_with_the_batch_in_dim_1(request, cls):
+    """A module of the generic rule whose input holds the batch in dim 1 (Gemma3n's decoder layers on their
+    (altup inputs, n, T, D) hidden states), as learned from the model run on one sample, was read as no sample's
+    rows: every batch ran one sample at a time. Its rule reads the learned dims: batched, exact."""
+    torch.manual_seed(248)
+    model = StackedNet().eval()
+    batches = [torch.randint(0, 11, (3, 5)), torch.randint(0, 11, (4, 5))]
+    check(request, cls, model, batches)
+    assert not run(cls, model, batches)._engine.by_sample

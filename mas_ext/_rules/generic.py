@@ -251,7 +251,9 @@ def generic_grads(module, call, s, e, names=None):
                   for g, i, d in zip(out_grads, out_pos, grad_dims))
     if type(module) not in _NO_VMAP:
         try:
-            per_sample = torch.func.vmap(one_sample, in_dims=(tuple(in_dims), tuple(grad_dims)))(inputs, grads)
+            with warnings.catch_warnings():  # an op without a batching rule, which vmap runs sample by sample (SDPA on
+                warnings.filterwarnings("ignore", message="There is a performance drop")  # the CPU): the rest batched
+                per_sample = torch.func.vmap(one_sample, in_dims=(tuple(in_dims), tuple(grad_dims)))(inputs, grads)
             return {k: v.float() for k, v in per_sample.items()}
         except torch.OutOfMemoryError:
             raise
