@@ -383,7 +383,10 @@ class _Unit:
         self.group = None
         self.repeats = False  # seen running more than once in one forward
         self.handled = False  # its tapped forward has handled the call now ending
-        self.blocks = None  # its n·m-row input read as n blocks of rows: None until a batch confirms (or refutes) it
+        # its n·m-row input read as n blocks of rows: None until a batch confirms it (then the set of the batch sizes
+        # that did: a misreading may agree by chance at one n, as a time-major (T·n, C) input of a BatchNorm did at
+        # n = 2, 19% off at n = 3) or refutes it (False)
+        self.blocks = None
         self.expands = None  # its batch-size-1 input expanded to n: None until a batch confirms (refutes) it
         self.attributes = None  # generic rule: {module of its subtree: its tensor (or None) attributes} before a call
         self.raw = None  # generic rule: (args, kwargs) of the call before the module's own pre-hooks, where it has any
@@ -1054,7 +1057,7 @@ class Engine:
             if u in expanded:
                 u.expands = u not in wrong
             elif u in units:
-                u.blocks = u not in wrong
+                u.blocks = False if u in wrong else {*(u.blocks or ()), n}
         refuted = [u for u in wrong if u in params and u not in units and u not in sharing]
         for u in refuted:  # its rule runs its module again from now on: the batch's Ω is the one-sample run's
             u.shares_params = False
@@ -1595,7 +1598,7 @@ class Engine:
                     and (rows is not None or unit.rule.grads is not _rules.generic_grads)):
                 state.block_rows.add(mixed[0])
                 mixed, block_rows = None, rows
-                if unit.blocks is None:
+                if unit.blocks is None or state.n not in unit.blocks:
                     state.tentative.append(unit)
             else:
                 # the batch runs again sample by sample, in g-MAS only where a gradient reaches the call's output
@@ -1625,7 +1628,7 @@ class Engine:
             # router: (n, T, D) in, (n·T, E) logits out), confirmed once as the blocks above
             block_rows = rows
             state.block_rows.update(flat[i].shape[0] for i in pos if rows[1][i] and out_dims[i] is None)
-            if unit.blocks is None:
+            if unit.blocks is None or state.n not in unit.blocks:
                 state.tentative.append(unit)
         elif (mixed is None and self.mode == "global" and self.per_sample and state.n > 1
               and unit.rule.grads is _rules.generic_grads and out_dims is not None and pos

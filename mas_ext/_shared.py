@@ -324,7 +324,7 @@ def _einsum(args, kwargs, site, entry):
     subs = lhs.split(",")
     shared = [i for i, t in enumerate(operands) if isinstance(t, Shared)]
     batch = [i for i, t in enumerate(operands) if i not in shared and torch.is_tensor(t) and t.dim() > 0
-             and t.shape[0] == site.n and len(subs[i]) == t.dim()]
+             and t.shape[0] == site.n and len(subs[i]) == t.dim() and not isinstance(t, torch.nn.Parameter)]
     if not batch and not any(torch.is_tensor(t) and i not in shared and t.dim() > 0 and t.shape[0] in site.blocks
                              for i, t in enumerate(operands)):
         site.signature.append((*entry, 0))

@@ -2848,3 +2848,35 @@ def test_a_generic_module_on_inputs_with_the_batch_in_dim_1(request, cls):
     batches = [torch.randint(0, 11, (3, 5)), torch.randint(0, 11, (4, 5))]
     check(request, cls, model, batches)
     assert not run(cls, model, batches)._engine.by_sample
+
+
+class TimeMajorBatchNorm(nn.Module):
+    """An eval-mode BatchNorm1d on a batch's (n, T, C) tokens laid out time-major, (T·n, C): sample k's rows at
+    t·n + k, no n blocks of rows (a reviewer's model)."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(c, c), nn.BatchNorm1d(c), nn.Linear(c, 2)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+            self.bn.weight.uniform_(0.5, 2)
+            self.bn.bias.uniform_(-1, 1)
+
+    def forward(self, x):
+        n, t, c = x.shape
+        h = self.a(x).transpose(0, 1).reshape(t * n, c)
+        return self.b(torch.tanh(self.bn(h).reshape(t, n, c).transpose(0, 1)))
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_rows_that_agree_as_blocks_by_chance_at_one_batch_size(request, cls):
+    """Rows read as n blocks are confirmed at each batch size: the BatchNorm's four parameters agreed by chance with
+    that misreading of its time-major rows at n = 2 (Σ_k |g_k| per channel is the same under any grouping whose
+    terms share their sign), and the batches of 3 after it were 19% off without a warning. The first batch of 3 now
+    refutes it, and the batches run one sample at a time, exact."""
+    torch.manual_seed(0)
+    model = TimeMajorBatchNorm().eval()
+    batches = [torch.randn(2, 4, 4), torch.randn(3, 4, 4), torch.randn(3, 4, 4)]
+    check(request, cls, model, batches)
+    assert run(cls, model, batches)._engine.by_sample
