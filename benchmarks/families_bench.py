@@ -3,8 +3,8 @@ layers have an output that all samples share (T5's relative-position bias, the B
 MPNet's bias, Swin's window bias, DeBERTa-v3's projected relative embeddings), which ran one sample at a time
 before 2026-12-05; on ALBERT, whose layers, shared across depth, run several times per pass; and on models with
 parameters of their own beside layers (ConvNeXt's and BEiT's layer scales, CLIP's logit_scale, wav2vec2's masked
-embedding), whose layers took the generic rule with them until 2026-12-05 (see the README); on Mask2Former, whose
-time-major decoder ran one sample at a time until the evening of 2026-12-05.
+embedding), whose layers took the generic rule with them until 2026-12-05 (see the README); on Mask2Former,
+Wav2Vec2-BERT, LFM2 and Gemma3n, which ran one sample at a time until the evening of 2026-12-05.
 
 Random weights from configs (hidden 256, 8 × 128 tokens; images: 8 of 64 × 64, ConvNeXt 128 × 128; audio: 8 × 1 s
 at 16 kHz), eval mode, paired timings
@@ -88,6 +88,22 @@ def _models():
             feature_size=128, mask_feature_size=128, hidden_dim=128, num_queries=50, encoder_feedforward_dim=512,
             dim_feedforward=512, decoder_layers=4, encoder_layers=2, num_attention_heads=4, num_labels=10)),
             "segmentation", "learned queries repeated over dim 1 of (Q, n, D) (f = the mask logits)"),
+        "wav2vec2-bert": (lambda: tf.Wav2Vec2BertForSequenceClassification(tf.Wav2Vec2BertConfig(
+            hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+            feature_projection_input_dim=160, position_embeddings_type="relative_key", num_labels=10)), "features",
+            "relative position embeddings met by the queries in einsum"),
+        "lfm2": (lambda: tf.Lfm2ForCausalLM(tf.Lfm2Config(
+            vocab_size=V, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=256, layer_types=["conv", "full_attention"] * 2,
+            block_auto_adjust_ff_dim=False, block_ff_dim=1024)), "tokens",
+            "none (a short conv hands its Conv1d's weight to a function)"),
+        "gemma3n": (lambda: tf.Gemma3nForCausalLM(tf.Gemma3nTextConfig(
+            vocab_size=V, vocab_size_per_layer_input=V, hidden_size=256, hidden_size_per_layer_input=64,
+            intermediate_size=[1024] * 4, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, head_dim=64,
+            layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+            sliding_window=64, num_kv_shared_layers=0, activation_sparsity_pattern=[0.0] * 4, laurel_rank=16,
+            max_position_embeddings=256)), "tokens",
+            "none (AltUp's parameters read by the decoder layers, which own them)"),
     }
 
 
@@ -100,6 +116,8 @@ def _batch(kind, device):
                 "input_ids": torch.randint(1, V, (8, 32), device=device)}
     if kind == "audio":
         return {"input_values": torch.randn(8, 16000, device=device)}
+    if kind == "features":  # 8 × 1 s of 80 log-mel bins stacked in pairs, as its feature extractor gives
+        return {"input_features": torch.randn(8, 50, 160, device=device)}
     ids = torch.randint(1, V, (8, 128), device=device)
     return {"input_ids": ids, **({"decoder_input_ids": ids} if kind == "seq2seq" else {})}
 
