@@ -1881,15 +1881,21 @@ class Engine:
                         return
                     call.whole = True  # per_sample=False: the call's gradient whole is the batch's
                     grads = self._call_grads(unit, call, 0, 1)
-                except RuntimeError as e:
-                    if call.rows is None or isinstance(e, torch.OutOfMemoryError):
+                except Exception as e:  # noqa: BLE001 - re-raised but for a rerun on one sample's inputs
+                    rerun = call.rerun or call.shared is not None or unit.rule.grads is _rules.generic_grads
+                    if (isinstance(e, torch.OutOfMemoryError) or not self.per_sample or call.whole or call.n == 1
+                            or (call.rows is None and not rerun)):
                         raise
-                    # its module cannot run on one sample's block of rows (JetMoe's experts on rows sorted by expert,
-                    # with the batch's expert sizes as a list): they are no sample's, and the batch runs sample by
-                    # sample (not yet confirmed, these blocks are not taken again)
-                    unit.blocks = False
-                    self._pass.mixed.append((unit, f"is called on an input whose rows are not {call.n} blocks of one "
-                                                   f"sample each (its module raised on one sample's: {str(e)[:120]})"))
+                    # its module cannot run on one sample's inputs as the pass cut them: rows that are no sample's
+                    # (JetMoe's experts on rows sorted by expert, with the batch's expert sizes as a list), an input
+                    # of the batch's rows flattened beside one that holds the samples (DBRX's experts, with the
+                    # batch's (n·T, k) routing): the batch runs sample by sample (blocks not taken again)
+                    if call.rows is not None:
+                        unit.blocks = False
+                    what = (f"is called on an input whose rows are not {call.n} blocks of one sample each"
+                            if call.rows is not None else "is called on inputs that cannot be cut by sample")
+                    self._pass.mixed.append((unit, f"{what} (its module raised on one sample's: {type(e).__name__}: "
+                                                   f"{str(e)[:120]})"))
                     return
                 # per_sample=False: a whole call's gradient joins the batch's sum as it is (its n is not the chunk's)
                 into = total if call.whole and not self.per_sample else per_sample

@@ -2880,3 +2880,55 @@ def test_rows_that_agree_as_blocks_by_chance_at_one_batch_size(request, cls):
     batches = [torch.randn(2, 4, 4), torch.randn(3, 4, 4), torch.randn(3, 4, 4)]
     check(request, cls, model, batches)
     assert run(cls, model, batches)._engine.by_sample
+
+
+class ExpertWeights(nn.Module):
+    """DBRX's expert GLU in small: the experts' weights, which its host slices by expert and hands back to it."""
+
+    def __init__(self, experts=3, d=6):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(experts * d, d) / d ** 0.5)
+
+    def forward(self, x, w):
+        return torch.tanh(x @ w.T)
+
+
+class RoutedHost(nn.Module):
+    """DBRX's experts: no parameters of their own; called on the (n, T, D) hidden states and the batch's (n·T,)
+    routing flattened, they run each expert's weight slice on its tokens."""
+
+    def __init__(self, experts=3, d=6):
+        super().__init__()
+        self.experts, self.mlp = experts, ExpertWeights(experts, d)
+
+    def forward(self, h, route):
+        flat = h.reshape(-1, h.shape[-1])
+        out = torch.zeros_like(flat)
+        for e in range(self.experts):
+            idx = torch.where(route == e)[0]
+            w = self.mlp.w.view(self.experts, -1, flat.shape[-1])[e]
+            out = out.index_add(0, idx, self.mlp(flat[idx], w))
+        return out.view_as(h)
+
+
+class RoutedHostNet(nn.Module):
+    def __init__(self, v=11, d=6):
+        super().__init__()
+        self.emb, self.router, self.moe, self.head = nn.Embedding(v, d), nn.Linear(d, 3), RoutedHost(), nn.Linear(d, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return self.head(h + self.moe(h, self.router(h).argmax(-1).reshape(-1)))
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_a_host_whose_inputs_cannot_be_cut_by_sample(request, cls):
+    """DBRX (a re-sweep's find): its experts, a module without parameters of its own that slices its child's
+    weights, own them (a host); called on the (n, T, D) hidden states and the batch's (n·T,) routing, their rerun on
+    one sample's hidden states read the batch's routing and raised an IndexError out of the pass. A rerun that raises
+    has the batch run one sample at a time, exact."""
+    torch.manual_seed(249)
+    model = RoutedHostNet().eval()
+    batches = [torch.randint(0, 11, (4, 5)), torch.randint(0, 11, (3, 5))]
+    check(request, cls, model, batches)
+    assert run(cls, model, batches)._engine.by_sample
