@@ -185,6 +185,10 @@ def main(argv=None):
             "threads": torch.get_num_threads(), "backend": mas_ext.backend()}
     stem = os.path.join(args.out, f"{args.device}-{date}-families")
     os.makedirs(args.out, exist_ok=True)
+    runs = 1
+    while os.path.exists(stem + ".json"):  # a later run the same day: its own files, beside the earlier ones
+        runs += 1
+        stem = os.path.join(args.out, f"{args.device}-{date}-families-{runs}")
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = [f"# FusedMAS / plain forward+backward on families with shared outputs or layers ({args.device})", "",
