@@ -1212,7 +1212,9 @@ class Engine:
         inputs make counts where made), a gradient into a call other than through its outputs, a layer's call that
         read another tensor in place of its parameter. Where that happens within a call of a guard of their units
         (plan_units), the guard (the innermost call around it) goes into ``state.own_all``, to own all its parameters,
-        and the batch is to run again (nothing is returned then); ``state.escaped`` gets the names taken for the
+        and the batch is to run again (nothing is returned then); so does, for a read outside (n > 1), the innermost
+        host around it (:meth:`_hosts`) where a unit of the parameter ran, else after a shared read of it failed
+        (:attr:`host_of`, :meth:`_whole_grads`); ``state.escaped`` gets the names taken for the
         second and third reasons.
 
         The units none of whose parameters the graph reads go into ``state.idle``: their calls add nothing (a
