@@ -294,18 +294,26 @@ def _batch_state(attributes, n):
     return None
 
 
-def _learned_dims(flat_in, flat_out, one, n, preferred):
+def _learned_dims(flat_in, flat_out, one, n, preferred, padded=False):
     """(the batch dim of each flattened input, of each output; which inputs and which outputs have n times the rows
     of one sample's in dim 0: the samples' rows flattened there (OPT's and the MoE layers' (n·T, D) tokens), or
     mixed so) of a call of a batch of n, from its tensors and the shapes of the same call in a run of one sample
-    (``one``: (inputs, outputs)). (None, None, None) where there is no such call or it differs in structure."""
+    (``one``: (inputs, outputs)). (None, None, None) where there is no such call or it differs in structure; but,
+    with ``padded``, an input that is a tensor only in the batch's call (an attention mask the model leaves out for
+    a sample without padding: Gemma3n's sliding-window layers) has its batch dim read from its shape (n in dim 0),
+    which the batch's padding check confirms."""
     shapes = [[tuple(t.shape) if torch.is_tensor(t) else None for t in flat] for flat in (flat_in, flat_out)]
-    if one is None or any(len(f) != len(o) or any((a is None) != (b is None) for a, b in zip(f, o))
-                          for f, o in zip(shapes, one)):
+    if one is None or any(len(f) != len(o) for f, o in zip(shapes, one)):
         return None, None, None
-    in_dims, out_dims = ([_rules.sample_dim(a, b, n, preferred) for a, b in zip(f, o)] for f, o in zip(shapes, one))
-    rows = tuple([a is not None and len(a) > 0 and a[0] == n * b[0] and a[1:] == b[1:] for a, b in zip(f, o)]
-                 for f, o in zip(shapes, one))
+    masks = {i for i, (a, b) in enumerate(zip(shapes[0], one[0])) if a is not None and b is None
+             and padded and len(a) > 0 and a[0] == n}
+    if any((a is None) != (b is None) and i not in masks for i, (a, b) in enumerate(zip(shapes[0], one[0]))) or any(
+            (a is None) != (b is None) for a, b in zip(shapes[1], one[1])):
+        return None, None, None
+    in_dims, out_dims = ([0 if a is not None and b is None else _rules.sample_dim(a, b, n, preferred)
+                          for a, b in zip(f, o)] for f, o in zip(shapes, one))
+    rows = tuple([a is not None and b is not None and len(a) > 0 and a[0] == n * b[0] and a[1:] == b[1:]
+                  for a, b in zip(f, o)] for f, o in zip(shapes, one))
     return in_dims, out_dims, rows
 
 
@@ -976,7 +984,7 @@ class Engine:
         if k == len(learned):  # this call's first batch since learn_dims
             ones = self.one.get(unit, ())
             learned.append(_learned_dims(flat_in, flat_out, ones[k] if k < len(ones) else None, state.n,
-                                         _batch_dim(module)))
+                                         _batch_dim(module), padded=state.mask is not None))
         in_dims, out_dims, rows = learned[k]
         if (in_dims is None or len(in_dims) != len(flat_in) or len(out_dims) != len(flat_out)
                 or any(d is not None and (not torch.is_tensor(t) or t.dim() <= d or t.shape[d] != state.n)

@@ -891,3 +891,25 @@ def test_wav2vec2_bert_relative_positions_in_einsum():
             got = mas.accumulate([{"input_features": x[:3]}, {"input_features": x[3:]}]).task_importance
         assert not [w for w in caught if "one sample at a time" in str(w.message)], [str(w.message) for w in caught]
         assert_close(got, want)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_gemma3n_padded_batches_keep_the_batched_path(side):
+    """Gemma3n's sliding-window layers get an attention mask in a padded batch and none for a sample alone: their
+    decoder layers' calls differed in structure from the one-sample run's, and padded batches ran one sample at a
+    time. With padding, an input that only the batch's call has is read from its shape (n in dim 0), which the first
+    padded batch's check confirms: batched, both classes exact against the unpadded samples alone."""
+    make, dtype, _ = _more_families()["gemma3n"]
+    model = perturbed(make)
+    torch.manual_seed(4)
+    sequences = [torch.randint(1, V, (length,)) for length in (8, 5, 6, 3, 8)]
+    ids, mask = padded(sequences, side)
+    want = oracle(model, sequences, dtype=dtype)
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mas = cls(model, show_progress=False)
+            got = mas.accumulate([{"input_ids": ids[:3], "attention_mask": mask[:3]},
+                                  {"input_ids": ids[3:], "attention_mask": mask[3:]}]).task_importance
+        assert not [w for w in caught if "one sample at a time" in str(w.message)], [str(w.message) for w in caught]
+        assert_close(got, want)
