@@ -913,3 +913,25 @@ def test_gemma3n_padded_batches_keep_the_batched_path(side):
                                   {"input_ids": ids[3:], "attention_mask": mask[3:]}]).task_importance
         assert not [w for w in caught if "one sample at a time" in str(w.message)], [str(w.message) for w in caught]
         assert_close(got, want)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_mamba2_padded_batches_keep_the_batched_path(side):
+    """Mamba-2's mixer takes the attention mask only at batch size > 1 (none for a sample alone): padded batches ran
+    one sample at a time. The mask, an input only the batch's call has, is read from its shape: batched, both
+    classes exact against the unpadded samples alone (Jamba, Zamba, Bamba, Falcon-H1, Qwen3-Next alike)."""
+    model = perturbed(lambda: transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+        vocab_size=V, hidden_size=32, num_hidden_layers=2, num_heads=8, head_dim=8, expand=2, n_groups=1,
+        state_size=8, chunk_size=4, pad_token_id=0)))
+    torch.manual_seed(5)
+    sequences = [torch.randint(1, V, (length,)) for length in (8, 5, 6, 3, 8)]
+    ids, mask = padded(sequences, side)
+    want = oracle(model, sequences)
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mas = cls(model, show_progress=False)
+            got = mas.accumulate([{"input_ids": ids[:3], "attention_mask": mask[:3]},
+                                  {"input_ids": ids[3:], "attention_mask": mask[3:]}]).task_importance
+        assert not [w for w in caught if "one sample at a time" in str(w.message)], [str(w.message) for w in caught]
+        assert_close(got, want)
