@@ -893,40 +893,30 @@ def test_wav2vec2_bert_relative_positions_in_einsum():
         assert_close(got, want)
 
 
+def _padded_mask_families():
+    """Families whose layers take a mask in a padded batch and none for a sample alone: (make, oracle dtype)."""
+    return {
+        "gemma3n": _more_families()["gemma3n"][:2],  # its sliding-window layers
+        "mamba2": (lambda: transformers.Mamba2ForCausalLM(transformers.Mamba2Config(  # its mixers, at batch size > 1
+            vocab_size=V, hidden_size=32, num_hidden_layers=2, num_heads=8, head_dim=8, expand=2, n_groups=1,
+            state_size=8, chunk_size=4, pad_token_id=0)), torch.float64),
+    }
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_gemma3n_padded_batches_keep_the_batched_path(side):
-    """Gemma3n's sliding-window layers get an attention mask in a padded batch and none for a sample alone: their
-    decoder layers' calls differed in structure from the one-sample run's, and padded batches ran one sample at a
-    time. With padding, an input that only the batch's call has is read from its shape (n in dim 0), which the first
-    padded batch's check confirms: batched, both classes exact against the unpadded samples alone."""
-    make, dtype, _ = _more_families()["gemma3n"]
+@pytest.mark.parametrize("name", list(_padded_mask_families()))
+def test_a_mask_only_padded_batches_take_keeps_the_batched_path(name, side):
+    """Gemma3n's sliding-window layers, and Mamba-2's mixers (Jamba, Zamba, Bamba, Falcon-H1, Qwen3-Next alike), get
+    an attention mask in a padded batch and none for a sample alone: their calls differed in structure from the
+    one-sample run's, and padded batches ran one sample at a time. With padding, an input that only the batch's call
+    has is read from its shape (n in dim 0), which the first padded batch's check confirms: batched, both classes
+    exact against the unpadded samples alone."""
+    make, dtype = _padded_mask_families()[name]
     model = perturbed(make)
     torch.manual_seed(4)
     sequences = [torch.randint(1, V, (length,)) for length in (8, 5, 6, 3, 8)]
     ids, mask = padded(sequences, side)
     want = oracle(model, sequences, dtype=dtype)
-    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            mas = cls(model, show_progress=False)
-            got = mas.accumulate([{"input_ids": ids[:3], "attention_mask": mask[:3]},
-                                  {"input_ids": ids[3:], "attention_mask": mask[3:]}]).task_importance
-        assert not [w for w in caught if "one sample at a time" in str(w.message)], [str(w.message) for w in caught]
-        assert_close(got, want)
-
-
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_mamba2_padded_batches_keep_the_batched_path(side):
-    """Mamba-2's mixer takes the attention mask only at batch size > 1 (none for a sample alone): padded batches ran
-    one sample at a time. The mask, an input only the batch's call has, is read from its shape: batched, both
-    classes exact against the unpadded samples alone (Jamba, Zamba, Bamba, Falcon-H1, Qwen3-Next alike)."""
-    model = perturbed(lambda: transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
-        vocab_size=V, hidden_size=32, num_hidden_layers=2, num_heads=8, head_dim=8, expand=2, n_groups=1,
-        state_size=8, chunk_size=4, pad_token_id=0)))
-    torch.manual_seed(5)
-    sequences = [torch.randint(1, V, (length,)) for length in (8, 5, 6, 3, 8)]
-    ids, mask = padded(sequences, side)
-    want = oracle(model, sequences)
     for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
