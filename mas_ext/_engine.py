@@ -305,8 +305,10 @@ def _learned_dims(flat_in, flat_out, one, n, preferred, padded=False):
     shapes = [[tuple(t.shape) if torch.is_tensor(t) else None for t in flat] for flat in (flat_in, flat_out)]
     if one is None or any(len(f) != len(o) for f, o in zip(shapes, one)):
         return None, None, None
+    # (2 dims at least, as masks are: a (n,) index, a permutation of the samples that the model sorts by length,
+    # is not read so; a reviewer's model was 34-42% off)
     masks = {i for i, (a, b) in enumerate(zip(shapes[0], one[0])) if a is not None and b is None
-             and padded and len(a) > 0 and a[0] == n}
+             and padded and len(a) >= 2 and a[0] == n}
     if any((a is None) != (b is None) and i not in masks for i, (a, b) in enumerate(zip(shapes[0], one[0]))) or any(
             (a is None) != (b is None) for a, b in zip(shapes[1], one[1])):
         return None, None, None
