@@ -1862,11 +1862,17 @@ class Engine:
         self._pass.params_used.append((unit, tuple(site.signature)))
 
     @staticmethod
+    def _reruns(unit, call):
+        """Whether the call's gradients come from the generic rule, which runs its module again (on each sample's
+        inputs, or whole), rather than from its table's rule."""
+        return call.whole or call.shared is not None or call.rerun or unit.rule.grads is _rules.generic_grads
+
+    @staticmethod
     def _call_grads(unit, call, s, e):
         """Per-sample gradients of samples s:e of one call (a whole call's: its own, as one sample)."""
         if call.param_grads is not None:  # told by the uses of its parameters (Engine._swap_params)
             return {k: g[s:e] for k, g in call.param_grads.items()}
-        if call.whole or call.shared is not None or call.rerun or unit.rule.grads is _rules.generic_grads:
+        if Engine._reruns(unit, call):
             names = set(unit.names) - call.unread
             return _rules.generic_grads(unit.module, call, s, e, names=names) if names else {}
         return unit.rule.grads(unit.module, call, s, e)
@@ -1894,9 +1900,8 @@ class Engine:
                     call.whole = True  # per_sample=False: the call's gradient whole is the batch's
                     grads = self._call_grads(unit, call, 0, 1)
                 except Exception as e:  # noqa: BLE001 - re-raised but for a rerun on one sample's inputs
-                    rerun = call.rerun or call.shared is not None or unit.rule.grads is _rules.generic_grads
                     if (isinstance(e, torch.OutOfMemoryError) or not self.per_sample or call.whole or call.n == 1
-                            or (call.rows is None and not rerun)):
+                            or (call.rows is None and not self._reruns(unit, call))):
                         raise
                     # its module cannot run on one sample's inputs as the pass cut them: rows that are no sample's
                     # (JetMoe's experts on rows sorted by expert, with the batch's expert sizes as a list), an input

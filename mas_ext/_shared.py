@@ -323,12 +323,11 @@ def _einsum(args, kwargs, site, entry):
     lhs, arrow, out = equation.replace(" ", "").partition("->")
     subs = lhs.split(",")
     shared = [i for i, t in enumerate(operands) if isinstance(t, Shared)]
-    batch = [i for i, t in enumerate(operands) if i not in shared and torch.is_tensor(t) and t.dim() > 0
-             and t.shape[0] == site.n and len(subs[i]) == t.dim() and not isinstance(t, torch.nn.Parameter)]
-    if not batch and not any(torch.is_tensor(t) and i not in shared and t.dim() > 0 and t.shape[0] in site.blocks
-                             for i, t in enumerate(operands)):
+    rows = {i: _batch_rows([t], site, t.dim()) for i, t in enumerate(operands) if torch.is_tensor(t) and i not in shared}
+    if not any(rows.values()):
         site.signature.append((*entry, 0))
         return NotImplemented
+    batch = [i for i, r in rows.items() if r == site.n and len(subs[i]) == operands[i].dim()]
     letter = subs[batch[0]][0] if batch else None
     if (kwargs or not arrow or "." in equation or len(subs) != len(operands) or letter is None
             or not out.startswith(letter) or any(letter in subs[i] for i in shared)):
