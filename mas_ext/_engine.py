@@ -1604,7 +1604,7 @@ class Engine:
             # (with padding, only the batch's (n, T) positions flattened, or the visual patches (merged or not) of
             # a batch whose samples have as many: tokens packed by the mask are not)
             if (blocks and unit.blocks is not False and mixed and mixed[0] % state.n == 0
-                    and (state.mask is None or mixed[0] == state.mask.numel() or (
+                    and (state.mask is None or mixed[0] == state.mask.numel() * unit.rule.blocks(module) or (
                         mixed[0] != int(state.mask.sum()) and any(p % mixed[0] == 0 for p in state.patches)))
                     and _batch_dim(module) == 0 and unit.rule.blocks(module)
                     and (rows is not None or unit.rule.grads is not _rules.generic_grads)):

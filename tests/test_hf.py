@@ -925,3 +925,36 @@ def test_a_mask_only_padded_batches_take_keeps_the_batched_path(name, side):
                                   {"input_ids": ids[3:], "attention_mask": mask[3:]}]).task_importance
         assert not [w for w in caught if "one sample at a time" in str(w.message)], [str(w.message) for w in caught]
         assert_close(got, want)
+
+
+def _moe_layouts():
+    """MoE families whose experts take the batch's tokens in a layout of their own: (make, oracle dtype)."""
+    return {
+        # every expert on every token: (E·n·T, D) rows, expert-major, each block of experts the batch's tokens
+        "llama4": (lambda: transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(
+            vocab_size=V, hidden_size=32, intermediate_size=32, intermediate_size_mlp=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=1,
+            interleave_moe_layer_step=1, max_position_embeddings=64, attention_chunk_size=4,
+            no_rope_layers=[1, 0])), torch.float64),
+    }
+
+
+@pytest.mark.parametrize("side", [None, "right", "left"], ids=["unpadded", "right", "left"])
+@pytest.mark.parametrize("name", list(_moe_layouts()))
+def test_moe_families_whose_experts_take_their_own_layout(name, side):
+    """Llama 4's experts run on the tokens repeated once per expert, (E·n·T, D) rows: read as n blocks they were no
+    sample's, and every batch ran one sample at a time (padded or not). Batched now, both classes exact against a
+    float64 loop over the unpadded samples alone."""
+    make, dtype = _moe_layouts()[name]
+    model = perturbed(make)
+    torch.manual_seed(5)
+    sequences = [torch.randint(1, V, (length,)) for length in ((8, 5, 6, 3, 8) if side else (8,) * 5)]
+    ids, mask = padded(sequences, side or "right")
+    batches = [{"input_ids": ids[s], **({"attention_mask": mask[s]} if side else {})} for s in (slice(3), slice(3, 5))]
+    want = oracle(model, sequences, dtype=dtype)
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = cls(model, show_progress=False).accumulate(batches).task_importance
+        assert not [w for w in caught if "one sample at a time" in str(w.message)], [str(w.message) for w in caught]
+        assert_close(got, want)

@@ -1955,6 +1955,75 @@ def test_moe_experts(request, cls, mode, per_sample, kind):
     assert bool(said) == (fused and kind == "other-formula"), [str(w.message) for w in caught]
 
 
+class ToyDenseExperts(nn.Module):
+    """Laid out as Llama 4's ``*Experts`` (gate_up_proj (E, D, 2I) = [gate, up], down_proj (E, I, D), act_fn), every
+    expert on every token: (E·N, D) rows, block e expert e's; ``swap`` computes act(up) ⊙ gate instead."""
+
+    def __init__(self, e=4, d=6, i=5, swap=False):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(e, d, 2 * i) / 2)
+        self.down_proj = nn.Parameter(torch.randn(e, i, d) / 2)
+        self.act_fn, self.swap = nn.SiLU(), swap
+
+    def forward(self, hidden_states):
+        x = hidden_states.view(self.gate_up_proj.shape[0], -1, hidden_states.shape[-1])
+        gate, up = torch.bmm(x, self.gate_up_proj).chunk(2, dim=-1)
+        h = self.act_fn(up) * gate if self.swap else up * self.act_fn(gate)
+        return torch.bmm(h, self.down_proj).view(-1, hidden_states.shape[-1])
+
+
+class SwappedDenseExperts(ToyDenseExperts):
+    def __init__(self):
+        super().__init__(swap=True)
+
+
+class ToyDenseMoE(nn.Module):
+    """Llama 4's MoE: the tokens repeated once per expert, each copy scaled by the expert's routing score (top-2 of
+    a sigmoid), the experts' outputs summed back."""
+
+    def __init__(self, experts):
+        super().__init__()
+        self.inp, self.router, self.experts, self.out = nn.Linear(5, 6), nn.Linear(6, 4, bias=False), experts, \
+            nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        flat = h.reshape(-1, h.shape[-1])
+        logits = self.router(flat)
+        top, index = logits.topk(2, dim=-1)
+        scores = torch.full_like(logits, float("-inf")).scatter(1, index, top).sigmoid()  # (N, E)
+        routed = flat.repeat(scores.shape[1], 1) * scores.t().reshape(-1, 1)
+        out = self.experts(routed).view(scores.shape[1], -1, flat.shape[-1]).sum(0)
+        return self.out(out.view_as(h))
+
+
+@pytest.mark.parametrize("kind", ["layout", "other-formula"])
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_moe_dense_experts(request, cls, mode, per_sample, kind):
+    """Llama 4's ``*Experts`` layout (every expert on every token, the (E·N, D) rows in expert blocks, each block the
+    batch's tokens sample-major) takes its rule in both classes once its class is seen to compute
+    (up ⊙ act(gate)) down_e on block e: sample k's rows of expert e are block (e, k) of the rows viewed (E, n, T, D),
+    confirmed on the first batch of each size (every batch ran one sample at a time, read as n blocks of rows). One
+    that computes something else takes the generic rule, with a warning: its n blocks disagree, and the batches run
+    one sample at a time, exact. per_sample=False takes the call whole, by the generic rule."""
+    experts = {"layout": ToyDenseExperts, "other-formula": SwappedDenseExperts}[kind]()
+    mas_ext._rules.base._VERIFIED.discard(type(experts))
+    torch.manual_seed(83)
+    model = ToyDenseMoE(experts).eval()
+    x = torch.randn(7, 4, 5)
+    check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
+    mas_ext._rules.base._WARNED.discard(type(experts))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mas = cls(model, mode=mode, per_sample=per_sample, show_progress=False).accumulate([x[:4], x[4:]])
+    # per_sample=False takes the (E·n·T, D) call whole: the generic rule
+    assert (type(experts) in mas_ext._rules.base._VERIFIED) == (kind == "layout" and per_sample)
+    said = [str(w.message) for w in caught if "does not compute" in str(w.message)]
+    assert bool(said) == (kind == "other-formula" and per_sample), said
+    assert mas._engine.by_sample == (kind == "other-formula" and per_sample)
+
+
 # ----------------------------------------------------------------------------- parameters held in containers
 class ScaledByDict(nn.Module):
     """A layer whose scales sit in a ParameterDict and a ParameterList that its own forward reads (PEFT's IA³ keeps

@@ -14,6 +14,7 @@ LayerNorm subclasses   norm.py         the same, channels moved last (ConvNeXt's
 GroupNorm, BatchNorm   norm.py         per-sample N×C gradients, whole
 MultiheadAttention     attention.py    its projections through linear_importance_
 HF MoE *Experts        experts.py      each expert's two projections through linear_importance_, tokens by sample
+Llama 4's *Experts     experts.py      the same, every expert on every token ((E·n·T, D) rows: block (e, k))
 PEFT DoraLinearLayer   adapters.py     per-sample Σ g·(y + b)/m from the output and the base output (N × out)
 anything else          generic.py      none: torch.func vmap(vjp) over that module (else autograd)
 =====================  ==============  =========================================================
@@ -27,7 +28,8 @@ from .adapters import dora_fused, dora_grads, is_peft_dora_linear
 from .attention import mha_fused, mha_tapped_forward
 from .base import CHUNK_ELEMS, Call, Rule, register_rule, rule_for, unverified
 from .conv import conv_cost, conv_fused, conv_grads, unfold_nd
-from .experts import experts_fused, is_hf_experts
+from .experts import (dense_experts_fused, dense_experts_grads, experts_fused, is_dense_experts,
+                      is_hf_experts)
 from .embedding import embedding_fused, embedding_grads, is_hf_scaled_embedding, tied_fused
 from .generic import (ABSENT, GENERIC, SharedOutput, attributes, generic_grads, rng_state, same_rng, sample_dim,
                       settings)
@@ -84,6 +86,8 @@ register_rule(is_hf_rmsnorm, Rule(norm_grads, norm_fused, needs_output=unverifie
 register_rule(is_layernorm_subclass, Rule(layernorm_subclass_grads, layernorm_subclass_fused,
                                           needs_output=layernorm_subclass_unverified))
 register_rule(is_hf_experts, Rule(generic_grads, experts_fused, blocks=_rows))  # the generic rule reads the output
+register_rule(is_dense_experts, Rule(dense_experts_grads, dense_experts_fused, needs_output=unverified,
+                                     blocks=lambda module: module.gate_up_proj.shape[0]))  # a copy of the rows each
 register_rule(is_peft_dora_linear, Rule(dora_grads, dora_fused))  # reads the output and base_result
 register_rule(nn.MultiheadAttention, Rule(generic_grads, mha_fused, owns_children=True,
                                           tapped_forward=mha_tapped_forward))

@@ -102,7 +102,8 @@ class Rule:
     needs_output: Callable = lambda module: True
     # Whether ``grads`` and ``fused`` read an input of n·m rows in dim 0 as n blocks of m rows, one per sample (a
     # batch-major flattened input: OPT's and the MoE layers' (n·T, D) tokens), by reshaping it to (n, m, ...).
-    # Such a call is taken by sample once a run of a batch one sample at a time agreed with it.
+    # Such a call is taken by sample once a run of a batch one sample at a time agreed with it. A rule that reads them
+    # as r copies of the batch's n·m rows, each n blocks (Llama 4's experts: one per expert), returns r.
     blocks: Callable = lambda module: False
 
 
