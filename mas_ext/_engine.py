@@ -27,7 +27,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.utils.parametrize
 
-from . import _graph, _rules, _shared
+from . import _gathered, _graph, _rules, _shared
 
 
 _SAMPLE_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
@@ -269,7 +269,7 @@ def _flattens_samples(in_dims, out_dims, rows, flat_out, pos, state):
     n = state.n
     return (all(d is None or (d == 0 and r) for d, r in zip(in_dims, rows[0]))
             and all(rows[1][i] and (out_dims[i] == 0 or (flat_out[i].shape[0] % n == 0 and (
-                state.mask is None or flat_out[i].shape[0] == state.mask.numel()))) for i in pos)
+                state.mask is None or flat_out[i].shape[0] in state.positions))) for i in pos)
             and any(out_dims[i] is None for i in pos))
 
 
@@ -409,6 +409,7 @@ class _Unit:
         # g-MAS generic rule: False once a batch run one sample at a time refuted each sample's gradient at its
         # parameters as their uses told it (Engine._swap_params); it runs the module again for them from then on
         self.shares_params = None
+        self.gathers = False  # seen called on rows gathered from the batch's tokens by an index (_gathered)
 
 
 class _Group:
@@ -440,14 +441,18 @@ class _Pass:
     the model's output (:func:`_padding`), if any; ``patches``: with padding, the totals of the batch's flattened
     visual patches (equal per sample), whose rows the vision tower's layers hold as n blocks."""
 
-    def __init__(self, n, bufs, anchor, mask=None, out_mask=None, patches=()):
+    def __init__(self, n, bufs, anchor, mask=None, out_mask=None, patches=(), positions=()):
         self.n, self.bufs, self.anchor, self.mask, self.out_mask = n, bufs, anchor, mask, out_mask
         self.patches = patches
+        # with padding, the counts of the batch's (n, T) positions flattened: the inputs' and, where the decoder of an
+        # encoder-decoder model has its own, the decoder's (NLLB-MoE's decoder routers on (n·T', D) tokens)
+        self.positions = positions
         self.calls = {}  # unit -> number of calls in this forward
         self.busy = False  # a rule is running: its own module calls (torch.func) are not recorded
         self.mixed = []  # (unit, why) of calls whose rows are no sample's own (per_sample, n > 1)
         self.expanded = []  # units whose batch-size-1 input (and outputs) were expanded to n
         self.tentative = []  # units whose n·m-row input was read as n blocks of rows, not yet confirmed
+        self.row_samples = {}  # the autograd node of each gathered call's tapped output -> its rows' samples
         # the calls of hosts (Engine._hosts): [module, the sequence numbers where it started and ended (None until
         # then)], in the order they started
         self.host_spans = []
@@ -846,13 +851,18 @@ class Engine:
             return self._run_sample_by_sample(args, kwargs, n, bufs, where)
         # with padding, the totals of the flattened visual patches (equal per sample here): rows of the vision tower
         patches = {sum(layout[4]) for layout in _visual_layout(kwargs, n)} if mask is not None and kwargs else set()
+        # with padding, the counts of the (n, T) positions flattened: the inputs', and the decoder's where they are not
+        # as many as the inputs' tokens (which a layer on them packed by the mask would have)
+        positions = set() if mask is None else {mask.numel(), *(
+            t.shape[0] * t.shape[1] for t in (kwargs.get(k) for k in _DECODER_INPUTS)
+            if torch.is_tensor(t) and t.dim() > 1 and t.shape[0] * t.shape[1] != int(mask.sum()))}
         learned_again = False
         for attempt in range(3):  # a retry once the dims are learned again, one once the units that repeat are marked
             if attempt:
                 for b in bufs.values():
                     b.zero_()
             state = _Pass(n, bufs, torch.zeros((), device=next(iter(self.params.values())).device,
-                                               requires_grad=True), mask, out_mask, patches)
+                                               requires_grad=True), mask, out_mask, patches, positions)
             try:
                 calls = self._forward_backward(args, kwargs, where, state)
                 while state.own_all or state.new_leaves:
@@ -865,7 +875,7 @@ class Engine:
                     self.leaves |= state.new_leaves
                     for b in bufs.values():
                         b.zero_()
-                    state = _Pass(n, bufs, state.anchor, mask, out_mask, patches)
+                    state = _Pass(n, bufs, state.anchor, mask, out_mask, patches, positions)
                     calls = self._forward_backward(args, kwargs, where, state)
             except Exception as e:  # noqa: BLE001 - re-raised unless an expanded input explains it
                 if not state.expanded or self.no_expand or not state.forward_failed:
@@ -1006,6 +1016,8 @@ class Engine:
         if not self.one:
             return None
         for u in self.units:
+            if u.gathers:  # its calls are read from the graph, not against the probe's (MoE experts in a list)
+                continue
             got, alone = calls.get(u, 0), len(self.one.get(u, ()))
             if got != alone:
                 return u, f"is called {got} times on the batch but {alone} times on one sample alone"
@@ -1537,6 +1549,9 @@ class Engine:
         flat, spec = ([out], None) if torch.is_tensor(out) else torch.utils._pytree.tree_flatten(out)
         pos = [i for i, t in enumerate(flat) if torch.is_tensor(t) and t.is_floating_point()]
         mixed, in_dims, out_dims, blocks, rows, first = self._call_dims(unit, module, args, kwargs, flat, state)
+        packing = self._gathered(unit, module, args, kwargs, out, state, reads_shared)
+        if packing is not None:  # its rows' samples are told by the graph: none of the readings below applies
+            mixed = in_dims = out_dims = None
         if reads_shared:
             if (in_dims is not None and _batch_dim(module) == 0 and not any(d is not None for d in in_dims)
                     and not any(rows[0])):
@@ -1598,13 +1613,17 @@ class Engine:
                 state.mixed.append((unit, no_rerun))
                 return None
         block_rows = None
-        if mixed is not None and self.per_sample and state.n > 1:
+        if packing is not None:  # n blocks of rows once packed, confirmed as such blocks are
+            block_rows = ([t is args[0] for t in torch.utils._pytree.tree_flatten((args, kwargs))[0]], [True])
+            if unit.blocks is None or state.n not in unit.blocks:
+                state.tentative.append(unit)
+        elif mixed is not None and self.per_sample and state.n > 1:
             # n blocks of rows, one per sample (OPT's and the MoE layers' (n·T, D) tokens), confirmed once; the
             # generic rule reads them where it knows which of the call's tensors hold them
             # (with padding, only the batch's (n, T) positions flattened, or the visual patches (merged or not) of
             # a batch whose samples have as many: tokens packed by the mask are not)
             if (blocks and unit.blocks is not False and mixed and mixed[0] % state.n == 0
-                    and (state.mask is None or mixed[0] == state.mask.numel() * unit.rule.blocks(module) or (
+                    and (state.mask is None or mixed[0] in {p * unit.rule.blocks(module) for p in state.positions} or (
                         mixed[0] != int(state.mask.sum()) and any(p % mixed[0] == 0 for p in state.patches)))
                     and _batch_dim(module) == 0 and unit.rule.blocks(module)
                     and (rows is not None or unit.rule.grads is not _rules.generic_grads)):
@@ -1661,7 +1680,10 @@ class Engine:
                 return None
         if moved is not None and keep:
             out = out.movedim(moved, 0)
-        call = _rules.Call(1 if whole else state.n, args, kwargs, out if keep else None, versions=versions,
+        if packing is not None:
+            args = (packing.rows(args[0]), *args[1:])
+        call = _rules.Call(1 if whole else state.n, args, kwargs,
+                           (out if packing is None else packing.rows(out)) if keep else None, versions=versions,
                            whole=whole, in_dims=in_dims, out_dims=out_dims, rows=block_rows,
                            attributes=attributes or None, rng=rng)
         unit.group.calls.append((unit, call))
@@ -1686,18 +1708,45 @@ class Engine:
         def sink(grads):
             if unit in state.idle:
                 return
-            call.grads = grads if moved is None else tuple(g.movedim(moved, 0) for g in grads)
+            if packing is not None:
+                grads = tuple(packing.grads(g) for g in grads)
+            elif moved is not None:
+                grads = tuple(g.movedim(moved, 0) for g in grads)
+            call.grads = grads
             unit.group.pending.append(call)
             if _ready(unit.group):
                 self._process(unit.group)
 
         tapped = self._tap(state.anchor, sink, unit.rule.grads is not _rules.generic_grads, [flat[i] for i in pos],
                            layout=isinstance(module, torch.nn.modules.batchnorm._BatchNorm))
-        if torch.is_tensor(call.out):  # as the tap left it (passed on in place, its version moved on)
+        if torch.is_tensor(call.out) and packing is None:  # as the tap left it (passed on in place, its version moved on)
             call.out_version = call.out._version
+        if packing is not None:  # layers after it on the same rows read their samples through it
+            state.row_samples[tapped[0].grad_fn] = packing.samples
         for i, t in zip(pos, tapped):
             flat[i] = t
         return flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
+
+    def _gathered(self, unit, module, args, kwargs, out, state, reads_shared):
+        """The :class:`_gathered.Packing` of a g-MAS call on rows gathered from the batch's tokens by an index (an
+        expert of a list on the tokens routed to it, or a layer after it on its rows), told by the graph; None
+        where the call is not one: its first input and its one output (P, …), its other inputs without those rows,
+        a rule that reads n blocks of rows (the table's that read every dim before the last as positions, or the
+        generic rule), a reading no batch refuted."""
+        if (self.mode != "global" or not self.per_sample or state.n == 1 or unit.blocks is False or reads_shared
+                or not args or not torch.is_tensor(args[0]) or not torch.is_tensor(out) or args[0].dim() < 2
+                or out.shape[0] != args[0].shape[0] or _batch_dim(module) != 0
+                or not (unit.rule.grads is _rules.generic_grads or _rules.leading_positions(unit.rule, module))):
+            return None
+        rows = args[0].shape[0]
+        others = torch.utils._pytree.tree_flatten((args[1:], kwargs))[0]
+        if any(torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == rows for t in others):
+            return None
+        samples = _gathered.row_samples(args[0], state.n, state.row_samples)
+        if samples is None:
+            return None
+        unit.gathers = True
+        return _gathered.Packing(samples, state.n)
 
     def _tap(self, anchor, sink, in_place, outs, layout=False):
         """``outs`` through a _Tap; ``sink`` gets the gradients at them, shaped like them. With ``in_place``

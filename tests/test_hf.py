@@ -929,6 +929,8 @@ def test_a_mask_only_padded_batches_take_keeps_the_batched_path(name, side):
 
 def _moe_layouts():
     """MoE families whose experts take the batch's tokens in a layout of their own: (make, oracle dtype)."""
+    seq2seq = dict(vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                   decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64)
     return {
         # every expert on every token: (E·n·T, D) rows, expert-major, each block of experts the batch's tokens
         "llama4": (lambda: transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(
@@ -936,6 +938,16 @@ def _moe_layouts():
             num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=1,
             interleave_moe_layer_step=1, max_position_embeddings=64, attention_chunk_size=4,
             no_rope_layers=[1, 0])), torch.float64),
+        # experts held as a list of MLPs, each on the tokens routed to it: hidden_states[None, top_x]
+        "switch": (lambda: transformers.SwitchTransformersForConditionalGeneration(
+            transformers.SwitchTransformersConfig(vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                                  num_decoder_layers=2, num_heads=4, num_experts=4, expert_capacity=64,
+                                                  num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
+                                                  decoder_start_token_id=0)), torch.float64),
+        # the same, top-2, its routers on the tokens flattened (the decoder's: n·T' rows beside the inputs' padding)
+        "nllb-moe": (lambda: transformers.NllbMoeForConditionalGeneration(transformers.NllbMoeConfig(
+            num_experts=4, expert_capacity=64, encoder_sparse_step=1, decoder_sparse_step=1, decoder_start_token_id=2,
+            pad_token_id=0, **seq2seq)), torch.float64),  # its positions count the tokens that are not padding
     }
 
 
@@ -943,15 +955,22 @@ def _moe_layouts():
 @pytest.mark.parametrize("name", list(_moe_layouts()))
 def test_moe_families_whose_experts_take_their_own_layout(name, side):
     """Llama 4's experts run on the tokens repeated once per expert, (E·n·T, D) rows: read as n blocks they were no
-    sample's, and every batch ran one sample at a time (padded or not). Batched now, both classes exact against a
-    float64 loop over the unpadded samples alone."""
+    sample's. Switch Transformers' and NLLB-MoE's experts, a list of MLPs, each run on the tokens routed to it: no
+    shape tells their samples (the graph does: :mod:`mas_ext._gathered`). Every batch ran one sample at a time,
+    padded or not; batched now, both classes exact against a float64 loop over the unpadded samples alone."""
     make, dtype = _moe_layouts()[name]
     model = perturbed(make)
     torch.manual_seed(5)
     sequences = [torch.randint(1, V, (length,)) for length in ((8, 5, 6, 3, 8) if side else (8,) * 5)]
     ids, mask = padded(sequences, side or "right")
-    batches = [{"input_ids": ids[s], **({"attention_mask": mask[s]} if side else {})} for s in (slice(3), slice(3, 5))]
-    want = oracle(model, sequences, dtype=dtype)
+    decoder = torch.randint(1, V, (5, 4)) if model.config.is_encoder_decoder else None
+    batches = [{"input_ids": ids[s], **({"attention_mask": mask[s]} if side else {}),
+                **({"decoder_input_ids": decoder[s]} if decoder is not None else {})} for s in (slice(3), slice(3, 5))]
+    if decoder is None:
+        want = oracle(model, sequences, dtype=dtype)
+    else:
+        want = oracle(model, list(zip(sequences, decoder)), lambda m, s: m(
+            input_ids=s[0][None], decoder_input_ids=s[1][None]).logits, dtype)
     for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

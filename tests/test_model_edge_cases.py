@@ -2024,6 +2024,88 @@ def test_moe_dense_experts(request, cls, mode, per_sample, kind):
     assert mas._engine.by_sample == (kind == "other-formula" and per_sample)
 
 
+class ScaledExpert(nn.Module):
+    """An expert with a parameter of its own beside its layer (the generic rule): x ↦ s ⊙ tanh(W x)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.proj, self.scale = nn.Linear(d, d), nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return self.scale * torch.tanh(self.proj(x))
+
+
+class ListMoE(nn.Module):
+    """A mixture of experts held as a list of MLPs, each called on the tokens routed to it, gathered out of the
+    batch's (n·T, D) tokens the ways MoE code does (``take``): ``flat[idx]``, ``flat[None, idx].reshape(-1, D)``
+    (Switch, NLLB-MoE, Mixtral's eager loop), ``index_select``; or by a mask over the (n, T) tokens (``mask``: the
+    tokens of norm above 1.2, one expert). ``swiglu``: act(w1 x) ⊙ w3 x into w2; else fc2(gelu(fc1 x)), or
+    an expert of the generic rule (``scaled``). ``time_major``: the tokens flattened from (T, n, D)."""
+
+    def __init__(self, take="index", expert="mlp", time_major=False, d=6, e=3):
+        super().__init__()
+        self.take, self.expert_kind, self.time_major = take, expert, time_major
+        self.inp, self.router, self.out = nn.Linear(5, d), nn.Linear(d, e, bias=False), nn.Linear(d, 3)
+        if expert == "swiglu":
+            self.experts = nn.ModuleList(nn.ModuleDict(dict(w1=nn.Linear(d, 7, bias=False), w3=nn.Linear(
+                d, 7, bias=False), w2=nn.Linear(7, d, bias=False))) for _ in range(e))
+        elif expert == "scaled":
+            self.experts = nn.ModuleList(ScaledExpert(d) for _ in range(e))
+        else:
+            self.experts = nn.ModuleList(nn.ModuleDict(dict(fc1=nn.Linear(d, 7), fc2=nn.Linear(7, d))) for _ in range(e))
+
+    def expert(self, k, x):
+        ex = self.experts[k]
+        if self.expert_kind == "swiglu":
+            return ex["w2"](F.silu(ex["w1"](x)) * ex["w3"](x))
+        if self.expert_kind == "scaled":
+            return ex(x)
+        return ex["fc2"](F.gelu(ex["fc1"](x)))
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))  # (n, T, D)
+        if self.take == "mask":
+            keep = h.norm(dim=-1) > 1.2
+            out = h.clone()
+            out[keep] = h[keep] + self.expert(0, h[keep])
+            return self.out(out)
+        src = h.transpose(0, 1).contiguous() if self.time_major else h
+        flat = src.reshape(-1, h.shape[-1])
+        weights = torch.softmax(self.router(flat), -1)
+        top, index = weights.max(-1)
+        out = torch.zeros_like(flat)
+        for k in range(len(self.experts)):
+            idx = torch.where(index == k)[0]
+            if len(idx) == 0:
+                continue
+            rows = (flat[idx] if self.take == "index" else flat[None, idx].reshape(-1, flat.shape[-1])
+                    if self.take == "none-index" else flat.index_select(0, idx))
+            out.index_add_(0, idx, self.expert(k, rows) * top[idx, None])
+        out = out.view_as(src)
+        return self.out(out.transpose(0, 1) if self.time_major else out)
+
+
+@pytest.mark.parametrize("case", ["index-mlp", "none-index-swiglu", "index_select-scaled", "mask-mlp",
+                                  "time-major"])
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_experts_on_gathered_tokens(request, cls, mode, per_sample, case):
+    """Experts of a list called on the tokens routed to them, rows gathered by an index out of the batch's tokens:
+    no shape tells which sample each is, and every batch ran one sample at a time (Switch Transformers, NLLB-MoE).
+    The graph tells it (the index into a view of the (n, T, D) tokens; the layers after the first through the
+    row-wise ops between): each call is read as n blocks of rows, packed, confirmed on the first batch of each size.
+    g-MAS keeps the batched path, both classes, for Linear experts and one of the generic rule. Tokens flattened
+    time-major are not the batch's rows flattened: one sample at a time, exact; so is l-MAS, and per_sample=False
+    takes the calls whole."""
+    take, _, expert = case.rpartition("-") if case != "time-major" else ("index", None, "mlp")
+    torch.manual_seed(89)
+    model = ListMoE(take, expert, time_major=case == "time-major").eval()
+    x = torch.randn(7, 5, 5)
+    mas = check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
+    batched = mode == "global" and per_sample and case != "time-major"
+    assert mas._engine.by_sample == (not batched and per_sample)
+
+
 # ----------------------------------------------------------------------------- parameters held in containers
 class ScaledByDict(nn.Module):
     """A layer whose scales sit in a ParameterDict and a ParameterList that its own forward reads (PEFT's IA³ keeps

@@ -1,0 +1,144 @@
+"""Rows gathered from the batch's tokens by an index: which sample each row is, told by the autograd graph.
+
+A mixture of experts held as a list of MLPs (Switch Transformers, NLLB-MoE, DBRX, the eager loops of most MoE code
+outside transformers) calls each expert on the tokens routed to it, ``x[token_idx]`` out of the batch's (n·T, D)
+tokens: a call of P rows, any number from each sample, whose rows no shape tells. Their graph does: the input was
+made by an index node (``IndexBackward0``, ``IndexSelectBackward0``) into a tensor that a view made out of (n, T, …),
+so row p is sample ``idx[p] // T``. Layers after it on the same rows (the expert's second projection, after its
+activation) are found through the row-wise ops between them and the first one's output (:func:`row_samples`).
+
+The engine then packs such a call as n blocks of W rows, each sample's rows in their order, padded by copies of a
+row whose gradient is zero (:class:`Packing`): every rule that reads n blocks of rows reads it. That reading is
+confirmed once per batch size, against the batch run one sample at a time, as n blocks of rows are.
+"""
+import math
+
+import torch
+
+# nodes whose output row p is made of row p of their tensor inputs (elementwise, any broadcast operand without rows)
+_ROW_WISE = frozenset(f"{name}Backward{k}" for name, k in (
+    ("Gelu", 0), ("Relu", 0), ("Silu", 0), ("Sigmoid", 0), ("Tanh", 0), ("Elu", 0), ("LeakyRelu", 0), ("Mish", 0),
+    ("Hardswish", 0), ("Hardsigmoid", 0), ("Hardtanh", 0), ("Softplus", 0), ("Threshold", 0), ("Neg", 0),
+    ("Exp", 0), ("Pow", 0), ("Pow", 1), ("Sqrt", 0), ("Rsqrt", 0), ("Abs", 0), ("ToCopy", 0), ("Clone", 0),
+    ("Clamp", 0), ("Clamp", 1), ("ClampMin", 0), ("ClampMax", 0), ("NativeDropout", 0), ("Mul", 0), ("Mul", 1),
+    ("Div", 0), ("Div", 1), ("Add", 0), ("Add", 1), ("Sub", 0), ("Sub", 1), ("Rsub", 0), ("Rsub", 1)))
+# views that keep the rows (checked on their input's shape) and leading dims of 1 put in or taken out
+_VIEWS = frozenset(("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"))
+_UNIT_DIMS = frozenset(("UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2"))
+_NODES = 64  # nodes walked at most per input: the walk stops early on anything else
+_NONE = object()  # a branch without the batch's rows (parameters, constants)
+
+
+def _holds_rows(sizes, rows):
+    """Whether a tensor of shape ``sizes`` holds ``rows`` rows in its first dim beyond leading dims of 1."""
+    sizes = list(sizes)
+    return any(sizes[k] == rows and all(s == 1 for s in sizes[:k]) for k in range(len(sizes)))
+
+
+def _source_rows(node, rows, n, budget):
+    """Whether the tensor that ``node`` made (R = ``rows`` rows) is the batch's rows flattened sample-major: a view of
+    a (n, …) tensor whose leading dims hold the R rows, through leading dims of 1 put in or taken out."""
+    for _ in range(budget):
+        name = type(node).__name__ if node is not None else None
+        if name in _UNIT_DIMS:
+            node = node.next_functions[0][0]
+            continue
+        if name in _VIEWS:
+            sizes = list(node._saved_self_sym_sizes)
+            return bool(sizes) and sizes[0] == n and any(math.prod(sizes[:j]) == rows for j in range(1, len(sizes)))
+        return False
+    return False
+
+
+def _index_samples(node, n, budget):
+    """The sample of each row an index node took, or None where it is not rows out of the batch's rows."""
+    name = type(node).__name__
+    sizes = list(node._saved_self_sym_sizes)
+    if name == "IndexSelectBackward0":
+        dim, index = node._saved_dim, node._saved_index
+        entries = [None] * dim + [index]
+    else:
+        entries = list(node._saved_indices)
+    held = [j for j, t in enumerate(entries) if t is not None]
+    if len(held) != 1 or any(s != 1 for s in sizes[:held[0]]):
+        return None
+    j, index = held[0], entries[held[0]]
+    if index.dtype == torch.bool:  # a mask over the leading dims: (n, T) over (n, T, D) tokens
+        if index.dim() < 1 or list(index.shape) != sizes[j:j + index.dim()] or sizes[j] != n:
+            return None
+        rows, positions = index.numel(), index.reshape(-1).nonzero().squeeze(1)
+    elif index.dim() == 1 and not index.is_floating_point():
+        rows, positions = sizes[j], index
+        if not _source_rows(node.next_functions[0][0], rows, n, budget):
+            return None
+    else:
+        return None
+    if rows % n:
+        return None
+    return torch.div(positions, rows // n, rounding_mode="floor")
+
+
+def row_samples(x, n, known):
+    """The sample (0…n-1) of each of the P rows of ``x`` (P, …), where the graph shows them gathered from the batch's
+    rows (see the module's docstring); ``known`` maps the nodes of earlier such calls' outputs to their rows' samples.
+    None where it does not show it."""
+    budget = [_NODES]
+
+    def walk(node):
+        if node is None:
+            return _NONE
+        budget[0] -= 1
+        if budget[0] < 0:
+            return None
+        got = known.get(node)
+        if got is not None:
+            return got
+        name = type(node).__name__
+        if name in ("IndexBackward0", "IndexSelectBackward0"):
+            return _index_samples(node, n, budget[0])
+        if name == "AccumulateGrad":
+            return _NONE
+        if name not in _ROW_WISE and name not in _VIEWS and name not in _UNIT_DIMS:
+            return None
+        found = _NONE
+        for nxt, _ in node.next_functions:
+            got = walk(nxt)
+            if got is None or (got is not _NONE and found is not _NONE and got is not found
+                               and not torch.equal(got, found)):
+                return None
+            found = got if got is not _NONE else found
+        if found is not _NONE and name in _VIEWS and not _holds_rows(node._saved_self_sym_sizes, len(found)):
+            return None
+        return found
+
+    if not torch.is_tensor(x) or x.dim() < 2:
+        return None
+    got = walk(x.grad_fn)
+    return got if torch.is_tensor(got) and len(got) == x.shape[0] else None
+
+
+class Packing:
+    """A call's P rows, of the samples ``samples`` (P,), laid out as n blocks of W rows (W: the most rows of any one
+    sample), each sample's rows in their order; the slots beyond a sample's rows hold a copy of row 0 as inputs and
+    outputs (a row the module has run on: finite) and zero as gradients (nothing of theirs reaches an Ω)."""
+
+    def __init__(self, samples, n):
+        counts = torch.bincount(samples, minlength=n)
+        self.samples, self.n, self.width = samples, n, max(1, int(counts.max()))
+        order = torch.argsort(samples, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(samples)
+        rank[order] = torch.arange(len(samples), device=samples.device) - starts[samples[order]]
+        self.slots = samples * self.width + rank  # row p's slot
+        self.source = torch.zeros(n * self.width, dtype=torch.long, device=samples.device)
+        self.source[self.slots] = torch.arange(len(samples), device=samples.device)
+
+    def rows(self, t):
+        """An input or output (P, …) as (n·W, …)."""
+        return t[self.source]
+
+    def grads(self, g):
+        """A gradient (P, …) as (n·W, …), zero in the padding slots."""
+        out = g.new_zeros((self.n * self.width, *g.shape[1:]))
+        out[self.slots] = g
+        return out
