@@ -35,8 +35,8 @@ from .generic import (ABSENT, GENERIC, SharedOutput, attributes, generic_grads, 
                       settings)
 from .linear import (conv1d_fused, conv1d_grads, is_hf_conv1d, is_linear_subclass, linear_calls_fused, linear_fused,
                      linear_grads, linear_into, linear_subclass_fused, linear_subclass_grads)
-from .norm import (is_hf_rmsnorm, is_layernorm_subclass, layernorm_subclass_fused, layernorm_subclass_grads,
-                   layernorm_subclass_unverified, norm_fused, norm_grads)
+from .norm import (hf_rmsnorm_unverified, is_hf_rmsnorm, is_layernorm_subclass, layernorm_subclass_fused,
+                   layernorm_subclass_grads, layernorm_subclass_unverified, norm_fused, norm_grads)
 
 __all__ = ["ABSENT", "CHUNK_ELEMS", "Call", "Rule", "GENERIC", "SharedOutput", "attributes", "settings", "register_rule",
            "rule_for", "generic_grads", "sample_dim", "tied_fused", "linear_calls_fused", "linear_into", "unfold_nd",
@@ -82,7 +82,7 @@ register_rule(is_hf_scaled_embedding, Rule(embedding_grads, embedding_fused, lam
                                            needs_output=unverified, blocks=_rows))
 for _norm in (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.RMSNorm):
     register_rule(_norm, Rule(norm_grads, norm_fused, needs_output=_no_output, blocks=_row_wise))
-register_rule(is_hf_rmsnorm, Rule(norm_grads, norm_fused, needs_output=unverified, blocks=_rows))  # over the last dim
+register_rule(is_hf_rmsnorm, Rule(norm_grads, norm_fused, needs_output=hf_rmsnorm_unverified, blocks=_rows))  # last dim
 register_rule(is_layernorm_subclass, Rule(layernorm_subclass_grads, layernorm_subclass_fused,
                                           needs_output=layernorm_subclass_unverified))
 register_rule(is_hf_experts, Rule(generic_grads, experts_fused, blocks=_rows))  # the generic rule reads the output

@@ -169,6 +169,14 @@ def unverified(module):
     return type(module) not in _VERIFIED
 
 
+def settings_key(module):
+    """A formula check's key for a class whose instances may compute other formulas at other settings (an RMSNorm
+    class with a ``group_size``: Qwen4Exp's grouped hyper-connection norms beside its plain ones): the class and the
+    instance's public attributes of plain values."""
+    return type(module), tuple(sorted((k, v) for k, v in vars(module).items() if not k.startswith("_")
+                                      and isinstance(v, (bool, int, float, str, type(None)))))
+
+
 def close_to(want, got, tol=2e-2):
     """Whether ``got`` equals the formula's ``want`` to ``tol`` (relative, and of want's largest entry): the formula
     checks' comparison (2e-2: a bfloat16 output's rounding)."""
