@@ -1620,11 +1620,13 @@ class Engine:
         elif mixed is not None and self.per_sample and state.n > 1:
             # n blocks of rows, one per sample (OPT's and the MoE layers' (n·T, D) tokens), confirmed once; the
             # generic rule reads them where it knows which of the call's tensors hold them
-            # (with padding, only the batch's (n, T) positions flattened, or the visual patches (merged or not) of
-            # a batch whose samples have as many: tokens packed by the mask are not)
+            # (with padding, only the batch's (n, T) positions flattened, or copies of them (k of each token: Ergo's
+            # experts' norm on top-k rows) where the tokens packed by the mask could not make as many, or the visual
+            # patches (merged or not) of a batch whose samples have as many: tokens packed by the mask are not)
             if (blocks and unit.blocks is not False and mixed and mixed[0] % state.n == 0
-                    and (state.mask is None or mixed[0] in {p * unit.rule.blocks(module) for p in state.positions} or (
-                        mixed[0] != int(state.mask.sum()) and any(p % mixed[0] == 0 for p in state.patches)))
+                    and (state.mask is None or mixed[0] in {p * unit.rule.blocks(module) for p in state.positions}
+                         or (any(mixed[0] % p == 0 for p in state.positions) and mixed[0] % int(state.mask.sum()))
+                         or (mixed[0] != int(state.mask.sum()) and any(p % mixed[0] == 0 for p in state.patches)))
                     and _batch_dim(module) == 0 and unit.rule.blocks(module)
                     and (rows is not None or unit.rule.grads is not _rules.generic_grads)):
                 state.block_rows.add(mixed[0])

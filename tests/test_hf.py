@@ -67,7 +67,10 @@ def perturbed(make, seed=0):
 def oracle(model, samples, forward=lambda m, x: m(input_ids=x[None]).logits, dtype=torch.float64):
     """One unpadded sample at a time, on a copy of the model in `dtype` (float64 unless an op lacks it):
     (1/N) Σ_k |∂ ‖f(x_k)‖² / ∂θ| with f(x_k) = forward(copy, x_k), summed in float64."""
-    m = copy.deepcopy(model).to(dtype)
+    # .double()/.float() cast only the floating tensors: .to(dtype) would cast a complex buffer (Llama 4's vision
+    # rotary freqs_ci) to a real one, its imaginary part dropped
+    m = copy.deepcopy(model)
+    m = m.double() if dtype == torch.float64 else m.float()
     params = {k: p for k, p in m.named_parameters() if p.requires_grad}  # what MAS tracks
     om = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
     for x in samples:
@@ -948,6 +951,14 @@ def _moe_layouts():
         "nllb-moe": (lambda: transformers.NllbMoeForConditionalGeneration(transformers.NllbMoeConfig(
             num_experts=4, expert_capacity=64, encoder_sparse_step=1, decoder_sparse_step=1, decoder_start_token_id=2,
             pad_token_id=0, **seq2seq)), torch.float64),  # its positions count the tokens that are not padding
+        # a norm after the experts on the top-k copies of each token, (n·T·k, D) rows: with padding, k copies of the
+        # (n, T) positions, which the tokens packed by the mask could not make as many of
+        "ergo": (lambda: transformers.ErgoForCausalLM(transformers.ErgoConfig(
+            vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            first_dense_intermediate_size=48, moe_intermediate_size=32, shared_intermediate_size=32, num_experts=4,
+            num_experts_per_tok=2, max_position_embeddings=64, sliding_window=4, global_attention_every_n_layers=2,
+            layer_types=["sliding_attention", "full_attention"], mlp_layer_types=["dense", "sparse"])),
+            torch.float32),  # grouped_mm has no float64
     }
 
 
@@ -957,7 +968,8 @@ def test_moe_families_whose_experts_take_their_own_layout(name, side):
     """Llama 4's experts run on the tokens repeated once per expert, (E·n·T, D) rows: read as n blocks they were no
     sample's. Switch Transformers' and NLLB-MoE's experts, a list of MLPs, each run on the tokens routed to it: no
     shape tells their samples (the graph does: :mod:`mas_ext._gathered`). Every batch ran one sample at a time,
-    padded or not; batched now, both classes exact against a float64 loop over the unpadded samples alone."""
+    padded or not; so did Ergo's padded ones (its experts' norm on (n·T·k, D) rows). Batched now, both classes exact
+    against a float64 loop over the unpadded samples alone."""
     make, dtype = _moe_layouts()[name]
     model = perturbed(make)
     torch.manual_seed(5)
