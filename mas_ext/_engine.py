@@ -1612,7 +1612,7 @@ class Engine:
             if entry is None or entry.unit is not unit or entry.site is None or entry.site.failed is not None:
                 state.mixed.append((unit, no_rerun))
                 return None
-        block_rows = None
+        block_rows, in_blocks = None, frozenset()
         if packing is not None:  # n blocks of rows once packed, confirmed as such blocks are
             block_rows = ([t is args[0] for t in torch.utils._pytree.tree_flatten((args, kwargs))[0]], [True])
             if unit.blocks is None or state.n not in unit.blocks:
@@ -1663,6 +1663,14 @@ class Engine:
             state.block_rows.update(flat[i].shape[0] for i in pos if rows[1][i] and out_dims[i] is None)
             if unit.blocks is None or state.n not in unit.blocks:
                 state.tentative.append(unit)
+        elif (mixed is None and self.per_sample and state.n > 1 and unit.rule.grads is _rules.generic_grads
+              and in_dims is not None and unit.blocks is not False and any(d is not None for d in in_dims)
+              and any(r and d is None for d, r in zip(in_dims, rows[0]))):
+            # inputs with the batch in a dim beside inputs of its rows flattened (DBRX's experts: (n, T, D) tokens,
+            # their (n·T, k) routing): those read as n blocks of rows, confirmed once as blocks are
+            in_blocks = frozenset(i for i, (d, r) in enumerate(zip(in_dims, rows[0])) if r and d is None)
+            if unit.blocks is None or state.n not in unit.blocks:
+                state.tentative.append(unit)
         elif (mixed is None and self.mode == "global" and self.per_sample and state.n > 1
               and unit.rule.grads is _rules.generic_grads and out_dims is not None and pos
               and all(out_dims[i] is None for i in pos) and any(flat[i].requires_grad for i in pos)):
@@ -1671,7 +1679,13 @@ class Engine:
             return self._share(unit, args, kwargs, flat, spec, pos, state, versions, attributes, in_dims, out_dims)
         # The whole call is one sample's (a one-sample pass) or the batch's (per_sample=False): its rule is
         # the module's own gradient, through the generic rule, which keeps its output.
-        whole = mixed is not None or held is not None  # per_sample=False: a batch state, rerun whole
+        # per_sample=False: a batch state, rerun whole; so are inputs with the batch in a dim beside inputs of its rows
+        # flattened (the sum of the samples' gradients is the whole call's: cut by the batch dims, DBRX's experts'
+        # (n, T, D) tokens beside their (n·T, k) routing crashed)
+        whole = mixed is not None or held is not None or (
+            not self.per_sample and state.n > 1 and unit.rule.grads is _rules.generic_grads
+            and in_dims is not None and any(d is not None for d in in_dims)
+            and any(r and d is None for d, r in zip(in_dims, rows[0])))
         keep = self.mode == "local" or whole or unit.rule.needs_output(module)
         if self.mode == "local":  # the output itself is the gradient, but at the padded positions
             local = tuple(_mask_positions(flat[i].detach(), state.mask,
@@ -1686,7 +1700,7 @@ class Engine:
             args = (packing.rows(args[0]), *args[1:])
         call = _rules.Call(1 if whole else state.n, args, kwargs,
                            (out if packing is None else packing.rows(out)) if keep else None, versions=versions,
-                           whole=whole, in_dims=in_dims, out_dims=out_dims, rows=block_rows,
+                           whole=whole, in_dims=in_dims, out_dims=out_dims, rows=block_rows, in_blocks=in_blocks,
                            attributes=attributes or None, rng=rng)
         unit.group.calls.append((unit, call))
         if span is not None:  # the graph walk tells which parameters it read
@@ -1741,9 +1755,12 @@ class Engine:
                 or not (unit.rule.grads is _rules.generic_grads or _rules.leading_positions(unit.rule, module))):
             return None
         rows = args[0].shape[0]
-        others = torch.utils._pytree.tree_flatten((args[1:], kwargs))[0]
-        if any(torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == rows for t in others):
+        if rows == 0:  # an expert called on no token adds nothing
             return None
+        if len(args) > 1 or kwargs:
+            others = torch.utils._pytree.tree_flatten((args[1:], kwargs))[0]
+            if any(torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == rows for t in others):
+                return None
         samples = _gathered.row_samples(args[0], state.n, state.row_samples)
         if samples is None:
             return None
@@ -1952,16 +1969,17 @@ class Engine:
                     grads = self._call_grads(unit, call, 0, 1)
                 except Exception as e:  # noqa: BLE001 - re-raised but for a rerun on one sample's inputs
                     if (isinstance(e, torch.OutOfMemoryError) or not self.per_sample or call.whole or call.n == 1
-                            or (call.rows is None and not self._reruns(unit, call))):
+                            or (call.rows is None and not call.in_blocks and not self._reruns(unit, call))):
                         raise
                     # its module cannot run on one sample's inputs as the pass cut them: rows that are no sample's
                     # (JetMoe's experts on rows sorted by expert, with the batch's expert sizes as a list), an input
                     # of the batch's rows flattened beside one that holds the samples (DBRX's experts, with the
                     # batch's (n·T, k) routing): the batch runs sample by sample (blocks not taken again)
-                    if call.rows is not None:
+                    if call.rows is not None or call.in_blocks:
                         unit.blocks = False
                     what = (f"is called on an input whose rows are not {call.n} blocks of one sample each"
-                            if call.rows is not None else "is called on inputs that cannot be cut by sample")
+                            if call.rows is not None or call.in_blocks else "is called on inputs that cannot be cut "
+                            "by sample")
                     self._pass.mixed.append((unit, f"{what} (its module raised on one sample's: {type(e).__name__}: "
                                                    f"{str(e)[:120]})"))
                     return

@@ -37,7 +37,8 @@ def _holds_rows(sizes, rows):
 
 def _source_rows(node, rows, n, budget):
     """Whether the tensor that ``node`` made (R = ``rows`` rows) is the batch's rows flattened sample-major: a view of
-    a (n, …) tensor whose leading dims hold the R rows, through leading dims of 1 put in or taken out."""
+    a (n, …) tensor whose leading dims hold the R rows, through leading dims of 1 put in or taken out, that tensor not
+    made by a transpose or permute (time-major (T, n, D) tokens made contiguous: at T = n its dim 0 is no sample)."""
     for _ in range(budget):
         name = type(node).__name__ if node is not None else None
         if name in _UNIT_DIMS:
@@ -45,8 +46,24 @@ def _source_rows(node, rows, n, budget):
             continue
         if name in _VIEWS:
             sizes = list(node._saved_self_sym_sizes)
-            return bool(sizes) and sizes[0] == n and any(math.prod(sizes[:j]) == rows for j in range(1, len(sizes)))
+            return (bool(sizes) and sizes[0] == n and any(math.prod(sizes[:j]) == rows for j in range(1, len(sizes)))
+                    and not _transposed(node.next_functions[0][0], budget))
         return False
+    return False
+
+
+def _transposed(node, budget):
+    """Whether a tensor came out of a transpose or permute, through copies and elementwise ops of one tensor."""
+    for _ in range(budget):
+        name = type(node).__name__ if node is not None else None
+        if name in ("TransposeBackward0", "TransposeBackward1", "PermuteBackward0"):
+            return True
+        if name not in ("CloneBackward0", "ToCopyBackward0") and name not in _ROW_WISE:
+            return False
+        tensors = [f for f, _ in node.next_functions if f is not None and type(f).__name__ != "AccumulateGrad"]
+        if len(tensors) != 1:
+            return False
+        node = tensors[0]
     return False
 
 
@@ -67,7 +84,7 @@ def _index_samples(node, n, budget):
         if index.dim() < 1 or list(index.shape) != sizes[j:j + index.dim()] or sizes[j] != n:
             return None
         rows, positions = index.numel(), index.reshape(-1).nonzero().squeeze(1)
-    elif index.dim() == 1 and not index.is_floating_point():
+    elif index.dim() == 1 and not index.is_floating_point() and not bool((index < 0).any()):
         rows, positions = sizes[j], index
         if not _source_rows(node.next_functions[0][0], rows, n, budget):
             return None
@@ -85,35 +102,40 @@ def row_samples(x, n, known):
     budget = [_NODES]
 
     def walk(node):
+        """(the samples of the rows node's tensor holds, or _NONE, or None; whether a view or a dim of 1 put in or
+        taken out was on the way)."""
         if node is None:
-            return _NONE
+            return _NONE, False
         budget[0] -= 1
         if budget[0] < 0:
-            return None
+            return None, False
         got = known.get(node)
         if got is not None:
-            return got
+            return got, False
         name = type(node).__name__
         if name in ("IndexBackward0", "IndexSelectBackward0"):
-            return _index_samples(node, n, budget[0])
+            return _index_samples(node, n, budget[0]), False
         if name == "AccumulateGrad":
-            return _NONE
+            return _NONE, False
         if name not in _ROW_WISE and name not in _VIEWS and name not in _UNIT_DIMS:
-            return None
-        found = _NONE
+            return None, False
+        found, viewed, holding = _NONE, name in _VIEWS or name in _UNIT_DIMS, 0
         for nxt, _ in node.next_functions:
-            got = walk(nxt)
+            got, through = walk(nxt)
             if got is None or (got is not _NONE and found is not _NONE and got is not found
                                and not torch.equal(got, found)):
-                return None
-            found = got if got is not _NONE else found
+                return None, False
+            if got is not _NONE:
+                found, viewed, holding = got, viewed or through, holding + 1
+        if holding > 1 and viewed:  # rows that a view or a dim of 1 may have moved, met by rows: no reading
+            return None, False
         if found is not _NONE and name in _VIEWS and not _holds_rows(node._saved_self_sym_sizes, len(found)):
-            return None
-        return found
+            return None, False
+        return found, viewed
 
     if not torch.is_tensor(x) or x.dim() < 2:
         return None
-    got = walk(x.grad_fn)
+    got, _ = walk(x.grad_fn)
     return got if torch.is_tensor(got) and len(got) == x.shape[0] else None
 
 

@@ -959,6 +959,18 @@ def _moe_layouts():
             num_experts_per_tok=2, max_position_embeddings=64, sliding_window=4, global_attention_every_n_layers=2,
             layer_types=["sliding_attention", "full_attention"], mlp_layer_types=["dense", "sparse"])),
             torch.float32),  # grouped_mm has no float64
+        # (n, T, D) tokens beside their (n·T, k) routing: DBRX's experts (which own their weights, read outside the
+        # experts' own calls), Inkling's shared experts (their gammas): the routing read as n blocks of rows
+        "dbrx": (lambda: transformers.DbrxForCausalLM(transformers.DbrxConfig(
+            vocab_size=V, d_model=32, n_heads=4, n_layers=2, max_seq_len=64,
+            attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+            ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2))), torch.float64),
+        "inkling": (lambda: transformers.InklingForCausalLM(transformers.InklingTextConfig(
+            vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8, sliding_window_size=4,
+            d_rel=4, rel_extent=8, layer_types=["hybrid_sliding", "hybrid"], max_position_embeddings=64,
+            mlp_layer_types=["sparse", "sparse"], intermediate_size=48, moe_intermediate_size=32, n_routed_experts=4,
+            num_experts_per_tok=2, n_shared_experts=1)), torch.float32),
     }
 
 
@@ -968,8 +980,9 @@ def test_moe_families_whose_experts_take_their_own_layout(name, side):
     """Llama 4's experts run on the tokens repeated once per expert, (E·n·T, D) rows: read as n blocks they were no
     sample's. Switch Transformers' and NLLB-MoE's experts, a list of MLPs, each run on the tokens routed to it: no
     shape tells their samples (the graph does: :mod:`mas_ext._gathered`). Every batch ran one sample at a time,
-    padded or not; so did Ergo's padded ones (its experts' norm on (n·T·k, D) rows). Batched now, both classes exact
-    against a float64 loop over the unpadded samples alone."""
+    padded or not; so did Ergo's padded ones (its experts' norm on (n·T·k, D) rows), and DBRX's and Inkling's (their
+    experts' modules take (n, T, D) tokens beside their (n·T, k) routing). Batched now, both classes exact against a
+    float64 loop over the unpadded samples alone (float32 where grouped_mm runs)."""
     make, dtype = _moe_layouts()[name]
     model = perturbed(make)
     torch.manual_seed(5)

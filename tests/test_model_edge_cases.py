@@ -2040,11 +2040,13 @@ class ListMoE(nn.Module):
     batch's (n·T, D) tokens the ways MoE code does (``take``): ``flat[idx]``, ``flat[None, idx].reshape(-1, D)``
     (Switch, NLLB-MoE, Mixtral's eager loop), ``index_select``; or by a mask over the (n, T) tokens (``mask``: the
     tokens of norm above 1.2, one expert). ``swiglu``: act(w1 x) ⊙ w3 x into w2; else fc2(gelu(fc1 x)), or
-    an expert of the generic rule (``scaled``). ``time_major``: the tokens flattened from (T, n, D)."""
+    an expert of the generic rule (``scaled``), or one that meets each row with every other (``pairwise``: fc2 on
+    fc1(x)_p ⊙ fc1(x)_q, (P, P, 7) rows). ``time_major``: the tokens flattened from (T, n, D). ``empty``: every expert
+    called, on no token where none is routed to it (the router keeps tokens off the last expert)."""
 
-    def __init__(self, take="index", expert="mlp", time_major=False, d=6, e=3):
+    def __init__(self, take="index", expert="mlp", time_major=False, empty=False, d=6, e=3):
         super().__init__()
-        self.take, self.expert_kind, self.time_major = take, expert, time_major
+        self.take, self.expert_kind, self.time_major, self.empty = take, expert, time_major, empty
         self.inp, self.router, self.out = nn.Linear(5, d), nn.Linear(d, e, bias=False), nn.Linear(d, 3)
         if expert == "swiglu":
             self.experts = nn.ModuleList(nn.ModuleDict(dict(w1=nn.Linear(d, 7, bias=False), w3=nn.Linear(
@@ -2060,6 +2062,9 @@ class ListMoE(nn.Module):
             return ex["w2"](F.silu(ex["w1"](x)) * ex["w3"](x))
         if self.expert_kind == "scaled":
             return ex(x)
+        if self.expert_kind == "pairwise":
+            a = torch.tanh(ex["fc1"](x))
+            return ex["fc2"](a[:, None] * a[None]).mean(1)
         return ex["fc2"](F.gelu(ex["fc1"](x)))
 
     def forward(self, x):
@@ -2071,12 +2076,14 @@ class ListMoE(nn.Module):
             return self.out(out)
         src = h.transpose(0, 1).contiguous() if self.time_major else h
         flat = src.reshape(-1, h.shape[-1])
-        weights = torch.softmax(self.router(flat), -1)
-        top, index = weights.max(-1)
+        logits = self.router(flat)
+        if self.empty:
+            logits = logits - torch.tensor([0.0, 0.0, 100.0])
+        top, index = torch.softmax(logits, -1).max(-1)
         out = torch.zeros_like(flat)
         for k in range(len(self.experts)):
             idx = torch.where(index == k)[0]
-            if len(idx) == 0:
+            if len(idx) == 0 and not self.empty:
                 continue
             rows = (flat[idx] if self.take == "index" else flat[None, idx].reshape(-1, flat.shape[-1])
                     if self.take == "none-index" else flat.index_select(0, idx))
@@ -2085,8 +2092,8 @@ class ListMoE(nn.Module):
         return self.out(out.transpose(0, 1) if self.time_major else out)
 
 
-@pytest.mark.parametrize("case", ["index-mlp", "none-index-swiglu", "index_select-scaled", "mask-mlp",
-                                  "time-major"])
+@pytest.mark.parametrize("case", ["index-mlp", "none-index-swiglu", "index_select-scaled", "mask-mlp", "empty",
+                                  "time-major", "time-major-square", "pairwise"])
 @pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
 def test_experts_on_gathered_tokens(request, cls, mode, per_sample, case):
@@ -2094,16 +2101,123 @@ def test_experts_on_gathered_tokens(request, cls, mode, per_sample, case):
     no shape tells which sample each is, and every batch ran one sample at a time (Switch Transformers, NLLB-MoE).
     The graph tells it (the index into a view of the (n, T, D) tokens; the layers after the first through the
     row-wise ops between): each call is read as n blocks of rows, packed, confirmed on the first batch of each size.
-    g-MAS keeps the batched path, both classes, for Linear experts and one of the generic rule. Tokens flattened
-    time-major are not the batch's rows flattened: one sample at a time, exact; so is l-MAS, and per_sample=False
-    takes the calls whole."""
-    take, _, expert = case.rpartition("-") if case != "time-major" else ("index", None, "mlp")
+    g-MAS keeps the batched path, both classes, for Linear experts and one of the generic rule, and experts called
+    on no token (which crashed). Not read so, one sample at a time, exact: tokens flattened time-major (at T = n too,
+    where the (n, T, D) view's shape cannot tell), rows that meet each other through a broadcast (a reviewer's model:
+    10% off, the first batch agreeing). l-MAS runs such batches one sample at a time; per_sample=False takes the
+    calls whole."""
+    take, _, expert = case.rpartition("-") if "-" in case and not case.startswith("time") else ("index", None, "mlp")
+    expert = "pairwise" if case == "pairwise" else expert
     torch.manual_seed(89)
-    model = ListMoE(take, expert, time_major=case == "time-major").eval()
-    x = torch.randn(7, 5, 5)
+    model = ListMoE(take, expert, time_major=case.startswith("time-major"), empty=case == "empty").eval()
+    x = torch.randn(7, 4 if case == "time-major-square" else 5, 5)  # T = 4 = n in the first batch
     mas = check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
-    batched = mode == "global" and per_sample and case != "time-major"
+    batched = mode == "global" and per_sample and case not in ("time-major", "time-major-square", "pairwise")
     assert mas._engine.by_sample == (not batched and per_sample)
+
+
+class GatedByRows(nn.Module):
+    """A module of the generic rule on (n, T, D) tokens beside a gate per token flattened to (n·T, 1) (DBRX's
+    experts with their routing): tanh(x W) ⊙ gate; ``time_major``: the gates come flattened from (T, n)."""
+
+    def __init__(self, d=6, time_major=False):
+        super().__init__()
+        self.w, self.time_major = nn.Parameter(torch.randn(d, d) / d ** 0.5), time_major
+
+    def forward(self, x, gate):
+        n, t = x.shape[:2]
+        gate = gate.view(t, n, 1).transpose(0, 1) if self.time_major else gate.view(n, t, 1)
+        return torch.tanh(x @ self.w) * gate
+
+
+class TokensBesideRows(nn.Module):
+    def __init__(self, time_major=False):
+        super().__init__()
+        self.time_major = time_major
+        self.inp, self.gate, self.out = nn.Linear(5, 6), nn.Linear(6, 1), nn.Linear(6, 3)
+        self.block = GatedByRows(time_major=time_major)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        g = torch.sigmoid(self.gate(h))  # (n, T, 1)
+        return self.out(self.block(h, (g.transpose(0, 1) if self.time_major else g).reshape(-1, 1)))
+
+
+@pytest.mark.parametrize("time_major", [False, True], ids=["rows", "time-major"])
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_tokens_beside_their_rows_flattened(request, cls, mode, per_sample, time_major):
+    """A module of the generic rule called on (n, T, D) tokens and a tensor of their rows flattened, (n·T, 1): its
+    rerun on one sample cut the tokens, not the rows, and raised, and every batch ran one sample at a time (DBRX,
+    Inkling); per_sample=False crashed. The rows are read as n blocks there, as learned from the sample run alone,
+    confirmed as n blocks are: rows flattened time-major disagree, and the batches run one sample at a time, exact
+    (l-MAS; in g-MAS the uses of its weight on the tokens tell each sample's gradient without a rerun).
+    per_sample=False takes such calls whole."""
+    torch.manual_seed(97)
+    model = TokensBesideRows(time_major).eval()
+    x = torch.randn(7, 4, 5)
+    mas = check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
+    assert mas._engine.by_sample == (time_major and mode == "local")
+
+
+class PerSampleRouted(nn.Module):
+    """Experts of a list on rows gathered by index, routed so that a first batch agrees with misreadings: ``pairwise``
+    (one expert per sample; its fc2 on the pairwise products of its rows, (P, P, 7), where the rows meet each other);
+    ``time-major`` (each token its own expert, the tokens flattened from (T, n, D), made contiguous: at T = n the
+    (n, T, D) view's shape holds time steps in dim 0). A reviewer's two models (10% and 18% off, no warning)."""
+
+    def __init__(self, how, d=6, e=3):
+        super().__init__()
+        self.how = how
+        self.inp, self.router, self.out = nn.Linear(5, d), nn.Linear(d, e, bias=False), nn.Linear(d, 3)
+        self.fc1 = nn.ModuleList(nn.Linear(d, 7) for _ in range(e))
+        self.fc2 = nn.ModuleList(nn.Linear(7, d) for _ in range(e))
+
+    def route(self, x):
+        h = torch.tanh(self.inp(x))
+        return self.router(h.mean(1)).argmax(-1) if self.how == "pairwise" else self.router(h).argmax(-1)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        n, t, d = h.shape
+        if self.how == "pairwise":
+            flat, choice = h.reshape(-1, d), self.route(x).repeat_interleave(t)
+        else:
+            h = h.transpose(0, 1).contiguous()
+            flat, choice = h.view(-1, d), self.router(h).argmax(-1).reshape(-1)
+        out = torch.zeros_like(flat)
+        for k in range(len(self.fc1)):
+            idx = torch.where(choice == k)[0]
+            if len(idx) == 0:
+                continue
+            a = F.gelu(self.fc1[k](flat[idx]))
+            if self.how == "pairwise":
+                out.index_add_(0, idx, self.fc2[k](a[:, None] * a[None]).mean(1))
+            else:
+                out.index_add_(0, idx, self.fc2[k](a))
+        if self.how == "pairwise":
+            return self.out(out.view(n, t, d))
+        return self.out((flat + out).view(t, n, d).transpose(0, 1))
+
+
+@pytest.mark.parametrize("how", ["pairwise", "time-major"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_gathered_rows_that_a_first_batch_would_confirm(request, cls, how):
+    """Rows that a gather's graph does not make each sample's: rows met by rows through a broadcast (a[:, None] *
+    a[None]), tokens flattened time-major at T = n. The first batch agreed with their reading by chance (each expert
+    one sample's, or one token per sample and time step) and later ones were 10-18% off without a warning. They are
+    not read as gathered rows now: one sample at a time, exact."""
+    torch.manual_seed(0)
+    model = PerSampleRouted(how).eval()
+    pool = torch.randn(400, 2, 5)
+    with torch.no_grad():
+        r = model.route(pool)
+    if how == "pairwise":
+        batches = [torch.stack([pool[r == 0][0], pool[r == 1][0]]), pool[r == 0][1:3]]
+    else:
+        pat = lambda a, b: pool[(r[:, 0] == a) & (r[:, 1] == b)]  # noqa: E731
+        batches = [torch.stack([pat(0, 1)[0], pat(1, 2)[0]]), torch.stack([pat(0, 0)[0], pat(1, 2)[1]])]
+    check(request, cls, model, batches)
 
 
 # ----------------------------------------------------------------------------- parameters held in containers
@@ -3076,13 +3190,14 @@ class RoutedHostNet(nn.Module):
 def test_a_host_whose_inputs_cannot_be_cut_by_sample(request, cls):
     """DBRX (a re-sweep's find): its experts, a module without parameters of its own that slices its child's
     weights, own them (a host); called on the (n, T, D) hidden states and the batch's (n·T,) routing, their rerun on
-    one sample's hidden states read the batch's routing and raised an IndexError out of the pass. A rerun that raises
-    has the batch run one sample at a time, exact."""
+    one sample's hidden states read the batch's routing and raised an IndexError out of the pass; then a rerun that
+    raised had the batch run one sample at a time. The routing is read as n blocks of rows now, as learned from the
+    sample run alone (confirmed as n blocks are): batched, exact."""
     torch.manual_seed(249)
     model = RoutedHostNet().eval()
     batches = [torch.randint(0, 11, (4, 5)), torch.randint(0, 11, (3, 5))]
     check(request, cls, model, batches)
-    assert run(cls, model, batches)._engine.by_sample
+    assert not run(cls, model, batches)._engine.by_sample
 
 
 class SortedMix(nn.Module):

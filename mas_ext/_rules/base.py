@@ -45,6 +45,10 @@ class Call:
     # Which flattened inputs and outputs hold the n samples as n blocks of rows in dim 0 ((n·T, D) tokens), where the
     # call is read so: (inputs, outputs) of bools.
     rows: Optional[tuple] = None
+    # Generic rule, inputs without a batch dim beside inputs with one: the flattened inputs that hold the batch's rows
+    # flattened in dim 0 (DBRX's and Inkling's experts: (n, T, D) tokens beside their (n·T, k) routing), read as n
+    # blocks of rows there, as learned from the model run on one sample
+    in_blocks: frozenset = frozenset()
     # Generic rule: the tensor (or None) attributes of the module and the modules inside it (a recurrent state kept on
     # the module) as they were before the call ({module: {name: value, or ABSENT where the call added it}}); the rule
     # runs the module again with them.

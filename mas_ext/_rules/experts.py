@@ -10,6 +10,8 @@ Llama 4's ``*Experts`` store the projections transposed, ``gate_up_proj`` (E, D,
 and run every expert on every token: the call's (E·N, D) rows are expert e's N tokens (scaled by their routing
 score) in block e, each block the batch's tokens, sample-major. Sample k's rows of expert e are then block (e, k) of
 the input viewed (E, n, T, D), for the reference path (per-sample einsums) and the fused one alike."""
+import inspect
+
 import torch
 import torch.nn as nn
 
@@ -121,8 +123,14 @@ def experts_fused(module, call, bufs, per_sample):
 
 
 def is_dense_experts(module):
-    """A class named ``*Experts`` with exactly ``gate_up_proj`` (E, D, 2I) and ``down_proj`` (E, I, D) and an
-    ``act_fn`` (Llama 4's): every expert on every token, as above; its formula is checked once per class."""
+    """A class named ``*Experts`` with exactly ``gate_up_proj`` (E, D, 2I) and ``down_proj`` (E, I, D), an ``act_fn``
+    and a forward of one input (Llama 4's; Aria's routed experts take their routing too): every expert on every token,
+    as above; its formula is checked once per class."""
+    try:
+        if len(inspect.signature(type(module).forward).parameters) != 2:
+            return False
+    except (TypeError, ValueError):
+        return False
     params = dict(module.named_parameters())
     gu, down = params.get("gate_up_proj"), params.get("down_proj")
     return (type(module).__name__.endswith("Experts") and set(params) == {"gate_up_proj", "down_proj"}

@@ -205,6 +205,10 @@ def generic_grads(module, call, s, e, names=None):
         at = next(i for i, t in enumerate(flat_in) if t is mask)
         flat_in[at], in_dims[at] = mask.view(n, -1, *mask.shape[1:]), 0
         merged.add(at)
+    for at in call.in_blocks - merged:
+        t = flat_in[at]
+        flat_in[at], in_dims[at] = t.view(n, -1, *t.shape[1:]), 0
+        merged.add(at)
 
     def merge(xs):
         return [x.flatten(0, 1) if i in merged else x for i, x in enumerate(xs)]
