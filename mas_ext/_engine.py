@@ -453,6 +453,7 @@ class _Pass:
         self.expanded = []  # units whose batch-size-1 input (and outputs) were expanded to n
         self.tentative = []  # units whose n·m-row input was read as n blocks of rows, not yet confirmed
         self.row_samples = {}  # the autograd node of each gathered call's tapped output -> its rows' samples
+        self.taken = {}  # the rows the gathers took, by the tensor they took them out of (_gathered.row_samples)
         # the calls of hosts (Engine._hosts): [module, the sequence numbers where it started and ended (None until
         # then)], in the order they started
         self.host_spans = []
@@ -657,6 +658,7 @@ class Engine:
         self.pad_by_sample = False  # set once padding showed in a layout that cannot be told: padded batches by sample
         self.by_sample = False  # set once a batch showed rows that are no sample's own: one-sample passes from then
         self.visual_said = False  # the warning for batches whose samples have different numbers of visual patches
+        self.uneven_said = False  # the warning for batches whose routing took some tokens more often than others
         # learn_dims: {unit: [(input shapes, output shapes) of each call]} in a run of one sample alone (False where the
         # model failed so: batch dims are read from shapes then), and {unit: [(in_dims, out_dims, rows) of each call]}
         self.one, self.dims = None, {}
@@ -918,6 +920,18 @@ class Engine:
                 break
             for u in repeats:
                 u.repeats = True
+        if state.taken and _gathered.uneven(state.taken, mask):
+            # routing that dropped tokens in this batch (capacity counted over its tokens): each sample's own,
+            # alone, is not the batch's to be read in it
+            if not self.uneven_said:
+                self.uneven_said = True
+                warnings.warn(f"batch {where}: experts on the tokens routed to them took some tokens more often than "
+                              "others (routing that drops tokens, by a capacity counted over the batch's tokens, may "
+                              "depend on the other samples): such batches run one sample at a time, which is exact "
+                              "and slower", stacklevel=4)
+            for b in bufs.values():
+                b.zero_()
+            return self._run_sample_by_sample(args, kwargs, n, bufs, where)
         sharing, signature, params = [], None, []
         if state.shared is not None or state.params_used:
             # the uses of the shared outputs and of the parameters read as shared tensors, and the batch's padding:
@@ -1761,7 +1775,7 @@ class Engine:
             others = torch.utils._pytree.tree_flatten((args[1:], kwargs))[0]
             if any(torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == rows for t in others):
                 return None
-        samples = _gathered.row_samples(args[0], state.n, state.row_samples)
+        samples = _gathered.row_samples(args[0], state.n, state.row_samples, state.taken)
         if samples is None:
             return None
         unit.gathers = True

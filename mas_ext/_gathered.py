@@ -67,8 +67,18 @@ def _transposed(node, budget):
     return False
 
 
-def _index_samples(node, n, budget):
-    """The sample of each row an index node took, or None where it is not rows out of the batch's rows."""
+def _source(node):
+    """The node of the tensor an index node took rows out of, through dims of 1 put in (each ``x[None, idx]`` puts
+    in its own): the same for every gather out of one tensor."""
+    node = node.next_functions[0][0]
+    while type(node).__name__ in _UNIT_DIMS:
+        node = node.next_functions[0][0]
+    return node
+
+
+def _index_samples(node, n, budget, taken=None):
+    """The sample of each row an index node took, or None where it is not rows out of the batch's rows; ``taken``
+    (a dict) gets the rows taken, by the tensor they were taken out of: {source node: (its rows, [positions])}."""
     name = type(node).__name__
     sizes = list(node._saved_self_sym_sizes)
     if name == "IndexSelectBackward0":
@@ -92,12 +102,15 @@ def _index_samples(node, n, budget):
         return None
     if rows % n:
         return None
+    if taken is not None:
+        taken.setdefault(_source(node), (rows, []))[1].append(positions)
     return torch.div(positions, rows // n, rounding_mode="floor")
 
 
-def row_samples(x, n, known):
+def row_samples(x, n, known, taken=None):
     """The sample (0…n-1) of each of the P rows of ``x`` (P, …), where the graph shows them gathered from the batch's
-    rows (see the module's docstring); ``known`` maps the nodes of earlier such calls' outputs to their rows' samples.
+    rows (see the module's docstring); ``known`` maps the nodes of earlier such calls' outputs to their rows' samples;
+    ``taken`` gets the positions an index took (:func:`_index_samples`, :func:`uneven`).
     None where it does not show it."""
     budget = [_NODES]
 
@@ -114,7 +127,7 @@ def row_samples(x, n, known):
             return got, False
         name = type(node).__name__
         if name in ("IndexBackward0", "IndexSelectBackward0"):
-            return _index_samples(node, n, budget[0]), False
+            return _index_samples(node, n, budget[0], taken), False
         if name == "AccumulateGrad":
             return _NONE, False
         if name not in _ROW_WISE and name not in _VIEWS and name not in _UNIT_DIMS:
@@ -137,6 +150,23 @@ def row_samples(x, n, known):
         return None
     got, _ = walk(x.grad_fn)
     return got if torch.is_tensor(got) and len(got) == x.shape[0] else None
+
+
+def uneven(taken, mask=None):
+    """Whether the tokens of a tensor that several gathers took rows out of (the experts of one MoE layer) were taken
+    unevenly in this batch: some more often than others (of the positions ``mask`` marks, where it has as many).
+    Routing that drops tokens (an expert's capacity counted over the batch's tokens, experts that choose their
+    tokens) does so; then a sample's routing may depend on the others', which a check of the first batch of each size
+    cannot see, and such a batch runs one sample at a time."""
+    for rows, positions in taken.values():
+        if len(positions) < 2:
+            continue
+        counts = torch.bincount(torch.cat(positions), minlength=rows)
+        if mask is not None and mask.numel() == rows:
+            counts = counts[mask.reshape(-1).bool()]
+        if counts.numel() and bool(counts.min() != counts.max()):
+            return True
+    return False
 
 
 class Packing:
