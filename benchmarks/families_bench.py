@@ -4,7 +4,8 @@ MPNet's bias, Swin's window bias, DeBERTa-v3's projected relative embeddings), w
 before 2026-12-05; on ALBERT, whose layers, shared across depth, run several times per pass; and on models with
 parameters of their own beside layers (ConvNeXt's and BEiT's layer scales, CLIP's logit_scale, wav2vec2's masked
 embedding), whose layers took the generic rule with them until 2026-12-05 (see the README); on Mask2Former,
-Wav2Vec2-BERT, LFM2 and Gemma3n, which ran one sample at a time until the evening of 2026-12-05.
+Wav2Vec2-BERT, LFM2 and Gemma3n, which ran one sample at a time until the evening of 2026-12-05; on the MoE layouts
+of Llama 4, Switch Transformers and DBRX, which did until the night of 2026-12-05.
 
 Random weights from configs (hidden 256, 8 × 128 tokens; images: 8 of 64 × 64, ConvNeXt 128 × 128; audio: 8 × 1 s
 at 16 kHz), eval mode, paired timings
@@ -104,6 +105,20 @@ def _models():
             sliding_window=64, num_kv_shared_layers=0, activation_sparsity_pattern=[0.0] * 4, laurel_rank=16,
             max_position_embeddings=256)), "tokens",
             "none (AltUp's parameters read by the decoder layers, which own them)"),
+        "llama4": (lambda: tf.Llama4ForCausalLM(tf.Llama4TextConfig(
+            vocab_size=V, hidden_size=256, intermediate_size=512, intermediate_size_mlp=1024, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=4, head_dim=64, num_local_experts=8, num_experts_per_tok=1,
+            interleave_moe_layer_step=1, max_position_embeddings=256, attention_chunk_size=64)), "tokens",
+            "none (its experts run on every token: (E·n·T, D) rows, a block per expert and sample)"),
+        "switch": (lambda: tf.SwitchTransformersForConditionalGeneration(tf.SwitchTransformersConfig(
+            vocab_size=V, d_model=256, d_kv=64, d_ff=1024, num_layers=4, num_decoder_layers=4, num_heads=4,
+            num_experts=8, expert_capacity=128, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2)),
+            "seq2seq", "none (experts of a list on the tokens routed to them: rows told by the graph)"),
+        "dbrx": (lambda: tf.DbrxForCausalLM(tf.DbrxConfig(
+            vocab_size=V, d_model=256, n_heads=4, n_layers=4, max_seq_len=256,
+            attn_config=dict(kv_n_heads=4, rope_theta=10000.0, clip_qkv=8.0),
+            ffn_config=dict(ffn_hidden_size=512, moe_num_experts=8, moe_top_k=2))), "tokens",
+            "none (its experts' module on (n, T, D) tokens beside their (n·T, k) routing)"),
     }
 
 

@@ -1080,8 +1080,16 @@ class Engine:
                 want, got = check.get(g), bufs.get(g)
                 want = want if want is not None else torch.zeros_like(self.params[g], dtype=torch.float32)
                 got = got if got is not None else torch.zeros_like(want)
-                tol = (1e-4 if self.params[g].element_size() >= 4 else 1e-2 if u in sharing or u in params
-                       else 3e-2)
+                # float32: the uses of a shared output are summed in another order than a sample's alone, 2e-4 off
+                # (Switch Transformers' relative-position bias at hidden 256, 8 layers; exact in float64)
+                told = u in sharing or u in params
+                tol = (1e-3 if told else 1e-4) if self.params[g].element_size() >= 4 else 1e-2 if told else 3e-2
+                if u.gathers:
+                    # rows gathered by routing (experts of a list): an expert's Σ over its tokens of one sample may
+                    # cancel, and float32's rounding differs between the batch and a sample alone by 1e-3 there
+                    # (Switch at hidden 256; exact in float64); what the check is for, rows given to another sample,
+                    # moves its Ω far more
+                    tol = max(tol, 1e-2)
                 if (float((got - want).norm()) > tol * float(want.norm()) + 1e-30
                         and max(float(got.norm()), float(want.norm())) > floor):
                     wrong.append(u)
