@@ -219,6 +219,12 @@ def _visual_patches_differ(kwargs, n):
                for _, _, _, counts, patches in _visual_layout(kwargs, n))
 
 
+def _alike_blocks(t, n):
+    """Whether a tensor's n blocks of rows in dim 0 are all the same."""
+    v = t.reshape(n, -1)
+    return bool((v == v[:1]).all())
+
+
 def _alike(args, kwargs, n):
     """Whether the batch's samples are all the same: every tensor of its call with n rows in dim 0 has them equal
     (a run of them one at a time then cannot tell whose rows a layer read)."""
@@ -447,12 +453,15 @@ class _Pass:
         # with padding, the counts of the batch's (n, T) positions flattened: the inputs' and, where the decoder of an
         # encoder-decoder model has its own, the decoder's (NLLB-MoE's decoder routers on (n·T', D) tokens)
         self.positions = positions
+        # and the counts of the tokens that the masks (the inputs', the decoder's) mark: packed tokens make those
+        self.packed = {int(m.sum()) for m in (mask, out_mask) if m is not None and m.numel()}
         self.calls = {}  # unit -> number of calls in this forward
         self.busy = False  # a rule is running: its own module calls (torch.func) are not recorded
         self.mixed = []  # (unit, why) of calls whose rows are no sample's own (per_sample, n > 1)
         self.expanded = []  # units whose batch-size-1 input (and outputs) were expanded to n
         self.tentative = []  # units whose n·m-row input was read as n blocks of rows, not yet confirmed
         self.row_samples = {}  # the autograd node of each gathered call's tapped output -> its rows' samples
+        self.alike_blocks = set()  # units whose rows read as n blocks (Call.in_blocks) were alike in every block
         self.taken = {}  # the rows the gathers took, by the tensor they took them out of (_gathered.row_samples)
         # the calls of hosts (Engine._hosts): [module, the sequence numbers where it started and ended (None until
         # then)], in the order they started
@@ -927,8 +936,9 @@ class Engine:
                 self.uneven_said = True
                 warnings.warn(f"batch {where}: experts on the tokens routed to them took some tokens more often than "
                               "others (routing that drops tokens, by a capacity counted over the batch's tokens, may "
-                              "depend on the other samples): such batches run one sample at a time, which is exact "
-                              "and slower", stacklevel=4)
+                              "depend on the other samples; so may routing that gives tokens other numbers of "
+                              "experts): such batches run one sample at a time, which is exact and slower",
+                              stacklevel=4)
             for b in bufs.values():
                 b.zero_()
             return self._run_sample_by_sample(args, kwargs, n, bufs, where)
@@ -950,7 +960,7 @@ class Engine:
                    else None)
         if state.tentative or sharing or padding or params:
             self._confirm_blocks(args, kwargs, n, bufs, where, list(dict.fromkeys(state.tentative)),
-                                 set(state.expanded), signature, sharing, padding, params)
+                                 set(state.expanded), signature, sharing, padding, params, state.alike_blocks)
 
     def learn_dims(self, args, kwargs, n, where):
         """Runs the batch's first sample alone (without gradients) and keeps the shapes of each unit's calls there:
@@ -1050,7 +1060,7 @@ class Engine:
         self._run_sample_by_sample(args, kwargs, n, bufs, where)
 
     def _confirm_blocks(self, args, kwargs, n, bufs, where, units, expanded=(), signature=None, sharing=(),
-                        padding=None, params=()):
+                        padding=None, params=(), alike=()):
         """The first batch that reads a unit's n·m-row input as n blocks of rows, or expands its batch-size-1 input to
         the batch's n (``units``, ``expanded`` among them), or tells each sample's gradient at the outputs of
         ``sharing``, which all samples share, by their uses (the first batch with that ``signature``), or is the first
@@ -1094,7 +1104,7 @@ class Engine:
                         and max(float(got.norm()), float(want.norm())) > floor):
                     wrong.append(u)
                     break
-            if (vacuous and u not in wrong) or (padding and u in wrong):
+            if ((vacuous or u in alike) and u not in wrong) or (padding and u in wrong):
                 # padded: what differs may be the padding (a conv over the padded positions), not the reading of
                 # the rows, which a batch without padding settles
                 continue
@@ -1647,7 +1657,8 @@ class Engine:
             # patches (merged or not) of a batch whose samples have as many: tokens packed by the mask are not)
             if (blocks and unit.blocks is not False and mixed and mixed[0] % state.n == 0
                     and (state.mask is None or mixed[0] in {p * unit.rule.blocks(module) for p in state.positions}
-                         or (any(mixed[0] % p == 0 for p in state.positions) and mixed[0] % int(state.mask.sum()))
+                         or (any(mixed[0] % p == 0 for p in state.positions)
+                             and all(mixed[0] % c for c in state.packed))
                          or (mixed[0] != int(state.mask.sum()) and any(p % mixed[0] == 0 for p in state.patches)))
                     and _batch_dim(module) == 0 and unit.rule.blocks(module)
                     and (rows is not None or unit.rule.grads is not _rules.generic_grads)):
@@ -1693,6 +1704,11 @@ class Engine:
             in_blocks = frozenset(i for i, (d, r) in enumerate(zip(in_dims, rows[0])) if r and d is None)
             if unit.blocks is None or state.n not in unit.blocks:
                 state.tentative.append(unit)
+                flat_in = torch.utils._pytree.tree_flatten((args, kwargs))[0]
+                if all(_alike_blocks(flat_in[i], state.n) for i in in_blocks):
+                    # blocks all alike agree with any reading of their rows (a head-major (heads·n, T, T) mask of a
+                    # batch without padding): a later batch confirms it
+                    state.alike_blocks.add(unit)
         elif (mixed is None and self.mode == "global" and self.per_sample and state.n > 1
               and unit.rule.grads is _rules.generic_grads and out_dims is not None and pos
               and all(out_dims[i] is None for i in pos) and any(flat[i].requires_grad for i in pos)):

@@ -68,10 +68,11 @@ def _transposed(node, budget):
 
 
 def _source(node):
-    """The node of the tensor an index node took rows out of, through dims of 1 put in (each ``x[None, idx]`` puts
-    in its own): the same for every gather out of one tensor."""
+    """The node of the tensor an index node took rows out of, through views and dims of 1 put in (each
+    ``x[None, idx]``, each expert's own ``h.reshape(-1, D)[idx]`` makes its own): the same for every gather out of one
+    tensor."""
     node = node.next_functions[0][0]
-    while type(node).__name__ in _UNIT_DIMS:
+    while type(node).__name__ in _UNIT_DIMS or type(node).__name__ in _VIEWS:
         node = node.next_functions[0][0]
     return node
 

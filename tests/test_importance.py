@@ -979,6 +979,42 @@ def test_rmsnorm_classes_whose_rows_do_not_tell_their_formula(cls):
     assert not {rules.base.settings_key(m) for m in (model.first, model.scaled)} & rules.base._VERIFIED
 
 
+class UnpackingRMSNorm(nn.Module):
+    """A Llama-style RMSNorm whose forward unpacks a 3-dim input (``b, t, d = x.shape``)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight, self.variance_epsilon = nn.Parameter(1 + 0.1 * torch.randn(d)), 1e-6
+
+    def forward(self, x):
+        b, t, d = x.shape
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+def test_rmsnorm_check_in_bfloat16_and_on_the_calls_dims():
+    """The check's random rows run through the module in float32 with the call's number of dims: MuseSpark's norm
+    at D = 4096 in bfloat16 passed it (its gradient 1/√D off, within bfloat16's rounding: 10% off), and a class
+    whose forward unpacks a 3-dim input crashed the pass on the check's 2-dim rows."""
+    rules = mas_ext._rules.base
+    torch.manual_seed(0)
+    big = nn.Sequential(nn.Linear(4, 4096), ScaleThenNormRMSNorm(4096), nn.Linear(4096, 3)).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        big[1].weight.normal_(0, 0.05)
+    plain = nn.Sequential(nn.Linear(4, 6), UnpackingRMSNorm(6), nn.Linear(6, 3)).eval()
+    for said in (rules._VERIFIED, rules._WARNED):
+        said.difference_update([k for k in said if isinstance(k, tuple) and k[0] in (ScaleThenNormRMSNorm,
+                                                                                      UnpackingRMSNorm)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mas_ext.FusedMAS(big, show_progress=False).accumulate([torch.randn(3, 5, 4, dtype=torch.bfloat16)])
+        x = torch.randn(5, 7, 4)
+        mas = mas_ext.FusedMAS(plain, show_progress=False).accumulate([x])
+    said = [str(w.message).split()[0] for w in caught if "does not compute" in str(w.message)]
+    assert said == ["ScaleThenNormRMSNorm"], said
+    assert rules.settings_key(plain[1]) in rules._VERIFIED
+    assert_close(mas.task_importance, oracle(plain, x), tol=1e-5)
+
+
 @pytest.mark.parametrize("kernel", ["default", "avx2", "generic"])
 def test_cpu_kernels_against_per_sample_sums(kernel):
     """Each CPU path of the ops, forced by MAS_EXT_CPU_KERNEL in a fresh process (the choice is made once per

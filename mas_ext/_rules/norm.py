@@ -44,7 +44,8 @@ def _hf_rmsnorm_matches(module, call):
     again: a call's rows may not tell (Qwen4Exp's grouped norm on a hidden state repeated once per group, MuseSpark's
     rms((1 + w)·x), equal to (1 + w)·x̂ at its init w = 0 but not in its gradient: both 0.1-13% off until
     2026-12-05)."""
-    return matches_formula(module, call, lambda x, y: _rms_formula_holds(module, x, y), key=settings_key(module))
+    ndim = call.args[0].dim() if call.args and torch.is_tensor(call.args[0]) else 2
+    return matches_formula(module, call, lambda x, y: _rms_formula_holds(module, x, y, ndim), key=settings_key(module))
 
 
 def hf_rmsnorm_unverified(module):
@@ -52,7 +53,7 @@ def hf_rmsnorm_unverified(module):
     return settings_key(module) not in _VERIFIED
 
 
-def _rms_formula_holds(module, x, y):
+def _rms_formula_holds(module, x, y, ndim=2):
     w = module.weight.detach().float()
 
     def holds(x, y, tol):
@@ -61,20 +62,25 @@ def _rms_formula_holds(module, x, y):
 
     if not holds(x, y, 2e-2):  # bfloat16 outputs round to 3 digits
         return False
-    # random rows of the call's scale, and ∂⟨module(rows), u⟩/∂weight against Σ u·x̂ for a random u
+    # random rows of the call's scale, and ∂⟨module(rows), u⟩/∂weight against Σ u·x̂ for a random u: the module's
+    # forward run again in float32 (in bfloat16 a gradient 1/√D off, MuseSpark's at D = 8192, is within its rounding),
+    # without its hooks
     gen = torch.Generator().manual_seed(0)
     rows = torch.randn((4, x.shape[-1]), generator=gen).to(x.device) * x.pow(2).mean().sqrt().clamp_min(1e-3)
     u = torch.randn(rows.shape, generator=gen).to(x.device)
-    weight = module.weight.detach().clone().requires_grad_(True)
-    tol = 2e-2 if weight.element_size() < 4 else 1e-3
+    held = module._parameters["weight"]
+    weight = held.detach().float().clone().requires_grad_(True)
     try:
+        module._parameters["weight"] = weight
         with torch.enable_grad():
-            out = torch.func.functional_call(module, {"weight": weight}, (rows.to(weight.dtype),))
+            out = module.forward(rows.reshape(*(1,) * max(0, ndim - 2), *rows.shape))  # as many dims as the call's
             got, = torch.autograd.grad(out, weight, u.to(out.dtype).reshape(out.shape))
-    except (RuntimeError, TypeError):  # a forward of another signature or layout
+    except Exception:  # noqa: BLE001 - a forward of another signature or layout (b, t, d = x.shape): not the formula
         return False
-    return holds(rows, out.detach().float(), tol) and close_to(
-        (u * _rms(rows, _hf_eps(module))).sum(0), got.float(), tol)
+    finally:
+        module._parameters["weight"] = held
+    return holds(rows, out.detach().float(), 1e-3) and close_to(
+        (u * _rms(rows, _hf_eps(module))).sum(0), got.float(), 1e-3)
 
 
 def _rmsnorm_eps(module, dtype):
