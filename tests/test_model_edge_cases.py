@@ -1977,14 +1977,9 @@ class SwappedDenseExperts(ToyDenseExperts):
         super().__init__(swap=True)
 
 
-class ToyDenseMoE(nn.Module):
+class ToyDenseMoE(ToyMoE):
     """Llama 4's MoE: the tokens repeated once per expert, each copy scaled by the expert's routing score (top-2 of
     a sigmoid), the experts' outputs summed back."""
-
-    def __init__(self, experts):
-        super().__init__()
-        self.inp, self.router, self.experts, self.out = nn.Linear(5, 6), nn.Linear(6, 4, bias=False), experts, \
-            nn.Linear(6, 3)
 
     def forward(self, x):
         h = torch.tanh(self.inp(x))
