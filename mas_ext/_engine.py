@@ -463,6 +463,7 @@ class _Pass:
         self.row_samples = {}  # the autograd node of each gathered call's tapped output -> its rows' samples
         self.alike_blocks = set()  # units whose rows read as n blocks (Call.in_blocks) were alike in every block
         self.taken = {}  # the rows the gathers took, by the tensor they took them out of (_gathered.row_samples)
+        self.gathered_rows = {}  # unit -> the rows its gathered calls took in this batch
         # the calls of hosts (Engine._hosts): [module, the sequence numbers where it started and ended (None until
         # then)], in the order they started
         self.host_spans = []
@@ -668,6 +669,7 @@ class Engine:
         self.by_sample = False  # set once a batch showed rows that are no sample's own: one-sample passes from then
         self.visual_said = False  # the warning for batches whose samples have different numbers of visual patches
         self.uneven_said = False  # the warning for batches whose routing took some tokens more often than others
+        self.alone_rows = None  # while a batch's check runs its samples alone: {unit: the rows its gathers took}
         # learn_dims: {unit: [(input shapes, output shapes) of each call]} in a run of one sample alone (False where the
         # model failed so: batch dims are read from shapes then), and {unit: [(in_dims, out_dims, rows) of each call]}
         self.one, self.dims = None, {}
@@ -960,7 +962,8 @@ class Engine:
                    else None)
         if state.tentative or sharing or padding or params:
             self._confirm_blocks(args, kwargs, n, bufs, where, list(dict.fromkeys(state.tentative)),
-                                 set(state.expanded), signature, sharing, padding, params, state.alike_blocks)
+                                 set(state.expanded), signature, sharing, padding, params, state.alike_blocks,
+                                 state.gathered_rows if mask is None and out_mask is None else None)
 
     def learn_dims(self, args, kwargs, n, where):
         """Runs the batch's first sample alone (without gradients) and keeps the shapes of each unit's calls there:
@@ -1060,7 +1063,7 @@ class Engine:
         self._run_sample_by_sample(args, kwargs, n, bufs, where)
 
     def _confirm_blocks(self, args, kwargs, n, bufs, where, units, expanded=(), signature=None, sharing=(),
-                        padding=None, params=(), alike=()):
+                        padding=None, params=(), alike=(), gathered=None):
         """The first batch that reads a unit's n·m-row input as n blocks of rows, or expands its batch-size-1 input to
         the batch's n (``units``, ``expanded`` among them), or tells each sample's gradient at the outputs of
         ``sharing``, which all samples share, by their uses (the first batch with that ``signature``), or is the first
@@ -1078,15 +1081,24 @@ class Engine:
         it is laid on the padding (padded batches one sample at a time), and a batch without padding settles the
         blocks, expansions and uses that disagreed."""
         check = ZeroBuffers(self.params)
-        self._run_sample_by_sample(args, kwargs, n, check, where)
+        self.alone_rows = {}
+        try:
+            self._run_sample_by_sample(args, kwargs, n, check, where)
+            alone, self.alone_rows = self.alone_rows, None
+        finally:
+            self.alone_rows = None
+        # experts of a list that took other tokens in the batch than in its samples alone: routing that depends on
+        # the batch (a capacity counted over the batch's tokens, which a sample alone fills otherwise); ``gathered``
+        # only for a batch without padding (a sample alone has no padding to route)
+        rerouted = {u for u, rows in (gathered or {}).items() if u in units and alone.get(u, 0) != rows}
         # samples all alike agree with any reading of their rows: a later batch confirms it
         vacuous = _alike(args, kwargs, n)
         # an Ω that is zero in exact arithmetic (Mixtral's router at top-1: its normalised weight is 1) is rounding
         # on both sides: below 1e-6 of the batch's largest Ω there is nothing to tell
         floor = 1e-6 * max((float(b.norm()) for b in check.values()), default=0.0)
-        wrong = []
+        wrong = list(rerouted)
         for u in dict.fromkeys([*units, *sharing, *params, *(self.units if padding else ())]):
-            for g in u.names.values():
+            for g in u.names.values() if u not in rerouted else ():
                 want, got = check.get(g), bufs.get(g)
                 want = want if want is not None else torch.zeros_like(self.params[g], dtype=torch.float32)
                 got = got if got is not None else torch.zeros_like(want)
@@ -1132,7 +1144,9 @@ class Engine:
             # its generic rule over the whole (a later batch confirms that in turn)
             self._own_all({u.guards[-1].module for u in rest})
         elif rest:
-            what = ("is called on an input of batch size 1 whose rows, expanded to the batch's, are not each sample's "
+            what = ("takes other tokens in the batch than in its samples alone (routing that depends on the batch: a "
+                    "capacity counted over its tokens)" if rest[0] in rerouted else
+                    "is called on an input of batch size 1 whose rows, expanded to the batch's, are not each sample's "
                     "own" if rest[0] in expanded else f"is called on an input whose rows are not {n} blocks of one "
                     "sample each" if rest[0] in units else "has its weight read outside it (it did not run), and the "
                     "uses of that read gave another Ω than the samples run alone"
@@ -1535,6 +1549,8 @@ class Engine:
         if state is None or state.busy or state.backward:
             return None
         state.calls[unit] = state.calls.get(unit, 0) + 1
+        if self.alone_rows is not None and unit.gathers and args and torch.is_tensor(args[0]) and args[0].dim():
+            self.alone_rows[unit] = self.alone_rows.get(unit, 0) + args[0].shape[0]
         span = state.last if state.last is not None and state.last.unit is unit else None  # this call's (_ended)
         if self.mode == "global" and (any(state.started.get(w) for w in unit.within) or (
                 state.started.get(unit) and unit.rule.grads is _rules.generic_grads)):
@@ -1698,7 +1714,8 @@ class Engine:
                 state.tentative.append(unit)
         elif (mixed is None and self.per_sample and state.n > 1 and unit.rule.grads is _rules.generic_grads
               and in_dims is not None and unit.blocks is not False and any(d is not None for d in in_dims)
-              and any(r and d is None for d, r in zip(in_dims, rows[0]))):
+              and any(r and d is None for d, r in zip(in_dims, rows[0]))
+              and not isinstance(module, torch.nn.MultiheadAttention)):  # its (n·heads, L, S) mask: _head_blocks
             # inputs with the batch in a dim beside inputs of its rows flattened (DBRX's experts: (n, T, D) tokens,
             # their (n·T, k) routing): those read as n blocks of rows, confirmed once as blocks are
             in_blocks = frozenset(i for i, (d, r) in enumerate(zip(in_dims, rows[0])) if r and d is None)
@@ -1803,6 +1820,7 @@ class Engine:
         if samples is None:
             return None
         unit.gathers = True
+        state.gathered_rows[unit] = state.gathered_rows.get(unit, 0) + rows
         return _gathered.Packing(samples, state.n)
 
     def _tap(self, anchor, sink, in_place, outs, layout=False):

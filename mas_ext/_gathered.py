@@ -79,7 +79,8 @@ def _source(node):
 
 def _index_samples(node, n, budget, taken=None):
     """The sample of each row an index node took, or None where it is not rows out of the batch's rows; ``taken``
-    (a dict) gets the rows taken, by the tensor they were taken out of: {source node: (its rows, [positions])}."""
+    (a dict) gets the rows taken, by the tensor they were taken out of: {(source node, its rows): (its rows,
+    [positions])} (views of one tensor with rows of another size, sub-tokens of its tokens, are apart)."""
     name = type(node).__name__
     sizes = list(node._saved_self_sym_sizes)
     if name == "IndexSelectBackward0":
@@ -104,7 +105,7 @@ def _index_samples(node, n, budget, taken=None):
     if rows % n:
         return None
     if taken is not None:
-        taken.setdefault(_source(node), (rows, []))[1].append(positions)
+        taken.setdefault((_source(node), rows), (rows, []))[1].append(positions)  # one tensor's rows, so counted
     return torch.div(positions, rows // n, rounding_mode="floor")
 
 
