@@ -1002,3 +1002,38 @@ def test_moe_families_whose_experts_take_their_own_layout(name, side):
             got = cls(model, show_progress=False).accumulate(batches).task_importance
         assert not [w for w in caught if "one sample at a time" in str(w.message)], [str(w.message) for w in caught]
         assert_close(got, want)
+
+
+def _norm_families():
+    """Families whose RMSNorm classes a call's rows do not tell from the rule's formula: (make, output_fn)."""
+    return {
+        # an input-scaled norm, rms((1 + w)·x), its weight 0 at init
+        "muse-spark": (lambda: transformers.MuseSparkTextModel(transformers.MuseSparkTextConfig(
+            vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=4, moe_intermediate_size=32,
+            num_local_experts=4, num_experts_per_tok=2, moe_hidden_size=32)), lambda o: o.last_hidden_state),
+        # grouped hyper-connection norms beside ungrouped ones of the same class, on a state repeated per group
+        "qwen4-exp": (lambda: transformers.Qwen4ExpForCausalLM(transformers.Qwen4ExpTextConfig(
+            vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, max_position_embeddings=64, linear_key_head_dim=8, linear_value_head_dim=8,
+            linear_num_key_heads=2, linear_num_value_heads=4, moe_intermediate_size=32,
+            shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+            layer_types=["linear_attention", "indexed_attention"], indexer_n_heads=2, indexer_kv_heads=1,
+            indexer_head_dim=8, indexer_budget=4, indexer_compress_ratio=2, ngram_vocab_size_base=100,
+            make_ngram_vocab_size_divisible_by=4, split_ngram_parts=2, heads_per_ngram=2, ple_embed_dim=32,
+            hc_lowrank=8, pad_token_id=0)), lambda o: o.logits),
+    }
+
+
+@pytest.mark.parametrize("name", list(_norm_families()))
+def test_rmsnorm_classes_a_calls_rows_do_not_tell(name):
+    """MuseSpark's input-scaled norm (5-13% off) and Qwen4Exp's grouped hyper-connection norms (0.1-0.4% off) were
+    taken by the Hugging Face RMSNorm rule, without a warning: the check of a call's row passed. Both classes exact
+    now against a float32 loop (their experts' grouped_mm has no float64), both classes of MAS."""
+    make, pick = _norm_families()[name]
+    model = perturbed(make)
+    x = torch.randint(1, V, (5, 8))
+    want = oracle(model, x, lambda m, ids: pick(m(input_ids=ids[None])), torch.float32)
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        got = cls(model, output_fn=pick, show_progress=False).accumulate([x[:3], x[3:]]).task_importance
+        assert_close(got, want, tol=1e-4)
