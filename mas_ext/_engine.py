@@ -219,6 +219,15 @@ def _visual_patches_differ(kwargs, n):
                for _, _, _, counts, patches in _visual_layout(kwargs, n))
 
 
+def _rows_beside_batch(in_dims, rows):
+    """The flattened inputs that hold the batch's rows flattened in dim 0 (as learned from the sample run alone)
+    beside inputs with a batch dim (DBRX's experts: their (n·T, k) routing beside the (n, T, D) tokens); empty where
+    the call has none such, or nothing was learned."""
+    if in_dims is None or not any(d is not None for d in in_dims):
+        return frozenset()
+    return frozenset(i for i, (d, r) in enumerate(zip(in_dims, rows[0])) if r and d is None)
+
+
 def _alike_blocks(t, n):
     """Whether a tensor's n blocks of rows in dim 0 are all the same."""
     v = t.reshape(n, -1)
@@ -1084,9 +1093,8 @@ class Engine:
         self.alone_rows = {}
         try:
             self._run_sample_by_sample(args, kwargs, n, check, where)
-            alone, self.alone_rows = self.alone_rows, None
         finally:
-            self.alone_rows = None
+            alone, self.alone_rows = self.alone_rows, None
         # experts of a list that took other tokens in the batch than in its samples alone: routing that depends on
         # the batch (a capacity counted over the batch's tokens, which a sample alone fills otherwise); ``gathered``
         # only for a batch without padding (a sample alone has no padding to route)
@@ -1661,6 +1669,7 @@ class Engine:
                 state.mixed.append((unit, no_rerun))
                 return None
         block_rows, in_blocks = None, frozenset()
+        beside = _rows_beside_batch(in_dims, rows) if unit.rule.grads is _rules.generic_grads else frozenset()
         if packing is not None:  # n blocks of rows once packed, confirmed as such blocks are
             block_rows = ([t is args[0] for t in torch.utils._pytree.tree_flatten((args, kwargs))[0]], [True])
             if unit.blocks is None or state.n not in unit.blocks:
@@ -1712,13 +1721,11 @@ class Engine:
             state.block_rows.update(flat[i].shape[0] for i in pos if rows[1][i] and out_dims[i] is None)
             if unit.blocks is None or state.n not in unit.blocks:
                 state.tentative.append(unit)
-        elif (mixed is None and self.per_sample and state.n > 1 and unit.rule.grads is _rules.generic_grads
-              and in_dims is not None and unit.blocks is not False and any(d is not None for d in in_dims)
-              and any(r and d is None for d, r in zip(in_dims, rows[0]))
+        elif (mixed is None and self.per_sample and state.n > 1 and beside and unit.blocks is not False
               and not isinstance(module, torch.nn.MultiheadAttention)):  # its (n·heads, L, S) mask: _head_blocks
             # inputs with the batch in a dim beside inputs of its rows flattened (DBRX's experts: (n, T, D) tokens,
             # their (n·T, k) routing): those read as n blocks of rows, confirmed once as blocks are
-            in_blocks = frozenset(i for i, (d, r) in enumerate(zip(in_dims, rows[0])) if r and d is None)
+            in_blocks = beside
             if unit.blocks is None or state.n not in unit.blocks:
                 state.tentative.append(unit)
                 flat_in = torch.utils._pytree.tree_flatten((args, kwargs))[0]
@@ -1737,10 +1744,7 @@ class Engine:
         # per_sample=False: a batch state, rerun whole; so are inputs with the batch in a dim beside inputs of its rows
         # flattened (the sum of the samples' gradients is the whole call's: cut by the batch dims, DBRX's experts'
         # (n, T, D) tokens beside their (n·T, k) routing crashed)
-        whole = mixed is not None or held is not None or (
-            not self.per_sample and state.n > 1 and unit.rule.grads is _rules.generic_grads
-            and in_dims is not None and any(d is not None for d in in_dims)
-            and any(r and d is None for d, r in zip(in_dims, rows[0])))
+        whole = mixed is not None or held is not None or (not self.per_sample and state.n > 1 and bool(beside))
         keep = self.mode == "local" or whole or unit.rule.needs_output(module)
         if self.mode == "local":  # the output itself is the gradient, but at the padded positions
             local = tuple(_mask_positions(flat[i].detach(), state.mask,

@@ -56,11 +56,10 @@ def hf_rmsnorm_unverified(module):
 def _rms_formula_holds(module, x, y, ndim=2):
     w = module.weight.detach().float()
 
-    def holds(x, y, tol):
-        xhat = _rms(x, _hf_eps(module))
+    def holds(xhat, y, tol):
         return close_to(w * xhat, y, tol) or close_to((1 + w) * xhat, y, tol)
 
-    if not holds(x, y, 2e-2):  # bfloat16 outputs round to 3 digits
+    if not holds(_rms(x, _hf_eps(module)), y, 2e-2):  # bfloat16 outputs round to 3 digits
         return False
     # random rows of the call's scale, and ∂⟨module(rows), u⟩/∂weight against Σ u·x̂ for a random u: the module's
     # forward run again in float32 (in bfloat16 a gradient 1/√D off, MuseSpark's at D = 8192, is within its rounding),
@@ -74,13 +73,13 @@ def _rms_formula_holds(module, x, y, ndim=2):
         module._parameters["weight"] = weight
         with torch.enable_grad():
             out = module.forward(rows.reshape(*(1,) * max(0, ndim - 2), *rows.shape))  # as many dims as the call's
-            got, = torch.autograd.grad(out, weight, u.to(out.dtype).reshape(out.shape))
+            got, = torch.autograd.grad(out, weight, u.to(out.dtype).reshape(out.shape))  # as many entries as rows
     except Exception:  # noqa: BLE001 - a forward of another signature or layout (b, t, d = x.shape): not the formula
         return False
     finally:
         module._parameters["weight"] = held
-    return holds(rows, out.detach().float(), 1e-3) and close_to(
-        (u * _rms(rows, _hf_eps(module))).sum(0), got.float(), 1e-3)
+    xhat = _rms(rows, _hf_eps(module))
+    return holds(xhat, out.detach().float().reshape(rows.shape), 1e-3) and close_to((u * xhat).sum(0), got.float(), 1e-3)
 
 
 def _rmsnorm_eps(module, dtype):
