@@ -465,6 +465,7 @@ class _Pass:
         # and the counts of the tokens that the masks (the inputs', the decoder's) mark: packed tokens make those
         self.packed = {int(m.sum()) for m in (mask, out_mask) if m is not None and m.numel()}
         self.calls = {}  # unit -> number of calls in this forward
+        self.nograd = []  # units first seen running with gradients disabled (g-MAS: nothing reaches them)
         self.busy = False  # a rule is running: its own module calls (torch.func) are not recorded
         self.mixed = []  # (unit, why) of calls whose rows are no sample's own (per_sample, n > 1)
         self.expanded = []  # units whose batch-size-1 input (and outputs) were expanded to n
@@ -678,6 +679,7 @@ class Engine:
         self.by_sample = False  # set once a batch showed rows that are no sample's own: one-sample passes from then
         self.visual_said = False  # the warning for batches whose samples have different numbers of visual patches
         self.uneven_said = False  # the warning for batches whose routing took some tokens more often than others
+        self.nograd_said = set()  # units warned of running with gradients disabled in a g-MAS pass (_record)
         self.alone_rows = None  # while a batch's check runs its samples alone: {unit: the rows its gathers took}
         # learn_dims: {unit: [(input shapes, output shapes) of each call]} in a run of one sample alone (False where the
         # model failed so: batch dims are read from shapes then), and {unit: [(in_dims, out_dims, rows) of each call]}
@@ -1212,8 +1214,16 @@ class Engine:
                         # backward's inputs too, through which it runs to their uses
                         at = [(e, k) for e in state.entries if e.site.failed is None for k in e.views
                               if e.views[k].requires_grad]
-                        grads = torch.autograd.grad(loss, [state.anchor] + [self.params[g] for g in outside]
-                                                    + [e.views[k] for e, k in at], allow_unused=True)[1:]
+                        try:
+                            grads = torch.autograd.grad(loss, [state.anchor] + [self.params[g] for g in outside]
+                                                        + [e.views[k] for e, k in at], allow_unused=True)[1:]
+                        except RuntimeError as e:
+                            if "use_reentrant=True" not in str(e):
+                                raise
+                            raise RuntimeError(
+                                "the model runs torch.utils.checkpoint(use_reentrant=True), which the g-MAS pass's "
+                                "torch.autograd.grad cannot run through: pass use_reentrant=False (exact, as fast), "
+                                "or run the pass without checkpointing") from e
                         for (e, k), g in zip(at, grads[len(outside):]):
                             if g is not None:
                                 e.box[k] = g
@@ -1221,6 +1231,14 @@ class Engine:
             else:
                 with torch.no_grad():
                     self._output(self._forward(state, args, kwargs), where, state)
+            if state.nograd:
+                names = ", ".join(f"'{u.name}'" for u in state.nograd[:3])
+                more = f" and {len(state.nograd) - 3} more" if len(state.nograd) > 3 else ""
+                warnings.warn(f"module{'s' if len(state.nograd) > 1 else ''} {names}{more} ran with gradients disabled "
+                              "in the pass (torch.no_grad in the model's forward, or torch.utils.checkpoint("
+                              "use_reentrant=True) on inputs that need no gradient): no gradient of ||f(x)||^2 reaches "
+                              "their parameters through such calls, which add zero to Ω (use_reentrant=False "
+                              "checkpoints exactly)", stacklevel=4)
             with torch.no_grad():  # outside the backward: the rules' arithmetic records no graph into Ω
                 for u in self.units:  # calls whose gradients never arrived contribute zero
                     if u.group.calls:
@@ -1557,6 +1575,9 @@ class Engine:
         if state is None or state.busy or state.backward:
             return None
         state.calls[unit] = state.calls.get(unit, 0) + 1
+        if self.mode == "global" and not torch.is_grad_enabled() and unit not in self.nograd_said:
+            self.nograd_said.add(unit)
+            state.nograd.append(unit)
         if self.alone_rows is not None and unit.gathers and args and torch.is_tensor(args[0]) and args[0].dim():
             self.alone_rows[unit] = self.alone_rows.get(unit, 0) + args[0].shape[0]
         span = state.last if state.last is not None and state.last.unit is unit else None  # this call's (_ended)

@@ -1466,6 +1466,39 @@ def test_what_surrounds_a_layers_call(request, cls, how):
     assert not [w for w in said if "one sample at a time" in str(w.message)] and not mas._engine.by_sample
 
 
+
+class _ReentrantCheckpoint(nn.Module):
+    """Two Linears in a reentrant torch.utils.checkpoint, on the raw input (``first=False``) or after a Linear
+    (``first=True``: the checkpoint's input needs a gradient)."""
+
+    def __init__(self, first):
+        super().__init__()
+        self.first, self.a, self.c, self.b = first, nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+        self.pre = nn.Linear(6, 6) if first else None
+
+    def forward(self, x):
+        x = self.pre(x) if self.first else x
+        return self.b(torch.utils.checkpoint.checkpoint(
+            lambda y: torch.tanh(self.c(torch.tanh(self.a(y)))), x, use_reentrant=True))
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_a_reentrant_checkpoint_is_named(cls):
+    """torch.utils.checkpoint(use_reentrant=True): on an input that needs a gradient, torch.autograd.grad cannot run
+    through it (an error that says what to pass); on one that needs none, its layers run with gradients disabled and
+    no gradient reaches them, as in the user's own training (Ω zero there, a warning naming them; once per module)."""
+    torch.manual_seed(110)
+    x = torch.randn(5, 6)
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        cls(_ReentrantCheckpoint(True).eval(), show_progress=False).accumulate([x])
+    mas = cls(_ReentrantCheckpoint(False).eval(), show_progress=False)
+    with pytest.warns(UserWarning, match=r"modules 'a', 'c' ran with gradients disabled") as said:
+        mas.accumulate([x[:3], x[3:]])
+    assert len([w for w in said if "gradients disabled" in str(w.message)]) == 1
+    assert all(mas.task_importance[k].abs().max() == 0 for k in ("a.weight", "a.bias", "c.weight", "c.bias"))
+    assert mas.task_importance["b.weight"].abs().max() > 0
+
 class _ScalesItsInput(nn.Module):
     def __init__(self):
         super().__init__()
