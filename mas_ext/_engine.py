@@ -687,6 +687,9 @@ class Engine:
         # the shape of the model's output (what _output picks) in that run, and where the output holds the batch,
         # learned from it on the first padded batch (_UNKNOWN until then)
         self.one_out, self.out_dim, self.one_lens = None, _UNKNOWN, set()
+        # whether dim 1 of the model's output holds its positions, where the probe's shapes could not tell (a
+        # classifier's K logits where K was the probed sample's length): a padded sample alone says (_out_positions)
+        self.out_positions = None
         self._pass = None  # the _Pass of the batch now running
         self._probing = False  # learn_dims is running the model
 
@@ -865,11 +868,15 @@ class Engine:
         if n > 1 and self.one is None:
             self.learn_dims(args, kwargs, n, where)
         mask, out_mask = _padding(kwargs, n)
-        decoder = out_mask is not mask  # an encoder-decoder model: its own mask for the decoder's positions
+        # an encoder-decoder model: its own mask for the decoder's positions (which may be the encoder's tensor)
+        decoder = any(kwargs.get(k) is not None for k in _DECODER_INPUTS)
         if n == 1 and (mask is not None or out_mask is not None):  # one sample: as it is alone, without its padding
             args, kwargs = _unpadded(args, kwargs, None if mask is None else mask[0],
                                      None if out_mask is None or not decoder else out_mask[0])
             mask = out_mask = None
+        if (out_mask is not None and self.one and self.out_positions is None and len(self.one_out) > 1
+                and self.one_out[1] in self.one_lens):
+            self._out_positions(args, kwargs, n, mask, out_mask, decoder, where)
         # l-MAS of an encoder-decoder model: the encoder's mask cannot tell the decoder layers' positions
         if (self.pad_by_sample or (decoder and self.mode == "local")) and (mask is not None or out_mask is not None):
             return self._run_sample_by_sample(args, kwargs, n, bufs, where)
@@ -975,6 +982,29 @@ class Engine:
             self._confirm_blocks(args, kwargs, n, bufs, where, list(dict.fromkeys(state.tentative)),
                                  set(state.expanded), signature, sharing, padding, params, state.alike_blocks,
                                  state.gathered_rows if mask is None and out_mask is None else None)
+
+    def _out_positions(self, args, kwargs, n, mask, out_mask, decoder, where):
+        """Sets :attr:`out_positions` from a padded sample run alone without its padding, whose output's dim 1 is
+        then its own length (positions) or the probe's again (K logits of a classifier whose K equalled the probed
+        length: masked as positions, 14-28% off without a warning). Left unknown where no sample's length differs
+        from K or the run fails (the shapes decide then, as before)."""
+        width = self.one_out[1]
+        lengths = out_mask.reshape(n, -1).sum(1).tolist()
+        k = next((k for k, c in enumerate(lengths) if c != width), None)
+        if k is None:
+            return
+        self._probing = True
+        try:
+            with torch.no_grad():
+                one_args, one_kwargs = _unpadded(*_one_sample(args, kwargs, n, k), None if mask is None else mask[k],
+                                                 out_mask[k] if decoder else None)
+                out = self._output(self.entry(*one_args, **one_kwargs), where, check=False)
+        except Exception:  # noqa: BLE001 - the pass itself says what is wrong with the batch
+            return
+        finally:
+            self._probing = False
+        if out.dim() == len(self.one_out):
+            self.out_positions = (True if out.shape[1] == lengths[k] else False if out.shape[1] == width else None)
 
     def learn_dims(self, args, kwargs, n, where):
         """Runs the batch's first sample alone (without gradients) and keeps the shapes of each unit's calls there:
@@ -1444,7 +1474,8 @@ class Engine:
                         if out.dim() == len(self.one_out) else [])
                 self.out_dim = dims[0] if len(dims) == 1 else None
             if (self.one and self.out_dim in (0, None, _UNKNOWN) and out.dim() == len(self.one_out) > 1
-                    and self.one_out[1] not in self.one_lens):
+                    and (self.out_positions is False
+                         or (self.out_positions is None and self.one_out[1] not in self.one_lens))):
                 # (n, K, ...) where the sample's own output had K in dim 1, not its length: no positions (a
                 # classifier's logits; masked where K equalled the padded length, 5% off without a warning)
                 masked = out

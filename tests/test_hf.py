@@ -136,6 +136,31 @@ def test_padding_gives_the_unpadded_importance(name, side, cls):
 
 
 @pytest.mark.parametrize("cls", [mas_ext.ReferenceMAS, mas_ext.FusedMAS], ids=["reference", "fused"])
+@pytest.mark.parametrize("first", ["unpadded", "padded"])
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_a_classifier_whose_labels_are_as_many_as_the_probed_tokens(family, first, cls):
+    """K = 3 labels, the first batch 3 tokens wide: its (n, K) logits looked like (n, T) positions. After an unpadded
+    first batch, a right-padded batch 3 wide had its padded samples' logits masked (14-28% off without a warning);
+    after a padded one, every padded batch ran one sample at a time (a warning blaming the position embeddings). A
+    padded sample run alone once tells: its output's dim 1 is K again, not its own length."""
+    torch.manual_seed(3)
+    config = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                  pad_token_id=0, num_labels=3)
+    model = perturbed(lambda: transformers.BertForSequenceClassification(transformers.BertConfig(
+        max_position_embeddings=64, **config)) if family == "bert" else transformers.LlamaForSequenceClassification(
+        transformers.LlamaConfig(num_key_value_heads=2, **config)), seed=4)
+    short = [torch.randint(1, V, (k,)) for k in ((3, 3) if first == "unpadded" else (3, 2, 1))]
+    longer = [torch.randint(1, V, (k,)) for k in (7, 5, 6)]
+    last = [torch.randint(1, V, (k,)) for k in (1, 3, 2)]
+    batches = [dict(zip(("input_ids", "attention_mask"), padded(b, "right"))) for b in (short, longer, last)]
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        mas = cls(model, show_progress=False).accumulate(batches)
+    assert not [w for w in said if "one sample at a time" in str(w.message)]
+    assert_close(mas.task_importance, oracle(model, short + longer + last, forward=lambda m, x: m(x[None]).logits))
+
+
+@pytest.mark.parametrize("cls", [mas_ext.ReferenceMAS, mas_ext.FusedMAS], ids=["reference", "fused"])
 def test_rotary_positions_that_ignore_the_mask_under_left_padding(cls):
     """RoFormer's rotary positions count the pads of a left-padded sample, and no layer with parameters shows it: Ω
     was that of the padded samples, 16% off the unpadded ones with no warning. The first padded batch of a layout is
