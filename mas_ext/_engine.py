@@ -53,6 +53,19 @@ def _mask_positions(t, mask, dim=None, rows=False):
     padded position stays out."""
     if mask is None:
         return t
+    if mask.dim() > 2:  # (n, C, T): C rows of tokens per sample (multiple choice), n·C rows in the layers
+        flat = mask.reshape(-1, mask.shape[-1])
+        if t.shape[:mask.dim()] == mask.shape:
+            keep = mask
+        elif t.shape[:2] == flat.shape:
+            keep = flat
+        elif rows and t.dim() > 0 and t.shape[0] == mask.numel():
+            keep = mask.reshape(-1)
+        elif mask.shape[-1] not in t.shape[1:]:
+            return t
+        else:
+            return None
+        return t.masked_fill(~keep.bool().view(*keep.shape, *([1] * (t.dim() - keep.dim()))), 0)
     n, length = mask.shape
     if rows and t.dim() > 0 and t.shape[0] == n * length:
         keep = mask.reshape(n * length)
@@ -73,22 +86,30 @@ _DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds")
 def _padding(kwargs, n):
     """(the (n, T) attention_mask of a batch's inputs, the mask of the model's output), each None where there is none
     or it marks no padding: an encoder-decoder model's output is the decoder's, whose positions are those that
-    ``decoder_attention_mask`` marks (all where it has none), not the encoder's."""
-    def padded(m):
-        return m if torch.is_tensor(m) and m.dim() == 2 and m.shape[0] == n and not m.all() else None
+    ``decoder_attention_mask`` marks (all where it has none), not the encoder's. An (n, C, T) mask of inputs of that
+    shape (a multiple-choice head's C rows of tokens per sample) is one too, of an encoder; any other (a (n, 1, T, T)
+    or (n, T, T) attention pattern) is no padding."""
+    def padded(m, rows=False):
+        if not torch.is_tensor(m) or m.shape[:1] != (n,) or m.all():
+            return None
+        if m.dim() == 2:
+            return m
+        ids = kwargs.get("input_ids")
+        ids = ids if torch.is_tensor(ids) else kwargs.get("inputs_embeds")
+        return m if rows and m.dim() == 3 and torch.is_tensor(ids) and ids.shape[:3] == m.shape else None
 
-    mask = padded(kwargs.get("attention_mask"))
     if any(kwargs.get(k) is not None for k in _DECODER_INPUTS):
-        return mask, padded(kwargs.get("decoder_attention_mask"))
+        return padded(kwargs.get("attention_mask")), padded(kwargs.get("decoder_attention_mask"))
+    mask = padded(kwargs.get("attention_mask"), rows=True)
     return mask, mask
 
 
 def _padding_layout(mask):
-    """How an (n, T) attention_mask pads: None (no mask, or no padding), "right" (each row's real tokens first), or
-    "other" (left padding, or gaps)."""
+    """How an (n, T) or (n, C, T) attention_mask pads: None (no mask, or no padding), "right" (each row's real tokens
+    first), or "other" (left padding, or gaps)."""
     if mask is None or bool(mask.all()):
         return None
-    return "right" if bool((mask[:, 1:] <= mask[:, :-1]).all()) else "other"
+    return "right" if bool((mask[..., 1:] <= mask[..., :-1]).all()) else "other"
 
 
 def _unpadded(args, kwargs, keep, decoder_keep=None):
@@ -96,15 +117,17 @@ def _unpadded(args, kwargs, keep, decoder_keep=None):
     that ``decoder_keep`` marks out of the decoder's inputs (``decoder_*``) of an encoder-decoder model: the sample
     as it is alone (SPEC §1), whatever the layouts of the model's layers. A Hugging Face input (input_ids,
     position_ids, ...) of shape (1, T, ...) is cut in dim 1; any other tensor of shape (1, T, ...) in every dim of
-    length T after the first (a (1, T, T) attention bias)."""
-    def positions(row):  # (its length, the indices it keeps), found once per call
-        return None if row is None else (row.shape[0], row.bool().nonzero().squeeze(1))
+    length T after the first (a (1, T, T) attention bias). A (C, T) ``keep`` (a multiple-choice sample's rows) cuts
+    the positions padded in all its rows out of dim 2 of its (1, C, T, ...) inputs."""
+    def positions(row):  # (its shape, the indices it keeps), found once per call
+        return None if row is None else (row.shape, row.reshape(-1, row.shape[-1]).bool().any(0).nonzero().squeeze(1))
 
     def cut(t, kept, every):
-        if kept is None or not torch.is_tensor(t) or t.dim() < 2 or t.shape[:2] != (1, kept[0]):
+        if kept is None or not torch.is_tensor(t) or t.shape[:len(kept[0]) + 1] != (1, *kept[0]):
             return t
-        for d in range(1, t.dim() if every else 2):
-            t = t.index_select(d, kept[1]) if t.shape[d] == kept[0] else t
+        first, length = len(kept[0]), kept[0][-1]
+        for d in range(first, t.dim() if every else first + 1):
+            t = t.index_select(d, kept[1]) if t.shape[d] == length else t
         return t
 
     enc, dec = positions(keep), positions(decoder_keep)
@@ -113,6 +136,26 @@ def _unpadded(args, kwargs, keep, decoder_keep=None):
         lambda t, kept=dec if k.startswith("decoder_") else enc, every=k not in _PER_SAMPLE_KEYS:
         cut(t, kept, every), v) for k, v in kwargs.items()}
     return args, kwargs
+
+
+def _padded_rows(mask, where, engine):
+    """A one-sample (1, C, T) ``mask`` once its positions padded in all rows are cut (:func:`_unpadded`): None where
+    no row is padded any more, else that cut mask (the rows' own lengths differ: the sample alone is still padded, and
+    its padded positions stay out of its output and, in l-MAS, of its layers'). Padded otherwise than on the right,
+    its rows are other inputs than alone (absolute positions shift), which no run of the sample can undo: a
+    warning, once."""
+    if mask is None or mask.dim() < 3:
+        return None
+    rest = mask[..., mask.reshape(-1, mask.shape[-1]).bool().any(0)]
+    if bool(rest.all()):
+        return None
+    if _padding_layout(rest) != "right" and not engine.rows_said:
+        engine.rows_said = True
+        warnings.warn(f"batch {where}: a sample's rows of tokens (an (n, C, T) attention_mask) have different lengths "
+                      "and are padded on the left or with gaps: alone, the sample is still padded so, and its Ω is that "
+                      "of its padded rows, which differs from theirs unpadded where positions count the pads; pad on "
+                      "the right", stacklevel=5)
+    return rest
 
 
 def _moves_only(module):
@@ -679,6 +722,7 @@ class Engine:
         self.by_sample = False  # set once a batch showed rows that are no sample's own: one-sample passes from then
         self.visual_said = False  # the warning for batches whose samples have different numbers of visual patches
         self.uneven_said = False  # the warning for batches whose routing took some tokens more often than others
+        self.rows_said = False  # the warning for samples whose rows of tokens are still padded alone (_padded_rows)
         self.nograd_said = set()  # units warned of running with gradients disabled in a g-MAS pass (_record)
         self.alone_rows = None  # while a batch's check runs its samples alone: {unit: the rows its gathers took}
         # learn_dims: {unit: [(input shapes, output shapes) of each call]} in a run of one sample alone (False where the
@@ -873,7 +917,7 @@ class Engine:
         if n == 1 and (mask is not None or out_mask is not None):  # one sample: as it is alone, without its padding
             args, kwargs = _unpadded(args, kwargs, None if mask is None else mask[0],
                                      None if out_mask is None or not decoder else out_mask[0])
-            mask = out_mask = None
+            mask = out_mask = _padded_rows(mask, where, self)
         if (out_mask is not None and self.one and self.out_positions is None and len(self.one_out) > 1
                 and self.one_out[1] in self.one_lens):
             self._out_positions(args, kwargs, n, mask, out_mask, decoder, where)
@@ -884,9 +928,11 @@ class Engine:
         patches = {sum(layout[4]) for layout in _visual_layout(kwargs, n)} if mask is not None and kwargs else set()
         # with padding, the counts of the (n, T) positions flattened: the inputs', and the decoder's where they are not
         # as many as the inputs' tokens (which a layer on them packed by the mask would have)
+        # (and with an (n, C, T) mask, the n·C rows of tokens: a multiple-choice head's pooled rows)
         positions = set() if mask is None else {mask.numel(), *(
             t.shape[0] * t.shape[1] for t in (kwargs.get(k) for k in _DECODER_INPUTS)
-            if torch.is_tensor(t) and t.dim() > 1 and t.shape[0] * t.shape[1] != int(mask.sum()))}
+            if torch.is_tensor(t) and t.dim() > 1 and t.shape[0] * t.shape[1] != int(mask.sum())),
+            *((mask.numel() // mask.shape[-1],) if mask.dim() > 2 else ())}
         learned_again = False
         for attempt in range(3):  # a retry once the dims are learned again, one once the units that repeat are marked
             if attempt:

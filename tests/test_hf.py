@@ -160,6 +160,70 @@ def test_a_classifier_whose_labels_are_as_many_as_the_probed_tokens(family, firs
     assert_close(mas.task_importance, oracle(model, short + longer + last, forward=lambda m, x: m(x[None]).logits))
 
 
+def _multiple_choice(family, seed=5):
+    config = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                  max_position_embeddings=64, pad_token_id=0)
+    return perturbed(lambda: transformers.BertForMultipleChoice(transformers.BertConfig(**config)) if family == "bert"
+                     else transformers.DebertaV2ForMultipleChoice(transformers.DebertaV2Config(**config)), seed=seed)
+
+
+def _choices_padded(samples, side):
+    """input_ids, token_type_ids and attention_mask (n, C, T) of samples that are lists of C token rows."""
+    rows = [r for s in samples for r in s]
+    ids, mask = padded(rows, side)
+    shape = (len(samples), len(samples[0]), ids.shape[1])
+    return {"input_ids": ids.view(shape), "token_type_ids": torch.zeros(shape, dtype=torch.long),
+            "attention_mask": mask.view(shape)}
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("family", ["bert", "deberta-v2"])
+def test_multiple_choice_padding(family, side):
+    """A multiple-choice head's (n, C, T) attention_mask, whose C rows of tokens per sample each run as a sequence
+    of their own, was not read as padding: under left padding Ω was the padded rows' (BERT 66-70%, DeBERTa-v2 380%
+    off, no warning). It is read as (n, T)'s is: right padding batched, left padding (learned absolute positions)
+    found by the first batch's check and run one sample at a time without the positions padded in all its rows.
+    Rows of one sample of different lengths: right-padded, exact (their pads masked); otherwise a warning."""
+    model = _multiple_choice(family)
+    torch.manual_seed(6)
+    equal = [[torch.randint(1, V, (k,)) for _ in range(3)] for k in (7, 4, 5, 2, 6)]
+    ragged = [[torch.randint(1, V, (k,)) for k in ks] for ks in ((7, 3, 5), (2, 6, 4), (5, 5, 1))]
+
+    def forward(m, sample):  # each choice runs alone: the sample's gradient sums its rows' (each a one-choice sample)
+        return torch.cat([m(input_ids=r[None, None]).logits for r in sample], 1)
+
+    want = oracle(model, equal, forward)
+    want_ragged = oracle(model, ragged, forward) if side == "right" else None
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            mas = cls(model, show_progress=False).accumulate([_choices_padded(equal[:2], side),
+                                                              _choices_padded(equal[2:], side)])
+        assert len([w for w in said if "one sample at a time" in str(w.message)]) == (side == "left")
+        assert not mas._engine.by_sample and mas._engine.pad_by_sample == (side == "left")
+        assert_close(mas.task_importance, want)
+        mas = cls(model, show_progress=False)
+        if side == "left":
+            with pytest.warns(UserWarning, match=r"rows of tokens .* padded on the left"):
+                mas.accumulate([_choices_padded(ragged, side)])
+        else:
+            assert_close(mas.accumulate([_choices_padded(ragged, side)]).task_importance, want_ragged)
+
+
+def test_multiple_choice_local_mode_leaves_the_padding_out():
+    """l-MAS of a multiple-choice head with right padding: the layers' outputs at the padded positions of its
+    (n·C, T) rows stay out, as for the samples alone, unpadded."""
+    model = _multiple_choice("bert", seed=7)
+    torch.manual_seed(8)
+    samples = [[torch.randint(1, V, (k,)) for _ in range(2)] for k in (6, 3, 4)]
+    alone = mas_ext.FusedMAS(model, mode="local", show_progress=False)
+    for sample in samples:
+        alone.accumulate([_choices_padded([sample], "right")])
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        mas = cls(model, mode="local", show_progress=False).accumulate([_choices_padded(samples, "right")])
+        assert_close(mas.task_importance, {k: v.double() for k, v in alone.task_importance.items()}, tol=1e-5)
+
+
 @pytest.mark.parametrize("cls", [mas_ext.ReferenceMAS, mas_ext.FusedMAS], ids=["reference", "fused"])
 def test_rotary_positions_that_ignore_the_mask_under_left_padding(cls):
     """RoFormer's rotary positions count the pads of a left-padded sample, and no layer with parameters shows it: Ω
