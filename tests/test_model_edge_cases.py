@@ -1499,6 +1499,36 @@ def test_a_reentrant_checkpoint_is_named(cls):
     assert all(mas.task_importance[k].abs().max() == 0 for k in ("a.weight", "a.bias", "c.weight", "c.bias"))
     assert mas.task_importance["b.weight"].abs().max() > 0
 
+
+class _WindowAttention(nn.Module):
+    """nn.MultiheadAttention over windows of w tokens moved into the batch dim, (n, T, D) -> (n·T/w, w, D)."""
+
+    def __init__(self, w, batch_first):
+        super().__init__()
+        self.w, self.inp, self.head = w, nn.Linear(4, 4), nn.Linear(4, 3)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=batch_first)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        h = self.inp(x).reshape(n * (t // self.w), self.w, d)
+        h = h if self.attn.batch_first else h.transpose(0, 1)
+        y = self.attn(h, h, h, need_weights=False)[0]
+        y = y if self.attn.batch_first else y.transpose(0, 1)
+        return self.head(torch.tanh(y.reshape(n, t, d)))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("w", [1, 2, 4])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_attention_over_windows_moved_into_the_batch(request, cls, w, batch_first):
+    """FusedMAS's decomposed attention forward took each window for a sample (its |·| per window: 12-65% off on the
+    attention's parameters, without a warning, a batch of one sample too); it runs only where the call's rows are
+    the samples (as many, one where the sample ran alone), else the call is recorded as any other."""
+    torch.manual_seed(111)
+    model = _WindowAttention(w, batch_first).eval()
+    x = torch.randn(5, 4, 4)
+    check(request, cls, model, [x[:3], x[3:4], x[4:]])
+
 class _ScalesItsInput(nn.Module):
     def __init__(self):
         super().__init__()
