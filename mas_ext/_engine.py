@@ -433,8 +433,9 @@ def _layouts(outs):
     """The memory format of each 4-dim or 5-dim output (None for the others). torch 2.13's CPU backward of an
     eval-mode BatchNorm2d on one sample gives wrong gradients (its weight's, bias's and input's) where the gradient
     arriving at its output is channels-last and the output is not (LeViT's patch embedding: its output flattened
-    and transposed): a batch run one sample at a time, or a batch of one, was 30-85% off there. The tap after a
-    BatchNorm hands its backward the gradient in the output's own format."""
+    and transposed): a batch run one sample at a time, or a batch of one, was 30-85% off there. InstanceNorm, which
+    runs batch_norm on all its rows as one sample, meets it at every batch size. The tap after a BatchNorm or an
+    InstanceNorm hands its backward the gradient in the output's own format."""
     def fmt(t):
         if t.dim() not in (4, 5) or t.is_contiguous():
             return torch.contiguous_format if t.dim() in (4, 5) else None
@@ -1878,6 +1879,12 @@ class Engine:
         if not any(flat[i].requires_grad for i in pos):
             return out if expanded else None
 
+        # the generic rule's vjp of a norm gets its gradient contiguous: torch 2.13's CPU batch_norm backward (BatchNorm,
+        # InstanceNorm) gives wrong gradients for a non-contiguous one of the same shape (the output read as tokens)
+        contiguous = (True if unit.rule.grads is _rules.generic_grads and any(isinstance(
+            m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm))
+            for m in module.modules()) else None)
+
         def sink(grads):
             if unit in state.idle:
                 return
@@ -1885,13 +1892,15 @@ class Engine:
                 grads = tuple(packing.grads(g) for g in grads)
             elif moved is not None:
                 grads = tuple(g.movedim(moved, 0) for g in grads)
-            call.grads = grads
+            call.grads = grads if contiguous is None else tuple(
+                g if g is None or g.is_contiguous() else g.contiguous() for g in grads)
             unit.group.pending.append(call)
             if _ready(unit.group):
                 self._process(unit.group)
 
         tapped = self._tap(state.anchor, sink, unit.rule.grads is not _rules.generic_grads, [flat[i] for i in pos],
-                           layout=isinstance(module, torch.nn.modules.batchnorm._BatchNorm))
+                           layout=isinstance(module, (torch.nn.modules.batchnorm._BatchNorm,
+                                                      torch.nn.modules.instancenorm._InstanceNorm)))
         if torch.is_tensor(call.out) and packing is None:  # as the tap left it (passed on in place, its version moved on)
             call.out_version = call.out._version
         if packing is not None:  # layers after it on the same rows read their samples through it
