@@ -26,7 +26,8 @@ def add_local_grads(sample, names, layer, own, args, kwargs, before=None):
         layer._forward_hooks = hooks
         for m, values in now.items():
             vars(m).update(values)
-    outs = [o for o in (out if isinstance(out, tuple) else (out,)) if torch.is_tensor(o) and o.is_floating_point()]
+    # every floating tensor of the output, nested ones too (an LSTM's (output, (h_n, c_n)))
+    outs = [o for o in torch.utils._pytree.tree_flatten(out)[0] if torch.is_tensor(o) and o.is_floating_point()]
     gs = torch.autograd.grad(sum(0.5 * o.pow(2).sum() for o in outs), own, allow_unused=True)
     for p, g in zip(own, gs):
         if g is not None:

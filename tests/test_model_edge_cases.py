@@ -603,15 +603,16 @@ class Recurrent(nn.Module):
         return self.fc(self.rnn(x)[0])
 
 
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("kind", ["GRU", "RNN", "LSTM"])
 @pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
-def test_recurrent_layers(request, cls, kind):
+def test_recurrent_layers(request, cls, kind, mode, per_sample):
     """Bug 9: nn.GRU / nn.RNN / nn.LSTM (batch_first=True, output[0]) followed by a Linear crashed in both
-    classes. Exact per-sample Ω expected."""
+    classes. Exact per-sample Ω expected; in l-MAS every floating output counts, the LSTM's nested (h_n, c_n) too."""
     torch.manual_seed(20)
     model = Recurrent(kind).eval()
     x = torch.randn(7, 5, 6)
-    check(request, cls, model, [x[:4], x[4:]])
+    check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
 
 
 # ----------------------------------------------------------------------------- 10. MHA with a frozen parameter
