@@ -46,7 +46,7 @@ def _sample_tensor(args, kwargs):
 
 
 def _mask_positions(t, mask, dim=None, rows=False):
-    """``t`` with the positions where the (n, T) ``mask`` is 0 set to zero. ``dim``: where t holds the batch, as
+    """``t`` with the positions where the (n, T) ``mask`` (or a multiple-choice (n, C, T) one) is 0 set to zero. ``dim``: where t holds the batch, as
     learned (0: (n, T, ...); 1: seq-first (T, n, ...)), or None where not learned (read as (n, T, ...) where t's
     shape is, else as it is); ``rows``: t holds the samples as n blocks of rows in dim 0, (n·T, ...). Where t has
     the padded length T in some other dim, its padding cannot be told: None. masked_fill, not a product: a NaN at a
@@ -55,6 +55,8 @@ def _mask_positions(t, mask, dim=None, rows=False):
         return t
     if mask.dim() > 2:  # (n, C, T): C rows of tokens per sample (multiple choice), n·C rows in the layers
         flat = mask.reshape(-1, mask.shape[-1])
+        if dim not in (0, None):  # a seq-first layout of those rows: not told
+            return t if mask.shape[-1] not in t.shape else None
         if t.shape[:mask.dim()] == mask.shape:
             keep = mask
         elif t.shape[:2] == flat.shape:
@@ -94,9 +96,10 @@ def _padding(kwargs, n):
             return None
         if m.dim() == 2:
             return m
-        ids = kwargs.get("input_ids")
-        ids = ids if torch.is_tensor(ids) else kwargs.get("inputs_embeds")
-        return m if rows and m.dim() == 3 and torch.is_tensor(ids) and ids.shape[:3] == m.shape else None
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        rows = rows and m.dim() == 3 and (ids.shape == m.shape if torch.is_tensor(ids) else
+                                          torch.is_tensor(embeds) and embeds.shape[:3] == m.shape and embeds.dim() == 4)
+        return m if rows else None
 
     if any(kwargs.get(k) is not None for k in _DECODER_INPUTS):
         return padded(kwargs.get("attention_mask")), padded(kwargs.get("decoder_attention_mask"))
@@ -433,9 +436,8 @@ def _layouts(outs):
     """The memory format of each 4-dim or 5-dim output (None for the others). torch 2.13's CPU backward of an
     eval-mode BatchNorm2d on one sample gives wrong gradients (its weight's, bias's and input's) where the gradient
     arriving at its output is channels-last and the output is not (LeViT's patch embedding: its output flattened
-    and transposed): a batch run one sample at a time, or a batch of one, was 30-85% off there. InstanceNorm, which
-    runs batch_norm on all its rows as one sample, meets it at every batch size. The tap after a BatchNorm or an
-    InstanceNorm hands its backward the gradient in the output's own format."""
+    and transposed): a batch run one sample at a time, or a batch of one, was 30-85% off there. InstanceNorm meets it
+    too. The tap after a BatchNorm or an InstanceNorm hands its backward the gradient in the output's own format."""
     def fmt(t):
         if t.dim() not in (4, 5) or t.is_contiguous():
             return torch.contiguous_format if t.dim() in (4, 5) else None
@@ -452,6 +454,10 @@ class _Unit:
         self.group = None
         self.repeats = False  # seen running more than once in one forward
         self.handled = False  # its tapped forward has handled the call now ending
+        # whose backward meets torch 2.13's batch_norm bug on a non-contiguous gradient (Engine._record)
+        self.holds_batch_norm = any(isinstance(m, (torch.nn.modules.batchnorm._BatchNorm,
+                                                   torch.nn.modules.instancenorm._InstanceNorm))
+                                    for m in module.modules())
         # its n·m-row input read as n blocks of rows: None until a batch confirms it (then the set of the batch sizes
         # that did: a misreading may agree by chance at one n, as a time-major (T·n, C) input of a BatchNorm did at
         # n = 2, 19% off at n = 3) or refutes it (False)
@@ -509,7 +515,7 @@ class _Pass:
         # and the counts of the tokens that the masks (the inputs', the decoder's) mark: packed tokens make those
         self.packed = {int(m.sum()) for m in (mask, out_mask) if m is not None and m.numel()}
         self.calls = {}  # unit -> number of calls in this forward
-        self.nograd = []  # units first seen running with gradients disabled (g-MAS: nothing reaches them)
+        self.nograd = []  # units seen running with gradients disabled, not yet warned of (g-MAS: nothing reaches them)
         self.busy = False  # a rule is running: its own module calls (torch.func) are not recorded
         self.mixed = []  # (unit, why) of calls whose rows are no sample's own (per_sample, n > 1)
         self.expanded = []  # units whose batch-size-1 input (and outputs) were expanded to n
@@ -735,6 +741,7 @@ class Engine:
         # whether dim 1 of the model's output holds its positions, where the probe's shapes could not tell (a
         # classifier's K logits where K was the probed sample's length): a padded sample alone says (_out_positions)
         self.out_positions = None
+        self.out_probed = False  # that run done (once: where it failed or could not tell, the shapes decide)
         self._pass = None  # the _Pass of the batch now running
         self._probing = False  # learn_dims is running the model
 
@@ -898,7 +905,7 @@ class Engine:
         Σ_k |∂_k| (|Σ_k ∂_k| with ``per_sample=False``) into ``bufs`` (a :class:`ZeroBuffers`, empty or all
         zero): a batch in which a unit turns out to run more than once is redone from zero, and one in
         which a unit's input rows are no sample's own (per_sample) is run one sample at a time. Padding
-        marked by an (n, T) ``attention_mask`` keyword is left out."""
+        marked by an (n, T) ``attention_mask`` keyword (or a multiple-choice head's (n, C, T)) is left out."""
         if kwargs.get("use_cache"):  # as the configs' (session): the pass keeps no cache
             kwargs = {**kwargs, "use_cache": False}
         if n > 1 and self.by_sample:
@@ -919,11 +926,12 @@ class Engine:
             args, kwargs = _unpadded(args, kwargs, None if mask is None else mask[0],
                                      None if out_mask is None or not decoder else out_mask[0])
             mask = out_mask = _padded_rows(mask, where, self)
-        if (out_mask is not None and self.one and self.out_positions is None and len(self.one_out) > 1
+        if (out_mask is not None and self.one and not self.out_probed and len(self.one_out) > 1
                 and self.one_out[1] in self.one_lens):
             self._out_positions(args, kwargs, n, mask, out_mask, decoder, where)
         # l-MAS of an encoder-decoder model: the encoder's mask cannot tell the decoder layers' positions
-        if (self.pad_by_sample or (decoder and self.mode == "local")) and (mask is not None or out_mask is not None):
+        if n > 1 and (self.pad_by_sample or (decoder and self.mode == "local")) and (
+                mask is not None or out_mask is not None):
             return self._run_sample_by_sample(args, kwargs, n, bufs, where)
         # with padding, the totals of the flattened visual patches (equal per sample here): rows of the vision tower
         patches = {sum(layout[4]) for layout in _visual_layout(kwargs, n)} if mask is not None and kwargs else set()
@@ -1040,6 +1048,7 @@ class Engine:
         k = next((k for k, c in enumerate(lengths) if c != width), None)
         if k is None:
             return
+        self.out_probed = True
         self._probing = True
         try:
             with torch.no_grad():
@@ -1309,6 +1318,7 @@ class Engine:
                 with torch.no_grad():
                     self._output(self._forward(state, args, kwargs), where, state)
             if state.nograd:
+                self.nograd_said.update(state.nograd)
                 names = ", ".join(f"'{u.name}'" for u in state.nograd[:3])
                 more = f" and {len(state.nograd) - 3} more" if len(state.nograd) > 3 else ""
                 warnings.warn(f"module{'s' if len(state.nograd) > 1 else ''} {names}{more} ran with gradients disabled "
@@ -1653,8 +1663,8 @@ class Engine:
         if state is None or state.busy or state.backward:
             return None
         state.calls[unit] = state.calls.get(unit, 0) + 1
-        if self.mode == "global" and not torch.is_grad_enabled() and unit not in self.nograd_said:
-            self.nograd_said.add(unit)
+        if (self.mode == "global" and not torch.is_grad_enabled() and unit not in self.nograd_said
+                and unit not in state.nograd):
             state.nograd.append(unit)
         if self.alone_rows is not None and unit.gathers and args and torch.is_tensor(args[0]) and args[0].dim():
             self.alone_rows[unit] = self.alone_rows.get(unit, 0) + args[0].shape[0]
@@ -1881,9 +1891,7 @@ class Engine:
 
         # the generic rule's vjp of a norm gets its gradient contiguous: torch 2.13's CPU batch_norm backward (BatchNorm,
         # InstanceNorm) gives wrong gradients for a non-contiguous one of the same shape (the output read as tokens)
-        contiguous = (True if unit.rule.grads is _rules.generic_grads and any(isinstance(
-            m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm))
-            for m in module.modules()) else None)
+        contiguous = True if unit.rule.grads is _rules.generic_grads and unit.holds_batch_norm else None
 
         def sink(grads):
             if unit in state.idle:

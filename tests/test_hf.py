@@ -12,6 +12,8 @@ import warnings
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import mas_ext
 
@@ -202,12 +204,70 @@ def test_multiple_choice_padding(family, side):
         assert len([w for w in said if "one sample at a time" in str(w.message)]) == (side == "left")
         assert not mas._engine.by_sample and mas._engine.pad_by_sample == (side == "left")
         assert_close(mas.task_importance, want)
-        mas = cls(model, show_progress=False)
-        if side == "left":
+        if side == "left":  # after the batches that set pad_by_sample (its one-sample runs recursed once)
             with pytest.warns(UserWarning, match=r"rows of tokens .* padded on the left"):
                 mas.accumulate([_choices_padded(ragged, side)])
         else:
+            mas = cls(model, show_progress=False)
             assert_close(mas.accumulate([_choices_padded(ragged, side)]).task_importance, want_ragged)
+
+
+@pytest.mark.parametrize("cls", [mas_ext.ReferenceMAS, mas_ext.FusedMAS], ids=["reference", "fused"])
+def test_a_decoder_mask_that_is_the_encoders_tensor(cls):
+    """A left-padded batch of one sample whose decoder_attention_mask is the attention_mask tensor itself: it was
+    taken for a decoder-only model's, so the decoder's inputs were not cut (BART's learned positions shifted)."""
+    model = perturbed(lambda: transformers.BartForConditionalGeneration(transformers.BartConfig(
+        vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64)), seed=9)
+    torch.manual_seed(10)
+    sample = torch.randint(3, V, (5,))
+    ids, mask = padded([sample, torch.randint(3, V, (8,))], "left")
+    ids, mask = ids[:1], mask[:1]  # one tensor for both masks
+    mas = cls(model, show_progress=False).accumulate([{"input_ids": ids, "attention_mask": mask,
+                                                      "decoder_input_ids": ids, "decoder_attention_mask": mask}])
+    assert_close(mas.task_importance, oracle(model, [sample], lambda m, x: m(
+        input_ids=x[None], decoder_input_ids=x[None]).logits))
+
+
+@pytest.mark.parametrize("cls", [mas_ext.ReferenceMAS, mas_ext.FusedMAS], ids=["reference", "fused"])
+def test_an_attention_pattern_is_not_padding(cls):
+    """An (n, T, T) attention_mask beside (n, T, D) inputs_embeds with D = T is a pattern, not a multiple-choice
+    head's (n, C, T) padding: it was cut as one (l-MAS 58% off; a key-padding pattern crashed)."""
+    class Attention(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+        def forward(self, inputs_embeds, attention_mask):
+            h = inputs_embeds
+            a = F.scaled_dot_product_attention(self.q(h), self.k(h), self.v(h), attn_mask=attention_mask.bool())
+            return self.o(torch.tanh(a)) + h
+
+    torch.manual_seed(11)
+    model = Attention(8).eval()
+    x = torch.randn(4, 8, 8)
+    mask = torch.stack([(torch.arange(8) < k).long().expand(8, 8) for k in (8, 5, 7, 6)])
+    for mode in ("global", "local"):
+        mas = cls(model, mode=mode, show_progress=False).accumulate([{"inputs_embeds": x, "attention_mask": mask}])
+        want = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in model.named_parameters()}
+        m = copy.deepcopy(model).double()
+        for i in range(4):
+            m.zero_grad()
+            if mode == "global":
+                out = m(x[i:i + 1].double(), mask[i:i + 1])
+                grads = torch.autograd.grad(out.pow(2).sum(), list(m.parameters()))
+            else:  # each layer's own output as the gradient at it (SPEC §1): the four Linears' Hebbian products
+                h, attn_mask = x[i].double(), mask[i].bool()
+                q, k, v = m.q(h), m.k(h), m.v(h)
+                a = torch.tanh(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask))
+                grads = [g for lin, inp in ((m.q, h), (m.k, h), (m.v, h), (m.o, a))
+                         for g in (lin(inp).T @ inp, lin(inp).sum(0))]
+                grads = dict(zip([f"{n}.{w}" for n in "qkvo" for w in ("weight", "bias")], grads))
+                grads = [grads[k] for k in want]
+            for k, g in zip(want, grads):
+                want[k] += g.abs() / 4
+        want.pop("k.bias")  # zero in exact arithmetic (softmax ignores a constant shift)
+        assert_close({k: v for k, v in mas.task_importance.items() if k in want}, want)
 
 
 def test_multiple_choice_local_mode_leaves_the_padding_out():
