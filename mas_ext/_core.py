@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
+from tqdm.autonotebook import tqdm  # not tqdm.auto, whose asyncio class calls iter() on the data twice
 
 from . import _checkpoint, _ops
 from ._engine import Engine, ZeroBuffers, ours

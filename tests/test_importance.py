@@ -369,6 +369,26 @@ def test_accumulate_takes_labelled_tuples_and_generators():
     assert_close(mas.task_importance, oracle(model, x), tol=1e-4)
 
 
+@pytest.mark.parametrize("show", [True, False])
+def test_accumulate_iterates_the_data_once(show):
+    """tqdm.auto's class (tqdm.asyncio) called iter() on the data in its constructor, and the loop again: a
+    DataLoader's workers started twice, a stream's side effects ran twice."""
+    model, x = mlp()
+
+    class Data:
+        iters = 0
+
+        def __len__(self):
+            return 2
+
+        def __iter__(self):
+            Data.iters += 1
+            return iter(x.split(len(x) // 2 + 1))
+
+    mas_ext.FusedMAS(model, show_progress=show).accumulate(Data())
+    assert Data.iters == 1
+
+
 def test_output_fn_picks_the_tensor():
     model, x = mlp()
     wrapped = nn.Sequential(model)
