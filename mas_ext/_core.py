@@ -6,6 +6,7 @@ and atomic writes are in ``_checkpoint``.
 """
 import contextlib
 import functools
+import inspect
 import numbers
 import os
 import signal
@@ -19,7 +20,7 @@ import torch.nn as nn
 from tqdm.autonotebook import tqdm  # not tqdm.auto, whose asyncio class calls iter() on the data twice
 
 from . import _checkpoint, _ops
-from ._engine import Engine, ZeroBuffers, ours
+from ._engine import _DECODER_INPUTS, Engine, ZeroBuffers, ours
 
 __all__ = ["ReferenceMAS", "FusedMAS", "backend"]
 
@@ -98,6 +99,19 @@ def _stateful_argument(args, kwargs):
 # Model inputs that carry what the model's own encoder (or vision tower) would compute, computed before the call
 # (generate() runs it once, without gradients): a pass on such a call cannot reach those parameters.
 _COMPUTED_AHEAD = ("encoder_outputs", "mm_encoder_outputs")
+
+
+def _decoder_from_labels(net, kwargs):
+    """Whether a call of an encoder-decoder model passes labels but none of its decoder's inputs: the model would
+    make them from the labels, which MAS drops (BART then makes them from the input_ids: another f, 77% off without a
+    warning; T5 and Whisper fail with messages that mislead)."""
+    if kwargs.get("labels") is None or any(kwargs.get(k) is not None for k in _DECODER_INPUTS):
+        return False
+    try:
+        names = inspect.signature(net.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return any(k in names for k in _DECODER_INPUTS)
 
 
 def _inside_another(module, entries):
@@ -221,6 +235,11 @@ class ReferenceMAS:
                 return
             where = f"observed #{calls[0]}"
             calls[0] += 1
+            if _decoder_from_labels(self.net, kwargs):
+                warnings.warn(f"{type(self).__name__}.observe(): call {where} skipped: it passes labels but no "
+                              "decoder_input_ids, from which the model makes its decoder's inputs; MAS drops labels, "
+                              "so the pass would see other inputs; importance and sample count unchanged", stacklevel=2)
+                return
             kwargs = {k: v for k, v in kwargs.items() if k != "labels"}
             ahead = [k for k in _COMPUTED_AHEAD if kwargs.get(k) is not None]
             if ahead:  # generate() ran the encoder itself, without gradients: its parameters would get no Ω
@@ -278,8 +297,7 @@ class ReferenceMAS:
                           "seen (a wrapper that runs them without the model's forward: PEFT's prompt and prefix "
                           "tuning generate() this way); importance and sample count unchanged", stacklevel=3)
 
-    @staticmethod
-    def _input(batch, i):
+    def _input(self, batch, i):
         """(args, kwargs) of the model call for one batch: a tensor, an (x, y, ...) tuple (labels ignored),
         or a dict of keyword arguments (``model(**batch)``, ``labels`` dropped)."""
         if torch.is_tensor(batch):
@@ -287,6 +305,12 @@ class ReferenceMAS:
         if isinstance(batch, (tuple, list)) and batch and torch.is_tensor(batch[0]):
             return (batch[0],), {}
         if isinstance(batch, Mapping) and batch:
+            if _decoder_from_labels(self.net, batch):
+                raise ValueError(
+                    f"batch {i}: an encoder-decoder model's batch with labels but no decoder_input_ids: MAS drops "
+                    "labels (its importance needs none), so the decoder would get other inputs; pass "
+                    "decoder_input_ids (DataCollatorForSeq2Seq(tokenizer, model=model) adds them, as does "
+                    "model.prepare_decoder_input_ids_from_labels(labels=...))")
             return (), {k: v for k, v in batch.items() if k != "labels"}
         raise TypeError(f"batch {i}: expected a tensor, an (x, y, ...) tuple of tensors or a dict of model keyword "
                         f"arguments, got {type(batch).__name__}")

@@ -270,6 +270,27 @@ def test_an_attention_pattern_is_not_padding(cls):
         assert_close({k: v for k, v in mas.task_importance.items() if k in want}, want)
 
 
+def test_seq2seq_labels_without_decoder_inputs_are_named():
+    """DataCollatorForSeq2Seq without model= gives {input_ids, attention_mask, labels}: MAS drops the labels, from
+    which the model would make its decoder's inputs (BART made them from the input_ids instead: another f, 77% off
+    without a warning; T5 failed with a message about input_ids). accumulate() names it; observe() skips such a
+    call with a warning; with decoder_input_ids the batch is taken as before."""
+    model = perturbed(lambda: transformers.BartForConditionalGeneration(transformers.BartConfig(
+        vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64)), seed=12)
+    torch.manual_seed(13)
+    batch = {"input_ids": torch.randint(3, V, (2, 6)), "labels": torch.randint(3, V, (2, 5))}
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        mas = cls(model, show_progress=False)
+        with pytest.raises(ValueError, match="labels but no decoder_input_ids"):
+            mas.accumulate([batch])
+        with pytest.warns(UserWarning, match="labels but no decoder_input_ids"), mas.observe():
+            model(**batch)
+        assert mas.num_samples == 0
+        mas.accumulate([{**batch, "decoder_input_ids": batch["labels"]}])
+        assert mas.num_samples == 2
+
+
 def test_multiple_choice_local_mode_leaves_the_padding_out():
     """l-MAS of a multiple-choice head with right padding: the layers' outputs at the padded positions of its
     (n·C, T) rows stay out, as for the samples alone, unpadded."""
