@@ -175,6 +175,7 @@ class ReferenceMAS:
         self._check_merge(merge, alpha)
         self.model, self.net = model, _unwrap(model)
         self.params = {n: p for n, p in self.net.named_parameters() if p.requires_grad}
+        self._shapes = {n: p.shape for n, p in self.params.items()}
         if not self.params:
             raise ValueError("the model has no parameters with requires_grad=True: nothing to track")
         self._kernels_for = self._gate() if self._gate is not None else None
@@ -195,6 +196,7 @@ class ReferenceMAS:
         FloatingPointError naming a batch whose output or gradients are not finite; Ω and the sample
         count then stay as they were after the last whole batch (also on KeyboardInterrupt).
         """
+        self._check_params("accumulate()")
         total = len(batches) if hasattr(batches, "__len__") else None
         if total == 0:
             raise ValueError("accumulate() got no data: the iterable of batches is empty")
@@ -390,6 +392,7 @@ class ReferenceMAS:
         merge = self.merge if merge is None else merge
         alpha = self.alpha if alpha is None else float(alpha)
         self._check_merge(merge, alpha)
+        self._check_params("consolidate()")
         means, count = self.task_importance, self._count
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             means, count = self._all_reduce(means, count)
@@ -423,7 +426,27 @@ class ReferenceMAS:
 
     def penalty_state(self):
         """(parameter, Ω, θ*) for every tracked parameter with a consolidated Ω."""
+        self._check_params("the penalty")
         return [(self.params[g], om, self._star[g]) for g, om in self._importance.items()]
+
+    def _check_params(self, what):
+        """A ValueError naming the tracked parameters that are no longer the model's as they were (another
+        Parameter under the name, another shape, gone): ``resize_token_embeddings`` resizes the input embedding in
+        place and replaces an untied head, whose Ω was then zero at the old shape and whose penalty never reached
+        the new one, without an error."""
+        if all(p.shape == self._shapes[g] for g, p in self.params.items()):
+            now = dict(self.net.named_parameters())
+            if all(now.get(g) is p for g, p in self.params.items()):
+                return
+        now = dict(self.net.named_parameters())
+        changed = [f"'{g}' " + ("is gone" if g not in now else f"is another Parameter of shape {tuple(now[g].shape)}"
+                                if now[g] is not p else f"has shape {tuple(p.shape)}")
+                   + f" (was {tuple(self._shapes[g])})" for g, p in self.params.items()
+                   if now.get(g) is not p or p.shape != self._shapes[g]]
+        raise ValueError(f"{what}: the model's parameters changed since {type(self).__name__} was built: "
+                         f"{'; '.join(changed[:4])}{'; …' if len(changed) > 4 else ''}. Build a new "
+                         f"{type(self).__name__} for the model as it is now (resize_token_embeddings resizes or "
+                         "replaces the embeddings), and carry Ω over for the parameters that kept their shape")
 
     def penalty(self):
         """R(θ) = λ Σ Ω (θ − θ*)² as a differentiable float32 scalar (zero before the first task)."""

@@ -291,6 +291,24 @@ def test_seq2seq_labels_without_decoder_inputs_are_named():
         assert mas.num_samples == 2
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameters_replaced_after_the_mas_was_built_are_named(tied):
+    """resize_token_embeddings (task 2 adds tokens) resizes the input embedding in place and replaces an untied
+    head: Ω of the old head was zero at its old shape and its penalty never reached the new one, without an error
+    (penalty() raised a bare size mismatch). accumulate(), consolidate() and the penalty name what changed."""
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=tied)).eval()
+    mas = mas_ext.FusedMAS(model, show_progress=False).accumulate([torch.randint(0, V, (2, 5))])
+    mas.consolidate()
+    model.resize_token_embeddings(V + 3)
+    for call in (lambda: mas.accumulate([torch.randint(0, V, (2, 5))]), mas.penalty, mas.consolidate,
+                 lambda: mas_ext.optim.SGD(model.parameters(), lr=0.1, mas=mas).step()):
+        with pytest.raises(ValueError, match=r"changed since FusedMAS was built: 'model.embed_tokens.weight' has "
+                                             rf"shape \({V + 3}, 32\) \(was \({V}, 32\)\)"):
+            call()
+
+
 def test_multiple_choice_local_mode_leaves_the_padding_out():
     """l-MAS of a multiple-choice head with right padding: the layers' outputs at the padded positions of its
     (n·C, T) rows stay out, as for the samples alone, unpadded."""
