@@ -38,11 +38,13 @@ _PER_SAMPLE_KEYS = (*_SAMPLE_KEYS, "attention_mask", "token_type_ids", "position
 
 def _sample_tensor(args, kwargs):
     """The tensor whose dim 0 is the batch: the first positional tensor, else a Hugging Face input by its
-    usual name, else the first keyword tensor."""
-    for t in (*args, *(kwargs.get(k) for k in _SAMPLE_KEYS), *kwargs.values()):
-        if torch.is_tensor(t) and t.dim() > 0:
-            return t
-    return None
+    usual name, else the first keyword tensor whose dim 0 is not 1 (one that is broadcasts over the batch, SPEC §1:
+    read first, it made the batch one sample), else the first."""
+    found = [t for t in (*args, *(kwargs.get(k) for k in _SAMPLE_KEYS)) if torch.is_tensor(t) and t.dim() > 0]
+    if found:
+        return found[0]
+    found = [t for t in kwargs.values() if torch.is_tensor(t) and t.dim() > 0]
+    return next((t for t in found if t.shape[0] != 1), found[0] if found else None)
 
 
 def _mask_positions(t, mask, dim=None, rows=False):

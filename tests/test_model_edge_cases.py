@@ -1576,6 +1576,25 @@ def test_a_norm_whose_gradient_arrives_non_contiguous(cls):
     errs.pop("c1.bias")  # zero in exact arithmetic: the InstanceNorm removes each channel's constant
     assert max(errs.values()) < 1e-5, errs
 
+
+class _AddsABias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(5, 5), nn.Linear(5, 2)
+
+    def forward(self, x, bias):
+        return self.head(torch.tanh(self.fc(x + bias)))
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_a_broadcast_keyword_before_the_samples(request, cls):
+    """A dict batch whose first tensor is a (1, T, D) input all samples share, the samples' (n, T, D) after it
+    under a name of the user's: its dim 0 was taken for the batch size (one sample, Ω far off)."""
+    torch.manual_seed(113)
+    bias, x = torch.randn(1, 4, 5), torch.randn(5, 4, 5)
+    check(request, cls, _AddsABias().eval(), [{"bias": bias, "x": x[:3]}, {"bias": bias, "x": x[3:]}],
+          shared=("bias",))
+
 class _ScalesItsInput(nn.Module):
     def __init__(self):
         super().__init__()
