@@ -434,15 +434,13 @@ class ReferenceMAS:
         Parameter under the name, another shape, gone): ``resize_token_embeddings`` resizes the input embedding in
         place and replaces an untied head, whose Ω was then zero at the old shape and whose penalty never reached
         the new one, without an error."""
-        if all(p.shape == self._shapes[g] for g, p in self.params.items()):
-            now = dict(self.net.named_parameters())
-            if all(now.get(g) is p for g, p in self.params.items()):
-                return
         now = dict(self.net.named_parameters())
         changed = [f"'{g}' " + ("is gone" if g not in now else f"is another Parameter of shape {tuple(now[g].shape)}"
                                 if now[g] is not p else f"has shape {tuple(p.shape)}")
                    + f" (was {tuple(self._shapes[g])})" for g, p in self.params.items()
                    if now.get(g) is not p or p.shape != self._shapes[g]]
+        if not changed:
+            return
         raise ValueError(f"{what}: the model's parameters changed since {type(self).__name__} was built: "
                          f"{'; '.join(changed[:4])}{'; …' if len(changed) > 4 else ''}. Build a new "
                          f"{type(self).__name__} for the model as it is now (resize_token_embeddings resizes or "

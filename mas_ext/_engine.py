@@ -48,11 +48,11 @@ def _sample_tensor(args, kwargs):
 
 
 def _mask_positions(t, mask, dim=None, rows=False):
-    """``t`` with the positions where the (n, T) ``mask`` (or a multiple-choice (n, C, T) one) is 0 set to zero. ``dim``: where t holds the batch, as
-    learned (0: (n, T, ...); 1: seq-first (T, n, ...)), or None where not learned (read as (n, T, ...) where t's
-    shape is, else as it is); ``rows``: t holds the samples as n blocks of rows in dim 0, (n·T, ...). Where t has
-    the padded length T in some other dim, its padding cannot be told: None. masked_fill, not a product: a NaN at a
-    padded position stays out."""
+    """``t`` with the positions where the (n, T) ``mask`` (or a multiple-choice (n, C, T) one) is 0 set to zero.
+    ``dim``: where t holds the batch, as learned (0: (n, T, ...); 1: seq-first (T, n, ...)), or None where not
+    learned (read as (n, T, ...) where t's shape is, else as it is); ``rows``: t holds the samples as n blocks of rows
+    in dim 0, (n·T, ...). Where t has the padded length T in some other dim, its padding cannot be told: None.
+    masked_fill, not a product: a NaN at a padded position stays out."""
     if mask is None:
         return t
     if mask.dim() > 2:  # (n, C, T): C rows of tokens per sample (multiple choice), n·C rows in the layers
@@ -69,18 +69,18 @@ def _mask_positions(t, mask, dim=None, rows=False):
             return t
         else:
             return None
-        return t.masked_fill(~keep.bool().view(*keep.shape, *([1] * (t.dim() - keep.dim()))), 0)
-    n, length = mask.shape
-    if rows and t.dim() > 0 and t.shape[0] == n * length:
-        keep = mask.reshape(n * length)
-    elif dim in (0, None) and t.shape[:2] == mask.shape:
-        keep = mask
-    elif dim == 1 and t.shape[:2] == (length, n):
-        keep = mask.T
-    elif dim is None or dim >= t.dim() or length not in t.shape[:dim] + t.shape[dim + 1:]:
-        return t  # no position dim (a pooled output)
     else:
-        return None
+        n, length = mask.shape
+        if rows and t.dim() > 0 and t.shape[0] == n * length:
+            keep = mask.reshape(n * length)
+        elif dim in (0, None) and t.shape[:2] == mask.shape:
+            keep = mask
+        elif dim == 1 and t.shape[:2] == (length, n):
+            keep = mask.T
+        elif dim is None or dim >= t.dim() or length not in t.shape[:dim] + t.shape[dim + 1:]:
+            return t  # no position dim (a pooled output)
+        else:
+            return None
     return t.masked_fill(~keep.bool().view(*keep.shape, *([1] * (t.dim() - keep.dim()))), 0)
 
 
@@ -93,19 +93,21 @@ def _padding(kwargs, n):
     ``decoder_attention_mask`` marks (all where it has none), not the encoder's. An (n, C, T) mask of inputs of that
     shape (a multiple-choice head's C rows of tokens per sample) is one too, of an encoder; any other (a (n, 1, T, T)
     or (n, T, T) attention pattern) is no padding."""
-    def padded(m, rows=False):
+    def padded(m, choices=False):
         if not torch.is_tensor(m) or m.shape[:1] != (n,) or m.all():
             return None
         if m.dim() == 2:
             return m
+        if not choices or m.dim() != 3:
+            return None
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
-        rows = rows and m.dim() == 3 and (ids.shape == m.shape if torch.is_tensor(ids) else
-                                          torch.is_tensor(embeds) and embeds.shape[:3] == m.shape and embeds.dim() == 4)
-        return m if rows else None
+        if torch.is_tensor(ids):
+            return m if ids.shape == m.shape else None
+        return m if torch.is_tensor(embeds) and embeds.dim() == 4 and embeds.shape[:3] == m.shape else None
 
     if any(kwargs.get(k) is not None for k in _DECODER_INPUTS):
         return padded(kwargs.get("attention_mask")), padded(kwargs.get("decoder_attention_mask"))
-    mask = padded(kwargs.get("attention_mask"), rows=True)
+    mask = padded(kwargs.get("attention_mask"), choices=True)
     return mask, mask
 
 
@@ -117,6 +119,11 @@ def _padding_layout(mask):
     return "right" if bool((mask[..., 1:] <= mask[..., :-1]).all()) else "other"
 
 
+def _held_positions(keep):
+    """Where a (T,) ``keep`` row, or a multiple-choice sample's (C, T) rows, hold a token in some row: (T,) bools."""
+    return keep.reshape(-1, keep.shape[-1]).bool().any(0)
+
+
 def _unpadded(args, kwargs, keep, decoder_keep=None):
     """A one-sample call with the positions its (T,) ``keep`` row marks as padding cut out (None: none), and those
     that ``decoder_keep`` marks out of the decoder's inputs (``decoder_*``) of an encoder-decoder model: the sample
@@ -125,7 +132,7 @@ def _unpadded(args, kwargs, keep, decoder_keep=None):
     length T after the first (a (1, T, T) attention bias). A (C, T) ``keep`` (a multiple-choice sample's rows) cuts
     the positions padded in all its rows out of dim 2 of its (1, C, T, ...) inputs."""
     def positions(row):  # (its shape, the indices it keeps), found once per call
-        return None if row is None else (row.shape, row.reshape(-1, row.shape[-1]).bool().any(0).nonzero().squeeze(1))
+        return None if row is None else (row.shape, _held_positions(row).nonzero().squeeze(1))
 
     def cut(t, kept, every):
         if kept is None or not torch.is_tensor(t) or t.shape[:len(kept[0]) + 1] != (1, *kept[0]):
@@ -151,7 +158,7 @@ def _padded_rows(mask, where, engine):
     warning, once."""
     if mask is None or mask.dim() < 3:
         return None
-    rest = mask[..., mask.reshape(-1, mask.shape[-1]).bool().any(0)]
+    rest = mask[..., _held_positions(mask)]
     if bool(rest.all()):
         return None
     if _padding_layout(rest) != "right" and not engine.rows_said:
@@ -434,6 +441,10 @@ class _Tap(torch.autograd.Function):
         return (None, None, None, None, *grads)
 
 
+# the norms whose CPU backward meets torch 2.13's batch_norm bug on a non-contiguous gradient (:func:`_layouts`)
+_BATCH_NORMS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm)
+
+
 def _layouts(outs):
     """The memory format of each 4-dim or 5-dim output (None for the others). torch 2.13's CPU backward of an
     eval-mode BatchNorm2d on one sample gives wrong gradients (its weight's, bias's and input's) where the gradient
@@ -457,9 +468,7 @@ class _Unit:
         self.repeats = False  # seen running more than once in one forward
         self.handled = False  # its tapped forward has handled the call now ending
         # whose backward meets torch 2.13's batch_norm bug on a non-contiguous gradient (Engine._record)
-        self.holds_batch_norm = any(isinstance(m, (torch.nn.modules.batchnorm._BatchNorm,
-                                                   torch.nn.modules.instancenorm._InstanceNorm))
-                                    for m in module.modules())
+        self.holds_batch_norm = any(isinstance(m, _BATCH_NORMS) for m in module.modules())
         # its n·m-row input read as n blocks of rows: None until a batch confirms it (then the set of the batch sizes
         # that did: a misreading may agree by chance at one n, as a time-major (T·n, C) input of a BatchNorm did at
         # n = 2, 19% off at n = 3) or refutes it (False)
@@ -1891,9 +1900,9 @@ class Engine:
         if not any(flat[i].requires_grad for i in pos):
             return out if expanded else None
 
-        # the generic rule's vjp of a norm gets its gradient contiguous: torch 2.13's CPU batch_norm backward (BatchNorm,
-        # InstanceNorm) gives wrong gradients for a non-contiguous one of the same shape (the output read as tokens)
-        contiguous = True if unit.rule.grads is _rules.generic_grads and unit.holds_batch_norm else None
+        # the generic rule's vjp of a norm gets its gradient contiguous: torch 2.13's CPU batch_norm backward
+        # (_BATCH_NORMS) gives wrong gradients for a non-contiguous one of the same shape (the output read as tokens)
+        contiguous = unit.rule.grads is _rules.generic_grads and unit.holds_batch_norm
 
         def sink(grads):
             if unit in state.idle:
@@ -1902,15 +1911,14 @@ class Engine:
                 grads = tuple(packing.grads(g) for g in grads)
             elif moved is not None:
                 grads = tuple(g.movedim(moved, 0) for g in grads)
-            call.grads = grads if contiguous is None else tuple(
+            call.grads = grads if not contiguous else tuple(
                 g if g is None or g.is_contiguous() else g.contiguous() for g in grads)
             unit.group.pending.append(call)
             if _ready(unit.group):
                 self._process(unit.group)
 
         tapped = self._tap(state.anchor, sink, unit.rule.grads is not _rules.generic_grads, [flat[i] for i in pos],
-                           layout=isinstance(module, (torch.nn.modules.batchnorm._BatchNorm,
-                                                      torch.nn.modules.instancenorm._InstanceNorm)))
+                           layout=isinstance(module, _BATCH_NORMS))
         if torch.is_tensor(call.out) and packing is None:  # as the tap left it (passed on in place, its version moved on)
             call.out_version = call.out._version
         if packing is not None:  # layers after it on the same rows read their samples through it
