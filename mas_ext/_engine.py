@@ -1861,10 +1861,12 @@ class Engine:
             return self._share(unit, args, kwargs, flat, spec, pos, state, versions, attributes, in_dims, out_dims)
         # The whole call is one sample's (a one-sample pass) or the batch's (per_sample=False): its rule is
         # the module's own gradient, through the generic rule, which keeps its output.
-        # per_sample=False: a batch state, rerun whole; so are inputs with the batch in a dim beside inputs of its rows
+        # per_sample=False: a batch state, rerun whole; so are a rule whose per-sample gradients do not sum to the
+        # call's (Rule.sums), and inputs with the batch in a dim beside inputs of its rows
         # flattened (the sum of the samples' gradients is the whole call's: cut by the batch dims, DBRX's experts'
         # (n, T, D) tokens beside their (n·T, k) routing crashed)
-        whole = mixed is not None or held is not None or (not self.per_sample and state.n > 1 and bool(beside))
+        whole = mixed is not None or held is not None or (not self.per_sample and state.n > 1 and (
+            bool(beside) or not unit.rule.sums(module)))
         keep = self.mode == "local" or whole or unit.rule.needs_output(module)
         if self.mode == "local":  # the output itself is the gradient, but at the padded positions
             local = tuple(_mask_positions(flat[i].detach(), state.mask,

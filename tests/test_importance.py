@@ -572,9 +572,8 @@ class _Tied(nn.Module):
 @pytest.mark.parametrize("emb", [{}, {"padding_idx": 0}, {"scale_grad_by_freq": True}], ids=str)
 @pytest.mark.parametrize("mode,per_sample", [("global", True), ("local", True), ("global", False)])
 def test_tied_embedding_and_rmsnorm_fused_equal_the_definition(mode, per_sample, emb):
-    if emb.get("scale_grad_by_freq") and not per_sample:
-        pytest.skip("per_sample=False: frequencies within a sample (Σ of per-sample gradients) or within the batch "
-                    "(the batch gradient) differ; SPEC leaves it open")
+    """per_sample=False with scale_grad_by_freq: the batch gradient's frequencies are the batch's (ReferenceMAS summed
+    per-sample gradients, each with its sample's frequencies: 140% off; Rule.sums)."""
     torch.manual_seed(0)
     model = _Tied(**emb).eval()
     x = torch.randint(0, 13, (6, 5))
@@ -583,6 +582,18 @@ def test_tied_embedding_and_rmsnorm_fused_equal_the_definition(mode, per_sample,
         mas = cls(model, mode=mode, per_sample=per_sample, show_progress=False)
         mas.accumulate([x[:4], x[4:]])
         assert_close(mas.task_importance, want, tol=1e-5)
+
+
+def test_batch_gradient_of_an_embedding_scaled_by_frequency():
+    """per_sample=False, an untied Embedding(scale_grad_by_freq) whose indices repeat across the batch: |batch
+    gradient|, each index's rows divided by its count in the batch (ReferenceMAS: in each sample, 140% off)."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Embedding(7, 5, scale_grad_by_freq=True), nn.Tanh(), nn.Linear(5, 3)).eval()
+    x = torch.randint(0, 7, (6, 6))
+    want = oracle(model, x, per_sample=False, batch=3)
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        got = cls(model, per_sample=False, show_progress=False).accumulate([x[:3], x[3:]]).task_importance
+        assert_close(got, want, tol=1e-5)
 
 
 def test_tied_fused_takes_int32_indices():

@@ -109,7 +109,10 @@ class Rule:
     # Such a call is taken by sample once a run of a batch one sample at a time agreed with it. A rule that reads them
     # as r copies of the batch's n·m rows, each n blocks (Llama 4's experts: one per expert), returns r.
     blocks: Callable = lambda module: False
-
+    # Whether the per-sample gradients ``grads`` gives sum to the gradient of the call as a whole (not an Embedding
+    # with scale_grad_by_freq: its counts are the call's). With per_sample=False a call where they do not is taken
+    # whole, one "sample" of the batch's rows.
+    sums: Callable = lambda module: True
 
 
 _TABLE = []  # (what it was registered for, matcher, rule): the newest registration first
