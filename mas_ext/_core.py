@@ -114,6 +114,22 @@ def _decoder_from_labels(net, kwargs):
     return any(k in names for k in _DECODER_INPUTS)
 
 
+def _owners(net, params):
+    """(lookup, key, value) links from ``net`` to each of ``params`` ({name: parameter}) along its name: each
+    submodule in its parent's ``_modules``, each parameter in its module's ``_parameters``, shared links once. While
+    every ``lookup(key) is value``, each name still leads to its parameter."""
+    links = {}
+    for name, p in params.items():
+        *path, leaf = name.split(".")
+        module = net
+        for part in path:
+            child = module._modules[part]
+            links[id(module), part] = (module._modules.get, part, child)
+            module = child
+        links[id(module), leaf, "p"] = (module._parameters.get, leaf, p)
+    return list(links.values())
+
+
 def _inside_another(module, entries):
     """Whether this forward of ``module`` runs inside a forward of another of ``entries`` (read off the Python
     stack, which an interrupted forward leaves as it was)."""
@@ -176,6 +192,7 @@ class ReferenceMAS:
         self.model, self.net = model, _unwrap(model)
         self.params = {n: p for n, p in self.net.named_parameters() if p.requires_grad}
         self._shapes = {n: p.shape for n, p in self.params.items()}
+        self._owners = _owners(self.net, self.params)
         if not self.params:
             raise ValueError("the model has no parameters with requires_grad=True: nothing to track")
         self._kernels_for = self._gate() if self._gate is not None else None
@@ -433,7 +450,11 @@ class ReferenceMAS:
         """A ValueError naming the tracked parameters that are no longer the model's as they were (another
         Parameter under the name, another shape, gone): ``resize_token_embeddings`` resizes the input embedding in
         place and replaces an untied head, whose Ω was then zero at the old shape and whose penalty never reached
-        the new one, without an error."""
+        the new one, without an error. Where every tracked parameter is still held where its name says, with its
+        shape (the links of :func:`_owners`: cheap enough for every optimizer step), no walk of the model."""
+        if all(held(key) is value for held, key, value in self._owners) and all(
+                p.shape == self._shapes[g] for g, p in self.params.items()):
+            return
         now = dict(self.net.named_parameters())
         changed = [f"'{g}' " + ("is gone" if g not in now else f"is another Parameter of shape {tuple(now[g].shape)}"
                                 if now[g] is not p else f"has shape {tuple(p.shape)}")
