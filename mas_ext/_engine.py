@@ -748,7 +748,7 @@ class Engine:
         self.one, self.dims = None, {}
         # the shape of the model's output (what _output picks) in that run, and where the output holds the batch,
         # learned from it on the first padded batch (_UNKNOWN until then)
-        self.one_out, self.out_dim, self.one_lens = None, _UNKNOWN, set()
+        self.one_out, self.out_dim, self.one_lens, self.one_sizes = None, _UNKNOWN, set(), set()
         # whether dim 1 of the model's output holds its positions, where the probe's shapes could not tell (a
         # classifier's K logits where K was the probed sample's length): a padded sample alone says (_out_positions)
         self.out_positions = None
@@ -1103,8 +1103,11 @@ class Engine:
                 out = self._output(self.entry(*one_args, **one_kwargs), where, check=False)
             self.one, self.dims, self.one_out, self.out_dim = seen, {}, tuple(out.shape), _UNKNOWN
             # the lengths of the sample's inputs (dim 1): an output whose dim 1 is none of them holds no positions
-            self.one_lens = {t.shape[1] for t in torch.utils._pytree.tree_flatten((one_args, one_kwargs))[0]
-                             if torch.is_tensor(t) and t.dim() > 1}
+            inputs = [t for t in torch.utils._pytree.tree_flatten((one_args, one_kwargs))[0]
+                      if torch.is_tensor(t) and t.dim() > 1]
+            self.one_lens = {t.shape[1] for t in inputs}
+            # and every size of theirs after dim 0: a layer's output with none of them holds no positions
+            self.one_sizes = {size for t in inputs for size in t.shape[1:]}
         except Exception as e:  # noqa: BLE001 - the pass itself says what is wrong with the batch
             warnings.warn(f"batch {where}: the model did not run on one sample alone ({type(e).__name__}: "
                           f"{str(e)[:200]}); where its layers' inputs hold the batch is read from their shapes, "
@@ -1144,6 +1147,19 @@ class Engine:
             in_dims[first] is not None and unit.rule.grads is _rules.generic_grads)
         blocks = first is not None and rows[0][first]
         return (None if own else tuple(flat_in[first].shape)), in_dims, out_dims, blocks, rows, first
+
+    def _out_positions_alone(self, unit, state, i, out_dims):
+        """False where the call's output ``i`` held no positions in the run of one sample of :meth:`learn_dims` (no
+        dim but its batch dim of a size of the sample's inputs: a pooled head's (1, W)), so that its padding is
+        none; True otherwise, or where not learned. A later batch padded to W tokens masked such an (n, W) output
+        as positions in l-MAS (7-21% off)."""
+        if out_dims is None or out_dims[i] is None:
+            return True
+        ones, k = self.one.get(unit, ()), state.calls[unit] - 1
+        if k >= len(ones) or ones[k][1][i] is None:
+            return True
+        shape = ones[k][1][i]
+        return any(size in self.one_sizes for d, size in enumerate(shape) if d != out_dims[i])
 
     def _calls_unlike_probe(self, calls):
         """A unit called a different number of times on the batch than on its first sample alone (its calls depend
@@ -1871,7 +1887,8 @@ class Engine:
         if self.mode == "local":  # the output itself is the gradient, but at the padded positions
             local = tuple(_mask_positions(flat[i].detach(), state.mask,
                                           out_dims[i] if out_dims is not None else None,
-                                          rows is not None and rows[1][i]) for i in pos)
+                                          rows is not None and rows[1][i])
+                          if self._out_positions_alone(unit, state, i, out_dims) else flat[i].detach() for i in pos)
             if any(g is None for g in local):
                 state.unmasked = f"the output of module '{unit.name}' ({type(module).__name__})"
                 return None

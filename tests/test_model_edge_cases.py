@@ -445,6 +445,29 @@ def test_padding_with_flattened_tokens(request, cls, mode, per_sample, multiply)
     check(request, cls, model, _padded_batches(), mode=mode, per_sample=per_sample, unpad=True)
 
 
+class PooledHead(nn.Module):
+    """Tokens mean-pooled over the mask, then a head of 7 outputs: its (n, 7) output holds no positions."""
+
+    def __init__(self, v=11, d=6, width=7):
+        super().__init__()
+        self.emb, self.mix, self.head = nn.Embedding(v, d), nn.Linear(d, d), nn.Linear(d, width)
+
+    def forward(self, input_ids, attention_mask):
+        h = torch.tanh(self.mix(self.emb(input_ids)))
+        keep = attention_mask.unsqueeze(-1).float()
+        return self.head((h * keep).sum(1) / keep.sum(1))
+
+
+@pytest.mark.parametrize("mode", ["global", "local"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_a_layer_output_as_wide_as_a_later_batchs_padding(request, cls, mode):
+    """l-MAS: a pooled head's (n, 7) output, and a later batch padded to 7 tokens. Its output looked like (n, T)
+    positions there and was masked (21% off on the head); the sample run alone first showed it holds none."""
+    torch.manual_seed(16)
+    batches = [_padded(3, 5, [5, 3, 4]), _padded(3, 7, [7, 2, 6])]
+    check(request, cls, PooledHead().eval(), batches, mode=mode, unpad=True)
+
+
 @pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
 def test_padding_with_seq_first_output(request, cls):
     """Bug 5 (seq-first): a model returning (T, n, C) given an attention_mask (n, T): ‖f(x_k)‖² must sum over
