@@ -347,7 +347,12 @@ class ReferenceMAS:
             bufs = ZeroBuffers(self.params)
             if fresh:
                 self._mean = bufs
-            self._engine.run(args, kwargs, n, bufs, where)
+            # The pass needs autograd: outside inference_mode (which an observed pipeline's forward may run in), on
+            # normal copies of inputs made inside it
+            with torch.inference_mode(False):
+                args, kwargs = torch.utils._pytree.tree_map(
+                    lambda t: t.clone() if torch.is_tensor(t) and t.is_inference() else t, (args, kwargs))
+                self._engine.run(args, kwargs, n, bufs, where)
             with _sigint_deferred():
                 # Contributions are sums of |·| (≥ 0): a buffer's sum is finite exactly when all its entries are.
                 finite = torch.isfinite(torch.stack([b.sum() for b in bufs.values()])).tolist() if bufs else []

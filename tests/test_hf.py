@@ -413,6 +413,28 @@ def test_observe_generate_takes_the_prompts(name):
     assert_close(mas.task_importance, oracle(model, prompts))
 
 
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_observe_and_accumulate_under_inference_mode(name):
+    """Served traffic runs under torch.inference_mode (as pipelines do), its inputs made there too: observe() skipped
+    every call ("Inference tensors cannot be saved for backward") and accumulate() raised. The pass runs outside it,
+    on normal copies of such inputs."""
+    model = make_model(name, seed=10)
+    torch.manual_seed(11)
+    prompts = [torch.randint(1, V, (length,)) for length in (T, 5, 7)]
+    with torch.inference_mode():
+        ids, mask = padded(prompts, "right")
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        observed, accumulated = cls(model, show_progress=False), cls(model, show_progress=False)
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with observed.observe():
+                model(input_ids=ids, attention_mask=mask)
+            accumulated.accumulate([{"input_ids": ids, "attention_mask": mask}])
+        assert observed.num_samples == accumulated.num_samples == 3
+        for mas in (observed, accumulated):
+            assert_close(mas.task_importance, oracle(model, prompts))
+
+
 def test_observe_generate_of_an_encoder_decoder_skips_its_calls():
     """T5's generate() runs the encoder itself, without gradients, and passes its output to every decoder call: a pass
     on those calls cannot reach the encoder (its Ω was 0, the samples counted). They are skipped, with a warning."""
