@@ -352,7 +352,13 @@ class ReferenceMAS:
             with torch.inference_mode(False):
                 args, kwargs = torch.utils._pytree.tree_map(
                     lambda t: t.clone() if torch.is_tensor(t) and t.is_inference() else t, (args, kwargs))
-                self._engine.run(args, kwargs, n, bufs, where)
+                try:
+                    self._engine.run(args, kwargs, n, bufs, where)
+                except RuntimeError as e:
+                    named = self._engine.dtype_error(args, kwargs, where, e)
+                    if named is None:
+                        raise
+                    raise named from e
             with _sigint_deferred():
                 # Contributions are sums of |·| (≥ 0): a buffer's sum is finite exactly when all its entries are.
                 finite = torch.isfinite(torch.stack([b.sum() for b in bufs.values()])).tolist() if bufs else []

@@ -779,7 +779,8 @@ class Engine:
 
     def batch_size(self, args, kwargs, where):
         """The number of samples n of the model call ``(args, kwargs)``, checked against the parameters'
-        device and dtype (``where`` names the batch in errors)."""
+        device (``where`` names the batch in errors). Their dtype is the model's to check: many cast their inputs
+        (a bfloat16 ViT its float32 pixel_values); where the pass fails, :meth:`dtype_error` names a mismatch."""
         x = _sample_tensor(args, kwargs)
         if x is None:
             raise TypeError(f"batch {where}: no tensor input to take the batch size from")
@@ -788,9 +789,24 @@ class Engine:
         p = next(iter(self.params.values()))
         if x.device != p.device:
             raise ValueError(f"batch {where}: input on {x.device} but the model's parameters are on {p.device}")
-        if x.is_floating_point() and x.dtype != p.dtype:
-            raise TypeError(f"batch {where}: input dtype {x.dtype} differs from the parameters' {p.dtype}")
         return x.shape[0]
+
+    def dtype_error(self, args, kwargs, where, error):
+        """A TypeError naming the batch's inputs whose dtype none of the parameters has, where the pass failed with
+        ``error`` (a RuntimeError) and there are such inputs (an int64 batch into an MLP, a float64 one into a float32
+        model): else None, and the error stands as it is."""
+        dtypes = {p.dtype for p in self.params.values()}
+        flat = torch.utils._pytree.tree_flatten((args, kwargs))[0]
+        odd = [t.dtype for t in flat if torch.is_tensor(t) and t.is_floating_point() and t.dtype not in dtypes]
+        x = _sample_tensor(args, kwargs)
+        if not odd and x is not None and not x.is_floating_point() and (
+                "dtype" in str(error) or "scalar type" in str(error)):
+            odd = [x.dtype]
+        if not odd:
+            return None
+        return TypeError(f"batch {where}: input dtype {odd[0]} differs from the parameters' "
+                         f"{', '.join(sorted(str(d) for d in dtypes))}, and the model raised on it "
+                         f"({type(error).__name__}: {str(error)[:200]})")
 
     @contextlib.contextmanager
     def session(self):

@@ -345,6 +345,33 @@ def test_output_that_is_not_a_floating_tensor(cls, mode):
         mas.accumulate(batches)
 
 
+class CastsItsInput(nn.Module):
+    """Casts its input to its weights' dtype, as Hugging Face vision models do with pixel_values."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make_model()
+
+    def forward(self, x):
+        return self.net(x.to(self.net[0].weight.dtype))
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+def test_a_model_that_casts_its_input_takes_another_dtype(cls):
+    """A bfloat16 model fed float32 inputs that it casts itself runs in PyTorch: MAS raised a TypeError before
+    running it. A dtype is named where the model raises on it (an int64 batch into an MLP: torch's bare error)."""
+    model = CastsItsInput().bfloat16().eval()
+    x = data([3])[0]
+    want = cls(model, show_progress=False).accumulate([x.bfloat16()]).task_importance
+    got = cls(model, show_progress=False).accumulate([x]).task_importance
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v)
+    mas = cls(make_model(), show_progress=False)
+    with pytest.raises(TypeError, match=r"batch 0\b.*int64.*float32.*raised"):
+        mas.accumulate([x.long()])
+    assert mas.num_samples == 0
+
+
 @pytest.mark.parametrize("cls", CLASSES, ids=IDS)
 def test_input_of_another_dtype_or_device_or_kind(cls):
     mas = cls(make_model(), show_progress=False)
