@@ -1,5 +1,6 @@
 """Checkpoints of a MAS object: the validation of a state_dict before anything is loaded, and an atomic
 file write."""
+import collections
 import json
 import os
 
@@ -10,10 +11,14 @@ CONFIG_KEYS = {"lam", "mode", "per_sample", "merge", "alpha"}
 _SECTIONS = ("importance", "star", "task_importance")  # the tensor sections, {name: tensor} each
 
 
-def validate(state_dict, params):
+IncompatibleKeys = collections.namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
+
+
+def validate(state_dict, params, strict=True):
     """Raises a ValueError listing every problem of ``state_dict`` against the tracked ``params``
-    ({name: parameter}): missing or unexpected keys and names, wrong shapes, non-finite values, an invalid
-    config. Returns nothing when it can be loaded whole."""
+    ({name: parameter}): missing or unexpected keys and names (``strict``), wrong shapes, non-finite values, an
+    invalid config. Returns the :data:`IncompatibleKeys` (the names of ``params`` it lacks, the names it has that
+    ``params`` lack) when it can be loaded whole."""
     if not isinstance(state_dict, dict) or set(state_dict) != KEYS:
         got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
         raise ValueError(f"not a mas_ext state_dict: expected keys {sorted(KEYS)}, got {got}")
@@ -22,13 +27,20 @@ def validate(state_dict, params):
         v = state_dict[k]
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             problems.append(f"{k}: expected a non-negative int, got {v!r}")
+    names = set()
     for section in _SECTIONS:
-        problems += _section_problems(section, state_dict[section], params)
+        problems += _section_problems(section, state_dict[section], params, strict)
+        if isinstance(state_dict[section], dict):
+            names |= set(state_dict[section])
     if (isinstance(state_dict["importance"], dict) and isinstance(state_dict["star"], dict)
             and set(state_dict["importance"]) != set(state_dict["star"])):
         problems.append("importance and star name different parameters")
     if problems:
-        raise ValueError("cannot load the MAS state_dict (nothing was loaded): " + "; ".join(problems))
+        names_only = all(" missing " in p or " unexpected " in p for p in problems)
+        raise ValueError("cannot load the MAS state_dict (nothing was loaded): " + "; ".join(problems) + (
+            " (a model that gained or lost parameters since: load_state_dict(..., strict=False) loads the names "
+            "both have)" if names_only else ""))
+    return IncompatibleKeys(sorted(set(params) - names), sorted(names - set(params)))
 
 
 def _config_problems(cfg):
@@ -49,15 +61,15 @@ def _config_problems(cfg):
     return problems
 
 
-def _section_problems(section, entries, params):
+def _section_problems(section, entries, params, strict=True):
     if not isinstance(entries, dict):
         return [f"{section}: expected a dict of tensors, got {type(entries).__name__}"]
     problems = []
     want = set(params) if section == "task_importance" or entries else set()
     missing, unexpected = sorted(want - set(entries)), sorted(set(entries) - set(params))
-    if missing:
+    if missing and strict:
         problems.append(f"{section}: missing {missing}")
-    if unexpected:
+    if unexpected and strict:
         problems.append(f"{section}: unexpected {unexpected}")
     for g, t in entries.items():
         if not torch.is_tensor(t):

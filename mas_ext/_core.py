@@ -114,6 +114,18 @@ def _decoder_from_labels(net, kwargs):
     return any(k in names for k in _DECODER_INPUTS)
 
 
+@contextlib.contextmanager
+def _requiring_grad(params):
+    """``params`` with requires_grad=True inside the block, set back to False after."""
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+
+
 def _owners(net, params):
     """(lookup, key, value) links from ``net`` to each of ``params`` ({name: parameter}) along its name: each
     submodule in its parent's ``_modules``, each parameter in its module's ``_parameters``, shared links once. While
@@ -193,6 +205,7 @@ class ReferenceMAS:
         self.params = {n: p for n, p in self.net.named_parameters() if p.requires_grad}
         self._shapes = {n: p.shape for n, p in self.params.items()}
         self._owners = _owners(self.net, self.params)
+        self._untracked_said = ()
         if not self.params:
             raise ValueError("the model has no parameters with requires_grad=True: nothing to track")
         self._kernels_for = self._gate() if self._gate is not None else None
@@ -214,6 +227,7 @@ class ReferenceMAS:
         count then stay as they were after the last whole batch (also on KeyboardInterrupt).
         """
         self._check_params("accumulate()")
+        self._warn_untracked("accumulate()")
         total = len(batches) if hasattr(batches, "__len__") else None
         if total == 0:
             raise ValueError("accumulate() got no data: the iterable of batches is empty")
@@ -348,8 +362,10 @@ class ReferenceMAS:
             if fresh:
                 self._mean = bufs
             # The pass needs autograd: outside inference_mode (which an observed pipeline's forward may run in), on
-            # normal copies of inputs made inside it
-            with torch.inference_mode(False):
+            # normal copies of inputs made inside it, and gradients of tracked parameters frozen since (a backbone
+            # frozen for the next task: its Ω is still its importance for this task's function)
+            frozen = [p for p in self.params.values() if not p.requires_grad]
+            with torch.inference_mode(False), _requiring_grad(frozen):
                 args, kwargs = torch.utils._pytree.tree_map(
                     lambda t: t.clone() if torch.is_tensor(t) and t.is_inference() else t, (args, kwargs))
                 try:
@@ -421,6 +437,7 @@ class ReferenceMAS:
         alpha = self.alpha if alpha is None else float(alpha)
         self._check_merge(merge, alpha)
         self._check_params("consolidate()")
+        self._warn_untracked("consolidate()")
         means, count = self.task_importance, self._count
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             means, count = self._all_reduce(means, count)
@@ -478,6 +495,20 @@ class ReferenceMAS:
                          f"{type(self).__name__} for the model as it is now (resize_token_embeddings resizes or "
                          "replaces the embeddings), and carry Ω over for the parameters that kept their shape")
 
+    def _warn_untracked(self, what):
+        """Warns once per set of names about trainable parameters the MAS does not track (added since it was built:
+        a new head for the next task; or unfrozen since): they get no Ω and no penalty."""
+        tracked = {id(p) for p in self.params.values()}
+        new = [g for g, p in self.net.named_parameters() if p.requires_grad and id(p) not in tracked]
+        if not new or tuple(new) == self._untracked_said:
+            return
+        self._untracked_said = tuple(new)
+        name = type(self).__name__
+        warnings.warn(f"{what}: {len(new)} trainable parameters are not tracked ({', '.join(new[:4])}"
+                      f"{', …' if len(new) > 4 else ''}): added or unfrozen since the {name} was built, they get no "
+                      f"importance and no penalty. To track them, build a new {name} for the model as it is and "
+                      "carry this one's over with new.load_state_dict(old.state_dict(), strict=False)", stacklevel=3)
+
     def penalty(self):
         """R(θ) = λ Σ Ω (θ − θ*)² as a differentiable float32 scalar (zero before the first task)."""
         terms = [(om * (p.float() - star.float()).pow(2)).sum() for p, om, star in self.penalty_state()]
@@ -487,9 +518,12 @@ class ReferenceMAS:
 
     def add_penalty_grad_(self):
         """p.grad += 2λΩ(θ−θ*) in place for every tracked parameter (a zero .grad is created where
-        there is none): the penalty's gradient for any optimizer."""
+        there is none; none for a parameter frozen since, as autograd gives it none): the penalty's gradient for
+        any optimizer."""
         with torch.no_grad():
             for p, om, star in self.penalty_state():
+                if not p.requires_grad:
+                    continue
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 p.grad.add_((2.0 * self.lam * om * (p.float() - star.float())).to(p.grad.dtype))
@@ -508,10 +542,18 @@ class ReferenceMAS:
             "num_tasks": self.num_tasks,
         }
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict, strict=True):
         """Loads a :meth:`state_dict` whole or not at all: missing or unexpected names, wrong shapes or
-        non-finite values raise a ValueError that lists them."""
-        _checkpoint.validate(state_dict, self.params)
+        non-finite values raise a ValueError that lists them.
+
+        ``strict=False`` carries a state over to a model that gained or lost parameters (a new head for the next
+        task): parameters the state does not name start with no importance (no penalty until a task consolidates
+        them), names the model lacks are left out; shapes and values are still checked. Returns the
+        ``(missing_keys, unexpected_keys)`` named tuple, as ``nn.Module.load_state_dict`` does."""
+        keys = _checkpoint.validate(state_dict, self.params, strict)
+        if not strict:
+            known = lambda section: {g: t for g, t in state_dict[section].items() if g in self.params}  # noqa: E731
+            state_dict = {**state_dict, **{k: known(k) for k in ("importance", "star", "task_importance")}}
         cfg = state_dict["config"]
         self.lam, self.mode, self.per_sample = float(cfg["lam"]), cfg["mode"], bool(cfg["per_sample"])
         self.merge, self.alpha = cfg["merge"], float(cfg["alpha"])
@@ -524,6 +566,7 @@ class ReferenceMAS:
         self._star = placed("star")
         self._mean = ZeroBuffers(self.params, placed("task_importance", torch.float32))
         self._count, self.num_tasks = int(state_dict["num_samples"]), int(state_dict["num_tasks"])
+        return keys
 
     def save(self, path):
         """Writes :meth:`state_dict` to ``path`` atomically (a temporary file, fsync, then rename): a crash
@@ -531,9 +574,10 @@ class ReferenceMAS:
         config and counts in its metadata), shareable without pickle; otherwise torch.save's format."""
         _checkpoint.write(self.state_dict(), path)
 
-    def load(self, path):
-        """Loads a file written by :meth:`save` (either format), whole or not at all."""
-        self.load_state_dict(_checkpoint.read(path))
+    def load(self, path, strict=True):
+        """Loads a file written by :meth:`save` (either format), whole or not at all (``strict``: as in
+        :meth:`load_state_dict`)."""
+        self.load_state_dict(_checkpoint.read(path), strict)
         return self
 
     def __repr__(self):
@@ -583,7 +627,7 @@ class FusedMAS(ReferenceMAS):
     def add_penalty_grad_(self):
         """p.grad += 2λΩ(θ−θ*) as :meth:`ReferenceMAS.add_penalty_grad_`, in one multi-tensor kernel where the
         parameters' device has one."""
-        state = self.penalty_state()
+        state = [(p, om, star) for p, om, star in self.penalty_state() if p.requires_grad]
         if not state or not _ops.available("add_penalty_grad_") or not self._kernels_for([p for p, _, _ in state]):
             return super().add_penalty_grad_()
         with torch.no_grad():

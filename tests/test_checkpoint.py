@@ -184,6 +184,36 @@ def test_missing_unexpected_and_wrong_shapes_all_listed(cls):
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+def test_a_model_that_gained_a_head_takes_the_state_with_strict_false(cls):
+    """The paper's task-incremental setting: a head added for task 2 after the MAS was built was untracked without a
+    word (no Ω, no penalty), and a new MAS for the grown model refused the old state (its names missing). accumulate()
+    warns, naming it; load_state_dict(strict=False) carries Ω, θ* and Ω_t over by name, and the new head starts with
+    none. Shapes are still checked."""
+    model = make_model()
+    old = busy(cls, model)
+    model.append(nn.Linear(2, 2))
+    with pytest.warns(UserWarning, match=r"2 trainable parameters are not tracked \(6.weight, 6.bias\).*strict=False"):
+        old.accumulate(batches([2], 4))
+    sd = old.state_dict()
+    new = cls(model, show_progress=False)
+    msg = _refused(new, sd, "missing", "6.weight", "strict=False")
+    keys = new.load_state_dict(sd, strict=False)
+    assert keys.missing_keys == ["6.bias", "6.weight"] and keys.unexpected_keys == []
+    for section in ("importance", "star", "task_importance"):
+        for g, t in sd[section].items():
+            torch.testing.assert_close(new.state_dict()[section][g], t)
+    assert "6.weight" not in new.importance and not new.task_importance["6.weight"].any()
+    assert (new.lam, new.merge, new.alpha, new.num_samples, new.num_tasks) == (
+        old.lam, old.merge, old.alpha, old.num_samples, old.num_tasks)
+    torch.testing.assert_close(new.penalty(), old.penalty())
+    # and back: the grown state into a MAS of the model without the head (an unexpected name)
+    smaller = cls(make_model(), show_progress=False)
+    keys = smaller.load_state_dict(new.state_dict(), strict=False)
+    assert keys.missing_keys == [] and keys.unexpected_keys == ["6.bias", "6.weight"]
+    assert "strict" not in _refused(cls(make_model(out=3), show_progress=False), sd, "(2, 4)")  # shapes: no hint
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
 def test_nonfinite_importance_or_star_refused(cls):
     src = busy(mas_ext.FusedMAS)
     for section, name, bad in [("importance", "3.weight", float("nan")), ("importance", "0.bias", float("inf")),

@@ -596,6 +596,29 @@ def test_batch_gradient_of_an_embedding_scaled_by_frequency():
         assert_close(got, want, tol=1e-5)
 
 
+@pytest.mark.parametrize("cls", [mas_ext.ReferenceMAS, mas_ext.FusedMAS], ids=["reference", "fused"])
+def test_parameters_frozen_after_the_mas_was_built(cls):
+    """A layer frozen for the next task after the MAS was built stays tracked: its Ω was 0 for that task's samples
+    (no gradient reached it; merge="ema" then shrank its Ω); it is its importance for the task's function, as for the
+    others. add_penalty_grad_() gave it a .grad, which a plain optimizer then applied to the frozen weights; it gets
+    none, as from autograd. requires_grad stays as the user set it."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    x = torch.randn(6, 4, 5)
+    want = oracle(model, x)
+    mas = cls(model, show_progress=False)
+    model[0].requires_grad_(False)
+    mas.accumulate([x[:4], x[4:]])
+    assert_close(mas.task_importance, want, tol=1e-5)
+    assert not model[0].weight.requires_grad and model[2].weight.requires_grad
+    mas.consolidate()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    mas.add_penalty_grad_()
+    assert model[0].weight.grad is None and model[0].bias.grad is None and model[2].weight.grad is not None
+
+
 def test_tied_fused_takes_int32_indices():
     """nn.Embedding takes int32 indices; the tied kernel's indices are made int64 for it."""
     torch.manual_seed(1)
