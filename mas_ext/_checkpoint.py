@@ -56,7 +56,7 @@ def _config_problems(cfg):
         problems.append(f"config.per_sample: {cfg['per_sample']!r} is not a bool")
     for k in ("lam", "alpha"):
         v = cfg[k] if isinstance(cfg[k], (int, float)) and not isinstance(cfg[k], bool) else float("nan")
-        if not abs(v) < float("inf") or (k == "alpha" and not 0.0 <= v <= 1.0):
+        if not abs(v) < float("inf") or v < 0 or (k == "alpha" and v > 1.0):
             problems.append(f"config.{k}: invalid value {cfg[k]!r}")
     return problems
 

@@ -78,8 +78,26 @@ def _sigint_deferred():
 
 def _engine_setting(name, doc):
     """A MAS setting that its engine reads at every pass (so a change, as by load_state_dict, applies)."""
-    return property(lambda self: getattr(self._engine, name), lambda self, v: setattr(self._engine, name, v),
-                    doc=doc)
+    def set_(self, value):
+        setattr(self._engine, name, _checked(name, value))
+
+    return property(lambda self: getattr(self._engine, name), set_, doc=doc)
+
+
+def _checked(name, value):
+    """``value`` of the setting ``name`` as it is kept, or a ValueError (TypeError) naming a ``mode`` that is not
+    "global" or "local", a ``per_sample`` that is not a bool (or 0/1), a ``lam`` that is not a finite number ≥ 0."""
+    if name == "mode" and value not in ("global", "local"):
+        raise ValueError(f"mode must be 'global' or 'local', got {value!r}")
+    if name == "per_sample":
+        if not isinstance(value, numbers.Integral) or value not in (0, 1):
+            raise TypeError(f"per_sample must be True or False, got {value!r}")
+        return bool(value)
+    if name == "lam":
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < float("inf"):
+            raise ValueError(f"lam must be a finite number >= 0, got {value!r}")
+        return float(value)
+    return value
 
 
 _PLAIN = (numbers.Number, str, bytes, torch.dtype, torch.device, type(None))
@@ -194,10 +212,18 @@ class ReferenceMAS:
     per_sample = _engine_setting("per_sample", "True: |·| per sample (the paper); False: |batch gradient|.")
     output_fn = _engine_setting("output_fn", "Picks the tensor whose squared norm is taken, or None.")
 
+    @property
+    def lam(self):
+        """λ of the penalty (a finite float >= 0; a ValueError otherwise)."""
+        return self._lam
+
+    @lam.setter
+    def lam(self, value):
+        self._lam = _checked("lam", value)
+
     def __init__(self, model, lam=1.0, mode="global", per_sample=True, output_fn=None, merge="sum", alpha=0.5,
                  show_progress=True):
-        if mode not in ("global", "local"):
-            raise ValueError(f"mode must be 'global' or 'local', got {mode!r}")
+        mode, per_sample, lam = (_checked(k, v) for k, v in (("mode", mode), ("per_sample", per_sample), ("lam", lam)))
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self._check_merge(merge, alpha)
@@ -209,7 +235,7 @@ class ReferenceMAS:
         if not self.params:
             raise ValueError("the model has no parameters with requires_grad=True: nothing to track")
         self._kernels_for = self._gate() if self._gate is not None else None
-        self._engine = Engine(self.net, self.params, mode, bool(per_sample), output_fn, self._kernels_for)
+        self._engine = Engine(self.net, self.params, mode, per_sample, output_fn, self._kernels_for)
         self.lam, self.merge, self.alpha, self.show_progress = float(lam), merge, float(alpha), show_progress
         # Ω_t as running means (read without a copy) over _count samples; made on first use
         self._mean = ZeroBuffers(self.params)
@@ -226,6 +252,10 @@ class ReferenceMAS:
         FloatingPointError naming a batch whose output or gradients are not finite; Ω and the sample
         count then stay as they were after the last whole batch (also on KeyboardInterrupt).
         """
+        if torch.is_tensor(batches):
+            raise TypeError(f"accumulate() takes an iterable of batches, got one tensor of shape {tuple(batches.shape)} "
+                            "(iterated, its rows would be batches, each of its dim 1 as samples): pass [x] for one "
+                            "batch, or a DataLoader")
         self._check_params("accumulate()")
         self._warn_untracked("accumulate()")
         total = len(batches) if hasattr(batches, "__len__") else None

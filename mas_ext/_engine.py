@@ -87,6 +87,30 @@ def _mask_positions(t, mask, dim=None, rows=False):
 _DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds")
 
 
+# Hugging Face inputs the pass reads by name (padding, an encoder-decoder's decoder): passed positionally, as in
+# model(ids, mask), they are bound to their names first (_by_name)
+_NAMED_INPUTS = ("attention_mask", "decoder_input_ids", "decoder_attention_mask", "decoder_inputs_embeds",
+                 "token_type_ids", "position_ids")
+
+
+def _by_name(module, args, kwargs):
+    """The same call of ``module`` with its positional arguments from the first of :data:`_NAMED_INPUTS` on passed by
+    keyword (``model(ids, mask)``: its padding was not read, 11-61% off), where its forward's signature binds them so;
+    else as it is."""
+    if len(args) < 2:
+        return args, kwargs
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())[:len(args)]
+    except (TypeError, ValueError):
+        return args, kwargs
+    plain = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    first = next((i for i, p in enumerate(params) if i > 0 and p.name in _NAMED_INPUTS), None)
+    if (first is None or len(params) < len(args) or any(p.kind is not plain for p in params)
+            or any(p.name in kwargs for p in params[first:])):
+        return args, kwargs
+    return args[:first], {**{p.name: a for p, a in zip(params[first:], args[first:])}, **kwargs}
+
+
 def _padding(kwargs, n):
     """(the (n, T) attention_mask of a batch's inputs, the mask of the model's output), each None where there is none
     or it marks no padding: an encoder-decoder model's output is the decoder's, whose positions are those that
@@ -742,6 +766,7 @@ class Engine:
         self.uneven_said = False  # the warning for batches whose routing took some tokens more often than others
         self.rows_said = False  # the warning for samples whose rows of tokens are still padded alone (_padded_rows)
         self.nograd_said = set()  # units warned of running with gradients disabled in a g-MAS pass (_record)
+        self.generic_said = set()  # FusedMAS: the module classes warned of having no fused rule (units)
         self.alone_rows = None  # while a batch's check runs its samples alone: {unit: the rows its gathers took}
         # learn_dims: {unit: [(input shapes, output shapes) of each call]} in a run of one sample alone (False where the
         # model failed so: batch dims are read from shapes then), and {unit: [(in_dims, out_dims, rows) of each call]}
@@ -775,7 +800,20 @@ class Engine:
             for u in self._plan[1]:
                 for g in u.names.values():
                     self._owners.setdefault(id(self.params[g]), (g, []))[1].append(u)
+            self._say_generic()
         return self._plan[1]
+
+    def _say_generic(self):
+        """FusedMAS (SPEC §2: the reference path with a warning where no kernel applies): one warning naming the
+        module classes of its units that no fused rule covers, once per class."""
+        if self.kernels is None:
+            return
+        classes = sorted({type(u.module).__name__ for u in self._plan[1] if u.rule.fused is None} - self.generic_said)
+        if classes:
+            self.generic_said.update(classes)
+            warnings.warn(f"FusedMAS: no fused kernel applies to {', '.join(classes)}: their parameters' importance "
+                          "takes the reference path (torch.func per-sample gradients), exact and slower; "
+                          "mas_ext.register_rule gives a layer its own", stacklevel=7)
 
     def batch_size(self, args, kwargs, where):
         """The number of samples n of the model call ``(args, kwargs)``, checked against the parameters'
@@ -933,6 +971,7 @@ class Engine:
         zero): a batch in which a unit turns out to run more than once is redone from zero, and one in
         which a unit's input rows are no sample's own (per_sample) is run one sample at a time. Padding
         marked by an (n, T) ``attention_mask`` keyword (or a multiple-choice head's (n, C, T)) is left out."""
+        args, kwargs = _by_name(self.entry, args, kwargs)
         if kwargs.get("use_cache"):  # as the configs' (session): the pass keeps no cache
             kwargs = {**kwargs, "use_cache": False}
         if n > 1 and self.by_sample:
@@ -1563,6 +1602,9 @@ class Engine:
             logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
             out = logits if torch.is_tensor(logits) else out
         if not torch.is_tensor(out):
+            if self.output_fn is not None:
+                raise TypeError(f"batch {where}: output_fn returned {type(out).__name__}, not a tensor: it must pick "
+                                "the tensor whose norm MAS takes")
             raise TypeError(f"batch {where}: the model returned {type(out).__name__}, not a tensor or an output "
                             "with a `logits` field; pass output_fn= to pick the tensor whose norm MAS takes")
         if not out.is_floating_point():

@@ -158,20 +158,24 @@ class _MASStep:
 
     def _check_stability(self, terms, scale):
         """SGD on the penalty alone is gradient descent on a quadratic of curvature 2λΩ: it overshoots when
-        lr · 2λ · max Ω ≥ 2 (≥ 2(1 + momentum) with momentum). Warns once per consolidated task, naming the
-        largest stable λ (Adam's steps are normalised by their second moment: no such bound)."""
+        lr · 2λ · max Ω ≥ 2 (≥ 2(1 + momentum) with momentum). Checked at every step (an lr warm-up, λ raised within
+        a task), against each group's max Ω read once per task; warns once per consolidated task, naming the largest
+        stable λ (Adam's steps are normalised by their second moment: no such bound)."""
         if not isinstance(self, torch.optim.SGD):
             return
-        key = (id(self.mas), getattr(self.mas, "num_tasks", 0))
-        if self.__dict__.get("_mas_checked") == key:
+        key = (id(self.mas), getattr(self.mas, "num_tasks", 0), len(self.param_groups))
+        checked = self.__dict__.get("_mas_checked")
+        if checked is None or checked[0] != key:  # max Ω of each group, read once per task (lr and λ at every step)
+            tracked = {i: float(om.max()) for i, (_, om, _) in terms.items() if om.numel()}
+            checked = self._mas_checked = [key, [max((tracked.get(id(p), 0.0) for p in group["params"]), default=0.0)
+                                                 for group in self.param_groups], False]
+        if checked[2]:  # warned in this task
             return
-        self._mas_checked = key
-        tracked = {i: float(om.max()) for i, (_, om, _) in terms.items() if om.numel()}
-        for group in self.param_groups:
-            top = max((tracked.get(id(p), 0.0) for p in group["params"]), default=0.0)
+        for group, top in zip(self.param_groups, checked[1]):
             lr, momentum = float(group["lr"]), float(group.get("momentum") or 0.0)
             limit = 2.0 * (1.0 + momentum)
             if top > 0 and lr * scale * top >= limit:
+                checked[2] = True
                 lam = scale / 2
                 warnings.warn(
                     f"mas_ext.optim.SGD: lr · 2λ · max Ω = {lr:g} · {scale:g} · {top:.4g} = {lr * scale * top:.3g} "

@@ -5,6 +5,7 @@ training flags, ``.grad`` and ``requires_grad`` as they were, no hook behind, an
 on afterwards gives what a run without the failure gives.
 """
 import signal
+import warnings
 
 import pytest
 import torch
@@ -414,3 +415,70 @@ def test_load_state_dict_refuses_nonfinite_importance_or_star(cls):
         assert all(torch.equal(dst.star[k], v) for k, v in star.items())
     dst.load_state_dict(src.state_dict())  # the clean one loads
     assert all(torch.equal(dst.importance[k], v) for k, v in src.importance.items())
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+def test_settings_are_checked_when_set(cls):
+    """mode, per_sample and λ were checked by the constructor only (mode only): mas.mode = "Local" made every Ω 0
+    while samples were counted, per_sample="False" was True, λ = NaN, inf or < 0 gave a NaN or inf penalty (and a
+    checkpoint that its own load refused)."""
+    mas = cls(make_model(), show_progress=False)
+    with pytest.raises(ValueError, match="mode must be 'global' or 'local', got 'Local'"):
+        mas.mode = "Local"
+    with pytest.raises(TypeError, match="per_sample must be True or False, got 'False'"):
+        mas.per_sample = "False"
+    with pytest.raises(TypeError, match="per_sample"):
+        cls(make_model(), per_sample="False")
+    for lam in (float("nan"), float("inf"), -1.0, "1"):
+        with pytest.raises(ValueError, match="lam must be a finite number >= 0"):
+            mas.lam = lam
+        with pytest.raises(ValueError, match="lam must be a finite number >= 0"):
+            cls(make_model(), lam=lam)
+    assert (mas.mode, mas.per_sample, mas.lam) == ("global", True, 1.0)
+    mas.per_sample, mas.lam = 0, 2
+    assert mas.per_sample is False and mas.lam == 2.0
+    sd = mas.state_dict()
+    sd["config"]["lam"] = -1.0
+    with pytest.raises(ValueError, match="config.lam"):
+        mas.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+def test_a_tensor_passed_as_the_batches_is_named(cls):
+    """accumulate(x) iterated the tensor: its rows became batches, and dim 1 the samples (an (N, T) id tensor counted
+    N·T samples, 83% off; an MLP raised a bare reshape error)."""
+    mas = cls(make_model(), show_progress=False)
+    x = data([5])[0]
+    with pytest.raises(TypeError, match=r"iterable of batches, got one tensor of shape \(5, 4, 6\).*\[x\]"):
+        mas.accumulate(x)
+    assert mas.num_samples == 0
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+def test_output_fn_that_returns_no_tensor_is_named(cls):
+    mas = cls(TupleOut(), output_fn=lambda out: out[:1], show_progress=False)
+    with pytest.raises(TypeError, match=r"batch 0\b: output_fn returned tuple, not a tensor"):
+        mas.accumulate(data([2]))
+
+
+def test_fused_names_the_layers_no_kernel_covers():
+    """SPEC §2: FusedMAS takes the reference path with a warning where no kernel applies; an nn.Bilinear or a GRU took
+    it without one. Once per class; none for layers of the table."""
+    torch.manual_seed(0)
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.bi = nn.Linear(6, 6), nn.Bilinear(6, 6, 3)
+
+        def forward(self, x):
+            return self.bi(self.lin(x), x)
+
+    with pytest.warns(UserWarning, match="no fused kernel applies to Bilinear.*reference path") as caught:
+        mas = mas_ext.FusedMAS(Pair(), show_progress=False).accumulate(data([3, 2]))
+    assert len([w for w in caught if "no fused kernel" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mas_ext.FusedMAS(make_model(), show_progress=False).accumulate(data([3]))
+        mas_ext.ReferenceMAS(Pair(), show_progress=False).accumulate(data([3]))
+    assert mas.num_samples == 5

@@ -445,6 +445,24 @@ def test_padding_with_flattened_tokens(request, cls, mode, per_sample, multiply)
     check(request, cls, model, _padded_batches(), mode=mode, per_sample=per_sample, unpad=True)
 
 
+@pytest.mark.parametrize("mode", ["global", "local"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_observe_a_mask_passed_positionally(request, cls, mode):
+    """observe() around model(ids, mask): the padding was read from a keyword attention_mask only, so a positional one
+    was no padding (11% off in g-MAS, 61% in l-MAS). Positional inputs the pass reads by name are bound to their names
+    by the forward's signature."""
+    torch.manual_seed(17)
+    model = FlatPadded(multiply=True).eval()
+    batches = _padded_batches()
+    want = oracle(model, batches, mode=mode, unpad=True)
+    mas = cls(model, mode=mode, show_progress=False)
+    with mas.observe():
+        for b in batches:
+            model(b["input_ids"], b["attention_mask"])
+    assert mas.num_samples == 7
+    assert_close(mas.task_importance, want)
+
+
 class PooledHead(nn.Module):
     """Tokens mean-pooled over the mask, then a head of 7 outputs: its (n, 7) output holds no positions."""
 

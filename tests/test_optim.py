@@ -595,3 +595,28 @@ def test_sgd_warns_once_per_task_when_the_penalty_step_overshoots(momentum):
     mas.consolidate()  # a new task: checked again
     assert len(steps(opt, 1)) <= 1
     assert steps(mas_ext.optim.Adam(model.parameters(), lr=10.0, mas=mas)) == []
+
+
+def test_sgd_stability_checked_at_every_step_of_a_warm_up():
+    """An lr warm-up (or λ raised within a task) that crosses the bound after the task's first step: the check ran on
+    that first step only, and θ diverged from θ* without a warning. It runs at every step (max Ω read once per task),
+    and still warns once per task."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    mas = mas_ext.FusedMAS(model, lam=1.0, show_progress=False)
+    mas.accumulate([torch.randn(8, 4)]).consolidate()
+    top = max(float(om.max()) for om in mas.importance.values())
+    lr = 3.0 / (2 * top)  # lr · 2λ · max Ω = 3 at the end of the warm-up
+    opt = mas_ext.optim.SGD(model.parameters(), lr=lr, mas=mas)
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(8):
+            opt.zero_grad()
+            model(torch.randn(2, 4)).pow(2).sum().backward()
+            opt.step()
+            warm.step()
+    found = [str(w.message) for w in caught if "overshoots" in str(w.message)]
+    assert len(found) == 1, found
