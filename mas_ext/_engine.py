@@ -1155,23 +1155,25 @@ class Engine:
         try:
             with torch.no_grad():
                 one_args, one_kwargs = _one_sample(args, kwargs, n, 0)
-                out = self._output(self.entry(*one_args, **one_kwargs), where, check=False)
-            self.one, self.dims, self.one_out, self.out_dim = seen, {}, tuple(out.shape), _UNKNOWN
-            # the lengths of the sample's inputs (dim 1): an output whose dim 1 is none of them holds no positions
-            inputs = [t for t in torch.utils._pytree.tree_flatten((one_args, one_kwargs))[0]
-                      if torch.is_tensor(t) and t.dim() > 1]
-            self.one_lens = {t.shape[1] for t in inputs}
-            # and every size of theirs after dim 0: a layer's output with none of them holds no positions
-            self.one_sizes = {size for t in inputs for size in t.shape[1:]}
+                raw = self.entry(*one_args, **one_kwargs)
         except Exception as e:  # noqa: BLE001 - the pass itself says what is wrong with the batch
             warnings.warn(f"batch {where}: the model did not run on one sample alone ({type(e).__name__}: "
                           f"{str(e)[:200]}); where its layers' inputs hold the batch is read from their shapes, "
                           "which cannot tell a dim of size n shared by the samples", stacklevel=4)
             self.one = False
+            return
         finally:
             self._probing = False
             for h in handles:
                 h.remove()
+        out = self._output(raw, where, check=False)  # an output MAS cannot use: the batch's error, as it is
+        self.one, self.dims, self.one_out, self.out_dim = seen, {}, tuple(out.shape), _UNKNOWN
+        # the lengths of the sample's inputs (dim 1): an output whose dim 1 is none of them holds no positions
+        inputs = [t for t in torch.utils._pytree.tree_flatten((one_args, one_kwargs))[0]
+                  if torch.is_tensor(t) and t.dim() > 1]
+        self.one_lens = {t.shape[1] for t in inputs}
+        # and every size of theirs after dim 0: a layer's output with none of them holds no positions
+        self.one_sizes = {size for t in inputs for size in t.shape[1:]}
 
     def _call_dims(self, unit, module, args, kwargs, flat_out, state):
         """(the shape of the call's first input where its rows are not the batch's samples, else None; the batch

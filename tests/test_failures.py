@@ -329,9 +329,10 @@ class IntOut(nn.Module):
 def test_output_that_is_not_a_floating_tensor(cls, mode):
     batches = data([3, 2])
     mas = cls(TupleOut(), mode=mode, show_progress=False)
-    with pytest.raises(TypeError, match=r"batch 0\b.*tuple.*output_fn"):
+    with pytest.raises(TypeError, match=r"batch 0\b.*tuple.*output_fn"), warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
         mas.accumulate(batches)
-    assert mas.num_samples == 0
+    assert mas.num_samples == 0 and not said, [str(w.message) for w in said]  # no warning about another cause first
     # with output_fn it works, and equals the plain model
     mas = cls(TupleOut(), mode=mode, output_fn=lambda out: out[0], show_progress=False).accumulate(batches)
     want = after(cls, mode, batches)
