@@ -91,7 +91,7 @@ def write(state_dict, path):
     try:
         with open(tmp, "wb") as f:
             if path.endswith(".safetensors"):
-                f.write(_safetensors_bytes(state_dict))
+                f.write(_safetensors_bytes(state_dict, path))
             else:
                 torch.save(state_dict, f)
             f.flush()
@@ -108,6 +108,7 @@ def read(path):
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
         return torch.load(path, map_location="cpu", weights_only=True)
+    _require_safetensors(path)
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -129,7 +130,17 @@ def read(path):
     return {**state, **meta}
 
 
-def _safetensors_bytes(state_dict):
+def _require_safetensors(path):
+    """An ImportError saying what to install where ``path`` asks for a safetensors file without the package."""
+    try:
+        import safetensors  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"{path}: a .safetensors file needs the safetensors package (pip install safetensors); "
+                          "any other name writes torch.save's format") from e
+
+
+def _safetensors_bytes(state_dict, path):
+    _require_safetensors(path)
     from safetensors.torch import save
 
     tensors = {f"{section}/{name}": t.detach().cpu().contiguous()

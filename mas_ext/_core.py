@@ -200,8 +200,9 @@ class ReferenceMAS:
             layer's own output in place of the back-propagated gradient).
         per_sample: True (the paper's definition, |·| per sample) or False (the |batch gradient|
             approximation of the existing libraries, for comparison).
-        output_fn: picks the tensor whose squared norm is taken when the model returns a
-            tuple/dict (called with the model's output).
+        output_fn: picks the tensor whose squared norm is taken (called with the model's output). Default:
+            the output itself where it is a tensor, else its ``logits`` field (a Hugging Face ``ModelOutput``,
+            a dict); any other output (a tuple) is a TypeError naming output_fn.
         merge, alpha: defaults of :meth:`consolidate`.
         show_progress: a tqdm bar over batches in :meth:`accumulate` when the data has a length.
     """
@@ -245,8 +246,9 @@ class ReferenceMAS:
 
     # ------------------------------------------------------------------ the importance pass
     def accumulate(self, batches, show_progress=None):
-        """Adds the per-sample importance of every sample in ``batches`` (tensors, or tuples whose first
-        element is the input; labels are ignored). Returns self.
+        """Adds the per-sample importance of every sample in ``batches``, an iterable of batches: tensors
+        (``model(x)``), (x, y, ...) tuples or lists (``model(x)``, the rest ignored as labels), or dicts of model
+        keyword arguments (``model(**batch)``, ``labels`` dropped). Returns self.
 
         Raises ValueError on empty data, TypeError on an output that is not a floating tensor, and
         FloatingPointError naming a batch whose output or gradients are not finite; Ω and the sample
@@ -649,8 +651,9 @@ class _KernelGate:
 class FusedMAS(ReferenceMAS):
     """The same API as :class:`ReferenceMAS`, with Linear/Conv importance in compiled kernels that never
     hold per-sample gradients, and the penalty gradient in one multi-tensor kernel. Where no kernel
-    applies (no build, ``MAS_EXT_BACKEND=reference``, a device without kernels) it takes the reference
-    path with a one-time warning; results equal the reference to float32 rounding."""
+    applies (no build, a device without kernels, a layer no fused rule covers) it takes the reference
+    path with a one-time warning (none where ``MAS_EXT_BACKEND=reference`` asks for it); results equal the
+    reference to float32 rounding."""
 
     _gate = _KernelGate
 
