@@ -20,7 +20,7 @@ import torch.nn as nn
 from tqdm.autonotebook import tqdm  # not tqdm.auto, whose asyncio class calls iter() on the data twice
 
 from . import _checkpoint, _ops
-from ._engine import _DECODER_INPUTS, Engine, ZeroBuffers, ours
+from ._engine import _DECODER_INPUTS, Engine, ZeroBuffers, ours, pass_running
 
 __all__ = ["ReferenceMAS", "FusedMAS", "backend"]
 
@@ -296,7 +296,7 @@ class ReferenceMAS:
 
         @torch.compiler.disable  # inside a compiled model: run as it is, after the compiled part (it reads the stack)
         def hook(module, args, kwargs, output):
-            if self._engine.running or _inside_another(module, entries):  # that outer call is the one observed
+            if pass_running() or _inside_another(module, entries):  # a pass's call, or the outer call is observed
                 return
             where = f"observed #{calls[0]}"
             calls[0] += 1
@@ -339,12 +339,12 @@ class ReferenceMAS:
 
         @ours
         def pre_hook(module, args, kwargs):  # whether its caches are empty, before the call fills them
-            if not self._engine.running:
+            if not pass_running():
                 empty_caches[id(module)] = _empty_caches(args, kwargs)
 
         @ours
         def ran(module, args):
-            if not self._engine.running:
+            if not pass_running():
                 layers_ran[0] = True
 
         tracked = {id(p) for p in self.params.values()}

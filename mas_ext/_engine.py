@@ -21,6 +21,7 @@ import contextlib
 import functools
 import gc
 import inspect
+import threading
 import warnings
 from collections.abc import Mapping
 
@@ -411,6 +412,15 @@ def _learned_dims(flat_in, flat_out, one, n, preferred, padded=False):
     rows = tuple([a is not None and b is not None and len(a) > 0 and a[0] == n * b[0] and a[1:] == b[1:]
                   for a, b in zip(f, o)] for f, o in zip(shapes, one))
     return in_dims, out_dims, rows
+
+
+_SESSIONS = threading.local()  # .open: how many Engine.session()s, of any MAS, are open in this thread
+
+
+def pass_running():
+    """Whether an importance pass of any MAS runs in this thread: the model calls it makes are no user's (another
+    MAS observing the same model took them for traffic: 2-4× the samples, Ω far off)."""
+    return getattr(_SESSIONS, "open", 0) > 0
 
 
 _UNKNOWN = object()  # a batch dim not learned yet
@@ -866,10 +876,12 @@ class Engine:
         # Compiled submodules run eagerly: a compiled graph does not run the taps' backward as eager does
         # (g-MAS through a torch.compile'd forward gave wrong Ω).
         eager = getattr(torch.compiler, "set_stance", None)
+        _SESSIONS.open = getattr(_SESSIONS, "open", 0) + 1
         try:
             with eager("force_eager") if eager is not None else contextlib.nullcontext():
                 yield
         finally:
+            _SESSIONS.open -= 1
             self._uninstall()
             torch.backends.mha.set_fastpath_enabled(fastpath)
             for c in configs.values():

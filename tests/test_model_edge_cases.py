@@ -3609,3 +3609,23 @@ def test_a_permutation_of_the_samples_that_only_padded_batches_pass(request, cls
     model = SortsByLength().eval()
     batches = [_padded(2, 5, [5, 3]), _padded(2, 5, [3, 5]), _padded(3, 5, [2, 4, 5])]
     check(request, cls, model, batches, unpad=True)
+
+
+def test_two_mas_observing_one_model():
+    """Two MAS objects observing the same model (g-MAS and l-MAS, say): each took the other's pass, its probes and its
+    rerun forwards for traffic (11 and 22 samples for 5, Ω far off). A model call made by any MAS's pass is no user's;
+    and an observer leaves another MAS's accumulate() alone too."""
+    torch.manual_seed(18)
+    model = mlp()
+    x = torch.randn(5, 4, 5)
+    want = {mode: oracle(model, [x], mode=mode) for mode in ("global", "local")}
+    a, b = (mas_ext.FusedMAS(model, mode=mode, show_progress=False) for mode in ("global", "local"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with a.observe(), b.observe():
+            model(x)
+        with a.observe():
+            mas_ext.ReferenceMAS(model, show_progress=False).accumulate([x])
+    assert a.num_samples == b.num_samples == 5
+    assert_close(a.task_importance, want["global"])
+    assert_close(b.task_importance, want["local"])
