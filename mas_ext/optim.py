@@ -146,7 +146,9 @@ class _MASStep:
                           f"results, slower", stacklevel=4)
 
     def _penalty_terms(self):
-        """{id(param): (param, omega, star)} and 2λ; empty before the first consolidate()."""
+        """{id(param): (param, omega, star)} and 2λ; empty before the first consolidate(). A parameter frozen since
+        (requires_grad=False) has none, as the penalty as a loss term gives it no gradient (with a stale .grad kept
+        by zero_grad(set_to_none=False), its penalty moved the frozen weights)."""
         mas = getattr(self, "mas", None)
         if mas is None:
             return {}, 0.0
@@ -154,7 +156,7 @@ class _MASStep:
         state = mas.penalty_state()
         if not state or lam == 0.0:
             return {}, 0.0
-        return {id(p): (p, om, star) for p, om, star in state}, 2.0 * lam
+        return {id(p): (p, om, star) for p, om, star in state if p.requires_grad}, 2.0 * lam
 
     def _check_stability(self, terms, scale):
         """SGD on the penalty alone is gradient descent on a quadratic of curvature 2λΩ: it overshoots when

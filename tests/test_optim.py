@@ -620,3 +620,32 @@ def test_sgd_stability_checked_at_every_step_of_a_warm_up():
             warm.step()
     found = [str(w.message) for w in caught if "overshoots" in str(w.message)]
     assert len(found) == 1, found
+
+
+def test_a_parameter_frozen_within_a_task_takes_no_penalty():
+    """A backbone frozen mid-task whose .grad is kept (zero_grad(set_to_none=False)): the step added 2λΩ(θ−θ*) to it
+    and moved the frozen weights (2.7e-3); the penalty as a loss term gives it no gradient, and add_penalty_grad_()
+    none. Equal to torch.optim with the penalty as a loss term."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x = torch.randn(16, 5)
+
+    def run(fused):
+        model = copy.deepcopy(base)
+        mas = mas_ext.FusedMAS(model, lam=5.0, show_progress=False).accumulate([x]).consolidate()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1)
+        opt = (mopt.SGD(model.parameters(), lr=0.1, mas=mas) if fused
+               else torch.optim.SGD(model.parameters(), lr=0.1))
+        for step in range(4):
+            if step == 2:
+                model[0].requires_grad_(False)
+            opt.zero_grad(set_to_none=False)
+            (model(x).pow(2).mean() + (0 if fused else mas.penalty())).backward()
+            opt.step()
+        return model
+
+    got, want = run(True), run(False)
+    for a, b in zip(got.parameters(), want.parameters()):
+        torch.testing.assert_close(a, b)
