@@ -167,6 +167,42 @@ def test_hf_trainer_penalty_enters_after_clipping(hf, tmp_path, kind):
     _check_continual_run(run, clip=CLIP)
 
 
+@pytest.mark.parametrize("kind", ["torch", "fused"])
+def test_hf_trainer_resumes_a_task_with_the_mas_state_of_its_checkpoint(hf, tmp_path, kind):
+    """Task 2 stopped after checkpoint-1 and resumed with train(resume_from_checkpoint=...) on a model and a MAS built
+    again (a fresh process): the checkpoint held no MAS state, so the rest of the task trained without the penalty
+    and its Ω was stored as the first task's. The callback writes checkpoint-N/mas_ext.pt and loads it on resume."""
+    transformers, MASCallback = hf
+
+    class Stop(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                raise KeyboardInterrupt  # the job killed after checkpoint-1
+
+    def run(model, mas, t):
+        x, y = TASKS[t]
+        args = _hf_args(transformers, tmp_path / f"task{t}", save_strategy="steps", save_steps=1)
+
+        def trainer(net, net_mas, extra=()):
+            callback = MASCallback(net_mas, torch.utils.data.DataLoader(_dict_rows(x, y), batch_size=8))
+            return transformers.Trainer(model=net, args=args, train_dataset=_dict_rows(x, y),
+                                        callbacks=[callback, *extra],
+                                        optimizers=(_sgd(kind, net.parameters(), net_mas), None))
+
+        if t == 0:
+            trainer(model, mas).train()
+            return
+        with pytest.raises(KeyboardInterrupt):
+            trainer(model, mas, [Stop()]).train()
+        fresh = Net()
+        fresh_mas = mas_ext.FusedMAS(fresh, lam=LAM, show_progress=False)
+        trainer(fresh, fresh_mas).train(resume_from_checkpoint=str(tmp_path / "task1" / "checkpoint-1"))
+        model.load_state_dict(fresh.state_dict())
+        mas.load_state_dict(fresh_mas.state_dict())
+
+    _check_continual_run(run)
+
+
 def test_hf_llama_adamw_fused_equals_callback(hf, tmp_path):
     """A tiny random LlamaForCausalLM, two tasks, Trainer's usual AdamW with clipping: mas_ext.optim.AdamW(mas=)
     through ``optimizers=`` gives what torch.optim.AdamW + the callback's penalty gradient gives."""
@@ -274,6 +310,72 @@ def test_lightning_clipping_order(lit, kind):
              gradient_clip_val=CLIP, gradient_clip_algorithm="norm")
 
     _check_continual_run(run, clip=CLIP, clip_penalty=kind == "torch")
+
+
+@lightning_pytree_warning
+@pytest.mark.parametrize("kind", ["torch", "fused"])
+def test_lightning_resumes_with_the_mas_state_of_its_checkpoint(lit, tmp_path, kind):
+    """Task 2 from task 1's checkpoint on a model and a MAS built again (a fresh process): the checkpoint held no MAS
+    state, so task 2 trained without the penalty and its Ω was stored as the first task's. The MAS's state is the
+    callback's, saved and restored by Lightning."""
+    pl, MASCallback, LitNet = lit
+    ckpt = tmp_path / "task1.ckpt"
+
+    def trainer(net_mas, x, y, max_steps):
+        return pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, enable_progress_bar=False, logger=False,
+                          enable_checkpointing=False, enable_model_summary=False,
+                          callbacks=[MASCallback(net_mas, [(x, y)])])
+
+    def loader(x, y):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=N)
+
+    def run(model, mas, t):
+        x, y = TASKS[t]
+        if t == 0:
+            first = trainer(mas, x, y, STEPS)
+            first.fit(LitNet(model, lambda params: _sgd(kind, params, mas)), loader(x, y))
+            first.save_checkpoint(ckpt)
+            return
+        fresh = Net()
+        fresh_mas = mas_ext.FusedMAS(fresh, lam=LAM, show_progress=False)
+        trainer(fresh_mas, x, y, 2 * STEPS).fit(LitNet(fresh, lambda params: _sgd(kind, params, fresh_mas)),
+                                                loader(x, y), ckpt_path=str(ckpt))
+        model.load_state_dict(fresh.state_dict())
+        mas.load_state_dict(fresh_mas.state_dict())
+
+    _check_continual_run(run)
+
+
+@lightning_pytree_warning
+@pytest.mark.parametrize("precision", ["bf16-mixed"])  # 16-mixed is bf16-mixed on a CPU
+def test_lightning_clips_for_a_fused_optimizer_under_mixed_precision(lit, precision):
+    """Lightning refuses gradient_clip_val for an optimizer that unscales in its step (_step_supports_amp_scaling),
+    bf16-mixed too: a mas_ext.optim optimizer raised "Are you using a 'fused' optimizer?". Under clipping the callback
+    has it take GradScaler's plain path (unscale, clip, step)."""
+    pl, MASCallback, LitNet = lit
+    torch.manual_seed(0)
+    model = Net()
+    mas = mas_ext.FusedMAS(model, lam=LAM, show_progress=False)
+    x, y = TASKS[0]
+    mas.accumulate([x]).consolidate()
+    opts = []
+    module = LitNet(model, lambda params: opts.append(_sgd("fused", params, mas)) or opts[-1])
+    _fit(pl, MASCallback(mas, [(x, y)]), module, x, y, N, precision=precision, gradient_clip_val=CLIP)
+    assert opts[0]._step_supports_amp_scaling is False and mas.num_tasks == 2
+
+
+@lightning_pytree_warning
+def test_lightning_strategies_that_spawn_are_refused(lit):
+    """ddp_spawn / ddp_notebook fit in processes they start: the MAS there is a copy, and the caller's was never
+    consolidated (the next task trained without a penalty, without a word). The callback refuses them by name."""
+    pl, MASCallback, LitNet = lit
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy="ddp_spawn", max_steps=1, logger=False)
+
+    class Spawned:  # the callback's check, as the started processes see their trainer
+        strategy = trainer.strategy
+
+    with pytest.raises(RuntimeError, match="strategy='ddp'"):
+        MASCallback(mas_ext.FusedMAS(Net(), show_progress=False)).setup(Spawned, None, "fit")
 
 
 # ---------------------------------------------------------------------------------------------- both

@@ -27,13 +27,19 @@ def check_model(mas, model):
             f"(e.g. {foreign[:3]}): build the MAS on the very module passed to the trainer, not on a copy")
 
 
-def penalty_in_step(optimizer, mas):
-    """Whether ``optimizer`` applies this ``mas``'s penalty in its own step: a ``mas_ext.optim`` optimizer with
-    ``opt.mas is mas``, possibly inside wrappers that hold it as ``.optimizer`` (accelerate's
-    AcceleratedOptimizer, Lightning's LightningOptimizer)."""
+def unwrapped(optimizer):
+    """The optimizer inside wrappers that hold it as ``.optimizer`` (accelerate's AcceleratedOptimizer,
+    Lightning's LightningOptimizer)."""
     while not isinstance(optimizer, _FUSED) and isinstance(getattr(optimizer, "optimizer", None),
                                                             torch.optim.Optimizer):
         optimizer = optimizer.optimizer
+    return optimizer
+
+
+def penalty_in_step(optimizer, mas):
+    """Whether ``optimizer`` applies this ``mas``'s penalty in its own step: a ``mas_ext.optim`` optimizer with
+    ``opt.mas is mas``, possibly inside wrappers (:func:`unwrapped`)."""
+    optimizer = unwrapped(optimizer)
     return isinstance(optimizer, _FUSED) and optimizer.mas is mas
 
 

@@ -17,7 +17,7 @@ except ImportError:
     except ImportError as e:
         raise ImportError("mas_ext.integrations.lightning needs PyTorch Lightning: pip install lightning") from e
 
-from ._common import check_arguments, check_model, end_task, penalty_in_step
+from ._common import _FUSED, check_arguments, check_model, end_task, penalty_in_step, unwrapped
 
 __all__ = ["MASCallback"]
 
@@ -49,6 +49,11 @@ class MASCallback(pl.Callback):
     batch's loss by the number of accumulated batches and fires the hook once per optimizer step, so the
     penalty gradient is added once per step: exactly R(θ) added to the loss of the step.
 
+    The MAS's state (Ω, θ*, Ω_t so far, its counts and config) is the callback's state in Lightning's checkpoints:
+    ``fit(ckpt_path=...)`` in a fresh process resumes the task with it, as an uninterrupted run. A strategy that fits
+    in processes it starts (``ddp_spawn``, ``ddp_notebook``) never hands the MAS back to this one: a RuntimeError
+    says so (``ddp``, one process per device started by the launcher, works).
+
     Args:
         mas: a :class:`mas_ext.FusedMAS` or :class:`mas_ext.ReferenceMAS` built on the trained model.
         importance_data: batches to accumulate Ω on at the end of each ``fit()``, or None.
@@ -58,9 +63,34 @@ class MASCallback(pl.Callback):
         check_arguments(mas, importance_data)
         self.mas, self.importance_data = mas, importance_data
 
+    def setup(self, trainer, pl_module, stage):
+        """A RuntimeError where ``fit()`` runs in processes the strategy started: the consolidated Ω would stay there
+        (the next task trained without a penalty, without a word)."""
+        if type(getattr(trainer.strategy, "launcher", None)).__name__ == "_MultiProcessingLauncher":
+            raise RuntimeError("MASCallback: this strategy fits in processes it starts (ddp_spawn, ddp_notebook, "
+                               "ddp_fork), whose MAS is a copy: Ω and θ* would never reach this process's MAS. Use "
+                               "strategy='ddp' (processes started by the launcher, each running the script)")
+
+    def on_fit_start(self, trainer, pl_module):
+        """A ``mas_ext.optim`` optimizer under ``gradient_clip_val`` takes GradScaler's plain path (unscale, then
+        step): Lightning refuses to clip for an optimizer that unscales in its step, bf16-mixed too."""
+        if trainer.gradient_clip_val:
+            for optimizer in trainer.optimizers:
+                optimizer = unwrapped(optimizer)
+                if isinstance(optimizer, _FUSED):
+                    optimizer._step_supports_amp_scaling = False
+
     def on_train_start(self, trainer, pl_module):
         """Checks that ``mas`` tracks parameters of the module being fitted."""
         check_model(self.mas, pl_module)
+
+    def state_dict(self):
+        """The MAS's :meth:`~mas_ext.ReferenceMAS.state_dict`, saved in Lightning's checkpoints."""
+        return {"mas": self.mas.state_dict()}
+
+    def load_state_dict(self, state_dict):
+        """Restores the MAS from a checkpoint's callback state (``fit(ckpt_path=...)``)."""
+        self.mas.load_state_dict(state_dict["mas"])
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         """``.grad += 2λΩ(θ−θ*)``, unless ``optimizer`` applies this MAS's penalty in its own step."""

@@ -14,6 +14,9 @@ except ImportError as e:
     raise ImportError("mas_ext.integrations.transformers needs Hugging Face transformers: "
                       "pip install transformers accelerate") from e
 
+import os
+import warnings
+
 from ._common import check_arguments, check_model, end_task, penalty_in_step
 
 __all__ = ["MASCallback"]
@@ -50,18 +53,40 @@ class MASCallback(TrainerCallback):
     has already scaled each micro-batch loss so that the accumulated gradient is that of the step's mean
     loss; the penalty gradient is added once on top: exactly R(θ) added to the loss of the step.
 
+    Each checkpoint the Trainer saves gets the MAS's state beside it (``checkpoint-N/mas_ext.pt``: Ω, θ*, Ω_t so
+    far, counts, config); ``train(resume_from_checkpoint=...)`` of a checkpoint under ``output_dir``, in a fresh
+    process too, loads it, so the task resumes as an uninterrupted run (before, a fresh process resumed with the
+    MAS as built: no penalty, and the task's Ω stored as the first task's).
+
     Args:
         mas: a :class:`mas_ext.FusedMAS` or :class:`mas_ext.ReferenceMAS` built on the Trainer's model.
         importance_data: batches to accumulate Ω on at the end of each ``train()``, or None.
     """
+
+    FILE = "mas_ext.pt"  # the MAS's state in each checkpoint folder
 
     def __init__(self, mas, importance_data=None):
         check_arguments(mas, importance_data)
         self.mas, self.importance_data = mas, importance_data
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        """Checks that ``mas`` tracks the parameters of the model the Trainer trains."""
+        """Checks that ``mas`` tracks the parameters of the model the Trainer trains; on a resumed run (the Trainer
+        at step N > 0), loads the MAS's state from ``output_dir/checkpoint-N``, or warns where it is not there."""
         check_model(self.mas, model)
+        if state.global_step > 0:
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.FILE)
+            if os.path.exists(path):
+                self.mas.load(path)
+            else:
+                warnings.warn(f"MASCallback: the Trainer resumed at step {state.global_step}, but {path} does not hold "
+                              "the MAS's state (a checkpoint saved without this callback, or elsewhere than "
+                              "output_dir): the task goes on with the MAS as it is in this process", stacklevel=2)
+
+    def on_save(self, args, state, control, **kwargs):
+        """Writes the MAS's state into the checkpoint folder just saved (by the main process)."""
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(folder):
+            self.mas.save(os.path.join(folder, self.FILE))
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         """``.grad += 2λΩ(θ−θ*)``, unless ``optimizer`` applies this MAS's penalty in its own step."""
