@@ -785,10 +785,6 @@ def known_limits(model, batches, cfg):
     if cfg["freq"]:
         known.update({k: "Embedding(scale_grad_by_freq) with padding" for k in "gbl" if padded})
         known["b"] = "Embedding(scale_grad_by_freq) with per_sample=False in models beyond the tests'"
-    first = model.mods[0] if len(model.mods) else None
-    if (isinstance(first, nn.Embedding) and first.max_norm is not None
-            and any(True for _ in model.parameters(recurse=False))):
-        known.update({k: "Embedding(max_norm) read beside its call, root parameters: g-MAS crashes" for k in "gb"})
     if padded and "b" not in known and not padding_safe(model, batches, cfg):
         known["b"] = "per_sample=False leaves the padding to the model"
     model.trace = []

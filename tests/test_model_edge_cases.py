@@ -3629,3 +3629,31 @@ def test_two_mas_observing_one_model():
     assert a.num_samples == b.num_samples == 5
     assert_close(a.task_importance, want["global"])
     assert_close(b.task_importance, want["local"])
+
+
+class TiedMaxNorm(nn.Module):
+    """An Embedding(max_norm) whose weight the head shares, and a parameter of the root module's own."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 3, max_norm=1.0)
+        self.head = nn.Linear(3, 5, bias=False)
+        self.head.weight = self.emb.weight
+        self.pos = nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, x):
+        return self.head(self.emb(x) + self.pos)
+
+
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_an_embedding_with_max_norm_read_by_a_tied_head(request, cls, mode, per_sample):
+    """g-MAS raised "modified by an inplace operation": the root's generic rule ran its forward again, whose
+    Embedding renormalised the rows once more in place (no value changed, the weight's version did) before the tied
+    head's backward read the weight it saved. A rerun does not renormalise again. Found by the fuzzer (44 seeds)."""
+    torch.manual_seed(19)
+    model = TiedMaxNorm().eval()
+    with torch.no_grad():  # every row renormalised once, as a forward would do in place
+        F.embedding(torch.arange(5), model.emb.weight, max_norm=1.0)
+    check(request, cls, model, [torch.randint(0, 5, (3, 4)), torch.randint(0, 5, (2, 4))], mode=mode,
+          per_sample=per_sample)

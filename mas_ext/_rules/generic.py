@@ -143,11 +143,18 @@ def _rerun(module, call, params, args, kwargs):
     if call.rng is not None:
         drawn = rng_state()
         _set_rng(call.rng)
+    # an Embedding(max_norm) renormalised the rows the call read, in place: once more would change no value but bump
+    # the weight's version, and the backward of a layer that saved it (a tied head) raised
+    renorms = [(m, m.max_norm) for m in module.modules() if isinstance(m, nn.Embedding) and m.max_norm]
+    for m, _ in renorms:
+        m.max_norm = None
     try:
         if params is None:
             return module(*args, **kwargs)
         return torch.func.functional_call(module, params, tuple(args), kwargs)
     finally:
+        for m, max_norm in renorms:
+            m.max_norm = max_norm
         if drawn is not None:
             _set_rng(drawn)
         module._forward_hooks, module._backward_pre_hooks, module._backward_hooks = hooks
