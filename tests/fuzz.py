@@ -784,7 +784,8 @@ def known_limits(model, batches, cfg):
               if isinstance(bt, dict) and "attention_mask" in bt and (bt["attention_mask"] == 0).any()}
     if cfg["freq"]:
         known.update({k: "Embedding(scale_grad_by_freq) with padding" for k in "gbl" if padded})
-        known["b"] = "Embedding(scale_grad_by_freq) with per_sample=False in models beyond the tests'"
+        if cfg["unpad"]:  # the oracle sums the samples' gradients, each with its own counts; MAS takes the batch's
+            known["b"] = "Embedding(scale_grad_by_freq), per_sample=False: the oracle's Σ_k ∇_k is not the batch's"
     if padded and "b" not in known and not padding_safe(model, batches, cfg):
         known["b"] = "per_sample=False leaves the padding to the model"
     model.trace = []
