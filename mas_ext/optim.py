@@ -69,16 +69,10 @@ def _same_layout(t, p):
     return t.device == p.device and t.shape == p.shape and (p.numel() <= 1 or t.stride() == p.stride())
 
 
-def _kernel_state(p, state):
-    """Whether the optimizer's ``state`` tensors of ``p`` have its dtype and layout (the kernel walks them with it)."""
-    if p.is_contiguous():  # the common case, told by cheap tests (a step walks every parameter)
-        return all(s.dtype == p.dtype and s.is_contiguous() and s.shape == p.shape and s.device == p.device
-                   for s in state)
-    return all(s.dtype == p.dtype and _same_layout(s, p) for s in state)
-
-
 def _dense(t):
     """Non-overlapping and dense: contiguous up to a permutation of dimensions (e.g. channels_last)."""
+    if t.is_contiguous():  # the common case, without the walk below (a step tests every parameter)
+        return True
     expected = 1
     for size, stride in sorted(zip(t.shape, t.stride()), key=lambda ss: ss[1]):
         if size == 1:
@@ -212,9 +206,6 @@ class _MASStep:
     def _param_unfusable(self, p):
         """Why this parameter (with a .grad) cannot take the kernel, or None."""
         g = p.grad
-        if (p.device.type == "cpu" and p.dtype in _FUSED_DTYPES and g.dtype == p.dtype and not g.is_sparse
-                and g.device == p.device and p.is_contiguous() and g.is_contiguous() and g.shape == p.shape):
-            return None  # the common case, told by cheap tests (a step walks every parameter)
         if p.device.type == "cuda" and not _ops.cuda_kernels_enabled():
             return "parameters on cuda (CUDA kernels off until verified on a GPU; MAS_EXT_CUDA_KERNELS=1 opts in)"
         if p.device.type != "cpu" and (p.device.type == "meta" or not _has_kernel(self._op, p.device.type)):
@@ -239,10 +230,6 @@ class _MASStep:
         if term is None:
             return None, None
         _, om, star = term
-        if (om.dtype == torch.float32 and star.dtype == p.dtype and om.is_contiguous() and star.is_contiguous()
-                and p.is_contiguous() and om.shape == p.shape and star.shape == p.shape and om.device == p.device
-                and star.device == p.device):
-            return om, star  # the common case, told by cheap tests
         if om.shape != p.shape or star.shape != p.shape:
             raise ValueError(f"MAS penalty state does not match the parameter: Ω {tuple(om.shape)}, "
                              f"θ* {tuple(star.shape)}, parameter {tuple(p.shape)}")
@@ -426,7 +413,7 @@ class Adam(_MASStep, torch.optim.Adam):
         reference = []
         for i, p in enumerate(params):
             state = [exp_avgs[i], exp_avg_sqs[i]] + ([max_exp_avg_sqs[i]] if amsgrad else [])
-            if not _kernel_state(p, state) or not (
+            if not all(s.dtype == p.dtype and _same_layout(s, p) for s in state) or not (
                     steps[i].numel() == 1 and steps[i].device.type == "cpu"):
                 self._warn_once("optimizer state whose dtype, layout or device differ from the parameter's")
                 reference.append(p)

@@ -649,3 +649,31 @@ def test_a_parameter_frozen_within_a_task_takes_no_penalty():
     got, want = run(True), run(False)
     for a, b in zip(got.parameters(), want.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_a_parameter_whose_size_one_dim_has_another_stride():
+    """A (1, 3) weight with stride 7 in its size-1 dim is contiguous, and its gradient and Ω (strides (1, 1), (3, 1))
+    are too, but the kernel walks tensors of equal strides: the step's layout tests, cut short by is_contiguous(),
+    handed them to it and it raised. They compare strides, and such a parameter takes the reference path."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    model.weight = torch.nn.Parameter(torch.empty_strided((1, 3), (7, 1)).copy_(torch.randn(1, 3)))
+    ref_model = copy.deepcopy(model)
+    x = torch.randn(4, 3)
+    mas = mas_ext.FusedMAS(model, show_progress=False).accumulate([x]).consolidate()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+        for p in ref_model.parameters():
+            p.add_(0.1)
+    opt, ref = mopt.Adam(model.parameters(), lr=0.1, mas=mas), torch.optim.Adam(ref_model.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+        ref.zero_grad()
+        penalty = sum((mas.importance[n] * (p - mas.star[n]).pow(2)).sum() for n, p in ref_model.named_parameters())
+        (ref_model(x).sum() + mas.lam * penalty).backward()
+        ref.step()
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b)
