@@ -224,7 +224,8 @@ class ReferenceMAS:
 
     def __init__(self, model, lam=1.0, mode="global", per_sample=True, output_fn=None, merge="sum", alpha=0.5,
                  show_progress=True):
-        mode, per_sample, lam = (_checked(k, v) for k, v in (("mode", mode), ("per_sample", per_sample), ("lam", lam)))
+        mode, per_sample = _checked("mode", mode), _checked("per_sample", per_sample)
+        self.lam = lam  # checked by its setter
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self._check_merge(merge, alpha)
@@ -237,7 +238,7 @@ class ReferenceMAS:
             raise ValueError("the model has no parameters with requires_grad=True: nothing to track")
         self._kernels_for = self._gate() if self._gate is not None else None
         self._engine = Engine(self.net, self.params, mode, per_sample, output_fn, self._kernels_for)
-        self.lam, self.merge, self.alpha, self.show_progress = float(lam), merge, float(alpha), show_progress
+        self.merge, self.alpha, self.show_progress = merge, float(alpha), show_progress
         # Ω_t as running means (read without a copy) over _count samples; made on first use
         self._mean = ZeroBuffers(self.params)
         self._count = 0
@@ -541,6 +542,11 @@ class ReferenceMAS:
                       f"importance and no penalty. To track them, build a new {name} for the model as it is and "
                       "carry this one's over with new.load_state_dict(old.state_dict(), strict=False)", stacklevel=3)
 
+    def _penalty_grad_state(self):
+        """:meth:`penalty_state` of the parameters the penalty's gradient reaches: not those frozen since
+        (requires_grad=False), as autograd gives them none."""
+        return [(p, om, star) for p, om, star in self.penalty_state() if p.requires_grad]
+
     def penalty(self):
         """R(θ) = λ Σ Ω (θ − θ*)² as a differentiable float32 scalar (zero before the first task)."""
         terms = [(om * (p.float() - star.float()).pow(2)).sum() for p, om, star in self.penalty_state()]
@@ -553,9 +559,7 @@ class ReferenceMAS:
         there is none; none for a parameter frozen since, as autograd gives it none): the penalty's gradient for
         any optimizer."""
         with torch.no_grad():
-            for p, om, star in self.penalty_state():
-                if not p.requires_grad:
-                    continue
+            for p, om, star in self._penalty_grad_state():
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 p.grad.add_((2.0 * self.lam * om * (p.float() - star.float())).to(p.grad.dtype))
@@ -660,7 +664,7 @@ class FusedMAS(ReferenceMAS):
     def add_penalty_grad_(self):
         """p.grad += 2λΩ(θ−θ*) as :meth:`ReferenceMAS.add_penalty_grad_`, in one multi-tensor kernel where the
         parameters' device has one."""
-        state = [(p, om, star) for p, om, star in self.penalty_state() if p.requires_grad]
+        state = self._penalty_grad_state()
         if not state or not _ops.available("add_penalty_grad_") or not self._kernels_for([p for p, _, _ in state]):
             return super().add_penalty_grad_()
         with torch.no_grad():

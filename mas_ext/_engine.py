@@ -1201,8 +1201,7 @@ class Engine:
         first = next((i for i, t in enumerate(flat_in) if torch.is_tensor(t)), None)
         k, learned = state.calls[unit] - 1, self.dims.setdefault(unit, [])
         if k == len(learned):  # this call's first batch since learn_dims
-            ones = self.one.get(unit, ())
-            learned.append(_learned_dims(flat_in, flat_out, ones[k] if k < len(ones) else None, state.n,
+            learned.append(_learned_dims(flat_in, flat_out, self._alone(unit, k), state.n,
                                          _batch_dim(module), padded=state.mask is not None))
         in_dims, out_dims, rows = learned[k]
         if (in_dims is None or len(in_dims) != len(flat_in) or len(out_dims) != len(flat_out)
@@ -1217,6 +1216,12 @@ class Engine:
         blocks = first is not None and rows[0][first]
         return (None if own else tuple(flat_in[first].shape)), in_dims, out_dims, blocks, rows, first
 
+    def _alone(self, unit, k):
+        """(input shapes, output shapes) of the unit's call ``k`` in the run of one sample of :meth:`learn_dims`, or
+        None where there was no such call (or no such run)."""
+        calls = self.one.get(unit, ()) if self.one else ()
+        return calls[k] if k < len(calls) else None
+
     def _out_positions_alone(self, unit, state, i, out_dims):
         """False where the call's output ``i`` held no positions in the run of one sample of :meth:`learn_dims` (no
         dim but its batch dim of a size of the sample's inputs: a pooled head's (1, W)), so that its padding is
@@ -1224,11 +1229,10 @@ class Engine:
         as positions in l-MAS (7-21% off)."""
         if out_dims is None or out_dims[i] is None:
             return True
-        ones, k = self.one.get(unit, ()), state.calls[unit] - 1
-        if k >= len(ones) or ones[k][1][i] is None:
+        alone = self._alone(unit, state.calls[unit] - 1)
+        if alone is None or alone[1][i] is None:
             return True
-        shape = ones[k][1][i]
-        return any(size in self.one_sizes for d, size in enumerate(shape) if d != out_dims[i])
+        return any(size in self.one_sizes for d, size in enumerate(alone[1][i]) if d != out_dims[i])
 
     def _calls_unlike_probe(self, calls):
         """A unit called a different number of times on the batch than on its first sample alone (its calls depend
@@ -2149,11 +2153,10 @@ class Engine:
         dim = _batch_dim(unit.module)
         if first is None or first.dim() <= dim or first.shape[dim] != state.n:
             return False
-        seen = self.one.get(unit) if self.one else None
-        k = state.calls.get(unit, 0)
-        if not seen or k >= len(seen) or not seen[k][0] or seen[k][0][0] is None:
+        alone = self._alone(unit, state.calls.get(unit, 0))
+        if alone is None or not alone[0] or alone[0][0] is None:
             return state.n == 1 or not self.one  # no probe of this call: its size alone
-        one = seen[k][0][0]
+        one = alone[0][0]
         return len(one) > dim and one[dim] == 1
 
     @staticmethod
