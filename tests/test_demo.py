@@ -13,12 +13,7 @@ from mas_ext import demo  # noqa: E402
 TINY = dict(n_tasks=3, epochs=10)  # permuted digits, full-size 64-100-100-10 MLP, batch 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _check_matrix(acc, T):

@@ -11,13 +11,7 @@ import fuzz
 SEEDS = [1026, 1040, 1076, 1085, 1093, 1127, 1128, 1167, 1225, 1234, 1289, 1293]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The fuzzer's models are tiny: threads only contend (several times slower beside another process)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: the fuzzer's models are tiny
 
 
 @pytest.mark.parametrize("seed", SEEDS)
