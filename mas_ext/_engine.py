@@ -136,6 +136,11 @@ def _padding(kwargs, n):
     return mask, mask
 
 
+def _squared_norms(rows):
+    """The squared norm of each row of an (n, m) tensor, in float32 at least (a half one's are summed in float32)."""
+    return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32 if rows.element_size() < 4 else None).pow(2)
+
+
 def _padding_layout(mask):
     """How an (n, T) or (n, C, T) attention_mask pads: None (no mask, or no padding), "right" (each row's real tokens
     first), or "other" (left padding, or gaps)."""
@@ -575,6 +580,7 @@ class _Pass:
         self.forward_failed = False  # the model's forward itself raised
         self.unlike_probe = False  # a call unlike any of the probe's (see Engine.learn_dims): learn again
         self.unmasked = None  # what holds the padded positions where they cannot be told (local mode, the output)
+        self.norms = None  # with padding, each sample's ||f||^2 at its real positions, (n,) float32 (Engine._spot_check)
         self.shared = None  # the _shared.Site of the outputs that all samples share (g-MAS per sample), once one shows
         self.sharing = []  # the units whose outputs those are
         self.block_rows = set()  # the row counts of the calls read as n blocks of rows, one per sample, so far
@@ -774,6 +780,7 @@ class Engine:
         self.by_sample = False  # set once a batch showed rows that are no sample's own: one-sample passes from then
         self.visual_said = False  # the warning for batches whose samples have different numbers of visual patches
         self.uneven_said = False  # the warning for batches whose routing took some tokens more often than others
+        self.batch_pad_said = False  # per_sample=False: the warning for a padded sample whose output is not its own
         self.rows_said = False  # the warning for samples whose rows of tokens are still padded alone (_padded_rows)
         self.nograd_said = set()  # units warned of running with gradients disabled in a g-MAS pass (_record)
         self.generic_said = set()  # FusedMAS: the module classes warned of having no fused rule (units)
@@ -1111,10 +1118,56 @@ class Engine:
         layout = (_padding_layout(mask), _padding_layout(out_mask))
         padding = (layout if n > 1 and self.per_sample and layout != (None, None) and layout not in self.pads_confirmed
                    else None)
+        # the later batches of a layout (per_sample=False, which no run of the samples alone gives: every one, until
+        # the padding shows)
+        spotted = (self._spot_check(args, kwargs, n, mask, out_mask, decoder, state.norms, where)
+                   if layout != (None, None) and n > 1 and state.norms is not None
+                   and (padding is None if self.per_sample else not self.batch_pad_said) else None)
+        if spotted and self.per_sample:
+            return self._by_sample_from_now(f"{spotted}, which an earlier batch padded so did not show; the Ω of "
+                                            "earlier padded batches may be off", args, kwargs, n, bufs, where,
+                                            padded=True)
+        if spotted:
+            self.batch_pad_said = True
+            warnings.warn(f"{spotted}: with per_sample=False, Ω is taken from the padded batch's gradient, which "
+                          "is not the sum of its samples' alone here (per_sample=True runs such batches one sample "
+                          "at a time, exact)", stacklevel=4)
         if state.tentative or sharing or padding or params:
             self._confirm_blocks(args, kwargs, n, bufs, where, list(dict.fromkeys(state.tentative)),
                                  set(state.expanded), signature, sharing, padding, params, state.alike_blocks,
                                  state.gathered_rows if mask is None and out_mask is None else None)
+
+    def _spot_check(self, args, kwargs, n, mask, out_mask, decoder, norms, where):
+        """A later batch of a padding layout that its first batch confirmed (:meth:`_confirm_blocks`), or with
+        per_sample=False any padded batch: is the output of its most padded sample, run alone without its padding (a
+        forward, no gradients), the batch's ``norms`` of it? The first batch cannot show all that padding may do:
+        padded positions that win a maximum over positions only where a sample is short, or tokens that a model
+        reads as padding by their id (11-47% off without a warning until 2026-12-06). Returns None where it is, else
+        what differs. ||f||^2 is compared (float32: to 1e-4 of it; bfloat16/float16: 3e-2, their rounding between the
+        batch and the sample alone)."""
+        keep = (mask if mask is not None else out_mask).reshape(n, -1)
+        real = keep.sum(1)
+        k = int(real.argmin())
+        if int(real[k]) == keep.shape[1]:
+            return None
+        self._probing = True
+        try:
+            with torch.no_grad():
+                one_args, one_kwargs = _unpadded(*_one_sample(args, kwargs, n, k), None if mask is None else mask[k],
+                                                 out_mask[k] if decoder and out_mask is not None else None)
+                out = self._output(self.entry(*one_args, **one_kwargs), where, check=False)
+        except Exception:  # noqa: BLE001 - a sample that does not run alone: the first batch's check stands
+            return None
+        finally:
+            self._probing = False
+        alone, batched = float(_squared_norms(out.reshape(1, -1))[0]), float(norms[k])
+        tol = 1e-4 if out.element_size() >= 4 else 3e-2
+        if abs(alone - batched) <= tol * max(alone, batched) + 1e-30:
+            return None
+        side = ", ".join(str(x) for x in (_padding_layout(mask), _padding_layout(out_mask)) if x)
+        return (f"batch {where}: the output of its sample {k} ({side} padding) has ||f||^2 {batched:.6g} in the batch "
+                f"but {alone:.6g} alone, without its padding (the model reads its padded positions: a maximum over "
+                "positions that they win, a token read as padding by its id)")
 
     def _out_positions(self, args, kwargs, n, mask, out_mask, decoder, where):
         """Sets :attr:`out_positions` from a padded sample run alone without its padding, whose output's dim 1 is
@@ -1644,6 +1697,11 @@ class Engine:
             if masked is None:
                 state.unmasked = "the model's output"
             out = out if masked is None else masked
+        if state is not None and (state.mask is not None or state.out_mask is not None):
+            d = self.out_dim if isinstance(self.out_dim, int) else 0
+            if out.dim() > d and out.shape[d] == state.n:
+                with torch.no_grad():
+                    state.norms = _squared_norms(out.detach().movedim(d, 0).reshape(state.n, -1))
         if check:
             self._check_finite(out, where)
         return out
