@@ -1007,6 +1007,9 @@ class Engine:
         mask, out_mask = _padding(kwargs, n)
         # an encoder-decoder model: its own mask for the decoder's positions (which may be the encoder's tensor)
         decoder = any(kwargs.get(k) is not None for k in _DECODER_INPUTS)
+        if n == 1 and all(m is None or not bool(m.any()) for m in (mask, out_mask)) and (
+                mask is not None or out_mask is not None):
+            return  # a sample all padding: ||f||^2 sums over no positions, and adds nothing (SPEC §1)
         if n == 1 and (mask is not None or out_mask is not None):  # one sample: as it is alone, without its padding
             args, kwargs = _unpadded(args, kwargs, None if mask is None else mask[0],
                                      None if out_mask is None or not decoder else out_mask[0])
@@ -1147,6 +1150,7 @@ class Engine:
         batch and the sample alone)."""
         keep = (mask if mask is not None else out_mask).reshape(n, -1)
         real = keep.sum(1)
+        real = real.masked_fill(real == 0, keep.shape[1])  # a sample all padding has no output to compare
         k = int(real.argmin())
         if int(real[k]) == keep.shape[1]:
             return None

@@ -208,6 +208,12 @@ def test_multiple_choice_padding(family, side):
             with pytest.warns(UserWarning, match=r"rows of tokens .* padded on the left"):
                 mas.accumulate([_choices_padded(ragged, side)])
         else:
+            with warnings.catch_warnings():  # a later batch of the layout, its samples' rows ragged: still batched
+                warnings.simplefilter("error")
+                mas.accumulate([_choices_padded(ragged, side)])
+            both = len(equal) + len(ragged)  # Ω_t is the mean over the task's samples
+            assert_close(mas.task_importance, {k: (len(equal) * v + len(ragged) * want_ragged[k]) / both
+                                               for k, v in want.items()})
             mas = cls(model, show_progress=False)
             assert_close(mas.accumulate([_choices_padded(ragged, side)]).task_importance, want_ragged)
 

@@ -3365,6 +3365,24 @@ def test_padding_that_shows_with_per_sample_false_is_said():
         assert "per_sample=True" in said[0] and not mas._engine.pad_by_sample
 
 
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_a_sample_all_padding_adds_nothing(cls):
+    """A sample whose attention_mask is all zeros has ||f||^2 summed over no positions (SPEC §1): it adds nothing to
+    Ω and counts as a sample. Run alone, its input had no positions left, on which a maximum over positions fails:
+    a crash where padded batches run one sample at a time (here: a later batch's check sent them there)."""
+    torch.manual_seed(1)
+    model = MaxOverPadded().eval()
+    batches = [_padded(3, 6, [6, 5, 6]), _padded(4, 6, [6, 1, 2, 3]), _padded(3, 5, [5, 0, 2])]
+    without = [batches[0], batches[1], {k: v[[0, 2]] for k, v in batches[2].items()}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mas = cls(model, show_progress=False)
+        mas.accumulate(batches)
+    want = oracle(model, without, unpad=True)
+    assert mas.num_samples == 10 and mas._engine.pad_by_sample
+    assert_close(mas.task_importance, {k: v * 9 / 10 for k, v in want.items()})
+
+
 class SortedExperts(nn.Module):
     """JetMoe's parallel experts in small: a weight of its own per expert, called on the batch's (n·T, D) tokens
     sorted by expert, with the expert sizes as a list of ints (the batch's)."""
