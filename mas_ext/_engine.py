@@ -20,6 +20,7 @@ parameters, make the batch run one sample at a time: exact, and slower.
 import contextlib
 import functools
 import gc
+import itertools
 import inspect
 import threading
 import warnings
@@ -154,30 +155,38 @@ def _held_positions(keep):
     return keep.reshape(-1, keep.shape[-1]).bool().any(0)
 
 
-def _unpadded(args, kwargs, keep, decoder_keep=None):
+def _unpadded(args, kwargs, keep, decoder_keep=None, features=()):
     """A one-sample call with the positions its (T,) ``keep`` row marks as padding cut out (None: none), and those
     that ``decoder_keep`` marks out of the decoder's inputs (``decoder_*``) of an encoder-decoder model: the sample
     as it is alone (SPEC §1), whatever the layouts of the model's layers. A Hugging Face input (input_ids,
     position_ids, ...) of shape (1, T, ...) is cut in dim 1; any other tensor of shape (1, T, ...) in every dim of
-    length T after the first (a (1, T, T) attention bias). A (C, T) ``keep`` (a multiple-choice sample's rows) cuts
-    the positions padded in all its rows out of dim 2 of its (1, C, T, ...) inputs."""
+    length T after the first (a (1, T, T) attention bias), but for the inputs named in ``features`` (keyword names,
+    positions of positional arguments: an (n, T, F) input whose F equals T, :meth:`Engine._unpadded`), cut in dim 1
+    only. A (C, T) ``keep`` (a multiple-choice sample's rows) cuts the positions padded in all its rows out of dim 2
+    of its (1, C, T, ...) inputs. Returns (args, kwargs, the inputs cut in a dim after their first of length T)."""
+    squares = set()
+
     def positions(row):  # (its shape, the indices it keeps), found once per call
         return None if row is None else (row.shape, _held_positions(row).nonzero().squeeze(1))
 
-    def cut(t, kept, every):
+    def cut(t, kept, every, slot):
         if kept is None or not torch.is_tensor(t) or t.shape[:len(kept[0]) + 1] != (1, *kept[0]):
             return t
         first, length = len(kept[0]), kept[0][-1]
         for d in range(first, t.dim() if every else first + 1):
-            t = t.index_select(d, kept[1]) if t.shape[d] == length else t
+            if t.shape[d] == length:
+                t = t.index_select(d, kept[1])
+                if d > first:
+                    squares.add(slot)
         return t
 
     enc, dec = positions(keep), positions(decoder_keep)
-    args = tuple(torch.utils._pytree.tree_map(lambda t: cut(t, enc, True), a) for a in args)
+    args = tuple(torch.utils._pytree.tree_map(lambda t, i=i: cut(t, enc, i not in features, i), a)
+                 for i, a in enumerate(args))
     kwargs = {k: torch.utils._pytree.tree_map(
-        lambda t, kept=dec if k.startswith("decoder_") else enc, every=k not in _PER_SAMPLE_KEYS:
-        cut(t, kept, every), v) for k, v in kwargs.items()}
-    return args, kwargs
+        lambda t, k=k, kept=dec if k.startswith("decoder_") else enc,
+        every=k not in _PER_SAMPLE_KEYS and k not in features: cut(t, kept, every, k), v) for k, v in kwargs.items()}
+    return args, kwargs, squares
 
 
 def _padded_rows(mask, where, engine):
@@ -781,6 +790,9 @@ class Engine:
         self.visual_said = False  # the warning for batches whose samples have different numbers of visual patches
         self.uneven_said = False  # the warning for batches whose routing took some tokens more often than others
         self.batch_pad_said = False  # per_sample=False: the warning for a padded sample whose output is not its own
+        # the inputs of the user's cut in a dim after their first of length T (Engine._unpadded): decided, and those
+        # found to be (n, T, F) inputs whose F equalled T, cut in dim 1 only
+        self.squares, self.features = set(), set()
         self.rows_said = False  # the warning for samples whose rows of tokens are still padded alone (_padded_rows)
         self.nograd_said = set()  # units warned of running with gradients disabled in a g-MAS pass (_record)
         self.generic_said = set()  # FusedMAS: the module classes warned of having no fused rule (units)
@@ -1011,8 +1023,8 @@ class Engine:
                 mask is not None or out_mask is not None):
             return  # a sample all padding: ||f||^2 sums over no positions, and adds nothing (SPEC §1)
         if n == 1 and (mask is not None or out_mask is not None):  # one sample: as it is alone, without its padding
-            args, kwargs = _unpadded(args, kwargs, None if mask is None else mask[0],
-                                     None if out_mask is None or not decoder else out_mask[0])
+            args, kwargs = self._unpadded(args, kwargs, None if mask is None else mask[0],
+                                          None if out_mask is None or not decoder else out_mask[0])
             mask = out_mask = _padded_rows(mask, where, self)
         if (out_mask is not None and self.one and not self.out_probed and len(self.one_out) > 1
                 and self.one_out[1] in self.one_lens):
@@ -1140,6 +1152,41 @@ class Engine:
                                  set(state.expanded), signature, sharing, padding, params, state.alike_blocks,
                                  state.gathered_rows if mask is None and out_mask is None else None)
 
+    def _unpadded(self, args, kwargs, keep, decoder_keep):
+        """:func:`_unpadded`, which cuts an input of the user's (not a Hugging Face one) in every dim of length T after
+        the first: a (1, T, T) attention bias, but also an (n, T, F) input whose F happens to equal the padded length
+        T (a model of hidden size 128 on batches padded to 128 tokens failed: its Linear got F cut). The first time
+        inputs are cut so, the sample runs alone with them cut so (a forward without gradients); where that fails
+        and cutting some of them in dim 1 only does not, those are :attr:`features`, cut so from then on."""
+        cut_args, cut_kwargs, squares = _unpadded(args, kwargs, keep, decoder_keep, self.features)
+        new = squares - self.squares
+        if not new:
+            return cut_args, cut_kwargs
+        self.squares |= new  # decided once
+        if self._runs_alone(cut_args, cut_kwargs):
+            return cut_args, cut_kwargs
+        # the fewest of them cut in dim 1 only (features beside a (n, T, T) bias: the features), a few tries at most
+        tries = itertools.islice((set(c) for size in range(1, len(new) + 1)
+                                  for c in itertools.combinations(sorted(new, key=str), size)), 8)
+        for features in tries:
+            one_args, one_kwargs, _ = _unpadded(args, kwargs, keep, decoder_keep, self.features | features)
+            if self._runs_alone(one_args, one_kwargs):
+                self.features |= features
+                return one_args, one_kwargs
+        return cut_args, cut_kwargs  # the model's own error, as it comes
+
+    def _runs_alone(self, args, kwargs):
+        """Whether the model runs on a one-sample call (a forward without gradients, which the pass does not see)."""
+        self._probing = True
+        try:
+            with torch.no_grad():
+                self._output(self.entry(*args, **kwargs), "", check=False)
+            return True
+        except Exception:  # noqa: BLE001 - which cut runs is all that is asked
+            return False
+        finally:
+            self._probing = False
+
     def _spot_check(self, args, kwargs, n, mask, out_mask, decoder, norms, where):
         """A later batch of a padding layout that its first batch confirmed (:meth:`_confirm_blocks`), or with
         per_sample=False any padded batch: is the output of its most padded sample, run alone without its padding (a
@@ -1157,8 +1204,9 @@ class Engine:
         self._probing = True
         try:
             with torch.no_grad():
-                one_args, one_kwargs = _unpadded(*_one_sample(args, kwargs, n, k), None if mask is None else mask[k],
-                                                 out_mask[k] if decoder and out_mask is not None else None)
+                one_args, one_kwargs = self._unpadded(
+                    *_one_sample(args, kwargs, n, k), None if mask is None else mask[k],
+                    out_mask[k] if decoder and out_mask is not None else None)
                 out = self._output(self.entry(*one_args, **one_kwargs), where, check=False)
         except Exception:  # noqa: BLE001 - a sample that does not run alone: the first batch's check stands
             return None
@@ -1187,8 +1235,9 @@ class Engine:
         self._probing = True
         try:
             with torch.no_grad():
-                one_args, one_kwargs = _unpadded(*_one_sample(args, kwargs, n, k), None if mask is None else mask[k],
-                                                 out_mask[k] if decoder else None)
+                one_args, one_kwargs = self._unpadded(*_one_sample(args, kwargs, n, k),
+                                                      None if mask is None else mask[k],
+                                                      out_mask[k] if decoder else None)
                 out = self._output(self.entry(*one_args, **one_kwargs), where, check=False)
         except Exception:  # noqa: BLE001 - the pass itself says what is wrong with the batch
             return

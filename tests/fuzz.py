@@ -613,8 +613,8 @@ def build(seed):
             steps.append(("+positions", lambda net, h, c: h + net.mods[q](
                 torch.arange(h.shape[1])[None] if pc == 3 or c["mask"] is None else
                 (c["mask"].long().cumsum(-1) - 1).clamp_min(0))))
-        if b.p(0.35):  # F never a batch's length: the known cut of an (n, T, F) input with F == T
-            cfg["feat"] = b.ch([f for f in range(2, 9) if f not in Ts])
+        if b.p(0.35):  # F may be a batch's padded length T, as a (1, T, T) bias's
+            cfg["feat"] = b.ch(list(range(2, 9)))
             f = b.add(nn.Linear(cfg["feat"], D), "float keyword input (n, T, F)")
             steps.append(("+feat", lambda net, h, c: h + net.mods[f](c["feat"])))
         if kind == "tok" and not pad and b.p(0.3):

@@ -3383,6 +3383,72 @@ def test_a_sample_all_padding_adds_nothing(cls):
     assert_close(mas.task_importance, {k: v * 9 / 10 for k, v in want.items()})
 
 
+class Features(nn.Module):
+    """Token features of the user's, (n, T, F) under a keyword the pass does not know, and a (n, T, T) bias."""
+
+    def __init__(self, f=6):
+        super().__init__()
+        self.lin, self.head = nn.Linear(f, f), nn.Linear(f, 3)
+
+    def forward(self, x, attention_mask=None, bias=None):
+        h = torch.tanh(self.lin(x))
+        if bias is not None:  # (n, T, T): mixes each sample's positions
+            h = h + torch.softmax(bias.masked_fill(attention_mask[:, None, :] == 0, -1e9), -1) @ h
+        return self.head(h)
+
+
+def _features(n, t, lengths, bias):
+    batch = {"x": torch.randn(n, t, 6), **_padded(n, t, lengths)}
+    del batch["input_ids"]
+    if bias:
+        batch["bias"] = torch.randn(n, t, t)
+    return batch
+
+
+def _features_oracle(model, batches):
+    """g-MAS, each sample alone in float64 with its padding cut: its features in dim 1, its bias in dims 1 and 2."""
+    m = _copy64(model)
+    om = {k: torch.zeros_like(p) for k, p in m.named_parameters()}
+    for b in batches:
+        for k, keep in enumerate(b["attention_mask"].bool()):
+            kw = {"x": b["x"][k:k + 1, keep].double(), "attention_mask": b["attention_mask"][k:k + 1, keep]}
+            if "bias" in b:
+                kw["bias"] = b["bias"][k:k + 1][:, keep][:, :, keep].double()
+            grads = torch.autograd.grad(m(**kw).pow(2).sum(), list(m.parameters()))
+            for name, g in zip(om, grads):
+                om[name] += g.abs()
+    count = sum(len(b["x"]) for b in batches)
+    return {k: v / count for k, v in om.items()}
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["features", "features-and-bias"])
+@pytest.mark.parametrize("mode", ["global", "local"])
+def test_features_as_wide_as_the_padded_length(mode, bias):
+    """A keyword input of the user's is cut in every dim of the padded length T when a padded sample runs alone (a
+    (n, T, T) attention bias must be); (n, T, F) features whose F equals T (hidden 128, batches padded to 128
+    tokens) had F cut too: the model failed. The first such cut is tried on the sample alone; where it fails and the
+    cut in dim 1 only runs, that input is cut in dim 1 only from then on. The bias keeps both cuts. Exact (g-MAS
+    against the float64 loop; l-MAS: both classes alike), passed by keyword or positionally (observe)."""
+    torch.manual_seed(4)
+    model = Features().eval()
+    batches = [_features(3, 6, [6, 4, 2], bias), _features(2, 5, [5, 3], bias), _features(3, 6, [2, 6, 5], bias)]
+    got = []
+    for cls in CLASSES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            mas = cls(model, mode=mode, show_progress=False)
+            mas.accumulate(batches)
+            again = cls(model, mode=mode, show_progress=False)
+            with again.observe():
+                for b in batches:
+                    model(b["x"], b["attention_mask"], *([b["bias"]] if bias else []))
+        assert_close(again.task_importance, mas.task_importance)
+        got.append(mas.task_importance)
+    assert_close(got[0], got[1])
+    if mode == "global":
+        assert_close(got[0], _features_oracle(model, batches))
+
+
 class SortedExperts(nn.Module):
     """JetMoe's parallel experts in small: a weight of its own per expert, called on the batch's (n·T, D) tokens
     sorted by expert, with the expert sizes as a list of ints (the batch's)."""
