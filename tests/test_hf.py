@@ -108,6 +108,60 @@ def padded(sequences, side):
     return ids, mask
 
 
+def _bf16_close(got, want, tol=5e-2):
+    """bfloat16 against float64: each Ω of at least 1e-3 of the largest within ``tol`` (the rest is rounding)."""
+    big = 1e-3 * max(w.norm().item() for w in want.values())
+    bad = {k: ((got[k].double() - w).norm() / w.norm()).item() for k, w in want.items() if w.norm().item() >= big}
+    assert max(bad.values()) < tol, sorted(bad.items(), key=lambda kv: -kv[1])[:4]
+
+
+def _quiet(make, batches):
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        mas = make().accumulate(batches)
+    assert not [str(w.message) for w in said if "one sample at a time" in str(w.message)]
+    assert not mas._engine.by_sample and not mas._engine.pad_by_sample
+    return mas
+
+
+@pytest.mark.parametrize("cls", [mas_ext.ReferenceMAS, mas_ext.FusedMAS], ids=["reference", "fused"])
+def test_t5_in_bfloat16_keeps_the_batched_path(cls):
+    """T5's relative-position bias is an output all samples share, each sample's gradient at it told by its uses;
+    the first batch's check runs the samples alone, where the bias's Embedding took the generic rule's gradient in
+    bfloat16: its T² positions summed into 32 buckets in bfloat16 (16% off the float64 loop at T = 256, where the
+    batch's pass was 2% off), and every batch ran one sample at a time. At T = 48 the check's 1% for told uses was
+    below bfloat16's own 1-2% between the batch and a sample alone: the same. A whole call of a layer whose rule
+    reads every dim before the last as positions now takes that rule, in float32; bfloat16 is held to 3e-2 alike."""
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=V, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config).eval().to(torch.bfloat16)
+    ids, dec = torch.randint(1, V, (4, 256)), torch.randint(1, V, (4, 8))
+    mas = _quiet(lambda: cls(model, show_progress=False), [{"input_ids": ids, "decoder_input_ids": dec}])
+    want = oracle(model, list(zip(ids, dec)), forward=lambda m, x: m(input_ids=x[0][None],
+                                                                       decoder_input_ids=x[1][None]).logits)
+    _bf16_close(mas.task_importance, want)
+    short = [torch.randint(1, V, (k,)) for k in (48, 30, 17, 41)]  # right padded, 48 tokens
+    ids, mask = padded(short, "right")
+    _quiet(lambda: cls(model, show_progress=False), [{"input_ids": ids, "attention_mask": mask,
+                                                      "decoder_input_ids": dec}] * 2)
+
+
+@pytest.mark.parametrize("cls", [mas_ext.ReferenceMAS, mas_ext.FusedMAS], ids=["reference", "fused"])
+def test_bert_in_bfloat16_right_padded_keeps_the_batched_path(cls):
+    """The padding check of a bfloat16 BERT compared its attention keys' biases, whose Ω is zero in exact arithmetic
+    (softmax ignores a shift) and 2e-6 of the largest in bfloat16, 30% apart between the batch and its samples
+    alone: every right-padded batch ran one sample at a time. Below 1e-4 of the largest Ω, half precision has
+    nothing to tell. Batched, and within bfloat16's rounding of the float64 loop."""
+    config = transformers.BertConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=64)
+    model = perturbed(lambda: transformers.BertModel(config), seed=1).to(torch.bfloat16)
+    samples = [torch.randint(1, V, (k,)) for k in (48, 13, 14, 13, 48, 29, 28, 40)]
+    batches = [dict(zip(("input_ids", "attention_mask"), padded(samples[i:i + 4], "right"))) for i in (0, 4)]
+    mas = _quiet(lambda: cls(model, output_fn=lambda out: out.last_hidden_state, show_progress=False), batches)
+    _bf16_close(mas.task_importance, oracle(model, samples, forward=lambda m, x: m(input_ids=x[None]).last_hidden_state))
+
+
 @pytest.mark.parametrize("cls", [mas_ext.ReferenceMAS, mas_ext.FusedMAS], ids=["reference", "fused"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_exact_on_ragged_batches(name, cls):
