@@ -20,8 +20,8 @@ parameters, make the batch run one sample at a time: exact, and slower.
 import contextlib
 import functools
 import gc
-import itertools
 import inspect
+import itertools
 import threading
 import warnings
 from collections.abc import Mapping
@@ -808,12 +808,23 @@ class Engine:
         self.out_positions = None
         self.out_probed = False  # that run done (once: where it failed or could not tell, the shapes decide)
         self._pass = None  # the _Pass of the batch now running
-        self._probing = False  # learn_dims is running the model
+        self._probing = False  # the engine runs the model outside a pass (learn_dims, the padding checks: _probe)
 
     @property
     def running(self):
         """True while a batch's forward runs (a model hook can tell the pass's own forwards from the user's)."""
         return self._pass is not None or self._probing
+
+    @contextlib.contextmanager
+    def _probe(self):
+        """The engine's own run of the model outside a pass, without gradients (:attr:`running` says so); nested
+        probes (a cut tried inside a probe: :meth:`_unpadded`) leave it set for the outer one."""
+        before, self._probing = self._probing, True
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self._probing = before
 
     def _use_kernels(self, tensors):
         return self.kernels is not None and self.kernels(tensors)
@@ -1177,15 +1188,12 @@ class Engine:
 
     def _runs_alone(self, args, kwargs):
         """Whether the model runs on a one-sample call (a forward without gradients, which the pass does not see)."""
-        self._probing = True
         try:
-            with torch.no_grad():
+            with self._probe():
                 self._output(self.entry(*args, **kwargs), "", check=False)
             return True
         except Exception:  # noqa: BLE001 - which cut runs is all that is asked
             return False
-        finally:
-            self._probing = False
 
     def _spot_check(self, args, kwargs, n, mask, out_mask, decoder, norms, where):
         """A later batch of a padding layout that its first batch confirmed (:meth:`_confirm_blocks`), or with
@@ -1201,17 +1209,14 @@ class Engine:
         k = int(real.argmin())
         if int(real[k]) == keep.shape[1]:
             return None
-        self._probing = True
         try:
-            with torch.no_grad():
+            with self._probe():
                 one_args, one_kwargs = self._unpadded(
                     *_one_sample(args, kwargs, n, k), None if mask is None else mask[k],
                     out_mask[k] if decoder and out_mask is not None else None)
                 out = self._output(self.entry(*one_args, **one_kwargs), where, check=False)
         except Exception:  # noqa: BLE001 - a sample that does not run alone: the first batch's check stands
             return None
-        finally:
-            self._probing = False
         alone, batched = float(_squared_norms(out.reshape(1, -1))[0]), float(norms[k])
         # bfloat16/float16: to 3e-2 of the batch's largest (a classifier's few logits near zero, left padded, move
         # by up to 40% of their own in bfloat16 where the positions shift)
@@ -1234,17 +1239,14 @@ class Engine:
         if k is None:
             return
         self.out_probed = True
-        self._probing = True
         try:
-            with torch.no_grad():
+            with self._probe():
                 one_args, one_kwargs = self._unpadded(*_one_sample(args, kwargs, n, k),
                                                       None if mask is None else mask[k],
                                                       out_mask[k] if decoder else None)
                 out = self._output(self.entry(*one_args, **one_kwargs), where, check=False)
         except Exception:  # noqa: BLE001 - the pass itself says what is wrong with the batch
             return
-        finally:
-            self._probing = False
         if out.dim() == len(self.one_out):
             self.out_positions = (True if out.shape[1] == lengths[k] else False if out.shape[1] == width else None)
 
@@ -1271,9 +1273,8 @@ class Engine:
 
         # first among the hooks, as the taps are (Engine.session)
         handles = [u.module.register_forward_hook(record(u), with_kwargs=True, prepend=True) for u in self.units]
-        self._probing = True
         try:
-            with torch.no_grad():
+            with self._probe():
                 one_args, one_kwargs = _one_sample(args, kwargs, n, 0)
                 raw = self.entry(*one_args, **one_kwargs)
         except Exception as e:  # noqa: BLE001 - the pass itself says what is wrong with the batch
@@ -1283,7 +1284,6 @@ class Engine:
             self.one = False
             return
         finally:
-            self._probing = False
             for h in handles:
                 h.remove()
         out = self._output(raw, where, check=False)  # an output MAS cannot use: the batch's error, as it is
