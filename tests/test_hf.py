@@ -541,6 +541,28 @@ def test_fused_rules_cover_the_families_without_the_generic_path():
         assert not generic, f"{name}: generic units {generic}"
 
 
+@pytest.mark.parametrize("family", ["T5", "UMT5", "LongT5"])
+def test_t5_layer_norms_take_the_rms_norm_rule(family):
+    """T5's RMS norm and its copies are classes named *LayerNorm: they took the generic rule (a torch.func rerun per
+    call, a warning that no fused kernel applies). They are RMS norms of the table now (the class checked against
+    the formula once, as any *RMSNorm): no generic unit, exact against the float64 loop, padding and all."""
+    config = getattr(transformers, f"{family}Config")(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                       num_heads=4, decoder_start_token_id=0)
+    model = perturbed(lambda: getattr(transformers, f"{family}ForConditionalGeneration")(config), seed=3)
+    torch.manual_seed(0)
+    seqs, dec = [torch.randint(1, V, (k,)) for k in (9, 5, 7, 3)], torch.randint(1, V, (4, 6))
+    ids, mask = padded(seqs, "right")
+    want = oracle(model, list(zip(seqs, dec)), forward=lambda m, x: m(input_ids=x[0][None],
+                                                                       decoder_input_ids=x[1][None]).logits)
+    for cls in (mas_ext.ReferenceMAS, mas_ext.FusedMAS):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            mas = cls(model, show_progress=False)
+            mas.accumulate([{"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec}])
+        assert not [u.name for u in mas._engine.units if u.rule.grads is mas_ext._rules.generic_grads]
+        assert_close(mas.task_importance, want)
+
+
 def _mixing_models():
     """Families whose layers take inputs that are no sample's own rows: T5's relative-position bias Embedding on
     (T, T) buckets shared by all samples, and the MoE routers and experts on the batch's tokens flattened to

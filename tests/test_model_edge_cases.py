@@ -81,7 +81,8 @@ def _to64(v):
 def _select(batch, idx, n, shared, unpad):
     """(args, kwargs) for the samples ``idx`` of a batch of ``n``: per-sample tensors (dim 0 of size n, not in
     ``shared``) are sliced; anything else is passed whole. ``unpad`` (one sample): keep only its real positions
-    (attention_mask == 1) in every per-sample tensor with a sequence dim."""
+    (attention_mask == 1) in every per-sample tensor with a sequence dim, but an encoder-decoder's decoder inputs
+    (``decoder_*``), which the encoder's mask does not cover (a decoder as long as the padded inputs was cut)."""
     if torch.is_tensor(batch):
         return (_to64(batch[idx]),), {}
     kw = {}
@@ -92,7 +93,7 @@ def _select(batch, idx, n, shared, unpad):
     for k, v in batch.items():
         if torch.is_tensor(v) and k not in shared and v.dim() > 0 and v.shape[0] == n:
             v = v[idx]
-            if keep is not None and v.dim() >= 2 and v.shape[1] == keep.shape[0]:
+            if keep is not None and v.dim() >= 2 and v.shape[1] == keep.shape[0] and not k.startswith("decoder_"):
                 v = v[:, keep]
         kw[k] = _to64(v)
     return (), kw

@@ -11,7 +11,8 @@ nn.Conv1d/2d/3d        conv.py         conv_importance_ (im2col into the registe
                                        per-sample im2col + grouped GEMM + |·|)
 nn.Embedding, tied     embedding.py    per-(sample, index) rows; tied_embedding_importance_
 *ScaledWordEmbedding   embedding.py    the same, the gradient times embed_scale (Gemma, BART)
-LayerNorm, RMSNorm     norm.py         norm_affine_importance_ (one pass over x and g)
+LayerNorm, RMSNorm     norm.py         norm_affine_importance_ (one pass over x and g); Hugging Face *RMSNorm
+                                       classes and T5's *LayerNorm (an RMS norm), each class checked once
 LayerNorm subclasses   norm.py         the same, channels moved last (ConvNeXt's channels_first), class checked once
 GroupNorm, BatchNorm   norm.py         per-sample N×C gradients, whole
 MultiheadAttention     attention.py    its projections through linear_importance_

@@ -19,10 +19,17 @@ from .base import _VERIFIED, add_abs_sum, close_to, matches_formula, settings_ke
 from .generic import generic_grads
 
 
+# T5's RMS norm and its copies (MT5, UMT5, LongT5, Switch Transformers, Pop2Piano, Pix2Struct, UDOP): named LayerNorm
+_T5_STYLE = ("T5LayerNorm", "SwitchTransformersLayerNorm", "Pop2PianoLayerNorm", "Pix2StructLayerNorm",
+             "UdopLayerNorm")
+
+
 def is_hf_rmsnorm(module):
-    """A Hugging Face-style RMSNorm: a class named ``*RMSNorm`` with one 1-D ``weight`` and an epsilon."""
+    """A Hugging Face-style RMSNorm: a class named ``*RMSNorm`` (or T5's ``*T5LayerNorm`` and its copies) with one
+    1-D ``weight`` and an epsilon. Each class is checked against the formula once (:func:`_hf_rmsnorm_matches`)."""
     w = getattr(module, "weight", None)
-    return (type(module).__name__.endswith("RMSNorm") and not isinstance(module, nn.RMSNorm)
+    name = type(module).__name__
+    return ((name.endswith("RMSNorm") or name.endswith(_T5_STYLE)) and not isinstance(module, nn.RMSNorm)
             and isinstance(w, nn.Parameter) and w.dim() == 1 and _hf_eps(module) is not None
             and [k for k, _ in module.named_parameters()] == ["weight"])
 
