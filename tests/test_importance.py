@@ -1074,7 +1074,8 @@ def test_cpu_kernels_against_per_sample_sums(kernel):
     """Each CPU path of the ops, forced by MAS_EXT_CPU_KERNEL in a fresh process (the choice is made once per
     process): the register kernel the CPU has (AVX-512 or AVX2), the AVX2 one, and the GEMM-then-|·| path that
     machines without AVX2/FMA take. Linear, tied and conv ops against per-sample float64 sums, at sizes that are
-    not multiples of either kernel's 6×16 or 12×32 tile, and convs over several runs of samples."""
+    not multiples of either kernel's 6×16 or 12×32 tile, convs over several runs of samples, and depthwise convs
+    (their own path: row dot products, nothing unfolded) of 1-3 dims with stride, padding and dilation."""
     import os
     import subprocess
     import sys
@@ -1111,7 +1112,11 @@ def test_cpu_kernels_against_per_sample_sums(kernel):
                  (2, 4, 9, (5, 6, 4), (2, 3, 2), (1, 2, 1), (1, 1, 0), (1, 1, 2), 1),  # Conv3d
                  (6, 16, 8, (64, 64), (3, 3), (1, 1), (1, 1), (1, 1), 1),  # several runs of samples
                  (3, 1, 6, (8, 8), (3, 3), (1, 1), (1, 1), (1, 1), 1),     # C·K = 9 < a strip
-                 (3, 8, 6, (7, 7), (3, 3), (1, 1), (1, 1), (1, 1), 2)]     # groups
+                 (3, 8, 6, (7, 7), (3, 3), (1, 1), (1, 1), (1, 1), 2),     # groups
+                 (4, 24, 24, (14, 13), (7, 7), (1, 1), (3, 3), (1, 1), 24),  # depthwise (ConvNeXt): no im2col
+                 (3, 6, 6, (11, 10), (3, 4), (2, 1), (0, 2), (1, 2), 6),   # depthwise, stride and dilation
+                 (2, 16, 16, (20,), (4,), (1,), (3,), (1,), 16),           # depthwise Conv1d (Mamba's)
+                 (2, 4, 4, (5, 6, 4), (2, 3, 2), (1, 2, 1), (1, 1, 0), (1, 1, 2), 4)]  # depthwise Conv3d
         for n, c, o, sp, k, s, pd, dl, gr in convs:
             nd = len(sp)
             x = torch.randn(n, c, *sp)

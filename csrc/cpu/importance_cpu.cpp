@@ -513,6 +513,54 @@ bool conv_importance_registers(at::Tensor& omega_w, const at::Tensor& x, const a
 #endif
 }
 
+// Σ_o a[o] · b[o · s] over o in [0, n): Vec::size() partial sums where b is contiguous (s = 1).
+float strided_dot(const float* a, const float* b, int64_t n, int64_t s) {
+  float total = 0.f;
+  int64_t o = 0;
+  if (s == 1) {
+    Vec acc(0.f);
+    for (; o + Vec::size() <= n; o += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + o), Vec::loadu(b + o), acc);
+    float lanes[Vec::size()];
+    acc.store(lanes);
+    for (int j = 0; j < Vec::size(); ++j) total += lanes[j];
+  }
+  for (; o < n; ++o) total += a[o] * b[o * s];
+  return total;
+}
+
+// Depthwise (groups = C = O): sample k's weight gradient at (c, tap) is Σ_p g_k[c, p] · x_k[c, p·s − pad + tap·d],
+// a dot product of a row of g with a (strided) row of x per output row, so nothing is unfolded. acc (C, K) += its
+// |·|. Against the im2col + grouped GEMM path, which writes K copies of the input per sample: ConvNeXt's 7×7
+// depthwise convs (96-768 channels, 56×56 to 7×7 positions) spent 5× a plain weight-gradient's time there.
+void conv_importance_depthwise(float* acc, const float* x, const float* g, const ConvGeom& geo) {
+  const int64_t L = geo.out[0] * geo.out[1] * geo.out[2], in = geo.in[0] * geo.in[1] * geo.in[2];
+  const int64_t s = geo.s[2];
+  for (int64_t c = 0; c < geo.C; ++c) {
+    const float* xc = x + c * in;
+    const float* gc = g + c * L;
+    for (int64_t i0 = 0; i0 < geo.k[0]; ++i0)
+      for (int64_t i1 = 0; i1 < geo.k[1]; ++i1)
+        for (int64_t i2 = 0; i2 < geo.k[2]; ++i2) {
+          // output columns [lo, hi) read inside the row: xx = o2 * s - p + i2 * d in [0, in)
+          const int64_t off = i2 * geo.d[2] - geo.p[2];
+          const int64_t lo = std::min(geo.out[2], off >= 0 ? 0 : (-off + s - 1) / s);
+          const int64_t hi = std::max(lo, std::min(geo.out[2], (geo.in[2] - off + s - 1) / s));
+          float total = 0.f;
+          for (int64_t o0 = 0; o0 < geo.out[0]; ++o0) {
+            const int64_t z = o0 * geo.s[0] - geo.p[0] + i0 * geo.d[0];
+            if (z < 0 || z >= geo.in[0]) continue;
+            for (int64_t o1 = 0; o1 < geo.out[1]; ++o1) {
+              const int64_t y = o1 * geo.s[1] - geo.p[1] + i1 * geo.d[1];
+              if (y < 0 || y >= geo.in[1] || hi <= lo) continue;
+              const float* xrow = xc + (z * geo.in[1] + y) * geo.in[2] + off;
+              total += strided_dot(gc + (o0 * geo.out[1] + o1) * geo.out[2] + lo, xrow + lo * s, hi - lo, s);
+            }
+          }
+          acc[(c * geo.k[0] + i0) * geo.k[1] * geo.k[2] + i1 * geo.k[2] + i2] += std::fabs(total);
+        }
+  }
+}
+
 // input (N, C, *spatial), grad_out (N, O, *out_spatial), weight (O, C/groups, *kernel).
 void conv_importance_cpu(at::Tensor& omega_w, const std::optional<at::Tensor>& omega_b, const at::Tensor& input,
                          const at::Tensor& grad_out, at::IntArrayRef kernel_size, at::IntArrayRef stride,
@@ -555,6 +603,15 @@ void conv_importance_cpu(at::Tensor& omega_w, const std::optional<at::Tensor>& o
   if (L == 0) return;  // no output positions (an input shorter than the kernel's reach): every gradient is 0
   if (groups == 1 && conv_importance_registers(omega_w, x, g, geo, K, L)) return;
   ThreadAccumulators acc_w(omega_w, N);
+  if (Cg == 1 && Og == 1) {  // depthwise
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      float* wacc = acc_w.get();
+      for (int64_t k = begin; k < end; ++k)
+        conv_importance_depthwise(wacc, x.data_ptr<float>() + k * sample_in, g.data_ptr<float>() + k * O * L, geo);
+    });
+    acc_w.reduce();
+    return;
+  }
   ThreadScratch cols_ws({groups, Cg * K, L}, x.options()), tmp_ws({groups, Og, Cg * K}, x.options());
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     auto cols = cols_ws.slot();

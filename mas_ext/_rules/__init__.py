@@ -7,8 +7,9 @@ nn.Linear, Conv1D      linear.py       linear_importance_ (no positions: |G|ᵀ|
                                        sample's gradient tiles made in registers, |·| added into Ω); a layer
                                        called more than once: its calls' positions concatenated per sample
 Linear subclasses      linear.py       the same, once the class is seen to compute x Wᵀ + b (FalconLinear)
-nn.Conv1d/2d/3d        conv.py         conv_importance_ (im2col into the register kernel's operands; groups > 1:
-                                       per-sample im2col + grouped GEMM + |·|)
+nn.Conv1d/2d/3d        conv.py         conv_importance_ (im2col into the register kernel's operands; depthwise:
+                                       row dot products, nothing unfolded; other groups > 1: per-sample im2col
+                                       + grouped GEMM + |·|)
 nn.Embedding, tied     embedding.py    per-(sample, index) rows; tied_embedding_importance_
 *ScaledWordEmbedding   embedding.py    the same, the gradient times embed_scale (Gemma, BART)
 LayerNorm, RMSNorm     norm.py         norm_affine_importance_ (one pass over x and g); Hugging Face *RMSNorm
