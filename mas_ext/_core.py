@@ -176,6 +176,13 @@ def _inside_another(module, entries):
 _CALL_IMPL = nn.Module._call_impl.__code__
 
 
+def _uncached_step(kwargs):
+    """Whether a model call is one that generate(use_cache=False) makes: input_ids, use_cache=False and
+    logits_to_keep, all by keyword."""
+    return (kwargs.get("use_cache") is False and kwargs.get("logits_to_keep") is not None
+            and torch.is_tensor(kwargs.get("input_ids")) and kwargs["input_ids"].dim() == 2)
+
+
 def _empty_caches(args, kwargs):
     """The ids of a call's non-tensor arguments where every one is an empty Hugging Face cache (``get_seq_length()``
     is 0: the first call of ``generate()``), else an empty set."""
@@ -289,11 +296,13 @@ class ReferenceMAS:
         observed again. ``generate()``'s first call, on the prompts with an empty cache, is observed without its
         cache and its ``logits_to_keep`` (Ω of the prompts, as :meth:`accumulate` takes them); the calls that
         follow, one token each on a filled cache, are skipped (one warning), and so are calls that pass
-        ``encoder_outputs`` computed before them (an encoder-decoder's generate()). Where the model's layers ran
+        ``encoder_outputs`` computed before them (an encoder-decoder's generate()). ``generate(use_cache=False)``
+        runs the whole prefix at every step: its first call is observed as the prefill is, and a call whose
+        input_ids are the last call's and one token more is a step, skipped. Where the model's layers ran
         but no call of the model was seen (PEFT's prompt tuning), observe() says so when it ends."""
         everything = {id(p) for p in self.net.parameters()}
         entries = {self.model} | {m for m in self.net.modules() if {id(p) for p in m.parameters()} == everything}
-        calls, stateful, layers_ran, empty_caches = [0], [], [False], {}
+        calls, stateful, layers_ran, empty_caches, prefix = [0], [], [False], {}, [None]
 
         @torch.compiler.disable  # inside a compiled model: run as it is, after the compiled part (it reads the stack)
         def hook(module, args, kwargs, output):
@@ -314,6 +323,22 @@ class ReferenceMAS:
                               "parameters the importance pass cannot reach; importance and sample count unchanged",
                               stacklevel=2)
                 return
+            if _uncached_step(kwargs):
+                # generate(use_cache=False): each step runs the whole prefix, its last logits only. The first, on the
+                # prompts, is observed as the cache's prefill is (without logits_to_keep: Ω of the prompts); a call
+                # on the last one's tokens plus one is a step, skipped as the cached steps are
+                ids, last = kwargs["input_ids"], prefix[0]
+                prefix[0] = ids
+                if (last is not None and ids.shape[0] == last.shape[0] and ids.shape[1] == last.shape[1] + 1
+                        and torch.equal(ids[:, :-1], last)):
+                    if not stateful:
+                        warnings.warn(f"{type(self).__name__}.observe(): call {where} skipped, and every later step "
+                                      "of generate(use_cache=False) (its input_ids are the last call's and one token "
+                                      "more: the generated tokens, not traffic); importance and sample count "
+                                      "unchanged", stacklevel=2)
+                    stateful.append(where)
+                    return
+                kwargs = {k: v for k, v in kwargs.items() if k != "logits_to_keep"}
             state = _stateful_argument(args, kwargs)
             empty = empty_caches.pop(id(module), set()) if state is not None else set()
             if state is not None and empty:  # generate()'s prefill: the prompts, as accumulate() takes them

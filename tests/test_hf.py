@@ -453,16 +453,20 @@ def test_observe_keyword_and_positional_calls(name):
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_observe_generate_takes_the_prompts(name):
+@pytest.mark.parametrize("cache", [True, False], ids=["cache", "no-cache"])
+def test_observe_generate_takes_the_prompts(name, cache):
     """Deployment traffic is generate(): its first call (the left-padded prompts, an empty cache, logits of the last
     position only) is observed as accumulate() takes the prompts, so Ω is the prompts' own, each unpadded; the calls
     that follow (one token each on the filled cache) are skipped, with one warning. Before, every call of generate()
-    was skipped. The generated tokens are those of a run outside observe()."""
+    was skipped. generate(use_cache=False) runs the whole prefix at every step (its last logits only): Ω was that of
+    each prefix's last logits; its first call is observed as the prefill is, the steps after it skipped. The
+    generated tokens are those of a run outside observe()."""
     model = make_model(name, seed=8)
     torch.manual_seed(9)
     prompts = [torch.randint(1, V, (length,)) for length in (T, 5, 7)]
     ids, mask = padded(prompts, "left")
-    args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                use_cache=cache)
     plain = model.generate(**args)
     mas = mas_ext.FusedMAS(model, show_progress=False)
     with mas.observe(), warnings.catch_warnings(record=True) as caught:
