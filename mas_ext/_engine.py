@@ -589,7 +589,7 @@ class _Pass:
         self.forward_failed = False  # the model's forward itself raised
         self.unlike_probe = False  # a call unlike any of the probe's (see Engine.learn_dims): learn again
         self.unmasked = None  # what holds the padded positions where they cannot be told (local mode, the output)
-        self.norms = None  # with padding, each sample's ||f||^2 at its real positions, (n,) float32 (Engine._spot_check)
+        self.norms = None  # with padding, each sample's ||f||^2 at its real positions, (n,) (Engine._spot_check)
         self.shared = None  # the _shared.Site of the outputs that all samples share (g-MAS per sample), once one shows
         self.sharing = []  # the units whose outputs those are
         self.block_rows = set()  # the row counts of the calls read as n blocks of rows, one per sample, so far
@@ -635,6 +635,14 @@ class _Swap:
     def restore(self):
         for k, p in self.names.items():
             self.module._parameters[k] = p
+
+
+@contextlib.contextmanager
+def _probe():
+    """The engine's own run of the model outside a pass (a sample alone): without gradients and, as in a pass,
+    without the cyclic collector (observers tell its calls from the user's by the session: :func:`pass_running`)."""
+    with torch.no_grad(), _gc_paused():
+        yield
 
 
 @contextlib.contextmanager
@@ -808,24 +816,6 @@ class Engine:
         self.out_positions = None
         self.out_probed = False  # that run done (once: where it failed or could not tell, the shapes decide)
         self._pass = None  # the _Pass of the batch now running
-        self._probing = False  # the engine runs the model outside a pass (learn_dims, the padding checks: _probe)
-
-    @property
-    def running(self):
-        """True while a batch's forward runs (a model hook can tell the pass's own forwards from the user's)."""
-        return self._pass is not None or self._probing
-
-    @contextlib.contextmanager
-    def _probe(self):
-        """The engine's own run of the model outside a pass, without gradients (:attr:`running` says so) and, as in a
-        pass, without the cyclic collector; nested probes (a cut tried inside a probe: :meth:`_unpadded`) leave it
-        set for the outer one."""
-        before, self._probing = self._probing, True
-        try:
-            with torch.no_grad(), _gc_paused():
-                yield
-        finally:
-            self._probing = before
 
     def _use_kernels(self, tensors):
         return self.kernels is not None and self.kernels(tensors)
@@ -1190,11 +1180,19 @@ class Engine:
     def _runs_alone(self, args, kwargs):
         """Whether the model runs on a one-sample call (a forward without gradients, which the pass does not see)."""
         try:
-            with self._probe():
+            with _probe():
                 self._output(self.entry(*args, **kwargs), "", check=False)
             return True
         except Exception:  # noqa: BLE001 - which cut runs is all that is asked
             return False
+
+    def _output_alone(self, args, kwargs, n, k, mask, out_mask, decoder, where):
+        """The output of sample ``k`` of a padded batch of n run alone without its padding (a forward without
+        gradients): the tensor whose norm MAS takes."""
+        with _probe():
+            one_args, one_kwargs = self._unpadded(*_one_sample(args, kwargs, n, k), None if mask is None else mask[k],
+                                                  out_mask[k] if decoder and out_mask is not None else None)
+            return self._output(self.entry(*one_args, **one_kwargs), where, check=False)
 
     def _spot_check(self, args, kwargs, n, mask, out_mask, decoder, norms, where):
         """A later batch of a padding layout that its first batch confirmed (:meth:`_confirm_blocks`), or with
@@ -1211,11 +1209,7 @@ class Engine:
         if int(real[k]) == keep.shape[1]:
             return None
         try:
-            with self._probe():
-                one_args, one_kwargs = self._unpadded(
-                    *_one_sample(args, kwargs, n, k), None if mask is None else mask[k],
-                    out_mask[k] if decoder and out_mask is not None else None)
-                out = self._output(self.entry(*one_args, **one_kwargs), where, check=False)
+            out = self._output_alone(args, kwargs, n, k, mask, out_mask, decoder, where)
         except Exception:  # noqa: BLE001 - a sample that does not run alone: the first batch's check stands
             return None
         alone, batched = float(_squared_norms(out.reshape(1, -1))[0]), float(norms[k])
@@ -1241,11 +1235,7 @@ class Engine:
             return
         self.out_probed = True
         try:
-            with self._probe():
-                one_args, one_kwargs = self._unpadded(*_one_sample(args, kwargs, n, k),
-                                                      None if mask is None else mask[k],
-                                                      out_mask[k] if decoder else None)
-                out = self._output(self.entry(*one_args, **one_kwargs), where, check=False)
+            out = self._output_alone(args, kwargs, n, k, mask, out_mask, decoder, where)
         except Exception:  # noqa: BLE001 - the pass itself says what is wrong with the batch
             return
         if out.dim() == len(self.one_out):
@@ -1275,7 +1265,7 @@ class Engine:
         # first among the hooks, as the taps are (Engine.session)
         handles = [u.module.register_forward_hook(record(u), with_kwargs=True, prepend=True) for u in self.units]
         try:
-            with self._probe():
+            with _probe():
                 one_args, one_kwargs = _one_sample(args, kwargs, n, 0)
                 raw = self.entry(*one_args, **one_kwargs)
         except Exception as e:  # noqa: BLE001 - the pass itself says what is wrong with the batch

@@ -422,6 +422,13 @@ struct ConvGeom {
   int64_t C, in[3], out[3], k[3], s[3], p[3], d[3];
 };
 
+// The output columns [lo, hi) whose tap i2 reads inside an input row: xx = o2 * s - p + i2 * d in [0, in).
+void tap_columns(const ConvGeom& g, int64_t i2, int64_t& lo, int64_t& hi) {
+  const int64_t off = i2 * g.d[2] - g.p[2], s = g.s[2];
+  lo = std::min(g.out[2], off >= 0 ? 0 : (-off + s - 1) / s);
+  hi = std::max(lo, std::min(g.out[2], (g.in[2] - off + s - 1) / s));
+}
+
 // im2col of one sample, any of 1-3 spatial dims expressed as 3-D (missing dims have size 1):
 // x (C, D, H, W) -> cols (C * kd * kh * kw, oD * oH * oW) = (I, L), element (i, p) written at
 // out[(i / width) * width * L + p * width + i % width]: width = 1 is the row-major (I, L) matrix, the
@@ -441,13 +448,11 @@ void im2col3d(const float* x, float* out, const ConvGeom& g, int64_t width) {
             for (int64_t o1 = 0; o1 < g.out[1]; ++o1) {
               const int64_t y = o1 * g.s[1] - g.p[1] + i1 * g.d[1];
               float* drow = dst + (o0 * g.out[1] + o1) * g.out[2] * width;
-              // Output columns [lo, hi) read inside the row: xx = o2 * s - p + i2 * d in [0, in).
               const int64_t off = i2 * g.d[2] - g.p[2], s = g.s[2];
               int64_t lo = g.out[2], hi = g.out[2];  // a row outside the input: all zero
               const float* xrow = xc;
               if (z >= 0 && z < g.in[0] && y >= 0 && y < g.in[1]) {
-                lo = std::min(g.out[2], off >= 0 ? 0 : (-off + s - 1) / s);
-                hi = std::max(lo, std::min(g.out[2], (g.in[2] - off + s - 1) / s));
+                tap_columns(g, i2, lo, hi);
                 xrow = xc + (z * g.in[1] + y) * g.in[2] + off;
               }
               if (width == 1 && s == 1) {
@@ -541,10 +546,9 @@ void conv_importance_depthwise(float* acc, const float* x, const float* g, const
     for (int64_t i0 = 0; i0 < geo.k[0]; ++i0)
       for (int64_t i1 = 0; i1 < geo.k[1]; ++i1)
         for (int64_t i2 = 0; i2 < geo.k[2]; ++i2) {
-          // output columns [lo, hi) read inside the row: xx = o2 * s - p + i2 * d in [0, in)
           const int64_t off = i2 * geo.d[2] - geo.p[2];
-          const int64_t lo = std::min(geo.out[2], off >= 0 ? 0 : (-off + s - 1) / s);
-          const int64_t hi = std::max(lo, std::min(geo.out[2], (geo.in[2] - off + s - 1) / s));
+          int64_t lo, hi;
+          tap_columns(geo, i2, lo, hi);
           float total = 0.f;
           for (int64_t o0 = 0; o0 < geo.out[0]; ++o0) {
             const int64_t z = o0 * geo.s[0] - geo.p[0] + i0 * geo.d[0];

@@ -35,8 +35,8 @@ from .conv import conv_cost, conv_fused, conv_grads, unfold_nd
 from .experts import (dense_experts_fused, dense_experts_grads, experts_fused, is_dense_experts,
                       is_hf_experts)
 from .embedding import embedding_fused, embedding_grads, is_hf_scaled_embedding, tied_fused
-from .generic import (ABSENT, GENERIC, SharedOutput, attributes, generic_grads, rng_state, same_rng, sample_dim,
-                      settings)
+from .generic import (ABSENT, GENERIC, SharedOutput, attributes, counts_of_its_own, generic_grads, rng_state,
+                      same_rng, sample_dim, settings)
 from .linear import (conv1d_fused, conv1d_grads, is_hf_conv1d, is_linear_subclass, linear_calls_fused, linear_fused,
                      linear_grads, linear_into, linear_subclass_fused, linear_subclass_grads)
 from .norm import (hf_rmsnorm_unverified, is_hf_rmsnorm, is_layernorm_subclass, layernorm_subclass_fused,
@@ -66,12 +66,6 @@ def _row_wise(module):
         not module.training and module.running_mean is not None)
 
 
-def _counts_of_its_own(module):
-    """Whether an Embedding's per-sample gradients sum to the call's: not with scale_grad_by_freq, which divides
-    each row's gradient by its index's count in the call (in each sample's alone, per sample)."""
-    return not module.scale_grad_by_freq
-
-
 def leading_positions(rule, module):
     """Whether ``rule`` reads every dim of the module's input before the last as positions of a sample (Linear,
     GPT-2's Conv1D, Embedding, the norms over the last dim): an input with a dim of samples put in front is then
@@ -87,9 +81,9 @@ register_rule(is_linear_subclass, Rule(linear_subclass_grads, linear_subclass_fu
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_rule(_conv, Rule(conv_grads, conv_fused, conv_cost, needs_output=_no_output, blocks=_rows))
 register_rule(nn.Embedding, Rule(embedding_grads, embedding_fused, lambda m, c: m.weight.numel(),
-                                 needs_output=_no_output, blocks=_rows, sums=_counts_of_its_own))
+                                 needs_output=_no_output, blocks=_rows, sums=counts_of_its_own))
 register_rule(is_hf_scaled_embedding, Rule(embedding_grads, embedding_fused, lambda m, c: m.weight.numel(),
-                                           needs_output=unverified, blocks=_rows, sums=_counts_of_its_own))
+                                           needs_output=unverified, blocks=_rows, sums=counts_of_its_own))
 for _norm in (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.RMSNorm):
     register_rule(_norm, Rule(norm_grads, norm_fused, needs_output=_no_output, blocks=_row_wise))
 register_rule(is_hf_rmsnorm, Rule(norm_grads, norm_fused, needs_output=hf_rmsnorm_unverified, blocks=_rows))  # last dim

@@ -382,12 +382,13 @@ def _whole_call_grads(module, call, names):
     return {k: v.unsqueeze(0).float() for k, v in _vjp(outputs, tracked, grads).items()}
 
 
+def counts_of_its_own(module):
+    """Whether the per-sample gradients of a module (and its submodules) sum to its call's: not where an Embedding
+    scales by frequency, dividing each row's gradient by its index's count in the call (in each sample's alone, per
+    sample). Rule.sums of the Embeddings and of the generic rule (per_sample=False on a model run as one generic unit
+    holding such an Embedding was 1.7% off)."""
+    return not any(isinstance(m, nn.Embedding) and m.scale_grad_by_freq for m in module.modules())
+
+
 # any module the table has no rule for; an input of n·m rows may be n blocks of rows (confirmed once by the engine)
-def _sums(module):
-    """Whether the per-sample gradients of a module's subtree sum to its call's: not where an Embedding in it scales
-    by frequency (each sample's by its own counts, the call's by the batch's: per_sample=False on a model run as one
-    generic unit was 1.7% off)."""
-    return not any(isinstance(m, torch.nn.Embedding) and m.scale_grad_by_freq for m in module.modules())
-
-
-GENERIC = Rule(generic_grads, blocks=lambda module: True, sums=_sums)
+GENERIC = Rule(generic_grads, blocks=lambda module: True, sums=counts_of_its_own)
