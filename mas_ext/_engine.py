@@ -638,10 +638,36 @@ class _Swap:
 
 
 @contextlib.contextmanager
-def _probe():
-    """The engine's own run of the model outside a pass (a sample alone): without gradients and, as in a pass,
-    without the cyclic collector (observers tell its calls from the user's by the session: :func:`pass_running`)."""
-    with torch.no_grad(), _gc_paused():
+def _probe(graph=False):
+    """The engine's own run of the model outside a pass (a sample alone): without gradients (with ``graph``, its
+    graph without activations: :func:`_graph_only`) and, as in a pass, without the cyclic collector (observers tell
+    its calls from the user's by the session: :func:`pass_running`)."""
+    with _graph_only() if graph else torch.no_grad(), _gc_paused():
+        yield
+
+
+def _drop_floating(t):
+    return None if t.is_floating_point() or t.is_complex() else t
+
+
+@contextlib.contextmanager
+def _rules_outside_graph():
+    """A rule's arithmetic within such a forward: no graph of it, and a rule that reruns its module for the
+    gradient (the generic rule) keeps what that rerun saves."""
+    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
+        yield
+
+
+def _same(t):
+    return t
+
+
+@contextlib.contextmanager
+def _graph_only():
+    """Autograd records the graph of a forward that no backward follows (an l-MAS pass: :mod:`_gathered` reads
+    which sample each gathered row is from its index nodes), keeping the index tensors its nodes save and none of
+    the activations: a graph of the nodes and their integer tensors, not a training forward's memory."""
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop_floating, lambda t: t):
         yield
 
 
@@ -805,6 +831,10 @@ class Engine:
         self.nograd_said = set()  # units warned of running with gradients disabled in a g-MAS pass (_record)
         self.generic_said = set()  # FusedMAS: the module classes warned of having no fused rule (units)
         self.alone_rows = None  # while a batch's check runs its samples alone: {unit: the rows its gathers took}
+        # l-MAS: the names of units called in learn_dims's run on rows gathered by an index out of the batch's rows
+        # (a count that depends on the data: x[mask], x[idx]). The pass records a graph then (_graph_only), in which
+        # :mod:`_gathered` tells each row's sample, as g-MAS's does; no shape can (n rows are not one per sample).
+        self.gathered_alone = set()
         # learn_dims: {unit: [(input shapes, output shapes) of each call]} in a run of one sample alone (False where the
         # model failed so: batch dims are read from shapes then), and {unit: [(in_dims, out_dims, rows) of each call]}
         self.one, self.dims = None, {}
@@ -1255,17 +1285,27 @@ class Engine:
                           "taken as one row per sample (SPEC §1); a tensor that all samples share, such as a (T, T) "
                           "table at T = n, goes in with a leading dim of 1", stacklevel=4)
 
+        local, known = self.mode == "local" and self.per_sample, {}
+
         def record(unit):
             def hook(module, a, kw, out):
                 flats = (torch.utils._pytree.tree_flatten(x)[0] for x in ((a, kw), out))
                 seen.setdefault(unit, []).append([[tuple(t.shape) if torch.is_tensor(t) else None for t in flat]
                                                   for flat in flats])
+                if local and a and torch.is_tensor(a[0]) and a[0].grad_fn is not None:
+                    samples = _gathered.row_samples(a[0], 1, known)
+                    if samples is None:
+                        samples = _gathered.transposed_samples(a[0], 1)
+                    if samples is not None:  # and the layers after it on the same rows
+                        self.gathered_alone.add(unit.name)
+                        if torch.is_tensor(out) and out.grad_fn is not None:
+                            known[out.grad_fn] = samples
             return hook
 
         # first among the hooks, as the taps are (Engine.session)
         handles = [u.module.register_forward_hook(record(u), with_kwargs=True, prepend=True) for u in self.units]
         try:
-            with _probe():
+            with _probe(graph=local):
                 one_args, one_kwargs = _one_sample(args, kwargs, n, 0)
                 raw = self.entry(*one_args, **one_kwargs)
         except Exception as e:  # noqa: BLE001 - the pass itself says what is wrong with the batch
@@ -1522,7 +1562,7 @@ class Engine:
                                 e.box[k] = g
                         grads = grads[:len(outside)]
             else:
-                with torch.no_grad():
+                with _graph_only() if self.per_sample and self.gathered_alone else torch.no_grad():
                     self._output(self._forward(state, args, kwargs), where, state)
             if state.nograd:
                 self.nograd_said.update(state.nograd)
@@ -1932,6 +1972,15 @@ class Engine:
         packing = self._gathered(unit, module, args, kwargs, out, state, reads_shared)
         if packing is not None:  # its rows' samples are told by the graph: none of the readings below applies
             mixed = in_dims = out_dims = None
+        elif self.mode == "local" and self.per_sample and state.n > 1 and unit.name in self.gathered_alone:
+            # rows gathered by an index (learn_dims) whose samples the graph does not tell in this call: n of them
+            # are not one per sample, nor k·n rows k per sample (a first batch's even count, a later one's uneven).
+            # On no row (an expert no token was routed to), it adds nothing.
+            if args and torch.is_tensor(args[0]) and args[0].dim() and args[0].shape[0] == 0:
+                return None
+            state.mixed.append((unit, "is called on rows gathered by an index, whose samples the graph does not "
+                                      "tell"))
+            return None
         if reads_shared:
             if (in_dims is not None and _batch_dim(module) == 0 and not any(d is not None for d in in_dims)
                     and not any(rows[0])):
@@ -2098,9 +2147,12 @@ class Engine:
         if unit.rule.grads is not _rules.generic_grads:
             call.settings = _rules.settings(module)
         if self.mode == "local":
-            call.grads = local
+            call.grads = local if packing is None else tuple(packing.grads(g) for g in local)
+            if packing is not None and torch.is_tensor(out) and out.grad_fn is not None:
+                state.row_samples[out.grad_fn] = packing.samples  # layers after it on the same rows read them
             if unit.group.simple and not unit.repeats:
-                self._process(unit.group)  # now, before any in-place op changes the output
+                with _rules_outside_graph():  # the pass may record a graph (_graph_only): not of this
+                    self._process(unit.group)  # now, before any in-place op changes the output
             else:
                 call.grads = tuple(g.clone() for g in call.grads)
             return None
@@ -2135,15 +2187,17 @@ class Engine:
         return flat[0] if spec is None else torch.utils._pytree.tree_unflatten(flat, spec)
 
     def _gathered(self, unit, module, args, kwargs, out, state, reads_shared):
-        """The :class:`_gathered.Packing` of a g-MAS call on rows gathered from the batch's tokens by an index (an
-        expert of a list on the tokens routed to it, or a layer after it on its rows), told by the graph; None
-        where the call is not one: its first input and its one output (P, …), its other inputs without those rows,
-        a rule that reads n blocks of rows (the table's that read every dim before the last as positions, or the
+        """The :class:`_gathered.Packing` of a call on rows gathered from the batch's tokens by an index (an expert
+        of a list on the tokens routed to it, or a layer after it on its rows) or flattened time-major, told by the
+        graph (g-MAS's, or the one an l-MAS pass records where learn_dims saw such rows); None where the call is not
+        one: its first input and its one output (P, …), its other inputs without those rows, a rule that reads n
+        blocks of rows (the table's that read every dim before the last as positions, the row-wise norms, or the
         generic rule), a reading no batch refuted."""
-        if (self.mode != "global" or not self.per_sample or state.n == 1 or unit.blocks is False or reads_shared
+        if (not self.per_sample or state.n == 1 or unit.blocks is False or reads_shared
                 or not args or not torch.is_tensor(args[0]) or not torch.is_tensor(out) or args[0].dim() < 2
                 or out.shape[0] != args[0].shape[0] or _batch_dim(module) != 0
-                or not (unit.rule.grads is _rules.generic_grads or _rules.leading_positions(unit.rule, module))):
+                or not (unit.rule.grads is _rules.generic_grads or _rules.leading_positions(unit.rule, module)
+                        or (unit.rule.grads is _rules.norm_grads and unit.rule.blocks(module)))):
             return None
         rows = args[0].shape[0]
         if rows == 0:  # an expert called on no token adds nothing
@@ -2153,6 +2207,8 @@ class Engine:
             if any(torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == rows for t in others):
                 return None
         samples = _gathered.row_samples(args[0], state.n, state.row_samples, state.taken)
+        if samples is None:
+            samples = _gathered.transposed_samples(args[0], state.n)
         if samples is None:
             return None
         unit.gathers = True

@@ -7,6 +7,9 @@ made by an index node (``IndexBackward0``, ``IndexSelectBackward0``) into a tens
 so row p is sample ``idx[p] // T``. Layers after it on the same rows (the expert's second projection, after its
 activation) are found through the row-wise ops between them and the first one's output (:func:`row_samples`).
 
+Rows flattened time-major, (T·n, D) out of (T, n, D) tokens, are told the same way (:func:`transposed_samples`).
+l-MAS, whose pass needs no graph, records one (without activations) where the sample alone showed such rows.
+
 The engine then packs such a call as n blocks of W rows, each sample's rows in their order, padded by copies of a
 row whose gradient is zero (:class:`Packing`): every rule that reads n blocks of rows reads it. That reading is
 confirmed once per batch size, against the batch run one sample at a time, as n blocks of rows are.
@@ -65,6 +68,52 @@ def _transposed(node, budget):
             return False
         node = tensors[0]
     return False
+
+
+def transposed_samples(x, n):
+    """The sample (0…n-1) of each row of ``x`` where the graph shows its rows (dim 0) to be a tensor's leading dims
+    flattened after a transpose or permute moved a dim of size n (the batch's) behind a dim larger than 1: (T, n, D)
+    tokens made from (n, T, D), flattened to (T·n, D) rows, row p sample p mod n. None where it does not show that.
+    No shape tells such rows from n blocks of T, and the first batch's check of that reading can miss it: a gradient
+    that a maximum over positions leaves at one row per sample and feature mixes by blocks without changing |·|
+    (a fuzzer's BatchNorm1d on time-major rows: confirmed on the first batch, 11% off on the next)."""
+    node = getattr(x, "grad_fn", None)
+    for _ in range(_NODES):  # through the row-wise ops of one tensor and copies, to the view that flattens
+        name = type(node).__name__ if node is not None else None
+        if name in _VIEWS:
+            break
+        if name not in ("CloneBackward0", "ToCopyBackward0") and name not in _ROW_WISE:
+            return None
+        tensors = [f for f, _ in node.next_functions if f is not None and type(f).__name__ != "AccumulateGrad"]
+        if len(tensors) != 1:
+            return None
+        node = tensors[0]
+    else:
+        return None
+    sizes, rows = list(node._saved_self_sym_sizes), x.shape[0]
+    # the dims flattened into the rows, with any of size 1 after them (a sample alone's (T, 1, D))
+    lead = max((j for j in range(1, len(sizes) + 1) if math.prod(sizes[:j]) == rows), default=None)
+    if lead is None:
+        return None
+    node = node.next_functions[0][0]
+    for _ in range(_NODES):  # through copies to the transpose or permute that made the flattened tensor
+        name = type(node).__name__ if node is not None else None
+        if name in ("TransposeBackward0", "TransposeBackward1"):
+            a, b = node._saved_dim0 % len(sizes), node._saved_dim1 % len(sizes)
+            at = b if a == 0 else a if b == 0 else 0  # where the dim 0 of the tensor before it went
+            break
+        if name == "PermuteBackward0":
+            at = [d % len(sizes) for d in node._saved_dims].index(0)
+            break
+        if name not in ("CloneBackward0", "ToCopyBackward0"):
+            return None
+        node = node.next_functions[0][0]
+    else:
+        return None
+    if not (0 < at < lead and sizes[at] == n and math.prod(sizes[:at]) > 1):
+        return None
+    inner = math.prod(sizes[at + 1:lead])
+    return torch.div(torch.arange(rows, device=x.device), inner, rounding_mode="floor") % n
 
 
 def _source(node):

@@ -126,7 +126,7 @@ class Net(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.mods, self.steps, self.trace = nn.ModuleList(), [], None
+        self.mods, self.steps = nn.ModuleList(), []
 
     def forward(self, x=None, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
                 feat=None, t=None, pos_bias=None):
@@ -381,12 +381,15 @@ class Builder:
                 return h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])) * torch.sigmoid(s)[..., None]
             return [(how, reorder)]
         if k == 22 and self.ids:
-            i = self.add(nn.Linear(d, d), "rows packed by a data mask + index_put")
+            # which tokens, by the layer's index (no draw: the seeds' models stay as they were): those of even ids,
+            # or those whose id is the sample's first (often one per sample: n rows, a later batch's k·n uneven)
+            i = len(self.mods)
+            first = i % 2 == 1
+            i = self.add(nn.Linear(d, d), "rows packed by a data mask + index_put" + (" (first id)" if first else ""))
 
-            def packed(net, h, c):  # the tokens of even ids at real positions: a count that depends on the data
-                sel = (c["ids"] % 2 == 0) & (True if c["pad"] is None else ~c["pad"])
-                if net.trace is not None:
-                    net.trace.append((int(sel.sum()), sel.shape[0]))
+            def packed(net, h, c):  # a count that depends on the data, at real positions
+                ids = c["ids"]
+                sel = (ids == ids[:, :1] if first else ids % 2 == 0) & (True if c["pad"] is None else ~c["pad"])
                 rows = torch.tanh(net.mods[i](h[sel]))
                 return h + torch.zeros(*h.shape[:2], rows.shape[-1], dtype=h.dtype).index_put((sel,), rows)
             return [("packed rows", packed)]
@@ -788,13 +791,6 @@ def known_limits(model, batches, cfg):
             known["b"] = "Embedding(scale_grad_by_freq), per_sample=False: the oracle's Σ_k ∇_k is not the batch's"
     if padded and "b" not in known and not padding_safe(model, batches, cfg):
         known["b"] = "per_sample=False leaves the padding to the model"
-    model.trace = []
-    with torch.no_grad():
-        for bt in batches:
-            model(bt) if torch.is_tensor(bt) else model(**bt)
-    if any(count == n for count, n in model.trace):
-        known.setdefault("l", "l-MAS of rows packed by a data-dependent mask that number n")
-    model.trace = None
     return known
 
 

@@ -526,6 +526,38 @@ def test_tokens_packed_by_the_mask(request, cls, mode):
     check(request, cls, model, batches, mode=mode, unpad=True)
 
 
+class PackedByValue(nn.Module):
+    """A Linear on the tokens of even ids only, packed as rows h[sel] (a count that depends on the data, no padding),
+    added back at their positions."""
+
+    def __init__(self, v=11, d=6):
+        super().__init__()
+        self.emb, self.fc, self.head = nn.Embedding(v, d), nn.Linear(d, d), nn.Linear(d, 3)
+
+    def forward(self, input_ids):
+        sel = input_ids % 2 == 0
+        h = self.emb(input_ids)
+        rows = torch.tanh(self.fc(h[sel]))
+        return self.head(h + rows.new_zeros(*input_ids.shape, rows.shape[-1]).index_put((sel,), rows))
+
+
+@pytest.mark.parametrize("layout", ["n rows", "2n rows"])
+@pytest.mark.parametrize("mode", ["global", "local"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_rows_packed_by_a_data_mask(request, cls, mode, layout):
+    """Rows packed by a mask of the ids, not the padding: l-MAS read n of them as one per sample where the first
+    sample alone had one (40% off fc.bias, no warning), and 2·n of them as 2 per sample where the first batch's
+    samples had two each and a later one's had 3 and 1 (6% off). The graph tells each row's sample, as in g-MAS."""
+    torch.manual_seed(0)
+    model = PackedByValue().eval()
+    first, later = ([[1, 2, 3, 5], [3, 3, 4, 1]], [[2, 4, 3, 5], [3, 3, 1, 1]]) if layout == "n rows" else (
+        [[1, 2, 4, 5], [2, 3, 4, 1]], [[2, 4, 6, 5], [3, 3, 4, 1]])
+    batches = [{"input_ids": torch.tensor(first)}, {"input_ids": torch.tensor(later)},
+               {"input_ids": torch.tensor([[2, 1, 3, 5], [3, 3, 1, 1], [5, 5, 5, 5]])}]
+    mas = check(request, cls, model, batches, mode=mode)
+    assert not mas._engine.by_sample
+
+
 # ----------------------------------------------------------------------------- 7. seq-first with T = 1
 class SeqFirstAttention(nn.Module):
     """A custom seq-first self-attention layer (the generic rule) on (T, n, D)."""
@@ -2270,7 +2302,8 @@ def test_experts_on_gathered_tokens(request, cls, mode, per_sample, case):
     g-MAS keeps the batched path, both classes, for Linear experts and one of the generic rule, and experts called
     on no token (which crashed). Not read so, one sample at a time, exact: tokens flattened time-major (at T = n too,
     where the (n, T, D) view's shape cannot tell), rows that meet each other through a broadcast (a reviewer's model:
-    10% off, the first batch agreeing). l-MAS runs such batches one sample at a time; per_sample=False takes the
+    10% off, the first batch agreeing). l-MAS reads them as g-MAS does (its pass records the graph without
+    activations where the sample alone showed such rows; one sample at a time before); per_sample=False takes the
     calls whole."""
     take, _, expert = case.rpartition("-") if "-" in case and not case.startswith("time") else ("index", None, "mlp")
     expert = "pairwise" if case == "pairwise" else expert
@@ -2278,8 +2311,45 @@ def test_experts_on_gathered_tokens(request, cls, mode, per_sample, case):
     model = ListMoE(take, expert, time_major=case.startswith("time-major"), empty=case == "empty").eval()
     x = torch.randn(7, 4 if case == "time-major-square" else 5, 5)  # T = 4 = n in the first batch
     mas = check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
-    batched = mode == "global" and per_sample and case not in ("time-major", "time-major-square", "pairwise")
+    batched = per_sample and case not in ("time-major", "time-major-square", "pairwise")
     assert mas._engine.by_sample == (not batched and per_sample)
+
+
+class TimeMajorRows(nn.Module):
+    """(n, T, D) tokens made time-major and flattened to (T·n, D) rows (fairseq's layout) through a Linear and a
+    BatchNorm1d, back to (n, T, D); ``pool``: a maximum over positions, else a head on every position."""
+
+    def __init__(self, pool, how="transpose", d=4):
+        super().__init__()
+        self.pool, self.how = pool, how
+        self.inp, self.fc, self.bn, self.out = nn.Linear(3, d), nn.Linear(d, d), nn.BatchNorm1d(d), nn.Linear(d, 2)
+        with torch.no_grad():
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        n, t, d = h.shape
+        tm = h.transpose(0, 1) if self.how == "transpose" else h.permute(1, 0, 2)
+        rows = self.bn(torch.tanh(self.fc(tm.reshape(t * n, d))))
+        h = rows.reshape(t, n, d).transpose(0, 1)
+        return self.out(h.amax(1) if self.pool else h)
+
+
+@pytest.mark.parametrize("pool,how", [(True, "transpose"), (False, "transpose"), (False, "permute")])
+@pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_time_major_rows(request, cls, mode, per_sample, pool, how):
+    """Rows flattened time-major, (T·n, D) out of (T, n, D): no shape tells them from n blocks of T rows. Read as
+    such blocks, the first batch's check refuted it and every batch ran one sample at a time, or, where a maximum
+    over positions leaves one row per sample and feature in the gradient, agreed with it (blocks mixing such rows
+    keep |·|), and a later batch was 11% off (the fuzzer's seed 685, BatchNorm1d). The graph tells each row's
+    sample (a view of a tensor whose batch dim a transpose or permute moved behind its positions): batched, exact."""
+    torch.manual_seed(3)
+    model = TimeMajorRows(pool, how).eval()
+    x = torch.randn(7, 5, 3)
+    mas = check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
+    assert not mas._engine.by_sample
 
 
 class GatedByRows(nn.Module):
@@ -3671,13 +3741,14 @@ class TimeMajorBatchNorm(nn.Module):
 def test_rows_that_agree_as_blocks_by_chance_at_one_batch_size(request, cls):
     """Rows read as n blocks are confirmed at each batch size: the BatchNorm's four parameters agreed by chance with
     that misreading of its time-major rows at n = 2 (Σ_k |g_k| per channel is the same under any grouping whose
-    terms share their sign), and the batches of 3 after it were 19% off without a warning. The first batch of 3 now
-    refutes it, and the batches run one sample at a time, exact."""
+    terms share their sign), and the batches of 3 after it were 19% off without a warning. The first batch of 3
+    refuted it, and the batches ran one sample at a time; since 2026-12-06 the graph tells each time-major row's
+    sample (:func:`test_time_major_rows`): batched, exact."""
     torch.manual_seed(0)
     model = TimeMajorBatchNorm().eval()
     batches = [torch.randn(2, 4, 4), torch.randn(3, 4, 4), torch.randn(3, 4, 4)]
     check(request, cls, model, batches)
-    assert run(cls, model, batches)._engine.by_sample
+    assert not run(cls, model, batches)._engine.by_sample
 
 
 class ExpertWeights(nn.Module):
