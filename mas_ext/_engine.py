@@ -646,6 +646,11 @@ def _probe(graph=False):
         yield
 
 
+def _refuses_graph(e):
+    """Whether ``e`` is a forward's refusal of saved-tensor hooks (:func:`_graph_only`): torch.func's transforms."""
+    return isinstance(e, RuntimeError) and "saved tensor hooks" in str(e)
+
+
 def _drop_floating(t):
     return None if t.is_floating_point() or t.is_complex() else t
 
@@ -832,9 +837,14 @@ class Engine:
         self.generic_said = set()  # FusedMAS: the module classes warned of having no fused rule (units)
         self.alone_rows = None  # while a batch's check runs its samples alone: {unit: the rows its gathers took}
         # l-MAS: the names of units called in learn_dims's run on rows gathered by an index out of the batch's rows
-        # (a count that depends on the data: x[mask], x[idx]). The pass records a graph then (_graph_only), in which
-        # :mod:`_gathered` tells each row's sample, as g-MAS's does; no shape can (n rows are not one per sample).
-        self.gathered_alone = set()
+        # (a count that depends on the data: x[mask], x[idx]; "index") or flattened time-major ("transposed"). The
+        # pass records a graph then (_graph_only), in which :mod:`_gathered` tells each row's sample, as g-MAS's
+        # does; no shape can (n rows are not one per sample)
+        self.gathered_alone = {}
+        # {unit name: where the batch's dim went in the rows it flattens time-major} (_gathered.transposed_layout),
+        # as a batch (or the sample alone) told it where no other flattened dim had its size: a batch of T = n then
+        self.transposed_at = {}
+        self.graph_refused = False  # set once the model's forward refused that graph (torch.func.grad within it)
         # learn_dims: {unit: [(input shapes, output shapes) of each call]} in a run of one sample alone (False where the
         # model failed so: batch dims are read from shapes then), and {unit: [(in_dims, out_dims, rows) of each call]}
         self.one, self.dims = None, {}
@@ -1096,6 +1106,11 @@ class Engine:
                     state = _Pass(n, bufs, state.anchor, mask, out_mask, patches, positions)
                     calls = self._forward_backward(args, kwargs, where, state)
             except Exception as e:  # noqa: BLE001 - re-raised unless an expanded input explains it
+                if self.mode == "local" and self.gathered_alone and _refuses_graph(e):
+                    self._refuse_graph()
+                    for b in bufs.values():
+                        b.zero_()
+                    return self.run(args, kwargs, n, bufs, where)
                 if not state.expanded or self.no_expand or not state.forward_failed:
                     raise
                 # The model relied on that size-1 dim (DeBERTa-v2 repeats its (1, 2k, D) relative embeddings by
@@ -1285,7 +1300,7 @@ class Engine:
                           "taken as one row per sample (SPEC §1); a tensor that all samples share, such as a (T, T) "
                           "table at T = n, goes in with a leading dim of 1", stacklevel=4)
 
-        local, known = self.mode == "local" and self.per_sample, {}
+        local, known = self.mode == "local" and self.per_sample and not self.graph_refused, {}
 
         def record(unit):
             def hook(module, a, kw, out):
@@ -1293,11 +1308,13 @@ class Engine:
                 seen.setdefault(unit, []).append([[tuple(t.shape) if torch.is_tensor(t) else None for t in flat]
                                                   for flat in flats])
                 if local and a and torch.is_tensor(a[0]) and a[0].grad_fn is not None:
-                    samples = _gathered.row_samples(a[0], 1, known)
-                    if samples is None:
-                        samples = _gathered.transposed_samples(a[0], 1)
+                    samples, kind = _gathered.row_samples(a[0], 1, known), "index"
+                    layout = _gathered.transposed_layout(a[0]) if samples is None else None
+                    if layout is not None and _gathered.unambiguous(layout, 1):
+                        samples, kind = _gathered.layout_samples(layout, 1, a[0].device), "transposed"
+                        self.transposed_at[unit.name] = layout[2]
                     if samples is not None:  # and the layers after it on the same rows
-                        self.gathered_alone.add(unit.name)
+                        self.gathered_alone[unit.name] = kind
                         if torch.is_tensor(out) and out.grad_fn is not None:
                             known[out.grad_fn] = samples
             return hook
@@ -1305,9 +1322,18 @@ class Engine:
         # first among the hooks, as the taps are (Engine.session)
         handles = [u.module.register_forward_hook(record(u), with_kwargs=True, prepend=True) for u in self.units]
         try:
-            with _probe(graph=local):
-                one_args, one_kwargs = _one_sample(args, kwargs, n, 0)
-                raw = self.entry(*one_args, **one_kwargs)
+            one_args, one_kwargs = _one_sample(args, kwargs, n, 0)
+            try:
+                with _probe(graph=local):
+                    raw = self.entry(*one_args, **one_kwargs)
+            except RuntimeError as e:
+                if not (local and _refuses_graph(e)):
+                    raise
+                self._refuse_graph()
+                local = False
+                seen.clear()
+                with _probe():
+                    raw = self.entry(*one_args, **one_kwargs)
         except Exception as e:  # noqa: BLE001 - the pass itself says what is wrong with the batch
             warnings.warn(f"batch {where}: the model did not run on one sample alone ({type(e).__name__}: "
                           f"{str(e)[:200]}); where its layers' inputs hold the batch is read from their shapes, "
@@ -1325,6 +1351,16 @@ class Engine:
         self.one_lens = {t.shape[1] for t in inputs}
         # and every size of theirs after dim 0: a layer's output with none of them holds no positions
         self.one_sizes = {size for t in inputs for size in t.shape[1:]}
+
+    def _refuse_graph(self):
+        """The l-MAS pass records no graph from now on (the model's forward refused it: ``torch.func.grad`` within it
+        does not run under saved-tensor hooks): rows gathered by an index are read by their shapes, as without it."""
+        self.graph_refused = True
+        self.gathered_alone = {}
+        warnings.warn("the model's forward does not run while autograd records its graph without activations "
+                      "(torch.func transforms within it refuse saved-tensor hooks): l-MAS reads the rows its layers "
+                      "gather by an index by their shapes, which cannot tell n rows gathered from n rows of one "
+                      "sample each", stacklevel=5)
 
     def _call_dims(self, unit, module, args, kwargs, flat_out, state):
         """(the shape of the call's first input where its rows are not the batch's samples, else None; the batch
@@ -1972,7 +2008,8 @@ class Engine:
         packing = self._gathered(unit, module, args, kwargs, out, state, reads_shared)
         if packing is not None:  # its rows' samples are told by the graph: none of the readings below applies
             mixed = in_dims = out_dims = None
-        elif self.mode == "local" and self.per_sample and state.n > 1 and unit.name in self.gathered_alone:
+        elif (self.mode == "local" and self.per_sample and state.n > 1
+              and self.gathered_alone.get(unit.name) == "index"):
             # rows gathered by an index (learn_dims) whose samples the graph does not tell in this call: n of them
             # are not one per sample, nor k·n rows k per sample (a first batch's even count, a later one's uneven).
             # On no row (an expert no token was routed to), it adds nothing.
@@ -2208,7 +2245,12 @@ class Engine:
                 return None
         samples = _gathered.row_samples(args[0], state.n, state.row_samples, state.taken)
         if samples is None:
-            samples = _gathered.transposed_samples(args[0], state.n)
+            layout = _gathered.transposed_layout(args[0])
+            if layout is not None and layout[0][layout[2]] == state.n:
+                if _gathered.unambiguous(layout, state.n):
+                    self.transposed_at[unit.name] = layout[2]
+                if self.transposed_at.get(unit.name) == layout[2]:  # at T = n, as told where T was not
+                    samples = _gathered.layout_samples(layout, state.n, args[0].device)
         if samples is None:
             return None
         unit.gathers = True

@@ -7,7 +7,7 @@ made by an index node (``IndexBackward0``, ``IndexSelectBackward0``) into a tens
 so row p is sample ``idx[p] // T``. Layers after it on the same rows (the expert's second projection, after its
 activation) are found through the row-wise ops between them and the first one's output (:func:`row_samples`).
 
-Rows flattened time-major, (T·n, D) out of (T, n, D) tokens, are told the same way (:func:`transposed_samples`).
+Rows flattened time-major, (T·n, D) out of (T, n, D) tokens, are told the same way (:func:`transposed_layout`).
 l-MAS, whose pass needs no graph, records one (without activations) where the sample alone showed such rows.
 
 The engine then packs such a call as n blocks of W rows, each sample's rows in their order, padded by copies of a
@@ -70,13 +70,26 @@ def _transposed(node, budget):
     return False
 
 
-def transposed_samples(x, n):
-    """The sample (0…n-1) of each row of ``x`` where the graph shows its rows (dim 0) to be a tensor's leading dims
-    flattened after a transpose or permute moved a dim of size n (the batch's) behind a dim larger than 1: (T, n, D)
-    tokens made from (n, T, D), flattened to (T·n, D) rows, row p sample p mod n. None where it does not show that.
-    No shape tells such rows from n blocks of T, and the first batch's check of that reading can miss it: a gradient
-    that a maximum over positions leaves at one row per sample and feature mixes by blocks without changing |·|
-    (a fuzzer's BatchNorm1d on time-major rows: confirmed on the first batch, 11% off on the next)."""
+def _dim(d, rank):
+    """A dim that autograd saved (as an unsigned 64-bit number: -1 is 2**64 - 1) as 0…rank-1."""
+    return (d - 2 ** 64 if d >= 2 ** 63 else d) % rank
+
+
+def _one_tensor(node):
+    """The one node of a tensor input of ``node`` (parameters and constants aside), or None."""
+    tensors = [f for f, _ in node.next_functions if f is not None and type(f).__name__ != "AccumulateGrad"]
+    return tensors[0] if len(tensors) == 1 else None
+
+
+def transposed_layout(x):
+    """(the shape of the tensor flattened, how many of its leading dims make ``x``'s rows, where its dim 0 went) where
+    the graph shows ``x``'s rows (dim 0) to be a tensor's leading dims flattened after a transpose or permute moved
+    its dim 0 behind others: (T, n, D) tokens made from (n, T, D) and flattened to (T·n, D) rows; else None. Whether
+    that dim 0 was the batch's is the caller's to tell (:func:`layout_samples`): at T = n a time-major block
+    transposed back to (n, T, D) shows the same. No shape tells time-major rows from n blocks of T, and the first
+    batch's check of that reading can miss it: a gradient that a maximum over positions leaves at one row per sample
+    and feature mixes by blocks without changing |·| (a fuzzer's BatchNorm1d on time-major rows: confirmed on the
+    first batch, 11% off on the next)."""
     node = getattr(x, "grad_fn", None)
     for _ in range(_NODES):  # through the row-wise ops of one tensor and copies, to the view that flattens
         name = type(node).__name__ if node is not None else None
@@ -84,10 +97,7 @@ def transposed_samples(x, n):
             break
         if name not in ("CloneBackward0", "ToCopyBackward0") and name not in _ROW_WISE:
             return None
-        tensors = [f for f, _ in node.next_functions if f is not None and type(f).__name__ != "AccumulateGrad"]
-        if len(tensors) != 1:
-            return None
-        node = tensors[0]
+        node = _one_tensor(node)
     else:
         return None
     sizes, rows = list(node._saved_self_sym_sizes), x.shape[0]
@@ -96,24 +106,35 @@ def transposed_samples(x, n):
     if lead is None:
         return None
     node = node.next_functions[0][0]
-    for _ in range(_NODES):  # through copies to the transpose or permute that made the flattened tensor
+    for _ in range(_NODES):  # through copies and elementwise ops of one tensor (they keep its shape and layout)
         name = type(node).__name__ if node is not None else None
         if name in ("TransposeBackward0", "TransposeBackward1"):
-            a, b = node._saved_dim0 % len(sizes), node._saved_dim1 % len(sizes)
+            a, b = _dim(node._saved_dim0, len(sizes)), _dim(node._saved_dim1, len(sizes))
             at = b if a == 0 else a if b == 0 else 0  # where the dim 0 of the tensor before it went
             break
         if name == "PermuteBackward0":
-            at = [d % len(sizes) for d in node._saved_dims].index(0)
+            at = [_dim(d, len(sizes)) for d in node._saved_dims].index(0)
             break
-        if name not in ("CloneBackward0", "ToCopyBackward0"):
+        if name not in ("CloneBackward0", "ToCopyBackward0") and name not in _ROW_WISE:
             return None
-        node = node.next_functions[0][0]
+        node = _one_tensor(node)
     else:
         return None
-    if not (0 < at < lead and sizes[at] == n and math.prod(sizes[:at]) > 1):
-        return None
-    inner = math.prod(sizes[at + 1:lead])
-    return torch.div(torch.arange(rows, device=x.device), inner, rounding_mode="floor") % n
+    return (tuple(sizes), lead, at) if 0 < at < lead else None
+
+
+def unambiguous(layout, n):
+    """Whether the moved dim of a :func:`transposed_layout` has size n and no other flattened dim has: the batch's."""
+    sizes, lead, at = layout
+    return sizes[at] == n and sizes[:lead].count(n) == 1
+
+
+def layout_samples(layout, n, device):
+    """The sample of each row of a :func:`transposed_layout` whose moved dim is the batch's: row p is sample
+    (p // the rows of the dims after it) mod n (time-major (T·n, D) rows: p mod n)."""
+    sizes, lead, at = layout
+    rows, inner = math.prod(sizes[:lead]), math.prod(sizes[at + 1:lead])
+    return torch.div(torch.arange(rows, device=device), inner, rounding_mode="floor") % n
 
 
 def _source(node):

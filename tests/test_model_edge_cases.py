@@ -2317,7 +2317,10 @@ def test_experts_on_gathered_tokens(request, cls, mode, per_sample, case):
 
 class TimeMajorRows(nn.Module):
     """(n, T, D) tokens made time-major and flattened to (T·n, D) rows (fairseq's layout) through a Linear and a
-    BatchNorm1d, back to (n, T, D); ``pool``: a maximum over positions, else a head on every position."""
+    BatchNorm1d, back to (n, T, D); ``pool``: a maximum over positions, else a head on every position. ``how`` the
+    time-major tensor is made: ``transpose(0, 1)``, ``permute(1, 0, 2)``, ``swapaxes(-3, -2)`` (negative dims, which
+    autograd saves as unsigned numbers), a tanh after the transpose (its strides kept), or ``back``: transposed to
+    time-major, a tanh, and transposed back before the flatten (sample-major rows, (T, n) at T = n alike)."""
 
     def __init__(self, pool, how="transpose", d=4):
         super().__init__()
@@ -2330,13 +2333,16 @@ class TimeMajorRows(nn.Module):
     def forward(self, x):
         h = torch.tanh(self.inp(x))
         n, t, d = h.shape
-        tm = h.transpose(0, 1) if self.how == "transpose" else h.permute(1, 0, 2)
+        tm = {"transpose": lambda: h.transpose(0, 1), "permute": lambda: h.permute(1, 0, 2),
+              "negative": lambda: h.swapaxes(-3, -2), "elementwise": lambda: torch.tanh(h.transpose(0, 1)),
+              "back": lambda: torch.tanh(h.transpose(0, 1)).transpose(0, 1)}[self.how]()
         rows = self.bn(torch.tanh(self.fc(tm.reshape(t * n, d))))
-        h = rows.reshape(t, n, d).transpose(0, 1)
+        h = rows.reshape(n, t, d) if self.how == "back" else rows.reshape(t, n, d).transpose(0, 1)
         return self.out(h.amax(1) if self.pool else h)
 
 
-@pytest.mark.parametrize("pool,how", [(True, "transpose"), (False, "transpose"), (False, "permute")])
+@pytest.mark.parametrize("pool,how", [(True, "transpose"), (False, "transpose"), (False, "permute"),
+                                      (True, "negative"), (True, "elementwise"), (True, "back")])
 @pytest.mark.parametrize("mode,per_sample", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
 def test_time_major_rows(request, cls, mode, per_sample, pool, how):
@@ -2344,12 +2350,46 @@ def test_time_major_rows(request, cls, mode, per_sample, pool, how):
     such blocks, the first batch's check refuted it and every batch ran one sample at a time, or, where a maximum
     over positions leaves one row per sample and feature in the gradient, agreed with it (blocks mixing such rows
     keep |·|), and a later batch was 11% off (the fuzzer's seed 685, BatchNorm1d). The graph tells each row's
-    sample (a view of a tensor whose batch dim a transpose or permute moved behind its positions): batched, exact."""
+    sample (a view of a tensor whose dim 0, the batch, a transpose or permute moved behind its positions): batched,
+    exact, in batches of T = 1 too. A reviewer's finds in the first version: sample-major rows transposed twice
+    read as time-major at T = n (8% off), negative dims decoded wrongly, a tanh between the transpose and the flatten
+    hiding the layout (20% off, before too)."""
     torch.manual_seed(3)
     model = TimeMajorRows(pool, how).eval()
-    x = torch.randn(7, 5, 3)
-    mas = check(request, cls, model, [x[:4], x[4:]], mode=mode, per_sample=per_sample)
-    assert not mas._engine.by_sample
+    x = torch.randn(10, 5, 3)
+    batches = [x[:4], x[4:7], x[7:, :1], x[7:, :3]]  # T = 5, 5, 1 and T = n = 3
+    mas = check(request, cls, model, batches, mode=mode, per_sample=per_sample)
+    assert not mas._engine.by_sample or how == "back"
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_local_mode_of_a_forward_that_refuses_the_graph(request, cls):
+    """The l-MAS pass records a graph where the sample alone shows rows gathered by an index; torch.func.grad within
+    the model's forward refuses the saved-tensor hooks that keep its activations out of it (a crash): such a model's
+    rows are read by their shapes, as before, with a warning."""
+    torch.manual_seed(0)
+    model = FuncGradInside().eval()
+    x = torch.randn(6, 4, 5)
+    check(request, cls, model, [x[:3], x[3:]], mode="local")
+    with pytest.warns(UserWarning, match="refuse saved-tensor hooks"):
+        cls(model, mode="local", show_progress=False).accumulate([x[:3], x[3:]])
+
+
+class FuncGradInside(nn.Module):
+    """A Linear on the tokens of positive first feature, gathered by an index, and a torch.func.grad in the forward."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.inp, self.fc, self.head = nn.Linear(5, d), nn.Linear(d, d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        n, t, d = h.shape
+        flat = h.reshape(-1, d)
+        idx = torch.where(flat[:, 0] > 0)[0]
+        out = flat.index_add(0, idx, self.fc(flat[idx]))
+        out = out + torch.func.vmap(torch.func.grad(lambda v: (v ** 3).sum()))(out.detach())
+        return self.head(out.view(n, t, d))
 
 
 class GatedByRows(nn.Module):

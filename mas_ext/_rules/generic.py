@@ -87,7 +87,16 @@ class RandomForward(SharedOutput):
 ABSENT = object()  # in Call.attributes: an attribute the call added
 
 
+_SCALARS = frozenset((bool, int, float, str, type(None)))
+_NOT_PLAIN = frozenset((dict, collections.OrderedDict, list, set))  # most of a module's vars: skipped at once
+
+
 def _plain(v):
+    t = type(v)  # the types most attributes have, by identity first: every call of every layer asks (settings)
+    if t in _SCALARS:
+        return True
+    if t in _NOT_PLAIN:
+        return False
     return (isinstance(v, (bool, int, float, str, type(None), enum.Enum))
             or (isinstance(v, tuple) and all(map(_plain, v))))
 
