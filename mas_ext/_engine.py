@@ -646,11 +646,6 @@ def _probe(graph=False):
         yield
 
 
-def _refuses_graph(e):
-    """Whether ``e`` is a forward's refusal of saved-tensor hooks (:func:`_graph_only`): torch.func's transforms."""
-    return isinstance(e, RuntimeError) and "saved tensor hooks" in str(e)
-
-
 def _drop_floating(t):
     return None if t.is_floating_point() or t.is_complex() else t
 
@@ -838,12 +833,9 @@ class Engine:
         self.alone_rows = None  # while a batch's check runs its samples alone: {unit: the rows its gathers took}
         # l-MAS: the names of units called in learn_dims's run on rows gathered by an index out of the batch's rows
         # (a count that depends on the data: x[mask], x[idx]; "index") or flattened time-major ("transposed"). The
-        # pass records a graph then (_graph_only), in which :mod:`_gathered` tells each row's sample, as g-MAS's
-        # does; no shape can (n rows are not one per sample)
+        # pass records a graph then (_graph_only), in which :mod:`_gathered` tells each gathered row's sample, as
+        # g-MAS's does (no shape can: n rows are not one per sample), and refuses time-major rows as n blocks
         self.gathered_alone = {}
-        # {unit name: where the batch's dim went in the rows it flattens time-major} (_gathered.transposed_layout),
-        # as a batch (or the sample alone) told it where no other flattened dim had its size: a batch of T = n then
-        self.transposed_at = {}
         self.graph_refused = False  # set once the model's forward refused that graph (torch.func.grad within it)
         # learn_dims: {unit: [(input shapes, output shapes) of each call]} in a run of one sample alone (False where the
         # model failed so: batch dims are read from shapes then), and {unit: [(in_dims, out_dims, rows) of each call]}
@@ -1106,11 +1098,19 @@ class Engine:
                     state = _Pass(n, bufs, state.anchor, mask, out_mask, patches, positions)
                     calls = self._forward_backward(args, kwargs, where, state)
             except Exception as e:  # noqa: BLE001 - re-raised unless an expanded input explains it
-                if self.mode == "local" and self.gathered_alone and _refuses_graph(e):
-                    self._refuse_graph()
+                if self.mode == "local" and self.gathered_alone and not self.graph_refused:
+                    # the model may not run while its graph is recorded without activations (_graph_only): again
+                    # without it, which, where it runs, it is from now on
                     for b in bufs.values():
                         b.zero_()
-                    return self.run(args, kwargs, n, bufs, where)
+                    kept, self.gathered_alone, self.graph_refused = self.gathered_alone, {}, True
+                    try:
+                        done = self.run(args, kwargs, n, bufs, where)
+                    except Exception:
+                        self.gathered_alone, self.graph_refused = kept, False
+                        raise e from None
+                    self._say_graph_refused(e)
+                    return done
                 if not state.expanded or self.no_expand or not state.forward_failed:
                     raise
                 # The model relied on that size-1 dim (DeBERTa-v2 repeats its (1, 2k, D) relative embeddings by
@@ -1308,13 +1308,11 @@ class Engine:
                 seen.setdefault(unit, []).append([[tuple(t.shape) if torch.is_tensor(t) else None for t in flat]
                                                   for flat in flats])
                 if local and a and torch.is_tensor(a[0]) and a[0].grad_fn is not None:
-                    samples, kind = _gathered.row_samples(a[0], 1, known), "index"
-                    layout = _gathered.transposed_layout(a[0]) if samples is None else None
-                    if layout is not None and _gathered.unambiguous(layout, 1):
-                        samples, kind = _gathered.layout_samples(layout, 1, a[0].device), "transposed"
-                        self.transposed_at[unit.name] = layout[2]
+                    samples = _gathered.row_samples(a[0], 1, known)
+                    if samples is None and _gathered.transposed_rows(a[0], 1):
+                        self.gathered_alone[unit.name] = "transposed"
                     if samples is not None:  # and the layers after it on the same rows
-                        self.gathered_alone[unit.name] = kind
+                        self.gathered_alone[unit.name] = "index"
                         if torch.is_tensor(out) and out.grad_fn is not None:
                             known[out.grad_fn] = samples
             return hook
@@ -1326,14 +1324,16 @@ class Engine:
             try:
                 with _probe(graph=local):
                     raw = self.entry(*one_args, **one_kwargs)
-            except RuntimeError as e:
-                if not (local and _refuses_graph(e)):
+            except Exception as e:  # noqa: BLE001 - without the graph, where it runs so
+                if not local:
                     raise
-                self._refuse_graph()
                 local = False
                 seen.clear()
+                self.gathered_alone = {}
                 with _probe():
                     raw = self.entry(*one_args, **one_kwargs)
+                self.graph_refused = True
+                self._say_graph_refused(e)
         except Exception as e:  # noqa: BLE001 - the pass itself says what is wrong with the batch
             warnings.warn(f"batch {where}: the model did not run on one sample alone ({type(e).__name__}: "
                           f"{str(e)[:200]}); where its layers' inputs hold the batch is read from their shapes, "
@@ -1352,15 +1352,15 @@ class Engine:
         # and every size of theirs after dim 0: a layer's output with none of them holds no positions
         self.one_sizes = {size for t in inputs for size in t.shape[1:]}
 
-    def _refuse_graph(self):
-        """The l-MAS pass records no graph from now on (the model's forward refused it: ``torch.func.grad`` within it
-        does not run under saved-tensor hooks): rows gathered by an index are read by their shapes, as without it."""
-        self.graph_refused = True
-        self.gathered_alone = {}
-        warnings.warn("the model's forward does not run while autograd records its graph without activations "
-                      "(torch.func transforms within it refuse saved-tensor hooks): l-MAS reads the rows its layers "
-                      "gather by an index by their shapes, which cannot tell n rows gathered from n rows of one "
-                      "sample each", stacklevel=5)
+    @staticmethod
+    def _say_graph_refused(e):
+        """The warning for a model whose forward fails while the l-MAS pass records its graph without activations
+        (torch.func's transforms refuse saved-tensor hooks; a gradient taken within the forward needs them): the
+        pass records none from then on, and reads its layers' rows by their shapes, as it did before it had one."""
+        warnings.warn(f"the model's forward fails while autograd records its graph without activations "
+                      f"({type(e).__name__}: {str(e)[:120]}; a gradient or a torch.func transform within it): l-MAS "
+                      "runs it without, and reads the rows its layers gather by an index (or take time-major) by their "
+                      "shapes, which cannot tell n rows gathered from n rows of one sample each", stacklevel=5)
 
     def _call_dims(self, unit, module, args, kwargs, flat_out, state):
         """(the shape of the call's first input where its rows are not the batch's samples, else None; the batch
@@ -2096,7 +2096,8 @@ class Engine:
                              and all(mixed[0] % c for c in state.packed))
                          or (mixed[0] != int(state.mask.sum()) and any(p % mixed[0] == 0 for p in state.patches)))
                     and _batch_dim(module) == 0 and unit.rule.blocks(module)
-                    and (rows is not None or unit.rule.grads is not _rules.generic_grads)):
+                    and (rows is not None or unit.rule.grads is not _rules.generic_grads)
+                    and not _gathered.transposed_rows(_first_tensor(args, kwargs), state.n)):
                 state.block_rows.add(mixed[0])
                 mixed, block_rows = None, rows
                 if unit.blocks is None or state.n not in unit.blocks:
@@ -2225,16 +2226,15 @@ class Engine:
 
     def _gathered(self, unit, module, args, kwargs, out, state, reads_shared):
         """The :class:`_gathered.Packing` of a call on rows gathered from the batch's tokens by an index (an expert
-        of a list on the tokens routed to it, or a layer after it on its rows) or flattened time-major, told by the
-        graph (g-MAS's, or the one an l-MAS pass records where learn_dims saw such rows); None where the call is not
-        one: its first input and its one output (P, …), its other inputs without those rows, a rule that reads n
-        blocks of rows (the table's that read every dim before the last as positions, the row-wise norms, or the
-        generic rule), a reading no batch refuted."""
+        of a list on the tokens routed to it, or a layer after it on its rows), told by the graph (g-MAS's, or the
+        one an l-MAS pass records where learn_dims saw such rows); None where the call is not one: its first input
+        and its one output (P, …), its other inputs without those rows, a rule that reads n blocks of rows (the
+        table's that read every dim before the last as positions, or the generic rule), a reading no batch
+        refuted."""
         if (not self.per_sample or state.n == 1 or unit.blocks is False or reads_shared
                 or not args or not torch.is_tensor(args[0]) or not torch.is_tensor(out) or args[0].dim() < 2
                 or out.shape[0] != args[0].shape[0] or _batch_dim(module) != 0
-                or not (unit.rule.grads is _rules.generic_grads or _rules.leading_positions(unit.rule, module)
-                        or (unit.rule.grads is _rules.norm_grads and unit.rule.blocks(module)))):
+                or not (unit.rule.grads is _rules.generic_grads or _rules.leading_positions(unit.rule, module))):
             return None
         rows = args[0].shape[0]
         if rows == 0:  # an expert called on no token adds nothing
@@ -2244,13 +2244,6 @@ class Engine:
             if any(torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == rows for t in others):
                 return None
         samples = _gathered.row_samples(args[0], state.n, state.row_samples, state.taken)
-        if samples is None:
-            layout = _gathered.transposed_layout(args[0])
-            if layout is not None and layout[0][layout[2]] == state.n:
-                if _gathered.unambiguous(layout, state.n):
-                    self.transposed_at[unit.name] = layout[2]
-                if self.transposed_at.get(unit.name) == layout[2]:  # at T = n, as told where T was not
-                    samples = _gathered.layout_samples(layout, state.n, args[0].device)
         if samples is None:
             return None
         unit.gathers = True

@@ -7,8 +7,9 @@ made by an index node (``IndexBackward0``, ``IndexSelectBackward0``) into a tens
 so row p is sample ``idx[p] // T``. Layers after it on the same rows (the expert's second projection, after its
 activation) are found through the row-wise ops between them and the first one's output (:func:`row_samples`).
 
-Rows flattened time-major, (T·n, D) out of (T, n, D) tokens, are told the same way (:func:`transposed_layout`).
-l-MAS, whose pass needs no graph, records one (without activations) where the sample alone showed such rows.
+l-MAS, whose pass needs no graph, records one (without activations) where the sample alone showed such rows. The
+graph also refuses reading rows flattened time-major, (T·n, D) out of (T, n, D) tokens, as n blocks
+(:func:`transposed_rows`).
 
 The engine then packs such a call as n blocks of W rows, each sample's rows in their order, padded by copies of a
 row whose gradient is zero (:class:`Packing`): every rule that reads n blocks of rows reads it. That reading is
@@ -81,30 +82,30 @@ def _one_tensor(node):
     return tensors[0] if len(tensors) == 1 else None
 
 
-def transposed_layout(x):
-    """(the shape of the tensor flattened, how many of its leading dims make ``x``'s rows, where its dim 0 went) where
-    the graph shows ``x``'s rows (dim 0) to be a tensor's leading dims flattened after a transpose or permute moved
-    its dim 0 behind others: (T, n, D) tokens made from (n, T, D) and flattened to (T·n, D) rows; else None. Whether
-    that dim 0 was the batch's is the caller's to tell (:func:`layout_samples`): at T = n a time-major block
-    transposed back to (n, T, D) shows the same. No shape tells time-major rows from n blocks of T, and the first
-    batch's check of that reading can miss it: a gradient that a maximum over positions leaves at one row per sample
-    and feature mixes by blocks without changing |·| (a fuzzer's BatchNorm1d on time-major rows: confirmed on the
-    first batch, 11% off on the next)."""
+def transposed_rows(x, n):
+    """Whether the graph shows ``x``'s rows (dim 0) to be a tensor's leading dims flattened after a transpose or
+    permute moved a dim of size n behind another flattened dim: rows that may be time-major ((T·n, D) out of the
+    (T, n, D) tokens), which n blocks of rows are not. No shape tells such rows from n blocks of T, nor the graph
+    which moved dim is the batch's (a time-major block transposed back to (n, T, D) at T = n; heads moved behind the
+    tokens where as many as the samples): such a reading is refused, and the batch runs one sample at a time. The
+    first batch's check of the blocks could miss it: a gradient that a maximum over positions leaves at one row per
+    sample and feature mixes by blocks without changing |·| (a fuzzer's BatchNorm1d on time-major rows: confirmed
+    on the first batch, 11% off on the next)."""
     node = getattr(x, "grad_fn", None)
     for _ in range(_NODES):  # through the row-wise ops of one tensor and copies, to the view that flattens
         name = type(node).__name__ if node is not None else None
         if name in _VIEWS:
             break
         if name not in ("CloneBackward0", "ToCopyBackward0") and name not in _ROW_WISE:
-            return None
+            return False
         node = _one_tensor(node)
     else:
-        return None
+        return False
     sizes, rows = list(node._saved_self_sym_sizes), x.shape[0]
     # the dims flattened into the rows, with any of size 1 after them (a sample alone's (T, 1, D))
     lead = max((j for j in range(1, len(sizes) + 1) if math.prod(sizes[:j]) == rows), default=None)
     if lead is None:
-        return None
+        return False
     node = node.next_functions[0][0]
     for _ in range(_NODES):  # through copies and elementwise ops of one tensor (they keep its shape and layout)
         name = type(node).__name__ if node is not None else None
@@ -116,25 +117,11 @@ def transposed_layout(x):
             at = [_dim(d, len(sizes)) for d in node._saved_dims].index(0)
             break
         if name not in ("CloneBackward0", "ToCopyBackward0") and name not in _ROW_WISE:
-            return None
+            return False
         node = _one_tensor(node)
     else:
-        return None
-    return (tuple(sizes), lead, at) if 0 < at < lead else None
-
-
-def unambiguous(layout, n):
-    """Whether the moved dim of a :func:`transposed_layout` has size n and no other flattened dim has: the batch's."""
-    sizes, lead, at = layout
-    return sizes[at] == n and sizes[:lead].count(n) == 1
-
-
-def layout_samples(layout, n, device):
-    """The sample of each row of a :func:`transposed_layout` whose moved dim is the batch's: row p is sample
-    (p // the rows of the dims after it) mod n (time-major (T·n, D) rows: p mod n)."""
-    sizes, lead, at = layout
-    rows, inner = math.prod(sizes[:lead]), math.prod(sizes[at + 1:lead])
-    return torch.div(torch.arange(rows, device=device), inner, rounding_mode="floor") % n
+        return False
+    return 0 < at < lead and sizes[at] == n
 
 
 def _source(node):

@@ -383,8 +383,7 @@ class Builder:
         if k == 22 and self.ids:
             # which tokens, by the layer's index (no draw: the seeds' models stay as they were): those of even ids,
             # or those whose id is the sample's first (often one per sample: n rows, a later batch's k·n uneven)
-            i = len(self.mods)
-            first = i % 2 == 1
+            first = len(self.net.mods) % 2 == 1
             i = self.add(nn.Linear(d, d), "rows packed by a data mask + index_put" + (" (first id)" if first else ""))
 
             def packed(net, h, c):  # a count that depends on the data, at real positions

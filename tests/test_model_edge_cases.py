@@ -2349,38 +2349,83 @@ def test_time_major_rows(request, cls, mode, per_sample, pool, how):
     """Rows flattened time-major, (T·n, D) out of (T, n, D): no shape tells them from n blocks of T rows. Read as
     such blocks, the first batch's check refuted it and every batch ran one sample at a time, or, where a maximum
     over positions leaves one row per sample and feature in the gradient, agreed with it (blocks mixing such rows
-    keep |·|), and a later batch was 11% off (the fuzzer's seed 685, BatchNorm1d). The graph tells each row's
-    sample (a view of a tensor whose dim 0, the batch, a transpose or permute moved behind its positions): batched,
-    exact, in batches of T = 1 too. A reviewer's finds in the first version: sample-major rows transposed twice
-    read as time-major at T = n (8% off), negative dims decoded wrongly, a tanh between the transpose and the flatten
-    hiding the layout (20% off, before too)."""
+    keep |·|), and a later batch was 11% off (the fuzzer's seed 685, BatchNorm1d). The graph refuses that reading
+    where it shows a transpose or permute that moved a dim of the batch's size behind the rows' first dim (which
+    moved dim is the batch's it cannot tell: a time-major block transposed back at T = n shows the same, so does a
+    dim of heads as many as the samples); l-MAS records the graph where the sample alone shows such rows. Negative
+    dims (saved by autograd as unsigned numbers) and a tanh between the transpose and the flatten are seen through."""
     torch.manual_seed(3)
     model = TimeMajorRows(pool, how).eval()
     x = torch.randn(10, 5, 3)
     batches = [x[:4], x[4:7], x[7:, :1], x[7:, :3]]  # T = 5, 5, 1 and T = n = 3
     mas = check(request, cls, model, batches, mode=mode, per_sample=per_sample)
-    assert not mas._engine.by_sample or how == "back"
+    if how != "back":  # sample-major rows: batched where no batch of T = n is checked against the graph
+        assert mas._engine.by_sample == per_sample
 
 
+class HeadRows(nn.Module):
+    """Sample-major rows that a transpose made, next to a layer on time-major rows (which has l-MAS record its graph):
+    ``merged``: a time-major (T, n·H, d) tensor (MultiheadAttention's q layout) transposed back to (n·H, T, d);
+    ``stacked``: per-head outputs stacked head-first, (H, n·T, d), transposed to (n·T, H, d); flattened to rows."""
+
+    def __init__(self, kind, heads=2, d=3):
+        super().__init__()
+        self.kind, self.heads, self.d = kind, heads, d
+        self.inp, self.qn, self.out = nn.Linear(3, heads * d), nn.Linear(d, d), nn.Linear(heads * d, 2)
+        self.tm = nn.Linear(heads * d, heads * d)
+
+    def forward(self, x):
+        h = self.inp(x)
+        n, t, _ = h.shape
+        if self.kind == "merged":
+            q = h.transpose(0, 1).contiguous().view(t, n * self.heads, self.d).transpose(0, 1)
+            rows = torch.tanh(self.qn(q.reshape(n * self.heads * t, self.d)))
+            y = rows.view(n, self.heads, t, self.d).transpose(1, 2).reshape(n, t, -1)
+        else:
+            st = h.view(n * t, self.heads, self.d).transpose(0, 1)  # (H, n·T, d)
+            rows = torch.tanh(self.qn(st.transpose(0, 1).reshape(n * t * self.heads, self.d)))
+            y = rows.view(n, t, -1)
+        y = y + self.tm(h.transpose(0, 1).reshape(t * n, -1)).view(t, n, -1).transpose(0, 1)
+        return self.out(y).amax(1)
+
+
+@pytest.mark.parametrize("kind", ["merged", "stacked"])
+@pytest.mark.parametrize("mode", ["global", "local"])
 @pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
-def test_local_mode_of_a_forward_that_refuses_the_graph(request, cls):
-    """The l-MAS pass records a graph where the sample alone shows rows gathered by an index; torch.func.grad within
-    the model's forward refuses the saved-tensor hooks that keep its activations out of it (a crash): such a model's
-    rows are read by their shapes, as before, with a warning."""
+def test_rows_a_transpose_made_sample_major(request, cls, mode, kind):
+    """A reviewer's models against a version that took the moved dim of the batch's size for the batch: at T = n,
+    MultiheadAttention's (T, n·H, d) layout transposed back (7% off), and heads as many as the samples moved behind
+    the tokens (98% off), no warning. No reading of the graph's is trusted there: one sample at a time, exact."""
     torch.manual_seed(0)
-    model = FuncGradInside().eval()
+    model = HeadRows(kind).eval()
+    x = torch.randn(6, 3, 3)
+    batches = [x[:2], x[2:4, :2], x[4:, :2]] if kind == "merged" else [x[:2, :1], x[2:4, :2], x[4:]]
+    check(request, cls, model, batches, mode=mode)
+
+
+@pytest.mark.parametrize("how", ["func", "autograd"])
+@pytest.mark.parametrize("cls", CLASSES, ids=CLS_IDS)
+def test_local_mode_of_a_forward_that_refuses_the_graph(request, cls, how):
+    """The l-MAS pass records a graph where the sample alone shows rows gathered by an index; a forward that takes a
+    gradient within it (torch.func.grad, which refuses saved-tensor hooks; torch.autograd.grad, which needs the
+    activations those hooks keep out of the graph) crashed: such a model runs without the graph, its rows read by
+    their shapes, as before, with a warning."""
+    torch.manual_seed(0)
+    model = FuncGradInside(how).eval()
     x = torch.randn(6, 4, 5)
     check(request, cls, model, [x[:3], x[3:]], mode="local")
-    with pytest.warns(UserWarning, match="refuse saved-tensor hooks"):
+    with pytest.warns(UserWarning, match="fails while autograd records its graph"):
         cls(model, mode="local", show_progress=False).accumulate([x[:3], x[3:]])
 
 
 class FuncGradInside(nn.Module):
-    """A Linear on the tokens of positive first feature, gathered by an index, and a torch.func.grad in the forward."""
+    """A Linear on the tokens of positive first feature, gathered by an index, and a gradient in the forward:
+    ``func``: torch.func.grad of a function of the detached state; ``autograd``: an energy's gradient (a force)."""
 
-    def __init__(self, d=6):
+    def __init__(self, how, d=6):
         super().__init__()
-        self.inp, self.fc, self.head = nn.Linear(5, d), nn.Linear(d, d), nn.Linear(d, 3)
+        self.how = how
+        self.inp, self.fc, self.e, self.head = nn.Linear(5, d), nn.Linear(d, d), nn.Linear(d, 1), nn.Linear(d, 3)
 
     def forward(self, x):
         h = torch.tanh(self.inp(x))
@@ -2388,7 +2433,12 @@ class FuncGradInside(nn.Module):
         flat = h.reshape(-1, d)
         idx = torch.where(flat[:, 0] > 0)[0]
         out = flat.index_add(0, idx, self.fc(flat[idx]))
-        out = out + torch.func.vmap(torch.func.grad(lambda v: (v ** 3).sum()))(out.detach())
+        if self.how == "func":
+            out = out + torch.func.vmap(torch.func.grad(lambda v: (v ** 3).sum()))(out.detach())
+        else:
+            with torch.enable_grad():
+                z = out if out.requires_grad else out.detach().requires_grad_()
+                out = out - torch.autograd.grad(torch.tanh(self.e(z)).pow(2).sum(), z, create_graph=True)[0]
         return self.head(out.view(n, t, d))
 
 
@@ -3781,14 +3831,14 @@ class TimeMajorBatchNorm(nn.Module):
 def test_rows_that_agree_as_blocks_by_chance_at_one_batch_size(request, cls):
     """Rows read as n blocks are confirmed at each batch size: the BatchNorm's four parameters agreed by chance with
     that misreading of its time-major rows at n = 2 (Σ_k |g_k| per channel is the same under any grouping whose
-    terms share their sign), and the batches of 3 after it were 19% off without a warning. The first batch of 3
-    refuted it, and the batches ran one sample at a time; since 2026-12-06 the graph tells each time-major row's
-    sample (:func:`test_time_major_rows`): batched, exact."""
+    terms share their sign), and the batches of 3 after it were 19% off without a warning. The first batch of 3 now
+    refutes it, and the batches run one sample at a time, exact (since 2026-12-06 the graph refuses the reading:
+    :func:`test_time_major_rows`)."""
     torch.manual_seed(0)
     model = TimeMajorBatchNorm().eval()
     batches = [torch.randn(2, 4, 4), torch.randn(3, 4, 4), torch.randn(3, 4, 4)]
     check(request, cls, model, batches)
-    assert not run(cls, model, batches)._engine.by_sample
+    assert run(cls, model, batches)._engine.by_sample
 
 
 class ExpertWeights(nn.Module):
