@@ -568,6 +568,7 @@ class _Pass:
     def __init__(self, n, bufs, anchor, mask=None, out_mask=None, patches=(), positions=()):
         self.n, self.bufs, self.anchor, self.mask, self.out_mask = n, bufs, anchor, mask, out_mask
         self.patches = patches
+        self.graph = False  # an l-MAS pass that records its graph (Engine._forward_backward)
         # with padding, the counts of the batch's (n, T) positions flattened: the inputs' and, where the decoder of an
         # encoder-decoder model has its own, the decoder's (NLLB-MoE's decoder routers on (n·T', D) tokens)
         self.positions = positions
@@ -650,14 +651,6 @@ def _drop_floating(t):
     return None if t.is_floating_point() or t.is_complex() else t
 
 
-@contextlib.contextmanager
-def _rules_outside_graph():
-    """A rule's arithmetic within such a forward: no graph of it, and a rule that reruns its module for the
-    gradient (the generic rule) keeps what that rerun saves."""
-    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
-        yield
-
-
 def _same(t):
     return t
 
@@ -667,8 +660,26 @@ def _graph_only():
     """Autograd records the graph of a forward that no backward follows (an l-MAS pass: :mod:`_gathered` reads
     which sample each gathered row is from its index nodes), keeping the index tensors its nodes save and none of
     the activations: a graph of the nodes and their integer tensors, not a training forward's memory."""
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop_floating, lambda t: t):
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop_floating, _same):
         yield
+
+
+@contextlib.contextmanager
+def _rules_outside_graph():
+    """A rule's arithmetic within a forward that :func:`_graph_only` records: no graph of it, and without that
+    context's saved-tensor hooks where they are the innermost (torch.func's transforms, the generic rule's vmap,
+    refuse any; a rerun for the gradient needs what it saves). Hooks the model set inside it stay (as in any pass)."""
+    autograd = torch._C._autograd
+    top = autograd._top_saved_tensors_default_hooks(False)
+    ours = top is not None and top[0] is _drop_floating
+    if ours:
+        autograd._pop_saved_tensors_default_hooks()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if ours:
+            autograd._push_saved_tensors_default_hooks(_drop_floating, _same)
 
 
 @contextlib.contextmanager
@@ -1598,7 +1609,9 @@ class Engine:
                                 e.box[k] = g
                         grads = grads[:len(outside)]
             else:
-                with _graph_only() if self.per_sample and self.gathered_alone else torch.no_grad():
+                # a batch's graph tells its gathered rows' samples; a sample alone's tells nothing
+                state.graph = self.per_sample and state.n > 1 and bool(self.gathered_alone)
+                with _graph_only() if state.graph else torch.no_grad():
                     self._output(self._forward(state, args, kwargs), where, state)
             if state.nograd:
                 self.nograd_said.update(state.nograd)
@@ -2189,7 +2202,7 @@ class Engine:
             if packing is not None and torch.is_tensor(out) and out.grad_fn is not None:
                 state.row_samples[out.grad_fn] = packing.samples  # layers after it on the same rows read them
             if unit.group.simple and not unit.repeats:
-                with _rules_outside_graph():  # the pass may record a graph (_graph_only): not of this
+                with _rules_outside_graph() if state.graph else contextlib.nullcontext():
                     self._process(unit.group)  # now, before any in-place op changes the output
             else:
                 call.grads = tuple(g.clone() for g in call.grads)

@@ -17,6 +17,7 @@ import torch.nn.utils.prune
 import torch.utils.checkpoint
 
 import mas_ext
+from mas_ext._rules import generic
 from _oracle import add_local_grads, attributes
 from test_importance import Scale
 
@@ -2361,6 +2362,48 @@ def test_time_major_rows(request, cls, mode, per_sample, pool, how):
     mas = check(request, cls, model, batches, mode=mode, per_sample=per_sample)
     if how != "back":  # sample-major rows: batched where no batch of T = n is checked against the graph
         assert mas._engine.by_sample == per_sample
+
+
+class TanhMatmul(nn.Module):
+    """No rule of the table: the generic one (torch.func's vmap over the samples)."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d, d) / d ** 0.5)
+
+    def forward(self, x):
+        return torch.tanh(x @ self.w)
+
+
+class GatheredGeneric(nn.Module):
+    """A layer of the generic rule: on every token, or (``gathered``) on the tokens of positive first feature only."""
+
+    def __init__(self, gathered, d=6):
+        super().__init__()
+        self.gathered = gathered
+        self.inp, self.mid, self.out = nn.Linear(5, d), TanhMatmul(d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        if not self.gathered:
+            return self.out(self.mid(h))
+        flat = h.reshape(-1, h.shape[-1])
+        idx = torch.where(flat[:, 0] > 0)[0]
+        return self.out(flat.index_add(0, idx, self.mid(flat[idx])).view_as(h))
+
+
+@pytest.mark.parametrize("gathered", [False, True], ids=["tokens", "gathered"])
+def test_local_mode_keeps_the_generic_rules_vmap(request, gathered):
+    """l-MAS ran every rule under saved-tensor hooks (the first version of the graph it records for gathered rows):
+    torch.func's vmap refused them, and the generic rule's classes took one autograd VJP per sample from then on
+    (its fallback), in every model and mode of the process (a reviewer's sweep: Funnel's l-MAS 15 -> 20 ms). The
+    hooks are set aside around the rules, only where the graph is recorded."""
+    torch.manual_seed(2)
+    model = GatheredGeneric(gathered).eval()
+    x = torch.randn(7, 4, 5)
+    generic._NO_VMAP.discard(TanhMatmul)
+    check(request, mas_ext.FusedMAS, model, [x[:4], x[4:]], mode="local")
+    assert TanhMatmul not in generic._NO_VMAP
 
 
 class HeadRows(nn.Module):
