@@ -56,30 +56,33 @@ def _source_rows(node, rows, n, budget):
     return False
 
 
-def _transposed(node, budget):
-    """Whether a tensor came out of a transpose or permute, through copies and elementwise ops of one tensor."""
+_TRANSPOSES = frozenset(("TransposeBackward0", "TransposeBackward1", "PermuteBackward0"))
+
+
+def _walk_to(node, names, budget=_NODES):
+    """The first node of a class named in ``names`` that ``node`` reaches through copies and elementwise ops of one
+    tensor (parameters and constants aside: they keep its shape and layout), or None."""
     for _ in range(budget):
         name = type(node).__name__ if node is not None else None
-        if name in ("TransposeBackward0", "TransposeBackward1", "PermuteBackward0"):
-            return True
+        if name in names:
+            return node
         if name not in ("CloneBackward0", "ToCopyBackward0") and name not in _ROW_WISE:
-            return False
+            return None
         tensors = [f for f, _ in node.next_functions if f is not None and type(f).__name__ != "AccumulateGrad"]
         if len(tensors) != 1:
-            return False
+            return None
         node = tensors[0]
-    return False
+    return None
+
+
+def _transposed(node, budget):
+    """Whether a tensor came out of a transpose or permute, through copies and elementwise ops of one tensor."""
+    return _walk_to(node, _TRANSPOSES, budget) is not None
 
 
 def _dim(d, rank):
     """A dim that autograd saved (as an unsigned 64-bit number: -1 is 2**64 - 1) as 0…rank-1."""
     return (d - 2 ** 64 if d >= 2 ** 63 else d) % rank
-
-
-def _one_tensor(node):
-    """The one node of a tensor input of ``node`` (parameters and constants aside), or None."""
-    tensors = [f for f, _ in node.next_functions if f is not None and type(f).__name__ != "AccumulateGrad"]
-    return tensors[0] if len(tensors) == 1 else None
 
 
 def transposed_rows(x, n):
@@ -91,36 +94,22 @@ def transposed_rows(x, n):
     first batch's check of the blocks could miss it: a gradient that a maximum over positions leaves at one row per
     sample and feature mixes by blocks without changing |·| (a fuzzer's BatchNorm1d on time-major rows: confirmed
     on the first batch, 11% off on the next)."""
-    node = getattr(x, "grad_fn", None)
-    for _ in range(_NODES):  # through the row-wise ops of one tensor and copies, to the view that flattens
-        name = type(node).__name__ if node is not None else None
-        if name in _VIEWS:
-            break
-        if name not in ("CloneBackward0", "ToCopyBackward0") and name not in _ROW_WISE:
-            return False
-        node = _one_tensor(node)
-    else:
+    node = _walk_to(getattr(x, "grad_fn", None), _VIEWS)  # the view that flattens
+    if node is None:
         return False
     sizes, rows = list(node._saved_self_sym_sizes), x.shape[0]
     # the dims flattened into the rows, with any of size 1 after them (a sample alone's (T, 1, D))
     lead = max((j for j in range(1, len(sizes) + 1) if math.prod(sizes[:j]) == rows), default=None)
     if lead is None:
         return False
-    node = node.next_functions[0][0]
-    for _ in range(_NODES):  # through copies and elementwise ops of one tensor (they keep its shape and layout)
-        name = type(node).__name__ if node is not None else None
-        if name in ("TransposeBackward0", "TransposeBackward1"):
-            a, b = _dim(node._saved_dim0, len(sizes)), _dim(node._saved_dim1, len(sizes))
-            at = b if a == 0 else a if b == 0 else 0  # where the dim 0 of the tensor before it went
-            break
-        if name == "PermuteBackward0":
-            at = [_dim(d, len(sizes)) for d in node._saved_dims].index(0)
-            break
-        if name not in ("CloneBackward0", "ToCopyBackward0") and name not in _ROW_WISE:
-            return False
-        node = _one_tensor(node)
-    else:
+    node = _walk_to(node.next_functions[0][0], _TRANSPOSES)  # the transpose or permute that made its tensor
+    if node is None:
         return False
+    if type(node).__name__ == "PermuteBackward0":
+        at = [_dim(d, len(sizes)) for d in node._saved_dims].index(0)
+    else:
+        a, b = _dim(node._saved_dim0, len(sizes)), _dim(node._saved_dim1, len(sizes))
+        at = b if a == 0 else a if b == 0 else 0  # where the dim 0 of the tensor before it went
     return 0 < at < lead and sizes[at] == n
 
 
