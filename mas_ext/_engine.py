@@ -847,7 +847,9 @@ class Engine:
         # pass records a graph then (_graph_only), in which :mod:`_gathered` tells each gathered row's sample, as
         # g-MAS's does (no shape can: n rows are not one per sample), and refuses time-major rows as n blocks
         self.gathered_alone = {}
-        self.graph_refused = False  # set once the model's forward refused that graph (torch.func.grad within it)
+        # set once the model's forward failed while that graph was recorded and ran without it (torch.func.grad within
+        # it): the units of gathered rows then run their batches one sample at a time
+        self.graph_refused = False
         # learn_dims: {unit: [(input shapes, output shapes) of each call]} in a run of one sample alone (False where the
         # model failed so: batch dims are read from shapes then), and {unit: [(in_dims, out_dims, rows) of each call]}
         self.one, self.dims = None, {}
@@ -1114,12 +1116,12 @@ class Engine:
                     # without it, which, where it runs, it is from now on
                     for b in bufs.values():
                         b.zero_()
-                    kept, self.gathered_alone, self.graph_refused = self.gathered_alone, {}, True
+                    self.graph_refused = True
                     try:
                         done = self.run(args, kwargs, n, bufs, where)
                     except Exception:
-                        self.gathered_alone, self.graph_refused = kept, False
-                        raise e from None
+                        self.graph_refused = False
+                        raise e  # noqa: B904 - the model's own error, as it was raised
                     self._say_graph_refused(e)
                     return done
                 if not state.expanded or self.no_expand or not state.forward_failed:
@@ -1339,12 +1341,11 @@ class Engine:
                 if not local:
                     raise
                 local = False
-                seen.clear()
-                self.gathered_alone = {}
+                seen.clear()  # the units it found gathered before it failed stay (one sample at a time)
                 with _probe():
                     raw = self.entry(*one_args, **one_kwargs)
                 self.graph_refused = True
-                self._say_graph_refused(e)
+                self._say_graph_refused(e, told=False)
         except Exception as e:  # noqa: BLE001 - the pass itself says what is wrong with the batch
             warnings.warn(f"batch {where}: the model did not run on one sample alone ({type(e).__name__}: "
                           f"{str(e)[:200]}); where its layers' inputs hold the batch is read from their shapes, "
@@ -1364,14 +1365,18 @@ class Engine:
         self.one_sizes = {size for t in inputs for size in t.shape[1:]}
 
     @staticmethod
-    def _say_graph_refused(e):
+    def _say_graph_refused(e, told=True):
         """The warning for a model whose forward fails while the l-MAS pass records its graph without activations
         (torch.func's transforms refuse saved-tensor hooks; a gradient taken within the forward needs them): the
-        pass records none from then on, and reads its layers' rows by their shapes, as it did before it had one."""
+        pass records none from then on, and the batches whose layers take gathered rows run one sample at a time;
+        where the sample alone failed so (``told`` False), those found before it failed do, and other such rows are
+        read by their shapes."""
+        then = ("l-MAS runs the batches whose layers take rows gathered by an index one sample at a time from now on "
+                "(exact, slower)" if told else "l-MAS reads the rows its layers gather by an index after that point "
+                "by their shapes, which cannot tell n rows gathered from n rows of one sample each")
         warnings.warn(f"the model's forward fails while autograd records its graph without activations "
-                      f"({type(e).__name__}: {str(e)[:120]}; a gradient or a torch.func transform within it): l-MAS "
-                      "runs it without, and reads the rows its layers gather by an index (or take time-major) by their "
-                      "shapes, which cannot tell n rows gathered from n rows of one sample each", stacklevel=5)
+                      f"({type(e).__name__}: {str(e)[:120]}; a gradient or a torch.func transform within it, or an op "
+                      f"in place on a view that autograd refuses) and runs without it: {then}", stacklevel=5)
 
     def _call_dims(self, unit, module, args, kwargs, flat_out, state):
         """(the shape of the call's first input where its rows are not the batch's samples, else None; the batch
@@ -1610,7 +1615,8 @@ class Engine:
                         grads = grads[:len(outside)]
             else:
                 # a batch's graph tells its gathered rows' samples; a sample alone's tells nothing
-                state.graph = self.per_sample and state.n > 1 and bool(self.gathered_alone)
+                state.graph = (self.per_sample and state.n > 1 and bool(self.gathered_alone)
+                               and not self.graph_refused)
                 with _graph_only() if state.graph else torch.no_grad():
                     self._output(self._forward(state, args, kwargs), where, state)
             if state.nograd:
@@ -2022,7 +2028,7 @@ class Engine:
         if packing is not None:  # its rows' samples are told by the graph: none of the readings below applies
             mixed = in_dims = out_dims = None
         elif (self.mode == "local" and self.per_sample and state.n > 1
-              and self.gathered_alone.get(unit.name) == "index"):
+              and self.gathered_alone.get(unit.name) in (("index", "transposed") if self.graph_refused else ("index",))):
             # rows gathered by an index (learn_dims) whose samples the graph does not tell in this call: n of them
             # are not one per sample, nor k·n rows k per sample (a first batch's even count, a later one's uneven).
             # On no row (an expert no token was routed to), it adds nothing.

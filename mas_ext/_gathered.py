@@ -196,7 +196,10 @@ def row_samples(x, n, known, taken=None):
 
     if not torch.is_tensor(x) or x.dim() < 2:
         return None
-    got, _ = walk(x.grad_fn)
+    try:
+        got, _ = walk(x.grad_fn)
+    finally:
+        walk = None  # noqa: F841 - the recursive closure's cycle kept ``known``, and the pass's graph in it, alive
     return got if torch.is_tensor(got) and len(got) == x.shape[0] else None
 
 
