@@ -679,7 +679,7 @@ def _rules_outside_graph():
             yield
     finally:
         if ours:
-            autograd._push_saved_tensors_default_hooks(_drop_floating, _same)
+            autograd._push_saved_tensors_default_hooks(*top)
 
 
 @contextlib.contextmanager
@@ -1322,12 +1322,12 @@ class Engine:
                                                   for flat in flats])
                 if local and a and torch.is_tensor(a[0]) and a[0].grad_fn is not None:
                     samples = _gathered.row_samples(a[0], 1, known)
-                    if samples is None and _gathered.transposed_rows(a[0], 1):
-                        self.gathered_alone[unit.name] = "transposed"
                     if samples is not None:  # and the layers after it on the same rows
                         self.gathered_alone[unit.name] = "index"
                         if torch.is_tensor(out) and out.grad_fn is not None:
                             known[out.grad_fn] = samples
+                    elif _gathered.transposed_rows(a[0], 1):
+                        self.gathered_alone[unit.name] = "transposed"
             return hook
 
         # first among the hooks, as the taps are (Engine.session)
@@ -2027,11 +2027,11 @@ class Engine:
         packing = self._gathered(unit, module, args, kwargs, out, state, reads_shared)
         if packing is not None:  # its rows' samples are told by the graph: none of the readings below applies
             mixed = in_dims = out_dims = None
-        elif (self.mode == "local" and self.per_sample and state.n > 1
-              and self.gathered_alone.get(unit.name) in (("index", "transposed") if self.graph_refused else ("index",))):
+        elif (self.mode == "local" and self.per_sample and state.n > 1 and unit.name in self.gathered_alone
+              and (self.gathered_alone[unit.name] == "index" or self.graph_refused)):
             # rows gathered by an index (learn_dims) whose samples the graph does not tell in this call: n of them
-            # are not one per sample, nor k·n rows k per sample (a first batch's even count, a later one's uneven).
-            # On no row (an expert no token was routed to), it adds nothing.
+            # are not one per sample, nor k·n rows k per sample (a first batch's even count, a later one's uneven);
+            # without the graph, time-major rows too. On no row (an expert no token was routed to), it adds nothing.
             if args and torch.is_tensor(args[0]) and args[0].dim() and args[0].shape[0] == 0:
                 return None
             state.mixed.append((unit, "is called on rows gathered by an index, whose samples the graph does not "
